@@ -1,0 +1,93 @@
+"""docket.v1.ImageService: decode, call the registry, encode. Errors map in the interceptor."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from docket_common.errors import Reason
+from docket_common.pb import image_service_pb2 as pb
+from docket_common.pb import image_service_pb2_grpc as pb_grpc
+from docket_server.api.convert import descriptor_from_pb, image_to_pb, torrent_to_pb
+from docket_server.domain.errors import InvalidArgument
+from docket_server.domain.registry import Registry
+
+Context = grpc.aio.ServicerContext[object, object]
+
+
+class ImageService(pb_grpc.ImageServiceServicer):
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    async def StatBlobs(self, request: pb.StatBlobsRequest, context: Context) -> pb.StatBlobsResponse:
+        missing = await self.registry.stat_blobs(list(request.digests))
+        return pb.StatBlobsResponse(missing_digests=missing)
+
+    async def UploadBlob(
+        self, request_iterator: AsyncIterator[pb.UploadBlobRequest], context: Context
+    ) -> pb.UploadBlobResponse:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("header"):
+            raise InvalidArgument(
+                Reason.UPLOAD_HEADER_MISSING,
+                "an upload must start with a header naming the digest and size",
+            )
+        header = first.header
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                if message.HasField("header"):
+                    raise InvalidArgument(
+                        Reason.UPLOAD_HEADER_MISSING,
+                        "an upload carries one header, first",
+                        digest=header.digest,
+                    )
+                yield message.chunk
+
+        result = await self.registry.upload_blob(header.digest, header.size_bytes, chunks())
+        return pb.UploadBlobResponse(
+            digest=result.blob.digest,
+            size_bytes=result.blob.size,
+            already_existed=result.already_existed,
+        )
+
+    async def PutImage(self, request: pb.PutImageRequest, context: Context) -> pb.PutImageResponse:
+        image = await self.registry.put_image(
+            request.name,
+            descriptor_from_pb(request.config),
+            [descriptor_from_pb(layer) for layer in request.layers],
+        )
+        return pb.PutImageResponse(image=image_to_pb(image))
+
+    async def GetImage(self, request: pb.GetImageRequest, context: Context) -> pb.GetImageResponse:
+        return pb.GetImageResponse(image=image_to_pb(await self.registry.get_image(request.name)))
+
+    async def ListImages(
+        self, request: pb.ListImagesRequest, context: Context
+    ) -> pb.ListImagesResponse:
+        images, token = await self.registry.list_images(request.page_size, request.page_token)
+        return pb.ListImagesResponse(
+            images=[image_to_pb(i) for i in images], next_page_token=token
+        )
+
+    async def DeleteImage(
+        self, request: pb.DeleteImageRequest, context: Context
+    ) -> pb.DeleteImageResponse:
+        names, digests = await self.registry.delete_image(request.name)
+        return pb.DeleteImageResponse(deleted_names=names, deleted_digests=digests)
+
+    async def ReadBlob(  # type: ignore[override]  # an async generator, as grpc.aio allows
+        self, request: pb.ReadBlobRequest, context: Context
+    ) -> AsyncIterator[pb.ReadBlobResponse]:
+        chunks = await self.registry.read_blob(
+            request.digest, request.offset_bytes, request.length_bytes
+        )
+        async for chunk in chunks:
+            yield pb.ReadBlobResponse(chunk=chunk)
+
+    async def GetTorrent(
+        self, request: pb.GetTorrentRequest, context: Context
+    ) -> pb.GetTorrentResponse:
+        torrent = await self.registry.get_torrent(request.digest)
+        return pb.GetTorrentResponse(torrent=torrent_to_pb(torrent))

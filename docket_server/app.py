@@ -1,0 +1,129 @@
+"""Assembles and runs the server: stores, seeder, registry, gRPC services."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from docket_common.pb import image_service_pb2, image_service_pb2_grpc
+from docket_server.api.image_service import ImageService
+from docket_server.api.interceptors import (
+    AllowAll,
+    Authenticator,
+    AuthInterceptor,
+    ErrorsAndAccessLog,
+)
+from docket_server.domain.registry import Registry
+from docket_server.seeder import Seeder
+from docket_server.store.blobs import FilesystemBlobStore
+from docket_server.store.sql import SqlMetadataStore
+
+log = structlog.get_logger()
+
+# Uploads arrive in chunks of 1 MiB; leave room for the envelope.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+@dataclass
+class ServerConfig:
+    listen: str
+    data_dir: Path
+    bt_listen: str
+    database_url: str | None = None
+    tracker_url: str | None = None
+    authenticator: Authenticator | None = None
+    shutdown_grace_seconds: float = 10.0
+
+
+class DocketServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.blobs = FilesystemBlobStore(config.data_dir)
+        self.metadata = SqlMetadataStore(
+            config.database_url or f"sqlite+aiosqlite:///{config.data_dir / 'docket.db'}"
+        )
+        self.seeder = Seeder(config.bt_listen, self.blobs.local_path)
+        self.registry = Registry(self.metadata, self.blobs, self.seeder, config.tracker_url)
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+        self.bt_port = 0
+
+    async def start(self) -> None:
+        removed = self.blobs.clean_temporary()
+        if removed:
+            log.info("removed unfinished uploads", count=removed)
+        await self.metadata.open()
+        self.bt_port = await self.seeder.start()
+        seeded = await self.registry.reseed_all()
+        server = grpc.aio.server(
+            interceptors=[
+                AuthInterceptor(self.config.authenticator or AllowAll()),
+                ErrorsAndAccessLog(),
+            ],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+        )
+        image_service_pb2_grpc.add_ImageServiceServicer_to_server(
+            ImageService(self.registry), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [
+                image_service_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        self.port = server.add_insecure_port(self.config.listen)
+        if not self.port:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        await server.start()
+        self._server = server
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(
+            "docket.v1.ImageService", health_pb2.HealthCheckResponse.SERVING
+        )
+        log.info(
+            "docket-server ready",
+            listen=self.config.listen,
+            port=self.port,
+            bt_port=self.bt_port,
+            data_dir=str(self.config.data_dir),
+            blobs_seeded=seeded,
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self._server.stop(self.config.shutdown_grace_seconds)
+            self._server = None
+        self.seeder.close()
+        await self.metadata.close()
+        log.info("docket-server stopped")
+
+    async def run_until_signalled(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+            log.info("shutting down: finishing calls in flight")
+        finally:
+            await self.stop()

@@ -1,0 +1,95 @@
+"""The docket-server command."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from docket_common.bt import split_host_port
+from docket_common.logs import configure_logging
+from docket_server.api.interceptors import StaticTokens
+from docket_server.app import DocketServer, ServerConfig
+from docket_server.seeder import SeederError
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "docket" / "server"
+
+
+def _host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    try:
+        split_host_port(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    return value
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--listen", default="127.0.0.1:7800", show_default=True, callback=_host_port,
+    help="gRPC address to listen on (HOST:PORT; 0.0.0.0 for every interface).",
+)
+@click.option(
+    "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=default_data_dir,
+    show_default="$XDG_DATA_HOME/docket/server",
+    help="Where the database (docket.db) and the blobs (blobs/sha256/…) live.",
+)
+@click.option(
+    "--bt-listen", default="127.0.0.1:7881", show_default=True, callback=_host_port,
+    help="BitTorrent address the server seeds every blob from.",
+)
+@click.option(
+    "--tracker", "tracker_url", default=None,
+    help="Announce URL of an external BitTorrent tracker to put in new torrents.",
+)
+@click.option(
+    "--database-url", default=None,
+    help="SQLAlchemy URL of the metadata database (default: SQLite in the data dir).",
+)
+@click.option(
+    "--auth-token-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Require 'authorization: Bearer TOKEN' on every call; one token a line.",
+)
+@click.option(
+    "--log-level", default="info", show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+)
+@click.option("--log-json/--no-log-json", default=None, help="JSON logs (default: when not a TTY).")
+def main(
+    listen: str,
+    data_dir: Path,
+    bt_listen: str,
+    tracker_url: str | None,
+    database_url: str | None,
+    auth_token_file: Path | None,
+    log_level: str,
+    log_json: bool | None,
+) -> None:
+    """Run the Docket server: the image registry, the origin BitTorrent seed and the API.
+
+    Stops gracefully on SIGTERM or SIGINT: calls in flight get up to 10 seconds to finish.
+    """
+    configure_logging(log_level, json=log_json)
+    config = ServerConfig(
+        listen=listen,
+        data_dir=data_dir,
+        bt_listen=bt_listen,
+        database_url=database_url,
+        tracker_url=tracker_url,
+        authenticator=StaticTokens.from_file(auth_token_file) if auth_token_file else None,
+    )
+    try:
+        asyncio.run(DocketServer(config).run_until_signalled())
+    except (OSError, SeederError, RuntimeError) as e:
+        click.echo(f"docket-server: error: {e}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
