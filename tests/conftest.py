@@ -1,0 +1,73 @@
+"""Shared pytest fixtures.
+
+Sections (append new fixtures to the section they belong to, or add a section):
+
+1. Docker engine: a private dockerd started once per test session (`docker_engine`).
+2. Test images: a busybox base and two images sharing it, made once (`test_images`).
+3. Docket server: a real docket-server process per test (`server`).
+
+Tests that use these must be marked ``@pytest.mark.docker``. Without dockerd (or root) they
+are skipped, except under CI (the ``CI`` environment variable set), where that is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.dockerd import DockerEngine, docker_unavailable_reason
+from tests.support.images import ImagePair, make_image_pair
+from tests.support.server import ServerProcess
+
+
+def running_under_ci() -> bool:
+    """True when the CI environment variable is set (to anything but empty/0/false/no)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Docker engine
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[DockerEngine]:
+    """A private dockerd for the whole session (``.host``, ``.client``, ``.env()``)."""
+    reason = docker_unavailable_reason()
+    if reason is not None:
+        if running_under_ci():
+            pytest.fail(f"CI needs a Docker engine for these tests: {reason}", pytrace=False)
+        pytest.skip(reason)
+    with DockerEngine() as engine:
+        yield engine
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Test images
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def test_images(docker_engine: DockerEngine) -> ImagePair:
+    """``docket-test/base:1`` (busybox + 2 MiB), ``docket-test/app1:1`` (base + 2 layers)
+    and ``docket-test/app2:1`` (base + 1 layer), made once in the session's engine."""
+    base, app1, app2 = make_image_pair(docker_engine.client)
+    return ImagePair(base=base, app1=app1, app2=app2)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Docket server
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A real docket-server process with a fresh data dir, on free 127.0.0.1 ports."""
+    proc = ServerProcess(data_dir=tmp_path / "server").start()
+    yield proc
+    code = proc.stop()
+    # A clean exit on SIGTERM is part of what every test checks.
+    assert code == 0, f"docket-server exited {code}:\n{proc.log_tail()}"

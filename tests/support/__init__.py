@@ -1,0 +1,1 @@
+"""Helpers for the test suite: a private Docker engine and locally made test images."""
