@@ -15,7 +15,11 @@ from docket_cli.client import Connection, server_error
 T = TypeVar("T")
 
 output_option = click.option(
-    "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
     help="table for people, json for programs.",
 )
 

@@ -44,7 +44,9 @@ async def images_cmd(conn: Connection, output: str) -> None:
 async def inspect_cmd(conn: Connection, ref: str, output: str) -> None:
     """Show one image: digest, platform, config and layers."""
     name = parse_reference(ref).name
-    image = (await conn.images.GetImage(pb.GetImageRequest(name=name), metadata=conn.metadata)).image
+    image = (
+        await conn.images.GetImage(pb.GetImageRequest(name=name), metadata=conn.metadata)
+    ).image
     if output == "json":
         print_json(image_json(image))
     else:

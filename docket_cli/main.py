@@ -6,8 +6,8 @@ Data goes to stdout, progress and diagnostics to stderr. Every failure prints on
 
 from __future__ import annotations
 
-import asyncio
 import sys
+
 import click
 
 from docket_cli.client import DEFAULT_SERVER, ServerError
@@ -16,13 +16,19 @@ from docket_cli.push import PushError, push_cmd
 from docket_common.archive import ArchiveError
 from docket_common.reference import InvalidReferenceError
 
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--server", envvar="DOCKET_SERVER", default=DEFAULT_SERVER, show_default=True,
+    "--server",
+    envvar="DOCKET_SERVER",
+    default=DEFAULT_SERVER,
+    show_default=True,
     help="The Docket server, HOST:PORT. Also from $DOCKET_SERVER.",
 )
 @click.option(
-    "--token", envvar="DOCKET_TOKEN", default=None,
+    "--token",
+    envvar="DOCKET_TOKEN",
+    default=None,
     help="Bearer token, when the server requires one. Also from $DOCKET_TOKEN.",
 )
 @click.version_option(package_name="docket", prog_name="docketctl")

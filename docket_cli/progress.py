@@ -72,13 +72,9 @@ class PushProgress:
         if not self.live:
             return
         if len(uploads) > 1:
-            self._total = self._bars.add_task(
-                "[bold]total", total=sum(b.size for b in uploads)
-            )
+            self._total = self._bars.add_task("[bold]total", total=sum(b.size for b in uploads))
         for blob in uploads:
-            self._tasks[blob.digest] = self._bars.add_task(
-                f"{short(blob.digest)}", total=blob.size
-            )
+            self._tasks[blob.digest] = self._bars.add_task(f"{short(blob.digest)}", total=blob.size)
 
     def advance(self, blob: ArchiveBlob, nbytes: int) -> None:
         if not self.live:

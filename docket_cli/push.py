@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,14 +127,12 @@ async def push_archive(
 async def _upload_all(
     conn: Connection, archive: ImageArchive, uploads: list[ArchiveBlob], progress: Progress
 ) -> None:
-    # tarfile members share one file object: reads (seek + read) must not interleave.
-    read_lock = threading.Lock()
     slots = asyncio.Semaphore(PARALLEL_UPLOADS)
 
     async def upload(blob: ArchiveBlob) -> None:
         async with slots:
             response = await conn.images.UploadBlob(
-                _requests(archive, blob, read_lock, progress), metadata=conn.metadata
+                _requests(archive, blob, progress), metadata=conn.metadata
             )
             progress.done(blob, response.already_existed)
 
@@ -149,19 +146,12 @@ async def _upload_all(
 
 
 async def _requests(
-    archive: ImageArchive, blob: ArchiveBlob, lock: threading.Lock, progress: Progress
+    archive: ImageArchive, blob: ArchiveBlob, progress: Progress
 ) -> AsyncIterator[pb.UploadBlobRequest]:
-    yield pb.UploadBlobRequest(
-        header=pb.UploadBlobHeader(digest=blob.digest, size_bytes=blob.size)
-    )
-    reader = archive.open_blob(blob)
-
-    def read() -> bytes:
-        with lock:
-            return reader.read(CHUNK)
-
+    yield pb.UploadBlobRequest(header=pb.UploadBlobHeader(digest=blob.digest, size_bytes=blob.size))
+    reader = archive.open_blob(blob)  # each reader reads at its own offsets: safe in threads
     try:
-        while chunk := await asyncio.to_thread(read):
+        while chunk := await asyncio.to_thread(reader.read, CHUNK):
             progress.advance(blob, len(chunk))
             yield pb.UploadBlobRequest(chunk=chunk)
     finally:
@@ -169,7 +159,9 @@ async def _requests(
 
 
 def _descriptor(blob: ArchiveBlob) -> image_pb2.Descriptor:
-    return image_pb2.Descriptor(digest=blob.digest, size_bytes=blob.size, media_type=blob.media_type)
+    return image_pb2.Descriptor(
+        digest=blob.digest, size_bytes=blob.size, media_type=blob.media_type
+    )
 
 
 def spool_dir() -> tempfile.TemporaryDirectory[str]:
@@ -180,7 +172,9 @@ def spool_dir() -> tempfile.TemporaryDirectory[str]:
 @click.command("push")
 @click.argument("ref")
 @click.option(
-    "--archive", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    "--archive",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
     help="Push from a `docker save` tarball instead of the local Docker engine.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress, only the result.")
@@ -200,9 +194,7 @@ def push_cmd(ref: str, archive: Path | None, quiet: bool, output: str) -> None:
         if archive is None:
             path = Path(tmp) / "image.tar"
             task = progress.exporting(0)
-            size = export_from_engine(
-                ref, path, lambda n: progress.exported(task, n)
-            )
+            size = export_from_engine(ref, path, lambda n: progress.exported(task, n))
             progress.export_done(task, size)
         else:
             path = archive

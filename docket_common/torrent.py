@@ -110,7 +110,9 @@ def make_torrent(
     """Builds the metainfo of a blob's torrent from its piece hashes."""
     count = len(pieces) // 20
     if count != piece_count(size, piece_length) or len(pieces) % 20:
-        raise ValueError(f"{count} piece hashes do not fit {size} bytes in {piece_length}-byte pieces")
+        raise ValueError(
+            f"{count} piece hashes do not fit {size} bytes in {piece_length}-byte pieces"
+        )
     info: dict[str, BencodeValue] = {
         "length": size,
         "name": hex_part(digest),

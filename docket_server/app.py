@@ -95,9 +95,7 @@ class DocketServer:
         await server.start()
         self._server = server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(
-            "docket.v1.ImageService", health_pb2.HealthCheckResponse.SERVING
-        )
+        await self.health.set("docket.v1.ImageService", health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "docket-server ready",
             listen=self.config.listen,

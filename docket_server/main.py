@@ -31,33 +31,47 @@ def _host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--listen", default="127.0.0.1:7800", show_default=True, callback=_host_port,
+    "--listen",
+    default="127.0.0.1:7800",
+    show_default=True,
+    callback=_host_port,
     help="gRPC address to listen on (HOST:PORT; 0.0.0.0 for every interface).",
 )
 @click.option(
-    "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=default_data_dir,
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_data_dir,
     show_default="$XDG_DATA_HOME/docket/server",
     help="Where the database (docket.db) and the blobs (blobs/sha256/…) live.",
 )
 @click.option(
-    "--bt-listen", default="127.0.0.1:7881", show_default=True, callback=_host_port,
+    "--bt-listen",
+    default="127.0.0.1:7881",
+    show_default=True,
+    callback=_host_port,
     help="BitTorrent address the server seeds every blob from.",
 )
 @click.option(
-    "--tracker", "tracker_url", default=None,
+    "--tracker",
+    "tracker_url",
+    default=None,
     help="Announce URL of an external BitTorrent tracker to put in new torrents.",
 )
 @click.option(
-    "--database-url", default=None,
+    "--database-url",
+    default=None,
     help="SQLAlchemy URL of the metadata database (default: SQLite in the data dir).",
 )
 @click.option(
-    "--auth-token-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    "--auth-token-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
     default=None,
     help="Require 'authorization: Bearer TOKEN' on every call; one token a line.",
 )
 @click.option(
-    "--log-level", default="info", show_default=True,
+    "--log-level",
+    default="info",
+    show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
 )
 @click.option("--log-json/--no-log-json", default=None, help="JSON logs (default: when not a TTY).")

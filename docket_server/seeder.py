@@ -40,15 +40,16 @@ class Seeder:
             raise RuntimeError("seeder not started")
         return self._session
 
-    async def start(self, timeout: float = 10.0) -> int:
+    async def start(self) -> int:
         """Opens the session; returns the port it listens on once it does."""
         self._loop = asyncio.get_running_loop()
         self._listening = self._loop.create_future()
-        self._session = lt.session(session_settings(self.listen, user_agent="docket-server"))
+        self._session = lt.session(session_settings(self.listen, user_agent="docket-server"))  # type: ignore[call-overload]  # the bindings take a plain settings dict
         self._session.set_alert_notify(self._notify)
         self._drain()  # alerts may have arrived before the notify hook was set
         try:
-            return await asyncio.wait_for(self._listening, timeout)
+            async with asyncio.timeout(10):
+                return await self._listening
         except TimeoutError as e:
             raise SeederError(f"BitTorrent listener on {self.listen} did not start") from e
 
@@ -82,7 +83,7 @@ class Seeder:
         if blob.torrent is None or blob.digest in self._handles:
             return
         params = lt.add_torrent_params()
-        params.ti = lt.torrent_info(lt.bdecode(blob.torrent.metainfo))
+        params.ti = lt.torrent_info(blob.torrent.metainfo)
         params.save_path = str(self._blob_path(blob.digest).parent)
         params.flags = (params.flags | lt.torrent_flags.seed_mode) & ~(
             lt.torrent_flags.auto_managed | lt.torrent_flags.paused

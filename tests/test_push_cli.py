@@ -47,7 +47,9 @@ def test_push_archive_then_a_second_image_uploads_only_new_layers(
 ) -> None:
     a1 = write_legacy_archive(tmp_path / "a1.tar", "a1:1", [BASE, TOP1])
     a2 = write_legacy_archive(tmp_path / "a2.tar", "a2:1", [BASE, TOP2])
-    first = docketctl("push", "a1:1", "--archive", str(a1.path), "-o", "json", server=server.address)
+    first = docketctl(
+        "push", "a1:1", "--archive", str(a1.path), "-o", "json", server=server.address
+    )
     assert first.returncode == 0, first.stderr
     pushed = json.loads(first.stdout)
     assert set(pushed["uploaded_digests"]) == {a1.config_digest, *a1.layer_digests}
@@ -56,14 +58,18 @@ def test_push_archive_then_a_second_image_uploads_only_new_layers(
     second = docketctl("push", "a2:1", "--archive", str(a2.path), server=server.address)
     assert second.returncode == 0, second.stderr
     assert "1 of 3 blobs already on the server" in second.stderr
-    assert "2 blobs uploaded" in second.stdout and "1 already on the server" in second.stdout
+    assert "2 blobs uploaded" in second.stdout
+    assert "1 already on the server" in second.stdout
 
     listed = {i["name"]: i for i in images_json(server)}
     assert set(listed) == {"a1:1", "a2:1"}
     for item in listed.values():
         assert {"name", "digest", "size_bytes", "layers", "create_time"} <= set(item)
     assert [layer["digest"] for layer in listed["a2:1"]["layers"]] == a2.layer_digests  # type: ignore[index]
-    assert listed["a1:1"]["size_bytes"] == len(BASE) + len(TOP1) + pushed["image"]["config"]["size_bytes"]
+    assert (
+        listed["a1:1"]["size_bytes"]
+        == len(BASE) + len(TOP1) + pushed["image"]["config"]["size_bytes"]
+    )
 
     inspected = docketctl("inspect", "a1", "-o", "json", server=server.address)
     assert inspected.returncode == 1  # "a1" means a1:latest, which was never pushed
@@ -128,13 +134,25 @@ def _lying(path: Path) -> Path:
         (lambda p: (p.write_bytes(b"hello, not a tar" * 100), p)[1], "not a tar archive"),
         (lambda p: _gzip(write_legacy_archive(p, "x:1", [TOP2]).path), "gzip"),
         (lambda p: (tarfile.open(p, "w").close(), p)[1], "no manifest.json or index.json"),
-        (lambda p: write_legacy_archive(p, "x:1", [BASE, TOP2], omit_layer=1).path, "does not contain"),
+        (
+            lambda p: write_legacy_archive(p, "x:1", [BASE, TOP2], omit_layer=1).path,
+            "does not contain",
+        ),
         (_escaping, "escapes"),
         (_truncated, "truncated"),
         (lambda p: p.with_name("absent.tar"), "absent.tar"),
         (_lying, "hash to"),
     ],
-    ids=["not-tar", "gzipped", "no-manifest", "missing-layer", "escaping-path", "truncated", "no-file", "wrong-digest"],
+    ids=[
+        "not-tar",
+        "gzipped",
+        "no-manifest",
+        "missing-layer",
+        "escaping-path",
+        "truncated",
+        "no-file",
+        "wrong-digest",
+    ],
 )
 def test_bad_archives_fail_cleanly(
     server: ServerProcess, tmp_path: Path, make: object, message: str
@@ -200,7 +218,15 @@ def test_push_killed_half_way_leaves_nothing_behind(server: ServerProcess, tmp_p
     archive = write_legacy_archive(tmp_path / "big.tar", "big:1", [big])
     del big
     proc = subprocess.Popen(
-        [str(BIN / "docketctl"), "--server", server.address, "push", "big:1", "--archive", str(archive.path)],
+        [
+            str(BIN / "docketctl"),
+            "--server",
+            server.address,
+            "push",
+            "big:1",
+            "--archive",
+            str(archive.path),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -30,7 +30,9 @@ def stub(server: ServerProcess) -> Iterator[pb_grpc.ImageServiceStub]:
         yield pb_grpc.ImageServiceStub(channel)
 
 
-def upload_requests(digest: str, data: bytes, size: int | None = None) -> Iterator[pb.UploadBlobRequest]:
+def upload_requests(
+    digest: str, data: bytes, size: int | None = None
+) -> Iterator[pb.UploadBlobRequest]:
     yield pb.UploadBlobRequest(
         header=pb.UploadBlobHeader(digest=digest, size_bytes=len(data) if size is None else size)
     )
@@ -76,7 +78,8 @@ def push(stub: pb_grpc.ImageServiceStub, name: str, layers: list[bytes]) -> pb.P
             config=image_pb2.Descriptor(digest=sha256(config), size_bytes=len(config)),
             layers=[
                 image_pb2.Descriptor(
-                    digest=sha256(x), size_bytes=len(x),
+                    digest=sha256(x),
+                    size_bytes=len(x),
                     media_type="application/vnd.oci.image.layer.v1.tar",
                 )
                 for x in layers
@@ -109,7 +112,10 @@ def test_push_list_get_delete_round_trip(
     assert [layer.digest for layer in image.layers] == [sha256(base), sha256(top1)]
     assert image.size_bytes == len(base) + len(top1) + image.config.size_bytes
     push(stub, "team/app:2", [base, top2])
-    assert stub.StatBlobs(pb.StatBlobsRequest(digests=[sha256(base), sha256(top2)])).missing_digests == []
+    assert (
+        stub.StatBlobs(pb.StatBlobsRequest(digests=[sha256(base), sha256(top2)])).missing_digests
+        == []
+    )
 
     got = stub.GetImage(pb.GetImageRequest(name="team/app:1")).image
     assert got == image
@@ -130,16 +136,18 @@ def test_push_list_get_delete_round_trip(
     assert list(deleted.deleted_names) == ["team/app:1"]
     # The shared base stays; top1 and the first config go.
     assert set(deleted.deleted_digests) == {sha256(top1), image.config.digest}
-    assert stub.StatBlobs(pb.StatBlobsRequest(digests=[sha256(base), sha256(top1)])).missing_digests == [
-        sha256(top1)
-    ]
+    assert stub.StatBlobs(
+        pb.StatBlobsRequest(digests=[sha256(base), sha256(top1)])
+    ).missing_digests == [sha256(top1)]
     on_disk = {p.name for p in blob_files(server)}
     assert hex_part(sha256(base)) in on_disk
     assert hex_part(sha256(top1)) not in on_disk
     assert len(on_disk) == 3  # base, top2, config of app:2
 
 
-def test_reading_a_blob_and_its_torrent(server: ServerProcess, stub: pb_grpc.ImageServiceStub) -> None:
+def test_reading_a_blob_and_its_torrent(
+    server: ServerProcess, stub: pb_grpc.ImageServiceStub
+) -> None:
     data = random_bytes(3 * CHUNK + 123, 7)
     upload(stub, data)
     whole = b"".join(r.chunk for r in stub.ReadBlob(pb.ReadBlobRequest(digest=sha256(data))))
@@ -161,22 +169,62 @@ def test_reading_a_blob_and_its_torrent(server: ServerProcess, stub: pb_grpc.Ima
 @pytest.mark.parametrize(
     ("make", "reason", "code"),
     [
-        (lambda d: upload_requests(sha256(d), d[:-1], size=len(d)), "SIZE_MISMATCH", grpc.StatusCode.INVALID_ARGUMENT),
-        (lambda d: upload_requests(sha256(d), d, size=len(d) - 1), "SIZE_MISMATCH", grpc.StatusCode.INVALID_ARGUMENT),
-        (lambda d: upload_requests(sha256(d + b"x"), d), "DIGEST_MISMATCH", grpc.StatusCode.INVALID_ARGUMENT),
-        (lambda d: upload_requests("sha256:xyz", d), "INVALID_DIGEST", grpc.StatusCode.INVALID_ARGUMENT),
-        (lambda d: iter([pb.UploadBlobRequest(chunk=d)]), "UPLOAD_HEADER_MISSING", grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            lambda d: upload_requests(sha256(d), d[:-1], size=len(d)),
+            "SIZE_MISMATCH",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            lambda d: upload_requests(sha256(d), d, size=len(d) - 1),
+            "SIZE_MISMATCH",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            lambda d: upload_requests(sha256(d + b"x"), d),
+            "DIGEST_MISMATCH",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            lambda d: upload_requests("sha256:xyz", d),
+            "INVALID_DIGEST",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            lambda d: iter([pb.UploadBlobRequest(chunk=d)]),
+            "UPLOAD_HEADER_MISSING",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
         (lambda d: iter([]), "UPLOAD_HEADER_MISSING", grpc.StatusCode.INVALID_ARGUMENT),
         (
-            lambda d: iter([*upload_requests(sha256(d), d), pb.UploadBlobRequest(header=pb.UploadBlobHeader())]),
-            "UPLOAD_HEADER_MISSING", grpc.StatusCode.INVALID_ARGUMENT,
+            lambda d: iter(
+                [*upload_requests(sha256(d), d), pb.UploadBlobRequest(header=pb.UploadBlobHeader())]
+            ),
+            "UPLOAD_HEADER_MISSING",
+            grpc.StatusCode.INVALID_ARGUMENT,
         ),
-        (lambda d: upload_requests(sha256(d), d, size=1 << 60), "INSUFFICIENT_STORAGE", grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (
+            lambda d: upload_requests(sha256(d), d, size=1 << 60),
+            "INSUFFICIENT_STORAGE",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
     ],
-    ids=["short", "long", "wrong-digest", "bad-digest", "no-header", "empty", "second-header", "too-big"],
+    ids=[
+        "short",
+        "long",
+        "wrong-digest",
+        "bad-digest",
+        "no-header",
+        "empty",
+        "second-header",
+        "too-big",
+    ],
 )
 def test_bad_uploads_keep_nothing(
-    server: ServerProcess, stub: pb_grpc.ImageServiceStub, make: object, reason: str, code: grpc.StatusCode
+    server: ServerProcess,
+    stub: pb_grpc.ImageServiceStub,
+    make: object,
+    reason: str,
+    code: grpc.StatusCode,
 ) -> None:
     data = random_bytes(2 * CHUNK + 10, 3)
     with pytest.raises(grpc.RpcError) as caught:
@@ -191,7 +239,9 @@ def test_bad_uploads_keep_nothing(
     assert [p.name for p in blob_files(server)] == [hex_part(sha256(data))]
 
 
-def test_two_uploads_of_one_blob_at_once(server: ServerProcess, stub: pb_grpc.ImageServiceStub) -> None:
+def test_two_uploads_of_one_blob_at_once(
+    server: ServerProcess, stub: pb_grpc.ImageServiceStub
+) -> None:
     data = random_bytes(20 * CHUNK, 11)
     results: list[pb.UploadBlobResponse] = []
     errors: list[BaseException] = []
@@ -204,7 +254,7 @@ def test_two_uploads_of_one_blob_at_once(server: ServerProcess, stub: pb_grpc.Im
     def run() -> None:
         try:
             results.append(stub.UploadBlob(slow_requests(), timeout=60))
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=run) for _ in range(2)]
@@ -219,7 +269,9 @@ def test_two_uploads_of_one_blob_at_once(server: ServerProcess, stub: pb_grpc.Im
     assert temp_files(server) == []
 
 
-def test_upload_cut_off_keeps_nothing(server: ServerProcess, stub: pb_grpc.ImageServiceStub) -> None:
+def test_upload_cut_off_keeps_nothing(
+    server: ServerProcess, stub: pb_grpc.ImageServiceStub
+) -> None:
     data = random_bytes(8 * CHUNK, 5)
     sent = threading.Event()
 
@@ -242,7 +294,9 @@ def test_upload_cut_off_keeps_nothing(server: ServerProcess, stub: pb_grpc.Image
         time.sleep(0.05)
     assert temp_files(server) == []
     assert blob_files(server) == []
-    assert list(stub.StatBlobs(pb.StatBlobsRequest(digests=[sha256(data)])).missing_digests) == [sha256(data)]
+    assert list(stub.StatBlobs(pb.StatBlobsRequest(digests=[sha256(data)])).missing_digests) == [
+        sha256(data)
+    ]
 
 
 def test_bad_image_requests(server: ServerProcess, stub: pb_grpc.ImageServiceStub) -> None:
@@ -282,7 +336,11 @@ def test_bad_image_requests(server: ServerProcess, stub: pb_grpc.ImageServiceStu
     ]:
         for call in (stub.GetImage, stub.DeleteImage):
             with pytest.raises(grpc.RpcError) as caught:
-                call(pb.GetImageRequest(name=name) if call is stub.GetImage else pb.DeleteImageRequest(name=name))
+                call(
+                    pb.GetImageRequest(name=name)
+                    if call is stub.GetImage
+                    else pb.DeleteImageRequest(name=name)
+                )
             assert caught.value.code() == code  # type: ignore[attr-defined]
             assert error_info(caught.value).reason == reason
     with pytest.raises(grpc.RpcError) as caught:
@@ -301,7 +359,9 @@ def test_bad_image_requests(server: ServerProcess, stub: pb_grpc.ImageServiceStu
     assert list(stub.ListImages(pb.ListImagesRequest()).images) == []
 
 
-def download_with_libtorrent(metainfo: bytes, seed_port: int, dest: Path, timeout: float = 60) -> None:
+def download_with_libtorrent(
+    metainfo: bytes, seed_port: int, dest: Path, timeout: float = 60
+) -> None:
     session = lt.session(session_settings(f"127.0.0.1:{free_port()}", user_agent="docket-test"))
     params = lt.add_torrent_params()
     params.ti = lt.torrent_info(lt.bdecode(metainfo))

@@ -46,8 +46,22 @@ def test_reference_without_tag_means_latest() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", " perl", "Perl", "perl:", "perl:-x", "perl::1", "/perl", "perl/", "a//b", "perl@sha256:1",
-     f"perl:1@{DIGEST}", "pe rl", "perl:" + "x" * 129, "a" * 256],
+    [
+        "",
+        " perl",
+        "Perl",
+        "perl:",
+        "perl:-x",
+        "perl::1",
+        "/perl",
+        "perl/",
+        "a//b",
+        "perl@sha256:1",
+        f"perl:1@{DIGEST}",
+        "pe rl",
+        "perl:" + "x" * 129,
+        "a" * 256,
+    ],
 )
 def test_reference_rejects(text: str) -> None:
     with pytest.raises(InvalidReferenceError, match="invalid reference"):
@@ -93,9 +107,7 @@ def test_bencode() -> None:
 def test_piece_hasher_matches_whole_pieces_in_any_chunking(size: int) -> None:
     data = random_bytes(size, seed=size)
     piece = 65536
-    expected = b"".join(
-        hashlib.sha1(data[i : i + piece]).digest() for i in range(0, size, piece)
-    )
+    expected = b"".join(hashlib.sha1(data[i : i + piece]).digest() for i in range(0, size, piece))
     hasher = PieceHasher(piece)
     for i in range(0, size, 7777):
         hasher.update(data[i : i + 7777])

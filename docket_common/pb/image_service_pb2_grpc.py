@@ -31,7 +31,8 @@ class ImageServiceStub:
 
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
-    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INSUFFICIENT_STORAGE. The ErrorInfo
+    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INVALID_PAGE_TOKEN, INVALID_RANGE,
+    INSUFFICIENT_STORAGE. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -90,7 +91,8 @@ class ImageServiceServicer:
 
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
-    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INSUFFICIENT_STORAGE. The ErrorInfo
+    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INVALID_PAGE_TOKEN, INVALID_RANGE,
+    INSUFFICIENT_STORAGE. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -138,7 +140,8 @@ class ImageServiceServicer:
 
     def ListImages(self, request, context):
         """Lists images, ordered by name.
-        Errors: INVALID_ARGUMENT when the page token is not one this RPC returned.
+        Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN) when the page token is not one this RPC
+        returned or the page size is negative.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,7 +158,8 @@ class ImageServiceServicer:
 
     def ReadBlob(self, request, context):
         """Streams a blob's bytes, from an offset. The fallback when BitTorrent cannot deliver.
-        Errors: INVALID_ARGUMENT (INVALID_DIGEST, or an offset past the end); NOT_FOUND
+        Errors: INVALID_ARGUMENT (INVALID_DIGEST; INVALID_RANGE for an offset past the end);
+        NOT_FOUND
         (BLOB_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -227,7 +231,8 @@ class ImageService:
 
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
-    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INSUFFICIENT_STORAGE. The ErrorInfo
+    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INVALID_PAGE_TOKEN, INVALID_RANGE,
+    INSUFFICIENT_STORAGE. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """

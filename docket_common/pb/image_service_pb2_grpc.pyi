@@ -32,7 +32,8 @@ class ImageServiceStub:
 
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
-    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INSUFFICIENT_STORAGE. The ErrorInfo
+    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INVALID_PAGE_TOKEN, INVALID_RANGE,
+    INSUFFICIENT_STORAGE. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -68,7 +69,8 @@ class ImageServiceStub:
     """
     ListImages: _grpc.UnaryUnaryMultiCallable[_image_service_pb2.ListImagesRequest, _image_service_pb2.ListImagesResponse]
     """Lists images, ordered by name.
-    Errors: INVALID_ARGUMENT when the page token is not one this RPC returned.
+    Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN) when the page token is not one this RPC
+    returned or the page size is negative.
     """
     DeleteImage: _grpc.UnaryUnaryMultiCallable[_image_service_pb2.DeleteImageRequest, _image_service_pb2.DeleteImageResponse]
     """Removes one image name. Blobs no other image uses are deleted and stop being seeded;
@@ -77,7 +79,8 @@ class ImageServiceStub:
     """
     ReadBlob: _grpc.UnaryStreamMultiCallable[_image_service_pb2.ReadBlobRequest, _image_service_pb2.ReadBlobResponse]
     """Streams a blob's bytes, from an offset. The fallback when BitTorrent cannot deliver.
-    Errors: INVALID_ARGUMENT (INVALID_DIGEST, or an offset past the end); NOT_FOUND
+    Errors: INVALID_ARGUMENT (INVALID_DIGEST; INVALID_RANGE for an offset past the end);
+    NOT_FOUND
     (BLOB_NOT_FOUND).
     """
     GetTorrent: _grpc.UnaryUnaryMultiCallable[_image_service_pb2.GetTorrentRequest, _image_service_pb2.GetTorrentResponse]
@@ -92,7 +95,8 @@ class ImageServiceAsyncStub(ImageServiceStub):
 
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
-    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INSUFFICIENT_STORAGE. The ErrorInfo
+    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INVALID_PAGE_TOKEN, INVALID_RANGE,
+    INSUFFICIENT_STORAGE. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -125,7 +129,8 @@ class ImageServiceAsyncStub(ImageServiceStub):
     """
     ListImages: _aio.UnaryUnaryMultiCallable[_image_service_pb2.ListImagesRequest, _image_service_pb2.ListImagesResponse]  # type: ignore[assignment]
     """Lists images, ordered by name.
-    Errors: INVALID_ARGUMENT when the page token is not one this RPC returned.
+    Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN) when the page token is not one this RPC
+    returned or the page size is negative.
     """
     DeleteImage: _aio.UnaryUnaryMultiCallable[_image_service_pb2.DeleteImageRequest, _image_service_pb2.DeleteImageResponse]  # type: ignore[assignment]
     """Removes one image name. Blobs no other image uses are deleted and stop being seeded;
@@ -134,7 +139,8 @@ class ImageServiceAsyncStub(ImageServiceStub):
     """
     ReadBlob: _aio.UnaryStreamMultiCallable[_image_service_pb2.ReadBlobRequest, _image_service_pb2.ReadBlobResponse]  # type: ignore[assignment]
     """Streams a blob's bytes, from an offset. The fallback when BitTorrent cannot deliver.
-    Errors: INVALID_ARGUMENT (INVALID_DIGEST, or an offset past the end); NOT_FOUND
+    Errors: INVALID_ARGUMENT (INVALID_DIGEST; INVALID_RANGE for an offset past the end);
+    NOT_FOUND
     (BLOB_NOT_FOUND).
     """
     GetTorrent: _aio.UnaryUnaryMultiCallable[_image_service_pb2.GetTorrentRequest, _image_service_pb2.GetTorrentResponse]  # type: ignore[assignment]
@@ -148,7 +154,8 @@ class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
-    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INSUFFICIENT_STORAGE. The ErrorInfo
+    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INVALID_PAGE_TOKEN, INVALID_RANGE,
+    INSUFFICIENT_STORAGE. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -209,7 +216,8 @@ class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_image_service_pb2.ListImagesResponse, _abc.Awaitable[_image_service_pb2.ListImagesResponse]]:
         """Lists images, ordered by name.
-        Errors: INVALID_ARGUMENT when the page token is not one this RPC returned.
+        Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN) when the page token is not one this RPC
+        returned or the page size is negative.
         """
 
     @_abc_1.abstractmethod
@@ -230,7 +238,8 @@ class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_image_service_pb2.ReadBlobResponse], _abc.AsyncIterator[_image_service_pb2.ReadBlobResponse]]:
         """Streams a blob's bytes, from an offset. The fallback when BitTorrent cannot deliver.
-        Errors: INVALID_ARGUMENT (INVALID_DIGEST, or an offset past the end); NOT_FOUND
+        Errors: INVALID_ARGUMENT (INVALID_DIGEST; INVALID_RANGE for an offset past the end);
+        NOT_FOUND
         (BLOB_NOT_FOUND).
         """
 

@@ -26,9 +26,7 @@ _CODES: dict[type[DocketError], tuple[grpc.StatusCode, int]] = {
 }
 
 
-def status_for(
-    code: int, message: str, reason: str, metadata: Mapping[str, str]
-) -> grpc.Status:
+def status_for(code: int, message: str, reason: str, metadata: Mapping[str, str]) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=dict(metadata))
     detail = any_pb2.Any()
     detail.Pack(info)

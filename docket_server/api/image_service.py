@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-
-import grpc
+from typing import Any
 
 from docket_common.errors import Reason
 from docket_common.pb import image_service_pb2 as pb
@@ -13,14 +12,17 @@ from docket_server.api.convert import descriptor_from_pb, image_to_pb, torrent_t
 from docket_server.domain.errors import InvalidArgument
 from docket_server.domain.registry import Registry
 
-Context = grpc.aio.ServicerContext[object, object]
+# grpcio ships no types: a servicer context is grpc.aio.ServicerContext.
+Context = Any
 
 
 class ImageService(pb_grpc.ImageServiceServicer):
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
-    async def StatBlobs(self, request: pb.StatBlobsRequest, context: Context) -> pb.StatBlobsResponse:
+    async def StatBlobs(
+        self, request: pb.StatBlobsRequest, context: Context
+    ) -> pb.StatBlobsResponse:
         missing = await self.registry.stat_blobs(list(request.digests))
         return pb.StatBlobsResponse(missing_digests=missing)
 
@@ -67,9 +69,7 @@ class ImageService(pb_grpc.ImageServiceServicer):
         self, request: pb.ListImagesRequest, context: Context
     ) -> pb.ListImagesResponse:
         images, token = await self.registry.list_images(request.page_size, request.page_token)
-        return pb.ListImagesResponse(
-            images=[image_to_pb(i) for i in images], next_page_token=token
-        )
+        return pb.ListImagesResponse(images=[image_to_pb(i) for i in images], next_page_token=token)
 
     async def DeleteImage(
         self, request: pb.DeleteImageRequest, context: Context
@@ -77,7 +77,7 @@ class ImageService(pb_grpc.ImageServiceServicer):
         names, digests = await self.registry.delete_image(request.name)
         return pb.DeleteImageResponse(deleted_names=names, deleted_digests=digests)
 
-    async def ReadBlob(  # type: ignore[override]  # an async generator, as grpc.aio allows
+    async def ReadBlob(  # an async generator, as grpc.aio allows
         self, request: pb.ReadBlobRequest, context: Context
     ) -> AsyncIterator[pb.ReadBlobResponse]:
         chunks = await self.registry.read_blob(

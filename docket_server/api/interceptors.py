@@ -22,7 +22,8 @@ from docket_server.domain.errors import DocketError
 
 log = structlog.get_logger()
 
-Context = grpc.aio.ServicerContext[Any, Any]
+# grpcio ships no types: a servicer context is grpc.aio.ServicerContext.
+Context = Any
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
 # Methods anyone may call: load balancers and operators probing liveness, API discovery.
@@ -157,7 +158,7 @@ def _replace(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> gr
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
     make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(  # type: ignore[no-any-return]
+    return make(
         behavior,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,

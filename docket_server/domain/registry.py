@@ -10,7 +10,7 @@ import base64
 import binascii
 import json
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +21,7 @@ import structlog
 from docket_common.digest import InvalidDigestError, check_digest
 from docket_common.errors import Reason
 from docket_common.reference import InvalidReferenceError, Reference, parse_reference
+from docket_common.timefmt import parse_rfc3339
 from docket_common.torrent import TorrentInfo, make_torrent, piece_length_for
 from docket_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from docket_server.domain.models import Blob, Descriptor, Image
@@ -166,19 +167,19 @@ class Registry:
 
     # Images
 
-    async def put_image(
-        self, name: str, config: Descriptor, layers: Sequence[Descriptor]
-    ) -> Image:
+    async def put_image(self, name: str, config: Descriptor, layers: Sequence[Descriptor]) -> Image:
         ref = _reference(name)
         if ref.digest is not None or ref.tag is None:
             raise InvalidArgument(
-                Reason.INVALID_REFERENCE, f"an image is recorded under a tag, not {name!r}",
+                Reason.INVALID_REFERENCE,
+                f"an image is recorded under a tag, not {name!r}",
                 name=name,
             )
         for d in (config, *layers):
             _digest(d.digest)
         parsed = await self._read_config(config)
-        diff_ids = parsed.get("rootfs", {}).get("diff_ids") if isinstance(parsed, dict) else None
+        rootfs = parsed.get("rootfs")
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
         if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
             raise InvalidArgument(
                 Reason.INVALID_IMAGE,
@@ -192,7 +193,7 @@ class Registry:
             config=Descriptor(config.digest, config.size, config.media_type or OCI_CONFIG),
             layers=tuple(layers),
             diff_ids=tuple(str(d) for d in diff_ids),
-            build_time=_parse_time(parsed.get("created")),
+            build_time=parse_rfc3339(parsed.get("created")),
             create_time=datetime.now(UTC),
             platform="/".join(
                 str(parsed[k]) for k in ("os", "architecture", "variant") if parsed.get(k)
@@ -302,29 +303,6 @@ def _reference(name: str) -> Reference:
         return parse_reference(name)
     except InvalidReferenceError as e:
         raise InvalidArgument(Reason.INVALID_REFERENCE, str(e), name=name) from e
-
-
-def _parse_time(value: object) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    text = value.strip().replace("Z", "+00:00")
-    # Go writes nanoseconds; Python takes at most microseconds.
-    if "." in text:
-        head, _, rest = text.partition(".")
-        digits = "".join(_takewhile_digits(rest))
-        text = f"{head}.{digits[:6]}{rest[len(digits):]}"
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def _takewhile_digits(text: str) -> Iterator[str]:
-    for ch in text:
-        if not ch.isdigit():
-            return
-        yield ch
 
 
 def _encode_token(image: Image) -> str:

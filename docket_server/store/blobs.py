@@ -158,7 +158,7 @@ class _FileBlobWriter(BlobWriter):
             self._tmp.unlink()
             return
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self._tmp, final)
+        self._tmp.replace(final)
         dir_fd = os.open(final.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

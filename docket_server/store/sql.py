@@ -70,9 +70,7 @@ image_layers = sa.Table(
 
 
 async def _migration_1(conn: AsyncConnection) -> None:
-    await conn.run_sync(
-        lambda sync: meta.create_all(sync, tables=[blobs, images, image_layers])
-    )
+    await conn.run_sync(lambda sync: meta.create_all(sync, tables=[blobs, images, image_layers]))
 
 
 Migration = Callable[[AsyncConnection], Awaitable[None]]
@@ -288,9 +286,7 @@ class SqlMetadataStore(MetadataStore):
                         sa.select(image_layers.c.digest).where(image_layers.c.image_id == row.id)
                     )
                 )
-                await conn.execute(
-                    image_layers.delete().where(image_layers.c.image_id == row.id)
-                )
+                await conn.execute(image_layers.delete().where(image_layers.c.image_id == row.id))
                 await conn.execute(images.delete().where(images.c.id == row.id))
                 deleted.append(f"{repository}:{tag}")
             # Only blobs the deleted images used are candidates: a blob uploaded for a push

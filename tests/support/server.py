@@ -46,10 +46,14 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [
                 str(BIN / "docket-server"),
-                "--listen", self.address,
-                "--bt-listen", f"127.0.0.1:{self.bt_port}",
-                "--data-dir", str(self.data_dir),
-                "--log-level", "debug",
+                "--listen",
+                self.address,
+                "--bt-listen",
+                f"127.0.0.1:{self.bt_port}",
+                "--data-dir",
+                str(self.data_dir),
+                "--log-level",
+                "debug",
                 "--log-json",
                 *self.extra_args,
             ],
