@@ -6,7 +6,7 @@ import click
 
 from docket_cli.client import Connection
 from docket_cli.command import output_option, with_connection
-from docket_cli.render import image_details, image_json, images_table, print_json, stdout
+from docket_cli.render import image_details, image_json, images_table, print_json
 from docket_common.pb import image_pb2
 from docket_common.pb import image_service_pb2 as pb
 from docket_common.reference import parse_reference
@@ -34,7 +34,7 @@ async def images_cmd(conn: Connection, output: str) -> None:
     if output == "json":
         print_json([image_json(i) for i in images])
     else:
-        stdout.print(images_table(images))
+        click.echo(images_table(images))
 
 
 @click.command("inspect")
@@ -50,7 +50,7 @@ async def inspect_cmd(conn: Connection, ref: str, output: str) -> None:
     if output == "json":
         print_json(image_json(image))
     else:
-        stdout.print(image_details(image))
+        click.echo(image_details(image))
 
 
 @click.command("rm")

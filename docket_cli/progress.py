@@ -35,6 +35,7 @@ class PushProgress:
         )
         self._tasks: dict[str, TaskID] = {}
         self._total: TaskID | None = None
+        self._export: TaskID | None = None
 
     def __enter__(self) -> PushProgress:
         if self.live:
@@ -49,19 +50,20 @@ class PushProgress:
         if not self.quiet:
             stderr.print(text)
 
-    def exporting(self, total_hint: int) -> TaskID | None:
+    def exporting(self, size_hint: int) -> None:
+        """The engine has the image and starts `docker save` (about ``size_hint`` bytes)."""
         if not self.live:
             self.note(f"Exporting {self.label} from the Docker engine…")
-            return None
-        return self._bars.add_task("exporting from docker", total=total_hint or None)
+            return
+        self._export = self._bars.add_task("exporting from docker", total=size_hint or None)
 
-    def exported(self, task: TaskID | None, nbytes: int) -> None:
-        if task is not None:
-            self._bars.update(task, advance=nbytes)
+    def exported(self, nbytes: int) -> None:
+        if self._export is not None:
+            self._bars.update(self._export, advance=nbytes)
 
-    def export_done(self, task: TaskID | None, size: int) -> None:
-        if task is not None:
-            self._bars.update(task, total=size, completed=size)
+    def export_done(self, size: int) -> None:
+        if self._export is not None:
+            self._bars.update(self._export, total=size, completed=size)
 
     def plan(self, uploads: list[ArchiveBlob], present: list[ArchiveBlob]) -> None:
         if present:

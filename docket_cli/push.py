@@ -50,8 +50,12 @@ class PushResult:
     present: list[ArchiveBlob]
 
 
-def export_from_engine(ref: str, dest: Path, on_bytes: Callable[[int], None]) -> int:
+def export_from_engine(
+    ref: str, dest: Path, on_start: Callable[[int], None], on_bytes: Callable[[int], None]
+) -> int:
     """Streams `docker save REF` from the engine at DOCKER_HOST into ``dest``; returns its size.
+
+    ``on_start`` gets the image's size once the engine has it; ``on_bytes`` each chunk's.
 
     Raises PushError when the engine is unreachable or lacks the image.
     """
@@ -64,9 +68,10 @@ def export_from_engine(ref: str, dest: Path, on_bytes: Callable[[int], None]) ->
         raise PushError(f"cannot reach the Docker engine (DOCKER_HOST): {e}") from e
     try:
         try:
-            client.images.get(ref)
+            image = client.images.get(ref)
         except ImageNotFound as e:
             raise PushError(f"image {ref} not found in the local Docker engine") from e
+        on_start(int(image.attrs.get("Size") or 0))
         total = 0
         with dest.open("wb") as out:
             for chunk in client.api.get_image(ref, chunk_size=CHUNK):
@@ -193,9 +198,8 @@ def push_cmd(ref: str, archive: Path | None, quiet: bool, output: str) -> None:
     with PushProgress(ref, quiet=quiet or output == "json") as progress, spool_dir() as tmp:
         if archive is None:
             path = Path(tmp) / "image.tar"
-            task = progress.exporting(0)
-            size = export_from_engine(ref, path, lambda n: progress.exported(task, n))
-            progress.export_done(task, size)
+            size = export_from_engine(ref, path, progress.exporting, progress.exported)
+            progress.export_done(size)
         else:
             path = archive
         result = _push(path, target, progress)

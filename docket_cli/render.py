@@ -10,13 +10,10 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
-from rich.table import Table
 
 from docket_common.digest import short
 from docket_common.pb import image_pb2
 
-# Off a terminal rich would wrap at 80 columns: keep digests on one line for grep and cut.
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 250)
 stderr = Console(stderr=True, highlight=False)
 
 
@@ -70,36 +67,46 @@ def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2) + "\n")
 
 
-def images_table(images: Sequence[image_pb2.Image]) -> Table:
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("NAME", "DIGEST", "LAYERS", "SIZE", "PLATFORM", "PUSHED"):
-        table.add_column(column, no_wrap=True)
-    for image in images:
-        table.add_row(
+def columns(rows: Sequence[Sequence[str]]) -> str:
+    """Rows as aligned columns two spaces apart, like `docker images` prints them."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))] if rows else []
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def images_table(images: Sequence[image_pb2.Image]) -> str:
+    rows = [["NAME", "DIGEST", "LAYERS", "SIZE", "PLATFORM", "PUSHED"]]
+    rows += [
+        [
             image.name,
             short(image.digest),
             str(len(image.layers)),
             human_size(image.size_bytes),
             image.platform or "-",
             ago(image.create_time),
-        )
-    return table
+        ]
+        for image in images
+    ]
+    return columns(rows)
 
 
-def image_details(image: image_pb2.Image) -> Table:
-    table = Table(box=None, pad_edge=False, show_header=False)
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column(overflow="fold")
-    table.add_row("Name", image.name)
-    table.add_row("Digest", image.digest)
-    table.add_row("Size", f"{human_size(image.size_bytes)} ({image.size_bytes} bytes)")
-    table.add_row("Platform", image.platform or "-")
-    table.add_row("Built", ts_iso(image.build_time) or "-")
-    table.add_row("Pushed", ts_iso(image.create_time) or "-")
-    table.add_row("Config", f"{image.config.digest}  {human_size(image.config.size_bytes)}")
-    for i, layer in enumerate(image.layers):
-        table.add_row(
+def image_details(image: image_pb2.Image) -> str:
+    rows = [
+        ["Name", image.name],
+        ["Digest", image.digest],
+        ["Size", f"{human_size(image.size_bytes)} ({image.size_bytes} bytes)"],
+        ["Platform", image.platform or "-"],
+        ["Built", ts_iso(image.build_time) or "-"],
+        ["Pushed", ts_iso(image.create_time) or "-"],
+        ["Config", f"{image.config.digest}  {human_size(image.config.size_bytes)}"],
+    ]
+    rows += [
+        [
             "Layers" if i == 0 else "",
             f"{layer.digest}  {human_size(layer.size_bytes):>7}  {layer.media_type}",
-        )
-    return table
+        ]
+        for i, layer in enumerate(image.layers)
+    ]
+    return columns(rows)

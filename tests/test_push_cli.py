@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import tarfile
@@ -17,6 +18,7 @@ import pytest
 from docket_common.digest import hex_part
 from tests.support.archives import layer_tar, random_bytes, sha256, write_legacy_archive
 from tests.support.server import BIN, ServerProcess, docketctl
+from tests.support.terminal import plain, run_in_pty
 
 
 def blob_names(server: ServerProcess) -> set[str]:
@@ -251,3 +253,28 @@ def test_push_killed_half_way_leaves_nothing_behind(server: ServerProcess, tmp_p
     again = docketctl("push", "big:1", "--archive", str(archive.path), server=server.address)
     assert again.returncode == 0, again.stderr
     assert hex_part(archive.layer_digests[0]) in blob_names(server)
+
+
+def test_push_on_a_terminal_shows_progress_bars(server: ServerProcess, tmp_path: Path) -> None:
+    archive = write_legacy_archive(tmp_path / "a.tar", "a:1", [BASE, TOP1])
+    code, raw = run_in_pty(
+        [
+            str(BIN / "docketctl"),
+            "--server",
+            server.address,
+            "push",
+            "a:1",
+            "--archive",
+            str(archive.path),
+        ],
+        env=dict(os.environ),
+    )
+    screen = plain(raw)
+    assert code == 0, screen
+    assert "━━━━" in screen  # the bars
+    assert "total" in screen  # the overall bar over several blobs
+    assert re.search(r"3\.01?/3\.01? MB", screen)  # the base layer's bar, finished
+    assert "Pushed a:1 sha256:" in screen
+    # Off a terminal the same push draws no bars.
+    piped = docketctl("push", "a:1", "--archive", str(archive.path), server=server.address)
+    assert "━" not in piped.stderr + piped.stdout

@@ -1,0 +1,73 @@
+"""The README's first command: a local Docket server, sample images pushed with live progress.
+
+Starts a private Docker engine (nothing system-wide), makes sample images in it, starts
+docket-server under .demo/, and runs docketctl as a user would. On a terminal it then keeps
+the server up until Ctrl-C and prints the environment to use it from another shell.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.support.dockerd import DockerEngine  # noqa: E402 - after the path is set
+from tests.support.images import build_derived_image, make_base_image  # noqa: E402
+from tests.support.server import BIN, ServerProcess  # noqa: E402
+
+
+def step(text: str) -> None:
+    print(f"\n\033[1m==> {text}\033[0m" if sys.stdout.isatty() else f"\n==> {text}", flush=True)
+
+
+def run(args: list[str], env: dict[str, str]) -> None:
+    print(f"$ {shlex.join(['docketctl', *args[1:]])}", flush=True)
+    subprocess.run([str(BIN / "docketctl"), *args[1:]], env=env, check=True)
+
+
+def main() -> None:
+    demo_dir = ROOT / ".demo"
+    demo_dir.mkdir(exist_ok=True)
+    step("Starting a private Docker engine and making sample images")
+    with DockerEngine() as engine:
+        make_base_image(engine.client, "sample/base:1", extra_bytes=64 * 1024 * 1024, seed=1)
+        build_derived_image(engine.client, "sample/base:1", "sample/web:1", [8 << 20, 1 << 20])
+        build_derived_image(engine.client, "sample/base:1", "sample/worker:1", [4 << 20])
+        print("sample/web:1 and sample/worker:1 share a 64 MiB base layer")
+
+        step("Starting docket-server")
+        server = ServerProcess(data_dir=demo_dir / "server")
+        server.start()
+        print(f"listening on {server.address}, seeding on 127.0.0.1:{server.bt_port}")
+        print(f"data in {server.data_dir}, log in {server.log_path}")
+        env = engine.env() | {"DOCKET_SERVER": server.address}
+        try:
+            step("Pushing sample/web:1 from the engine")
+            run(["docketctl", "push", "sample/web:1"], env)
+            step("Pushing sample/worker:1: the shared base is not uploaded again")
+            run(["docketctl", "push", "sample/worker:1"], env)
+            step("What the server holds")
+            run(["docketctl", "images"], env)
+            run(["docketctl", "inspect", "sample/worker:1"], env)
+            if sys.stdin.isatty():
+                step("The server stays up until Ctrl-C. From another shell:")
+                print(f"  export DOCKET_SERVER={server.address} DOCKER_HOST={engine.host}")
+                print(f"  export PATH={BIN}:$PATH")
+                print("  docketctl images; docketctl push sample/base:1; docketctl rm sample/web:1")
+                try:
+                    server.proc.wait() if server.proc else None
+                except KeyboardInterrupt:
+                    print()
+        finally:
+            step("Stopping")
+            server.stop()
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    main()
