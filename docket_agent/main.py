@@ -1,10 +1,176 @@
-"""The docket-agent command (the agent stream arrives with the next issue)."""
+"""The docket-agent command: one per host, holding one stream to the server."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
+import socket
 import sys
+from pathlib import Path
+
+import click
+
+from docket_agent.agent import Agent, AgentConfig
+from docket_agent.hostinfo import DataDirInUseError
+from docket_agent.stream import AgentRefusedError
+from docket_common.bt import TorrentSessionError, split_host_port
+from docket_common.logs import configure_logging
+from docket_common.selector import is_label, is_name
 
 
-def main() -> None:
-    print("docket-agent: not available yet in this version", file=sys.stderr)
-    sys.exit(2)
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "docket" / "agent"
+
+
+def _host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    try:
+        split_host_port(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    return value
+
+
+def _name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    if not is_name(value):
+        raise click.BadParameter(f"{value!r}: letters, digits, '.', '_', '-', up to 64 characters")
+    return value
+
+
+def _groups(
+    _ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    for group in value:
+        if not is_name(group) or group == "all":
+            raise click.BadParameter(f"{group!r}: letters, digits, '.', '_', '-'; not 'all'")
+    return value
+
+
+def _labels(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in value:
+        key, sep, val = item.partition("=")
+        if not sep or not is_label(key, val):
+            raise click.BadParameter(f"{item!r}: want KEY=VALUE")
+        labels[key] = val
+    return labels
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--server",
+    envvar="DOCKET_SERVER",
+    default="127.0.0.1:7800",
+    show_default=True,
+    callback=_host_port,
+    help="The Docket server, HOST:PORT. Also from $DOCKET_SERVER.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_data_dir,
+    show_default="$XDG_DATA_HOME/docket/agent",
+    help="Where the agent keeps its id and its blob cache.",
+)
+@click.option(
+    "--name",
+    default=socket.gethostname,
+    show_default="the host name",
+    callback=_name,
+    help="The agent's name, unique in the fleet.",
+)
+@click.option(
+    "--group",
+    "groups",
+    multiple=True,
+    callback=_groups,
+    help="A group this host belongs to (repeat for several); rollouts pick hosts by group.",
+)
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    callback=_labels,
+    help="A KEY=VALUE label (repeat for several); selectors can match it.",
+)
+@click.option(
+    "--bt-listen",
+    default="0.0.0.0:6881",
+    show_default=True,
+    callback=_host_port,
+    help="BitTorrent address to listen on (port 0: any free port).",
+)
+@click.option(
+    "--advertise-host",
+    default=None,
+    help="The address other hosts reach this one at (default: the --bt-listen host, or the "
+    "local address that routes to the server).",
+)
+@click.option(
+    "--no-docker",
+    is_flag=True,
+    help="Do not use a Docker engine: images stop at downloaded.",
+)
+@click.option("--token", envvar="DOCKET_TOKEN", default=None, help="Bearer token for the server.")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+)
+@click.option("--log-json/--no-log-json", default=None, help="JSON logs (default: when not a TTY).")
+def main(
+    server: str,
+    data_dir: Path,
+    name: str,
+    groups: tuple[str, ...],
+    labels: dict[str, str],
+    bt_listen: str,
+    advertise_host: str | None,
+    no_docker: bool,
+    token: str | None,
+    log_level: str,
+    log_json: bool | None,
+) -> None:
+    """Run the Docket agent on this host.
+
+    It holds one stream to the server for its whole life, says who it is (name, groups,
+    labels, BitTorrent endpoint, Docker engine, disk, cached blobs), and exchanges heartbeats.
+    When the server goes away it reconnects by itself, with backoff. A second agent under a
+    name that is online is refused, unless it is the same install (same data dir).
+    """
+    configure_logging(log_level, json=log_json)
+    config = AgentConfig(
+        server=server,
+        data_dir=data_dir,
+        name=name,
+        groups=tuple(dict.fromkeys(groups)),
+        labels=labels,
+        bt_listen=bt_listen,
+        advertise_host=advertise_host,
+        docker=not no_docker,
+        token=token,
+    )
+    try:
+        asyncio.run(_run(Agent(config)))
+    except AgentRefusedError as e:
+        click.echo(f"docket-agent: error: the server refused this agent: {e}", err=True)
+        sys.exit(1)
+    except (TorrentSessionError, DataDirInUseError, OSError) as e:
+        click.echo(f"docket-agent: error: {e}", err=True)
+        sys.exit(1)
+
+
+async def _run(agent: Agent) -> None:
+    task = asyncio.create_task(agent.run())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+if __name__ == "__main__":
+    main()

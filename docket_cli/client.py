@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
-from docket_common.pb import image_service_pb2_grpc
+from docket_common.errors import error_info
+from docket_common.pb import agent_admin_service_pb2_grpc, image_service_pb2_grpc
 
 DEFAULT_SERVER = "127.0.0.1:7800"
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -29,15 +29,7 @@ class ServerError(Exception):
 def server_error(err: grpc.aio.AioRpcError, server: str) -> ServerError:
     code = err.code()
     message = err.details() or code.name
-    reason = ""
-    metadata: dict[str, str] = {}
-    for key, value in err.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    reason, metadata = info.reason, dict(info.metadata)
+    reason, metadata = error_info(err.trailing_metadata())
     if code == grpc.StatusCode.UNAVAILABLE and not reason:
         message = f"cannot reach the Docket server at {server} (is docket-server running?)"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -61,6 +53,7 @@ class Connection:
             ],
         )
         self.images = image_service_pb2_grpc.ImageServiceStub(self.channel)
+        self.agents = agent_admin_service_pb2_grpc.AgentAdminServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -10,11 +10,13 @@ import sys
 
 import click
 
+from docket_cli.agents import agents_cmd
 from docket_cli.client import DEFAULT_SERVER, ServerError
 from docket_cli.images import images_cmd, inspect_cmd, rm_cmd
 from docket_cli.push import PushError, push_cmd
 from docket_common.archive import ArchiveError
 from docket_common.reference import InvalidReferenceError
+from docket_common.selector import InvalidSelectorError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,7 +36,7 @@ from docket_common.reference import InvalidReferenceError
 @click.version_option(package_name="docket", prog_name="docketctl")
 @click.pass_context
 def cli(ctx: click.Context, server: str, token: str | None) -> None:
-    """Push Docker images to a Docket server and manage them.
+    """Push Docker images to a Docket server, manage them, and see the fleet.
 
     \b
     Image references are Docker's: NAME[:TAG] (TAG defaults to latest) or NAME@sha256:….
@@ -46,6 +48,7 @@ cli.add_command(push_cmd)
 cli.add_command(images_cmd)
 cli.add_command(inspect_cmd)
 cli.add_command(rm_cmd)
+cli.add_command(agents_cmd)
 
 
 def main() -> None:
@@ -60,7 +63,7 @@ def main() -> None:
         sys.exit(e.exit_code)
     except ServerError as e:
         _fail(f"{e.message} [{e.reason}]" if e.reason else e.message)
-    except (ArchiveError, InvalidReferenceError, PushError) as e:
+    except (ArchiveError, InvalidReferenceError, InvalidSelectorError, PushError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted", code=130)

@@ -6,9 +6,13 @@ UPnP or NAT-PMP (peers come from the server or a tracker); every torrent is priv
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import libtorrent as lt
+import structlog
+
+log = structlog.get_logger()
 
 ALERT_MASK = (
     lt.alert.category_t.error_notification
@@ -53,3 +57,81 @@ def split_host_port(value: str, default_port: int | None = None) -> tuple[str, i
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{value!r} is not HOST:PORT")
     return host, int(port)
+
+
+class TorrentSessionError(Exception):
+    """The BitTorrent session cannot start (its port is taken, say)."""
+
+
+class TorrentSession:
+    """A libtorrent session whose alerts are handled on the asyncio event loop.
+
+    libtorrent calls the notify hook on its own thread; the hook only schedules ``_drain`` on
+    the loop, so alert handling never blocks libtorrent and never runs off the loop.
+    Subclasses handle alerts in ``on_alert``.
+    """
+
+    def __init__(self, listen: str, user_agent: str) -> None:
+        self.listen = listen
+        self.user_agent = user_agent
+        self.port = 0
+        self._session: lt.session | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listening: asyncio.Future[int] | None = None
+
+    @property
+    def session(self) -> lt.session:
+        if self._session is None:
+            raise RuntimeError("the BitTorrent session is not started")
+        return self._session
+
+    async def start(self) -> int:
+        """Opens the session; returns the TCP port it listens on once it does."""
+        self._loop = asyncio.get_running_loop()
+        self._listening = self._loop.create_future()
+        settings = session_settings(self.listen, user_agent=self.user_agent)
+        self._session = lt.session(settings)  # type: ignore[call-overload]  # a dict works
+        self._session.set_alert_notify(self._notify)
+        self._drain()  # alerts may have arrived before the hook was set
+        try:
+            async with asyncio.timeout(10):
+                self.port = await self._listening
+        except TimeoutError as e:
+            raise TorrentSessionError(f"BitTorrent listener on {self.listen} did not start") from e
+        return self.port
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.set_alert_notify(lambda: None)
+            self._session.pause()
+            self._session = None
+
+    def _notify(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        if self._session is None:
+            return
+        for alert in self._session.pop_alerts():
+            if isinstance(alert, lt.listen_succeeded_alert):
+                if alert.socket_type == lt.socket_type_t.tcp:
+                    log.info("bittorrent listening", address=f"{alert.address}:{alert.port}")
+                    if self._listening and not self._listening.done():
+                        self._listening.set_result(alert.port)
+            elif isinstance(alert, lt.listen_failed_alert):
+                log.error("bittorrent cannot listen", listen=self.listen, error=alert.message())
+                if self._listening and not self._listening.done():
+                    self._listening.set_exception(
+                        TorrentSessionError(
+                            f"cannot listen on {self.listen}: {alert.error.message()}"
+                        )
+                    )
+            else:
+                self.on_alert(alert)
+
+    def on_alert(self, alert: Any) -> None:
+        """Handles one alert other than the listen ones; errors are logged by default."""
+        if isinstance(alert, lt.torrent_error_alert | lt.file_error_alert):
+            log.error("torrent failed", error=alert.message())

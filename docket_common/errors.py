@@ -6,7 +6,11 @@ Every error the server returns carries a canonical gRPC status code and a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import StrEnum
+from typing import Any
+
+from google.rpc import error_details_pb2, status_pb2
 
 DOMAIN = "docket.dev"
 
@@ -24,3 +28,22 @@ class Reason(StrEnum):
     INVALID_RANGE = "INVALID_RANGE"
     INSUFFICIENT_STORAGE = "INSUFFICIENT_STORAGE"
     UNAUTHENTICATED = "UNAUTHENTICATED"
+    HELLO_REQUIRED = "HELLO_REQUIRED"
+    INVALID_AGENT = "INVALID_AGENT"
+    AGENT_NAME_TAKEN = "AGENT_NAME_TAKEN"
+    AGENT_REPLACED = "AGENT_REPLACED"
+    AGENT_NOT_FOUND = "AGENT_NOT_FOUND"
+    HEARTBEAT_TIMEOUT = "HEARTBEAT_TIMEOUT"
+    INVALID_SELECTOR = "INVALID_SELECTOR"
+    MALFORMED_MESSAGE = "MALFORMED_MESSAGE"
+
+
+def error_info(trailing_metadata: Iterable[tuple[str, Any]] | None) -> tuple[str, dict[str, str]]:
+    """The ErrorInfo reason and metadata of a failed call's trailers; ("", {}) when absent."""
+    for key, value in trailing_metadata or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            for detail in status_pb2.Status.FromString(value).details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return str(info.reason), dict(info.metadata)
+    return "", {}

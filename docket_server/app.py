@@ -12,7 +12,16 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from docket_common.pb import image_service_pb2, image_service_pb2_grpc
+from docket_common.pb import (
+    agent_admin_service_pb2,
+    agent_admin_service_pb2_grpc,
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    image_service_pb2,
+    image_service_pb2_grpc,
+)
+from docket_common.version import VERSION
+from docket_server.api.agent_service import AgentAdminService, AgentService, server_heartbeat
 from docket_server.api.image_service import ImageService
 from docket_server.api.interceptors import (
     AllowAll,
@@ -20,6 +29,7 @@ from docket_server.api.interceptors import (
     AuthInterceptor,
     ErrorsAndAccessLog,
 )
+from docket_server.domain.fleet import Fleet
 from docket_server.domain.registry import Registry
 from docket_server.seeder import Seeder
 from docket_server.store.blobs import FilesystemBlobStore
@@ -29,6 +39,11 @@ log = structlog.get_logger()
 
 # Uploads arrive in chunks of 1 MiB; leave room for the envelope.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+SERVICE_NAMES = (
+    image_service_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
+    agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+    agent_admin_service_pb2.DESCRIPTOR.services_by_name["AgentAdminService"].full_name,
+)
 
 
 @dataclass
@@ -40,6 +55,8 @@ class ServerConfig:
     tracker_url: str | None = None
     authenticator: Authenticator | None = None
     shutdown_grace_seconds: float = 10.0
+    heartbeat_interval: float = 5.0
+    hello_timeout: float = 10.0
 
 
 class DocketServer:
@@ -52,6 +69,7 @@ class DocketServer:
         )
         self.seeder = Seeder(config.bt_listen, self.blobs.local_path)
         self.registry = Registry(self.metadata, self.blobs, self.seeder, config.tracker_url)
+        self.fleet = Fleet(self.metadata, config.heartbeat_interval, server_heartbeat)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port = 0
@@ -64,6 +82,7 @@ class DocketServer:
         await self.metadata.open()
         self.bt_port = await self.seeder.start()
         seeded = await self.registry.reseed_all()
+        await self.fleet.start()
         server = grpc.aio.server(
             interceptors=[
                 AuthInterceptor(self.config.authenticator or AllowAll()),
@@ -80,10 +99,16 @@ class DocketServer:
         image_service_pb2_grpc.add_ImageServiceServicer_to_server(
             ImageService(self.registry), server
         )
+        agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentService(self.fleet, self.config.hello_timeout, VERSION), server
+        )
+        agent_admin_service_pb2_grpc.add_AgentAdminServiceServicer_to_server(
+            AgentAdminService(self.fleet), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [
-                image_service_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
+                *SERVICE_NAMES,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ],
@@ -108,7 +133,12 @@ class DocketServer:
     async def stop(self) -> None:
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
-            await self._server.stop(self.config.shutdown_grace_seconds)
+            # Stop taking calls, then end the agents' streams (which never end by themselves)
+            # so that they reconnect elsewhere or later instead of holding the grace period.
+            stopping = asyncio.create_task(self._server.stop(self.config.shutdown_grace_seconds))
+            await asyncio.sleep(0)
+            await self.fleet.stop()
+            await stopping
             self._server = None
         self.seeder.close()
         await self.metadata.close()

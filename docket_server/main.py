@@ -9,11 +9,10 @@ from pathlib import Path
 
 import click
 
-from docket_common.bt import split_host_port
+from docket_common.bt import TorrentSessionError, split_host_port
 from docket_common.logs import configure_logging
 from docket_server.api.interceptors import StaticTokens
 from docket_server.app import DocketServer, ServerConfig
-from docket_server.seeder import SeederError
 
 
 def default_data_dir() -> Path:
@@ -69,6 +68,21 @@ def _host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     help="Require 'authorization: Bearer TOKEN' on every call; one token a line.",
 )
 @click.option(
+    "--heartbeat-interval",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="Seconds between heartbeats on agent streams; an agent silent for 2 intervals is "
+    "stale, for 3 offline.",
+)
+@click.option(
+    "--hello-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds a new agent stream may take to say hello before it is dropped.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -82,6 +96,8 @@ def main(
     tracker_url: str | None,
     database_url: str | None,
     auth_token_file: Path | None,
+    heartbeat_interval: float,
+    hello_timeout: float,
     log_level: str,
     log_json: bool | None,
 ) -> None:
@@ -97,10 +113,12 @@ def main(
         database_url=database_url,
         tracker_url=tracker_url,
         authenticator=StaticTokens.from_file(auth_token_file) if auth_token_file else None,
+        heartbeat_interval=heartbeat_interval,
+        hello_timeout=hello_timeout,
     )
     try:
         asyncio.run(DocketServer(config).run_until_signalled())
-    except (OSError, SeederError, RuntimeError) as e:
+    except (OSError, TorrentSessionError, RuntimeError) as e:
         click.echo(f"docket-server: error: {e}", err=True)
         sys.exit(1)
 

@@ -11,6 +11,8 @@ from grpc_status import rpc_status
 
 from docket_common.errors import DOMAIN
 from docket_server.domain.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
     DocketError,
     FailedPrecondition,
     InvalidArgument,
@@ -23,6 +25,8 @@ _CODES: dict[type[DocketError], tuple[grpc.StatusCode, int]] = {
     NotFound: (grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
     FailedPrecondition: (grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
     ResourceExhausted: (grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED),
+    AlreadyExists: (grpc.StatusCode.ALREADY_EXISTS, code_pb2.ALREADY_EXISTS),
+    DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, code_pb2.DEADLINE_EXCEEDED),
 }
 
 
@@ -35,5 +39,6 @@ def status_for(code: int, message: str, reason: str, metadata: Mapping[str, str]
 
 async def abort_with(context: grpc.aio.ServicerContext[object, object], err: DocketError) -> None:
     """Ends the RPC with the status and ErrorInfo the domain error stands for."""
-    _, code = _CODES.get(type(err), (grpc.StatusCode.INTERNAL, code_pb2.INTERNAL))
+    # A bare DocketError is a stream the server ends on purpose (an agent replaced, say).
+    _, code = _CODES.get(type(err), (grpc.StatusCode.ABORTED, code_pb2.ABORTED))
     await context.abort_with_status(status_for(code, err.message, err.reason, err.metadata))

@@ -32,3 +32,11 @@ class FailedPrecondition(DocketError):
 
 class ResourceExhausted(DocketError):
     pass
+
+
+class AlreadyExists(DocketError):
+    pass
+
+
+class DeadlineExceeded(DocketError):
+    pass

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from docket_common.torrent import TorrentInfo
+from docket_server.domain.fleet import AgentInfo, AgentRecord, AgentState, FleetStore
 from docket_server.domain.models import Blob, Descriptor, Image
 from docket_server.store.metadata import DeleteResult, MetadataStore, MissingBlobsError
 
@@ -69,12 +70,37 @@ image_layers = sa.Table(
 )
 
 
+agents = sa.Table(
+    "agents",
+    meta,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("agent_id", sa.String(64), nullable=False),
+    sa.Column("groups", sa.Text, nullable=False),
+    sa.Column("labels", sa.Text, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("peer_address", sa.String(255), nullable=False),
+    sa.Column("bt_endpoint", sa.String(255), nullable=False),
+    sa.Column("docker_version", sa.String(64), nullable=False),
+    sa.Column("docker_error", sa.Text, nullable=False),
+    sa.Column("disk_free_bytes", sa.BigInteger, nullable=False),
+    sa.Column("cached_digests", sa.Text, nullable=False),
+    sa.Column("connect_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_seen_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+)
+
+
 async def _migration_1(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: meta.create_all(sync, tables=[blobs, images, image_layers]))
 
 
+async def _migration_2(conn: AsyncConnection) -> None:
+    await conn.run_sync(lambda sync: meta.create_all(sync, tables=[agents]))
+
+
 Migration = Callable[[AsyncConnection], Awaitable[None]]
-MIGRATIONS: list[Migration] = [_migration_1]
+MIGRATIONS: list[Migration] = [_migration_1, _migration_2]
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -84,7 +110,7 @@ def _utc(value: datetime | None) -> datetime | None:
     return value
 
 
-class SqlMetadataStore(MetadataStore):
+class SqlMetadataStore(MetadataStore, FleetStore):
     def __init__(self, url: str) -> None:
         self.url = url
         self._engine: AsyncEngine | None = None
@@ -308,6 +334,83 @@ class SqlMetadataStore(MetadataStore):
             if orphans:
                 await conn.execute(blobs.delete().where(blobs.c.digest.in_(orphans)))
         return DeleteResult(names=deleted, orphaned_digests=orphans)
+
+    # Agents
+
+    async def upsert_agent(self, record: AgentRecord) -> None:
+        info = record.info
+        values = {
+            "agent_id": info.agent_id,
+            "groups": json.dumps(list(info.groups)),
+            "labels": json.dumps(info.labels, sort_keys=True),
+            "state": str(record.state),
+            "version": info.version,
+            "peer_address": record.peer_address,
+            "bt_endpoint": info.bt_endpoint,
+            "docker_version": info.docker_version,
+            "docker_error": info.docker_error,
+            "disk_free_bytes": info.disk_free_bytes,
+            "cached_digests": json.dumps(list(info.cached_digests)),
+            "connect_time": record.connect_time,
+            "last_seen_time": record.last_seen_time,
+            "create_time": record.create_time,
+        }
+        async with self.engine.begin() as conn:
+            updated = await conn.execute(
+                agents.update().where(agents.c.name == info.name).values(**values)
+            )
+            if not updated.rowcount:
+                await conn.execute(agents.insert().values(name=info.name, **values))
+
+    async def get_agent(self, name: str) -> AgentRecord | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(agents.select().where(agents.c.name == name))).first()
+        return None if row is None else _agent_from_row(row)
+
+    async def list_agents(self) -> list[AgentRecord]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(agents.select().order_by(agents.c.name))
+            return [_agent_from_row(r) for r in rows]
+
+    async def touch_agents(self, last_seen: dict[str, datetime]) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                agents.update()
+                .where(agents.c.name == sa.bindparam("agent_name"))
+                .values(last_seen_time=sa.bindparam("seen")),
+                [{"agent_name": n, "seen": t} for n, t in last_seen.items()],
+            )
+
+    async def mark_all_offline(self) -> int:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                agents.update()
+                .where(agents.c.state != str(AgentState.OFFLINE))
+                .values(state=str(AgentState.OFFLINE))
+            )
+            return int(result.rowcount or 0)
+
+
+def _agent_from_row(row: Any) -> AgentRecord:
+    return AgentRecord(
+        info=AgentInfo(
+            name=row.name,
+            agent_id=row.agent_id,
+            groups=tuple(json.loads(row.groups)),
+            labels=json.loads(row.labels),
+            version=row.version,
+            bt_endpoint=row.bt_endpoint,
+            docker_version=row.docker_version,
+            docker_error=row.docker_error,
+            disk_free_bytes=row.disk_free_bytes,
+            cached_digests=tuple(json.loads(row.cached_digests)),
+        ),
+        state=AgentState(row.state),
+        peer_address=row.peer_address,
+        connect_time=_utc(row.connect_time) or _now(),
+        last_seen_time=_utc(row.last_seen_time) or _now(),
+        create_time=_utc(row.create_time) or _now(),
+    )
 
 
 def _blob_from_row(row: Any) -> Blob:

@@ -1,0 +1,157 @@
+"""The agent's one stream to the server: hello, heartbeats both ways, reconnection.
+
+The agent sends Hello, waits for Welcome, then sends a heartbeat every interval the server
+asked for. If it hears nothing from the server for three intervals it drops the stream and
+connects again. Failed connections are retried with exponential backoff and full jitter, so a
+fleet does not stampede a server that just came back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import grpc
+import structlog
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from docket_common.errors import Reason, error_info
+from docket_common.pb import agent_pb2
+from docket_common.pb import agent_service_pb2 as pb
+from docket_common.pb import agent_service_pb2_grpc as pb_grpc
+
+log = structlog.get_logger()
+
+SILENT_INTERVALS = 3
+# Refusals that retrying cannot fix: the agent stops and says why.
+FATAL_REASONS = {Reason.AGENT_NAME_TAKEN, Reason.INVALID_AGENT, Reason.UNAUTHENTICATED}
+
+
+class AgentRefusedError(Exception):
+    """The server refuses this agent for a reason retrying cannot fix."""
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter: a random wait up to min(cap, base * 2**n)."""
+
+    base: float = 0.25
+    cap: float = 3.0
+    attempt: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.base * 2**self.attempt)
+        self.attempt += 1
+        return self.rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def _now_pb() -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(datetime.now(UTC))
+    return ts
+
+
+class StreamClient:
+    """Holds the agent's stream for as long as ``run`` runs."""
+
+    def __init__(
+        self,
+        server: str,
+        make_hello: Callable[[], Awaitable[agent_pb2.Hello]],
+        disk_free: Callable[[], int],
+        token: str | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.server = server
+        self.make_hello = make_hello
+        self.disk_free = disk_free
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.backoff = backoff or Backoff()
+        self.session_id = ""
+        self.connected = asyncio.Event()
+
+    async def run(self) -> None:
+        """Connects, and connects again whenever the stream ends, until cancelled."""
+        async with grpc.aio.insecure_channel(
+            self.server,
+            options=[
+                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 3_000),
+            ],
+        ) as channel:
+            stub = pb_grpc.AgentServiceStub(channel)
+            while True:
+                started = time.monotonic()
+                why = await self._one_stream(stub)
+                self.connected.clear()
+                if time.monotonic() - started > 30:
+                    self.backoff.reset()  # it was a real session, not a failed attempt
+                delay = self.backoff.next_delay()
+                log.warning("disconnected from server", why=why, retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
+
+    async def _one_stream(self, stub: pb_grpc.AgentServiceStub) -> str:
+        outbox: asyncio.Queue[pb.ConnectRequest] = asyncio.Queue()
+        outbox.put_nowait(pb.ConnectRequest(hello=await self.make_hello()))
+
+        async def requests() -> AsyncIterator[pb.ConnectRequest]:
+            while True:
+                yield await outbox.get()
+
+        call = stub.Connect(requests(), metadata=self.metadata)
+        heartbeats: asyncio.Task[None] | None = None
+        try:
+            first = await call.read()
+            if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
+                return "the server did not welcome the agent"
+            welcome = first.welcome
+            interval = max(welcome.heartbeat_interval.ToTimedelta().total_seconds(), 0.1)
+            self.session_id = welcome.session_id
+            self.backoff.reset()
+            self.connected.set()
+            log.info(
+                "connected to server",
+                server=self.server,
+                session=welcome.session_id,
+                server_version=welcome.server_version,
+                heartbeat_s=interval,
+            )
+            heartbeats = asyncio.create_task(self._heartbeats(outbox, interval))
+            while True:
+                try:
+                    async with asyncio.timeout(SILENT_INTERVALS * interval):
+                        message = await call.read()
+                except TimeoutError:
+                    return f"no word from the server for {SILENT_INTERVALS * interval:g}s"
+                if message is grpc.aio.EOF:
+                    return "the server closed the stream"
+                # Heartbeats need no answer; orders arrive here in later versions.
+        except grpc.aio.AioRpcError as e:
+            reason, _ = error_info(e.trailing_metadata())
+            if reason in FATAL_REASONS:
+                raise AgentRefusedError(e.details()) from e
+            return f"{e.code().name}: {e.details()}"
+        finally:
+            if heartbeats is not None:
+                heartbeats.cancel()
+            call.cancel()
+
+    async def _heartbeats(self, outbox: asyncio.Queue[pb.ConnectRequest], interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            free = await asyncio.to_thread(self.disk_free)
+            outbox.put_nowait(
+                pb.ConnectRequest(
+                    heartbeat=agent_pb2.Heartbeat(send_time=_now_pb(), disk_free_bytes=free)
+                )
+            )

@@ -1,0 +1,157 @@
+"""docket.v1.AgentService (the agents' streams) and AgentAdminService (the fleet table)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from google.protobuf.message import DecodeError
+
+from docket_common.errors import Reason
+from docket_common.pb import agent_admin_service_pb2 as admin_pb
+from docket_common.pb import agent_admin_service_pb2_grpc as admin_grpc
+from docket_common.pb import agent_pb2
+from docket_common.pb import agent_service_pb2 as pb
+from docket_common.pb import agent_service_pb2_grpc as pb_grpc
+from docket_server.api.convert import agent_info_from_pb, agent_to_pb, duration, timestamp
+from docket_server.domain.errors import InvalidArgument
+from docket_server.domain.fleet import Fleet, Session
+
+log = structlog.get_logger()
+
+# grpcio ships no types: a servicer context is grpc.aio.ServicerContext.
+Context = Any
+DEFAULT_PAGE_SIZE = 500
+MAX_PAGE_SIZE = 1000
+
+
+def server_heartbeat() -> pb.ConnectResponse:
+    return pb.ConnectResponse(heartbeat=agent_pb2.Heartbeat(send_time=timestamp(datetime.now(UTC))))
+
+
+class AgentService(pb_grpc.AgentServiceServicer):
+    def __init__(self, fleet: Fleet, hello_timeout: float, server_version: str) -> None:
+        self.fleet = fleet
+        self.hello_timeout = hello_timeout
+        self.server_version = server_version
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[pb.ConnectRequest], context: Context
+    ) -> AsyncIterator[pb.ConnectResponse]:
+        peer = context.peer()
+        try:
+            async with asyncio.timeout(self.hello_timeout):
+                first = await anext(aiter(request_iterator), None)
+        except TimeoutError:
+            log.warning("agent stream dropped: no hello", peer=peer, after_s=self.hello_timeout)
+            raise InvalidArgument(
+                Reason.HELLO_REQUIRED,
+                f"no hello within {self.hello_timeout:g}s of opening the stream",
+                peer=peer,
+            ) from None
+        except DecodeError as e:
+            log.warning("agent stream dropped: unreadable first message", peer=peer, error=str(e))
+            raise InvalidArgument(
+                Reason.MALFORMED_MESSAGE, f"unreadable message: {e}", peer=peer
+            ) from None
+        if first is None:
+            # Closed at once, or cut off by gRPC itself (a message over the size limit).
+            log.warning("agent stream ended before its hello", peer=peer)
+            return
+        if not first.HasField("hello"):
+            log.warning("agent stream dropped: first message not a hello", peer=peer)
+            raise InvalidArgument(
+                Reason.HELLO_REQUIRED, "the first message on the stream must be a hello", peer=peer
+            )
+        session = await self.fleet.connect(agent_info_from_pb(first.hello), peer)
+        reader = asyncio.create_task(self._read(request_iterator, session))
+        ended = "stream closed by the server"
+        try:
+            yield pb.ConnectResponse(
+                welcome=agent_pb2.Welcome(
+                    session_id=session.id,
+                    heartbeat_interval=duration(self.fleet.heartbeat_interval),
+                    server_version=self.server_version,
+                )
+            )
+            while (message := await session.next_message()) is not None:
+                yield message
+            if session.error is not None:
+                ended = session.error.message
+                raise session.error
+            ended = "agent closed its stream"
+        except asyncio.CancelledError:
+            ended = "stream cancelled"
+            raise
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            # Shielded: a second cancellation must not cut the offline write short.
+            await asyncio.shield(self.fleet.disconnect(session, ended))
+
+    async def _read(self, requests: AsyncIterator[pb.ConnectRequest], session: Session) -> None:
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("body")
+                if kind == "heartbeat":
+                    await self.fleet.heard(session, request.heartbeat.disk_free_bytes)
+                elif kind == "hello":
+                    session.close(
+                        InvalidArgument(
+                            Reason.HELLO_REQUIRED,
+                            "a stream carries one hello, first",
+                            agent=session.name,
+                        )
+                    )
+                    return
+                else:
+                    await self.fleet.heard(session)
+            session.close()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a malformed or oversized message, a broken connection
+            log.warning("agent stream failed", agent=session.name, error=str(e) or repr(e))
+            session.close()
+
+
+class AgentAdminService(admin_grpc.AgentAdminServiceServicer):
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    async def ListAgents(
+        self, request: admin_pb.ListAgentsRequest, context: Context
+    ) -> admin_pb.ListAgentsResponse:
+        records = await self.fleet.list(request.selector)
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = _decode_token(request.page_token) if request.page_token else ""
+        remaining = [r for r in records if r.name > after]
+        page = remaining[:size]
+        token = _encode_token(page[-1].name) if len(remaining) > size else ""
+        return admin_pb.ListAgentsResponse(
+            agents=[agent_to_pb(r) for r in page], next_page_token=token
+        )
+
+    async def GetAgent(
+        self, request: admin_pb.GetAgentRequest, context: Context
+    ) -> admin_pb.GetAgentResponse:
+        return admin_pb.GetAgentResponse(agent=agent_to_pb(await self.fleet.get(request.name)))
+
+
+def _encode_token(name: str) -> str:
+    return base64.urlsafe_b64encode(name.encode()).decode()
+
+
+def _decode_token(token: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, binascii.Error) as e:
+        raise InvalidArgument(
+            Reason.INVALID_PAGE_TOKEN, "page_token is not one ListAgents returned"
+        ) from e

@@ -1,0 +1,170 @@
+"""Real docket-agent processes, and light simulated agents that speak the stream protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from docket_common.pb import agent_pb2
+from docket_common.pb import agent_service_pb2 as pb
+from docket_common.pb import agent_service_pb2_grpc as pb_grpc
+from tests.support.server import BIN, docketctl
+
+
+@dataclass
+class AgentProcess:
+    """docket-agent on a free BitTorrent port, logging to data_dir/../NAME-agent.log."""
+
+    server: str
+    data_dir: Path
+    name: str
+    groups: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    docker_host: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir.parent / f"{self.name}-agent.log"
+
+    def command(self) -> list[str]:
+        args = [
+            str(BIN / "docket-agent"),
+            "--server",
+            self.server,
+            "--data-dir",
+            str(self.data_dir),
+            "--name",
+            self.name,
+            "--bt-listen",
+            "127.0.0.1:0",
+            "--log-json",
+        ]
+        for group in self.groups:
+            args += ["--group", group]
+        for key, value in self.labels.items():
+            args += ["--label", f"{key}={value}"]
+        if self.docker_host is None:
+            args.append("--no-docker")
+        return args + self.extra_args
+
+    def start(self) -> AgentProcess:
+        env = dict(os.environ)
+        if self.docker_host is not None:
+            env["DOCKER_HOST"] = self.docker_host
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def agents_json(server: str, selector: str = "all") -> dict[str, dict[str, Any]]:
+    result = docketctl("agents", "--hosts", selector, "-o", "json", server=server)
+    assert result.returncode == 0, result.stderr
+    return {a["name"]: a for a in json.loads(result.stdout)}
+
+
+def wait_for_states(
+    server: str, want: dict[str, str], timeout: float = 20.0
+) -> dict[str, dict[str, Any]]:
+    """Polls `docketctl agents` until every named agent is in the wanted state."""
+    deadline = time.monotonic() + timeout
+    seen: dict[str, dict[str, Any]] = {}
+    while time.monotonic() < deadline:
+        seen = agents_json(server)
+        if all(seen.get(name, {}).get("state") == state for name, state in want.items()):
+            return seen
+        time.sleep(0.1)
+    states = {name: seen.get(name, {}).get("state") for name in want}
+    raise AssertionError(f"after {timeout}s the agents are {states}, not {want}")
+
+
+def _now() -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(datetime.now(UTC))
+    return ts
+
+
+class SimulatedAgent:
+    """One agent stream without an agent process: hello, then a heartbeat every interval."""
+
+    def __init__(self, stub: pb_grpc.AgentServiceStub, name: str, agent_id: str | None = None):
+        self.stub = stub
+        self.name = name
+        self.agent_id = agent_id or uuid.uuid4().hex
+        self.welcome: agent_pb2.Welcome | None = None
+        self.welcomed = asyncio.Event()
+        self.ended: grpc.aio.AioRpcError | None = None
+        self.call: Any = None
+
+    def hello(self) -> pb.ConnectRequest:
+        return pb.ConnectRequest(
+            hello=agent_pb2.Hello(
+                name=self.name, agent_id=self.agent_id, groups=["sim"], version="sim"
+            )
+        )
+
+    async def run(self) -> None:
+        """Holds the stream until cancelled or until the server ends it (see ``ended``)."""
+        interval = asyncio.Event()
+
+        async def requests() -> AsyncIterator[pb.ConnectRequest]:
+            yield self.hello()
+            await interval.wait()
+            assert self.welcome is not None
+            period = self.welcome.heartbeat_interval.ToTimedelta().total_seconds()
+            while True:
+                await asyncio.sleep(period)
+                yield pb.ConnectRequest(heartbeat=agent_pb2.Heartbeat(send_time=_now()))
+
+        self.call = self.stub.Connect(requests())
+        try:
+            async for message in self.call:
+                if message.WhichOneof("body") == "welcome":
+                    self.welcome = message.welcome
+                    self.welcomed.set()
+                    interval.set()
+        except grpc.aio.AioRpcError as e:
+            self.ended = e
+        finally:
+            self.welcomed.set()  # wake waiters also when refused
