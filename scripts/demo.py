@@ -1,14 +1,16 @@
-"""The README's first command: a local Docket server, sample images pushed with live progress.
+"""The README's first command: a local Docket server, sample images pushed with live progress,
+and three agents in two groups.
 
 Starts a private Docker engine (nothing system-wide), makes sample images in it, starts
-docket-server under .demo/, and runs docketctl as a user would. On a terminal it then keeps
-the server up until Ctrl-C and prints the environment to use it from another shell.
+docket-server and the agents under .demo/, and runs docketctl as a user would. On a terminal
+it then keeps them up until Ctrl-C and prints the environment to use them from another shell.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.dockerd import DockerEngine  # noqa: E402 - after the path is set
+from tests.support.agents import AgentProcess, wait_for_states  # noqa: E402 - after the path
+from tests.support.dockerd import DockerEngine  # noqa: E402
 from tests.support.images import build_derived_image, make_base_image  # noqa: E402
 from tests.support.server import BIN, ServerProcess  # noqa: E402
 
@@ -32,7 +35,8 @@ def run(args: list[str], env: dict[str, str]) -> None:
 
 def main() -> None:
     demo_dir = ROOT / ".demo"
-    demo_dir.mkdir(exist_ok=True)
+    shutil.rmtree(demo_dir, ignore_errors=True)  # every run starts from nothing
+    demo_dir.mkdir()
     step("Starting a private Docker engine and making sample images")
     with DockerEngine() as engine:
         make_base_image(engine.client, "sample/base:1", extra_bytes=64 * 1024 * 1024, seed=1)
@@ -46,6 +50,17 @@ def main() -> None:
         print(f"listening on {server.address}, seeding on 127.0.0.1:{server.bt_port}")
         print(f"data in {server.data_dir}, log in {server.log_path}")
         env = engine.env() | {"DOCKET_SERVER": server.address}
+        agents = [
+            AgentProcess(
+                server=server.address,
+                data_dir=demo_dir / name,
+                name=name,
+                groups=[group],
+                labels={"env": "demo"},
+                docker_host=engine.host,
+            )
+            for name, group in (("web1", "web"), ("web2", "web"), ("db1", "db"))
+        ]
         try:
             step("Pushing sample/web:1 from the engine")
             run(["docketctl", "push", "sample/web:1"], env)
@@ -54,17 +69,25 @@ def main() -> None:
             step("What the server holds")
             run(["docketctl", "images"], env)
             run(["docketctl", "inspect", "sample/worker:1"], env)
+            step("Starting three agents in two groups (web: web1, web2; db: db1)")
+            for agent in agents:
+                agent.start()
+            wait_for_states(server.address, {a.name: "online" for a in agents})
+            run(["docketctl", "agents"], env)
+            run(["docketctl", "agents", "--hosts", "web"], env)
             if sys.stdin.isatty():
                 step("The server stays up until Ctrl-C. From another shell:")
                 print(f"  export DOCKET_SERVER={server.address} DOCKER_HOST={engine.host}")
                 print(f"  export PATH={BIN}:$PATH")
-                print("  docketctl images; docketctl push sample/base:1; docketctl rm sample/web:1")
+                print("  docketctl images; docketctl agents --hosts db; docketctl rm sample/web:1")
                 try:
                     server.proc.wait() if server.proc else None
                 except KeyboardInterrupt:
                     print()
         finally:
             step("Stopping")
+            for agent in agents:
+                agent.stop()
             server.stop()
 
 

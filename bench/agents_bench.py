@@ -1,0 +1,127 @@
+"""How one docket-server copes with many agent streams.
+
+Opens N simulated agent streams (each on its own connection, as real agents are) against a
+fresh docket-server process, and prints: how long until every agent is welcomed, the spread
+of welcome latencies, and the server's CPU and memory while the fleet only heartbeats.
+
+    .venv/bin/python bench/agents_bench.py            # N = 100 and 1000
+    .venv/bin/python bench/agents_bench.py --agents 100 500 2000 --steady 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from docket_common.pb import agent_service_pb2_grpc as pb_grpc
+from tests.support.agents import SimulatedAgent
+from tests.support.server import ServerProcess
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def run_one(count: int, steady: float, heartbeat: float) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="docket-bench-") as tmp:
+        server = ServerProcess(
+            data_dir=Path(tmp) / "server",
+            extra_args=["--heartbeat-interval", str(heartbeat), "--log-level", "warning"],
+        ).start()
+        assert server.proc is not None
+        pid = server.proc.pid
+        idle_rss = rss_bytes(pid)
+        channels = [grpc.aio.insecure_channel(server.address) for _ in range(count)]
+        sims = [
+            SimulatedAgent(pb_grpc.AgentServiceStub(ch), f"sim{i:05d}")
+            for i, ch in enumerate(channels)
+        ]
+        latencies: list[float] = []
+
+        async def timed(sim: SimulatedAgent) -> None:
+            start = time.monotonic()
+            await sim.welcomed.wait()
+            latencies.append(time.monotonic() - start)
+
+        started = time.monotonic()
+        tasks = [asyncio.create_task(s.run()) for s in sims]
+        await asyncio.wait_for(asyncio.gather(*(timed(s) for s in sims)), 300)
+        connect_all = time.monotonic() - started
+        refused = sum(1 for s in sims if s.welcome is None)
+        await asyncio.sleep(min(steady, 5))  # let the connection burst settle
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        await asyncio.sleep(steady)
+        cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+        rss = rss_bytes(pid)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for ch in channels:
+            await ch.close()
+        server.stop()
+        latencies.sort()
+        return {
+            "agents": count,
+            "refused": refused,
+            "connect_all_s": connect_all,
+            "p50_ms": 1000 * statistics.median(latencies),
+            "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
+            "cpu_pct": 100 * cpu,
+            "rss_mb": rss / 1e6,
+            "per_agent_kb": (rss - idle_rss) / count / 1e3,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--steady", type=float, default=20.0, help="seconds of steady state")
+    parser.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval, s")
+    args = parser.parse_args()
+    rows = [asyncio.run(run_one(n, args.steady, args.heartbeat)) for n in args.agents]
+    print(
+        f"\nheartbeat every {args.heartbeat:g}s; steady state measured over {args.steady:g}s; "
+        f"{os.cpu_count()} cores"
+    )
+    header = (
+        "agents",
+        "refused",
+        "all welcomed s",
+        "welcome p50 ms",
+        "p99 ms",
+        "server CPU % (1 core)",
+        "server RSS MB",
+        "RSS per agent kB",
+    )
+    print(" | ".join(header))
+    print(" | ".join("---" for _ in header))
+    for r in rows:
+        print(
+            f"{r['agents']:.0f} | {r['refused']:.0f} | {r['connect_all_s']:.2f} | "
+            f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['cpu_pct']:.1f} | {r['rss_mb']:.0f} | "
+            f"{r['per_agent_kb']:.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
