@@ -1,4 +1,4 @@
-"""The agent: its BitTorrent session, what it says about its host, and its stream."""
+"""The agent: its blob cache and BitTorrent session, its stream, and the orders it runs."""
 
 from __future__ import annotations
 
@@ -7,18 +7,17 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import structlog
 
-from docket_agent.hostinfo import (
-    cached_digests,
-    disk_free,
-    load_agent_id,
-    lock_data_dir,
-    probe_docker,
-)
-from docket_agent.stream import StreamClient
-from docket_common.bt import TorrentSession, split_host_port
-from docket_common.pb import agent_pb2
+from docket_agent.cache import BlobCache
+from docket_agent.hostinfo import disk_free, load_agent_id, lock_data_dir, probe_docker
+from docket_agent.orders import OrderManager, OrderSettings
+from docket_agent.stream import StreamClient, agent_channel
+from docket_common.bt import split_host_port
+from docket_common.fetch import BlobFetcher, FetchError
+from docket_common.loadable import LoadableImage, LoadError, load_into_docker
+from docket_common.pb import agent_pb2, image_service_pb2, image_service_pb2_grpc
 from docket_common.version import VERSION
 
 log = structlog.get_logger()
@@ -35,6 +34,9 @@ class AgentConfig:
     advertise_host: str | None = None
     docker: bool = True
     token: str | None = None
+    cache_max_bytes: int = 0
+    fallback_after: float = 30.0
+    max_download_rate: int = 0
 
 
 def outbound_address(server: str) -> str:
@@ -51,19 +53,25 @@ def outbound_address(server: str) -> str:
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.blob_dir = config.data_dir / "blobs" / "sha256"
-        self.torrents = TorrentSession(config.bt_listen, user_agent=f"docket-agent/{VERSION}")
+        self.cache = BlobCache(config.data_dir, config.cache_max_bytes)
+        self.fetcher = BlobFetcher(
+            config.bt_listen,
+            config.data_dir,
+            user_agent=f"docket-agent/{VERSION}",
+            download_rate_limit=config.max_download_rate,
+        )
+        self.settings = OrderSettings(fallback_after=config.fallback_after)
         self.agent_id = ""
         self.bt_endpoint = ""
         self.stream: StreamClient | None = None
+        self.orders: OrderManager | None = None
 
     async def run(self) -> None:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
         lock_data_dir(cfg.data_dir)
         self.agent_id = await asyncio.to_thread(load_agent_id, cfg.data_dir)
-        port = await self.torrents.start()
+        port = await self.fetcher.start()
         listen_host, _ = split_host_port(cfg.bt_listen)
         host = cfg.advertise_host or (
             listen_host
@@ -72,26 +80,89 @@ class Agent:
         )
         self.bt_endpoint = f"{host}:{port}"
         structlog.contextvars.bind_contextvars(agent=cfg.name)
-        log.info(
-            "agent starting", server=cfg.server, bt_endpoint=self.bt_endpoint, id=self.agent_id
-        )
+        channel = agent_channel(cfg.server)
+        images = image_service_pb2_grpc.ImageServiceStub(channel)
+        metadata = (("authorization", f"Bearer {cfg.token}"),) if cfg.token else ()
+
+        async def read_range(digest: str, offset: int, length: int) -> bytes:
+            try:
+                chunks = [
+                    r.chunk
+                    async for r in images.ReadBlob(
+                        image_service_pb2.ReadBlobRequest(
+                            digest=digest, offset_bytes=offset, length_bytes=length
+                        ),
+                        metadata=metadata,
+                    )
+                ]
+            except grpc.aio.AioRpcError as e:
+                raise FetchError(f"ReadBlob {digest}: {e.code().name}: {e.details()}") from e
+            return b"".join(chunks)
+
         self.stream = StreamClient(
             cfg.server,
             self._hello,
             lambda: disk_free(cfg.data_dir),
             token=cfg.token,
+            on_message=lambda m: self.orders.handle(m) if self.orders else None,
+            on_connected=lambda: self.orders.resend() if self.orders else None,
+            channel=channel,
+        )
+        self.orders = OrderManager(
+            cfg.data_dir / "orders",
+            self.cache,
+            self.fetcher,
+            self.stream.send,
+            read_range,
+            self._load,
+            self.settings,
+        )
+        seeded = self.orders.seed_cache()
+        log.info(
+            "agent starting",
+            server=cfg.server,
+            bt_endpoint=self.bt_endpoint,
+            id=self.agent_id,
+            cached_blobs_seeded=seeded,
         )
         try:
             await self.stream.run()
         finally:
-            self.torrents.close()
+            await self.orders.close()
+            self.fetcher.close()
+
+    async def _load(self, order: agent_pb2.PullOrder, paths: list[Path]) -> str:
+        image = LoadableImage(
+            name=order.image_name,
+            config_path=paths[0],
+            config_digest=order.config.digest,
+            layer_paths=tuple(paths[1:]),
+            layer_digests=tuple(layer.digest for layer in order.layers),
+        )
+
+        def load() -> str:
+            import docker
+            from docker.errors import DockerException
+
+            try:
+                client = docker.from_env(timeout=600)
+            except DockerException as e:
+                raise LoadError(f"no Docker engine: {e}") from e
+            try:
+                return load_into_docker(client, image)
+            finally:
+                client.close()
+
+        return await asyncio.to_thread(load)
 
     async def _hello(self) -> agent_pb2.Hello:
         """Made afresh for every connection: the engine or the cache may have changed."""
         cfg = self.config
         docker = await asyncio.to_thread(probe_docker, cfg.docker)
+        self.settings.docker_error = docker.error
         if docker.error:
             log.warning("no Docker engine: images will stop at downloaded", why=docker.error)
+        blobs = await asyncio.to_thread(self.cache.blobs)
         return agent_pb2.Hello(
             name=cfg.name,
             agent_id=self.agent_id,
@@ -102,5 +173,5 @@ class Agent:
             docker_version=docker.version,
             docker_error=docker.error,
             disk_free_bytes=await asyncio.to_thread(disk_free, cfg.data_dir),
-            cached_digests=await asyncio.to_thread(cached_digests, self.blob_dir),
+            cached_digests=sorted(b.digest for b in blobs),
         )

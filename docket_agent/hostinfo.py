@@ -79,12 +79,3 @@ def probe_docker(enabled: bool) -> DockerStatus:
 
 def disk_free(path: Path) -> int:
     return shutil.disk_usage(path).free
-
-
-def cached_digests(blob_dir: Path) -> list[str]:
-    """The blobs in the agent's cache (``blobs/sha256/<2 hex>/<hex>``), as digests."""
-    if not blob_dir.is_dir():
-        return []
-    return sorted(
-        f"sha256:{p.name}" for p in blob_dir.glob("??/*") if p.is_file() and len(p.name) == 64
-    )

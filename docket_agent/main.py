@@ -113,6 +113,28 @@ def _labels(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
     is_flag=True,
     help="Do not use a Docker engine: images stop at downloaded.",
 )
+@click.option(
+    "--cache-max-bytes",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default="no limit",
+    help="Most bytes the blob cache may hold; least recently used blobs go first.",
+)
+@click.option(
+    "--fallback-after",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds without a new byte from any peer before the missing pieces are fetched "
+    "from the server over gRPC.",
+)
+@click.option(
+    "--max-download-rate",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default="no limit",
+    help="BitTorrent download limit, bytes a second.",
+)
 @click.option("--token", envvar="DOCKET_TOKEN", default=None, help="Bearer token for the server.")
 @click.option(
     "--log-level",
@@ -130,6 +152,9 @@ def main(
     bt_listen: str,
     advertise_host: str | None,
     no_docker: bool,
+    cache_max_bytes: int,
+    fallback_after: float,
+    max_download_rate: int,
     token: str | None,
     log_level: str,
     log_json: bool | None,
@@ -138,6 +163,9 @@ def main(
 
     It holds one stream to the server for its whole life, says who it is (name, groups,
     labels, BitTorrent endpoint, Docker engine, disk, cached blobs), and exchanges heartbeats.
+    Down the stream come pull orders: the agent fetches the blobs it lacks over BitTorrent
+    (from the server and the other hosts), reports every piece, verifies each blob's sha256,
+    loads the image into the Docker engine at $DOCKER_HOST, and keeps seeding its cache.
     When the server goes away it reconnects by itself, with backoff. A second agent under a
     name that is online is refused, unless it is the same install (same data dir).
     """
@@ -152,6 +180,9 @@ def main(
         advertise_host=advertise_host,
         docker=not no_docker,
         token=token,
+        cache_max_bytes=cache_max_bytes,
+        fallback_after=fallback_after,
+        max_download_rate=max_download_rate,
     )
     try:
         asyncio.run(_run(Agent(config)))

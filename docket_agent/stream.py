@@ -53,6 +53,20 @@ class Backoff:
         self.attempt = 0
 
 
+def agent_channel(server: str) -> grpc.aio.Channel:
+    """The agent's one channel to the server: its stream and its fallback reads."""
+    return grpc.aio.insecure_channel(
+        server,
+        options=[
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 3_000),
+            ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+        ],
+    )
+
+
 def _now_pb() -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(datetime.now(UTC))
@@ -69,8 +83,15 @@ class StreamClient:
         disk_free: Callable[[], int],
         token: str | None = None,
         backoff: Backoff | None = None,
+        on_message: Callable[[pb.ConnectResponse], None] = lambda _m: None,
+        on_connected: Callable[[], None] = lambda: None,
+        channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.server = server
+        self.on_message = on_message
+        self.on_connected = on_connected
+        self._channel = channel
+        self._outbox: asyncio.Queue[pb.ConnectRequest] | None = None
         self.make_hello = make_hello
         self.disk_free = disk_free
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -78,17 +99,16 @@ class StreamClient:
         self.session_id = ""
         self.connected = asyncio.Event()
 
+    def send(self, message: pb.ConnectRequest) -> None:
+        """Sends on the current stream; dropped while disconnected (on_connected re-sends
+        what matters)."""
+        if self._outbox is not None:
+            self._outbox.put_nowait(message)
+
     async def run(self) -> None:
         """Connects, and connects again whenever the stream ends, until cancelled."""
-        async with grpc.aio.insecure_channel(
-            self.server,
-            options=[
-                ("grpc.keepalive_time_ms", 20_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.initial_reconnect_backoff_ms", 200),
-                ("grpc.max_reconnect_backoff_ms", 3_000),
-            ],
-        ) as channel:
+        channel = self._channel or agent_channel(self.server)
+        async with channel:
             stub = pb_grpc.AgentServiceStub(channel)
             while True:
                 started = time.monotonic()
@@ -127,6 +147,8 @@ class StreamClient:
                 heartbeat_s=interval,
             )
             heartbeats = asyncio.create_task(self._heartbeats(outbox, interval))
+            self._outbox = outbox
+            self.on_connected()
             while True:
                 try:
                     async with asyncio.timeout(SILENT_INTERVALS * interval):
@@ -135,13 +157,15 @@ class StreamClient:
                     return f"no word from the server for {SILENT_INTERVALS * interval:g}s"
                 if message is grpc.aio.EOF:
                     return "the server closed the stream"
-                # Heartbeats need no answer; orders arrive here in later versions.
+                if message.WhichOneof("body") != "heartbeat":  # heartbeats need no answer
+                    self.on_message(message)
         except grpc.aio.AioRpcError as e:
             reason, _ = error_info(e.trailing_metadata())
             if reason in FATAL_REASONS:
                 raise AgentRefusedError(e.details()) from e
             return f"{e.code().name}: {e.details()}"
         finally:
+            self._outbox = None
             if heartbeats is not None:
                 heartbeats.cancel()
             call.cancel()

@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 import grpc
 
 from docket_common.errors import error_info
-from docket_common.pb import agent_admin_service_pb2_grpc, image_service_pb2_grpc
+from docket_common.pb import (
+    agent_admin_service_pb2_grpc,
+    image_service_pb2_grpc,
+    rollout_service_pb2_grpc,
+)
 
 DEFAULT_SERVER = "127.0.0.1:7800"
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -54,6 +58,7 @@ class Connection:
         )
         self.images = image_service_pb2_grpc.ImageServiceStub(self.channel)
         self.agents = agent_admin_service_pb2_grpc.AgentAdminServiceStub(self.channel)
+        self.rollouts = rollout_service_pb2_grpc.RolloutServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -14,6 +14,7 @@ from docket_cli.agents import agents_cmd
 from docket_cli.client import DEFAULT_SERVER, ServerError
 from docket_cli.images import images_cmd, inspect_cmd, rm_cmd
 from docket_cli.push import PushError, push_cmd
+from docket_cli.rollout import rollout_cmd
 from docket_common.archive import ArchiveError
 from docket_common.reference import InvalidReferenceError
 from docket_common.selector import InvalidSelectorError
@@ -49,11 +50,14 @@ cli.add_command(images_cmd)
 cli.add_command(inspect_cmd)
 cli.add_command(rm_cmd)
 cli.add_command(agents_cmd)
+cli.add_command(rollout_cmd)
 
 
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        # Outside standalone mode click returns a command's exit code instead of exiting.
+        code = cli.main(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except click.exceptions.Abort:
         _fail("interrupted", code=130)
     except click.ClickException as e:

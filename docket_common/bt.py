@@ -18,6 +18,7 @@ ALERT_MASK = (
     lt.alert.category_t.error_notification
     | lt.alert.category_t.status_notification
     | lt.alert.category_t.storage_notification
+    | lt.alert.category_t.piece_progress_notification
 )
 
 

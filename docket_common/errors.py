@@ -36,6 +36,8 @@ class Reason(StrEnum):
     HEARTBEAT_TIMEOUT = "HEARTBEAT_TIMEOUT"
     INVALID_SELECTOR = "INVALID_SELECTOR"
     MALFORMED_MESSAGE = "MALFORMED_MESSAGE"
+    NO_HOSTS = "NO_HOSTS"
+    ROLLOUT_NOT_FOUND = "ROLLOUT_NOT_FOUND"
 
 
 def error_info(trailing_metadata: Iterable[tuple[str, Any]] | None) -> tuple[str, dict[str, str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from docket_common.bt import split_host_port
 from docket_common.pb import (
     agent_admin_service_pb2,
     agent_admin_service_pb2_grpc,
@@ -19,9 +21,16 @@ from docket_common.pb import (
     agent_service_pb2_grpc,
     image_service_pb2,
     image_service_pb2_grpc,
+    rollout_service_pb2,
+    rollout_service_pb2_grpc,
 )
 from docket_common.version import VERSION
-from docket_server.api.agent_service import AgentAdminService, AgentService, server_heartbeat
+from docket_server.api.agent_service import (
+    AgentAdminService,
+    AgentService,
+    StreamOrderSink,
+    server_heartbeat,
+)
 from docket_server.api.image_service import ImageService
 from docket_server.api.interceptors import (
     AllowAll,
@@ -29,8 +38,11 @@ from docket_server.api.interceptors import (
     AuthInterceptor,
     ErrorsAndAccessLog,
 )
+from docket_server.api.rollout_service import RolloutService
 from docket_server.domain.fleet import Fleet
+from docket_server.domain.orders import OrderBook, PeerSource
 from docket_server.domain.registry import Registry
+from docket_server.domain.rollouts import Rollouts
 from docket_server.seeder import Seeder
 from docket_server.store.blobs import FilesystemBlobStore
 from docket_server.store.sql import SqlMetadataStore
@@ -43,6 +55,7 @@ SERVICE_NAMES = (
     image_service_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
     agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
     agent_admin_service_pb2.DESCRIPTOR.services_by_name["AgentAdminService"].full_name,
+    rollout_service_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
 )
 
 
@@ -57,6 +70,8 @@ class ServerConfig:
     shutdown_grace_seconds: float = 10.0
     heartbeat_interval: float = 5.0
     hello_timeout: float = 10.0
+    bt_advertise: str | None = None  # the seed's endpoint as agents dial it
+    peer_source: PeerSource | None = None  # default: server, or both with a tracker
 
 
 class DocketServer:
@@ -70,6 +85,12 @@ class DocketServer:
         self.seeder = Seeder(config.bt_listen, self.blobs.local_path)
         self.registry = Registry(self.metadata, self.blobs, self.seeder, config.tracker_url)
         self.fleet = Fleet(self.metadata, config.heartbeat_interval, server_heartbeat)
+        peer_source = config.peer_source or (
+            PeerSource.BOTH if config.tracker_url else PeerSource.SERVER
+        )
+        self.orders = OrderBook(self.fleet, config.bt_advertise or "", peer_source)
+        self.orders.sink = StreamOrderSink()
+        self.rollouts = Rollouts(self.registry, self.fleet, self.orders)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port = 0
@@ -81,6 +102,11 @@ class DocketServer:
             log.info("removed unfinished uploads", count=removed)
         await self.metadata.open()
         self.bt_port = await self.seeder.start()
+        if not self.orders.seed_endpoint:
+            host, _ = split_host_port(self.config.bt_listen)
+            if host in ("0.0.0.0", "::", ""):
+                host = socket.gethostname()
+            self.orders.seed_endpoint = f"{host}:{self.bt_port}"
         seeded = await self.registry.reseed_all()
         await self.fleet.start()
         server = grpc.aio.server(
@@ -97,10 +123,13 @@ class DocketServer:
             ],
         )
         image_service_pb2_grpc.add_ImageServiceServicer_to_server(
-            ImageService(self.registry), server
+            ImageService(self.registry, self.orders.blob_peers), server
         )
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentService(self.fleet, self.config.hello_timeout, VERSION), server
+            AgentService(self.fleet, self.orders, self.config.hello_timeout, VERSION), server
+        )
+        rollout_service_pb2_grpc.add_RolloutServiceServicer_to_server(
+            RolloutService(self.rollouts), server
         )
         agent_admin_service_pb2_grpc.add_AgentAdminServiceServicer_to_server(
             AgentAdminService(self.fleet), server

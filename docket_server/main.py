@@ -13,6 +13,7 @@ from docket_common.bt import TorrentSessionError, split_host_port
 from docket_common.logs import configure_logging
 from docket_server.api.interceptors import StaticTokens
 from docket_server.app import DocketServer, ServerConfig
+from docket_server.domain.orders import PeerSource
 
 
 def default_data_dir() -> Path:
@@ -49,6 +50,20 @@ def _host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     show_default=True,
     callback=_host_port,
     help="BitTorrent address the server seeds every blob from.",
+)
+@click.option(
+    "--bt-advertise",
+    default=None,
+    callback=lambda c, p, v: v if v is None else _host_port(c, p, v),
+    help="The seed's BitTorrent endpoint as agents reach it (default: the --bt-listen "
+    "address, with the host name for 0.0.0.0).",
+)
+@click.option(
+    "--peer-source",
+    type=click.Choice([s.value for s in PeerSource]),
+    default=None,
+    help="Who tells agents their peers: the server (default), the --tracker, or both "
+    "(default with --tracker).",
 )
 @click.option(
     "--tracker",
@@ -93,6 +108,8 @@ def main(
     listen: str,
     data_dir: Path,
     bt_listen: str,
+    bt_advertise: str | None,
+    peer_source: str | None,
     tracker_url: str | None,
     database_url: str | None,
     auth_token_file: Path | None,
@@ -112,6 +129,8 @@ def main(
         bt_listen=bt_listen,
         database_url=database_url,
         tracker_url=tracker_url,
+        bt_advertise=bt_advertise,
+        peer_source=PeerSource(peer_source) if peer_source else None,
         authenticator=StaticTokens.from_file(auth_token_file) if auth_token_file else None,
         heartbeat_interval=heartbeat_interval,
         hello_timeout=hello_timeout,

@@ -267,8 +267,10 @@ async def test_hundreds_of_agents_connecting_at_once(fleet_server: ServerProcess
         await asyncio.wait_for(asyncio.gather(*(s.welcomed.wait() for s in sims)), 60)
         print(f"{count} agents welcomed in {time.monotonic() - started:.2f}s")
         assert [s.name for s in sims if s.welcome is None] == []
-        online = [a for a in agents_json(fleet_server.address).values() if a["state"] == "online"]
-        assert len(online) == count
+        # Connected: online, or stale when this loaded machine delays a 0.5 s heartbeat.
+        agents = agents_json(fleet_server.address).values()
+        connected = [a for a in agents if a["state"] in ("online", "stale")]
+        assert len(connected) == count
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from docket_common.pb import image_pb2 as _image_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
@@ -52,6 +53,54 @@ when it stays silent for the heartbeat timeout.
 AGENT_STATE_OFFLINE: AgentState.ValueType  # 3
 """Not connected."""
 Global___AgentState: _TypeAlias = AgentState  # noqa: Y015
+
+class _TaskState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TASK_STATE_UNSPECIFIED: _TaskState.ValueType  # 0
+    """Not set."""
+    TASK_STATE_PENDING: _TaskState.ValueType  # 1
+    """The order is made but the agent has not acknowledged it (it may be offline)."""
+    TASK_STATE_ACCEPTED: _TaskState.ValueType  # 2
+    """The agent has the order and is getting ready."""
+    TASK_STATE_DOWNLOADING: _TaskState.ValueType  # 3
+    """The agent is fetching blobs."""
+    TASK_STATE_VERIFYING: _TaskState.ValueType  # 4
+    """Every blob is fetched; the agent checks each against its sha256."""
+    TASK_STATE_LOADING: _TaskState.ValueType  # 5
+    """The agent streams the image into its Docker engine."""
+    TASK_STATE_SUCCEEDED: _TaskState.ValueType  # 6
+    """Done: the image is loaded (or, for a prefetch, every blob is cached and seeded)."""
+    TASK_STATE_FAILED: _TaskState.ValueType  # 7
+    """Ended without the image; the error says why."""
+    TASK_STATE_CANCELLED: _TaskState.ValueType  # 8
+    """Stopped on request; partial downloads were removed."""
+
+class TaskState(_TaskState, metaclass=_TaskStateEnumTypeWrapper):
+    """Where a task (one host's part of a rollout) stands."""
+
+TASK_STATE_UNSPECIFIED: TaskState.ValueType  # 0
+"""Not set."""
+TASK_STATE_PENDING: TaskState.ValueType  # 1
+"""The order is made but the agent has not acknowledged it (it may be offline)."""
+TASK_STATE_ACCEPTED: TaskState.ValueType  # 2
+"""The agent has the order and is getting ready."""
+TASK_STATE_DOWNLOADING: TaskState.ValueType  # 3
+"""The agent is fetching blobs."""
+TASK_STATE_VERIFYING: TaskState.ValueType  # 4
+"""Every blob is fetched; the agent checks each against its sha256."""
+TASK_STATE_LOADING: TaskState.ValueType  # 5
+"""The agent streams the image into its Docker engine."""
+TASK_STATE_SUCCEEDED: TaskState.ValueType  # 6
+"""Done: the image is loaded (or, for a prefetch, every blob is cached and seeded)."""
+TASK_STATE_FAILED: TaskState.ValueType  # 7
+"""Ended without the image; the error says why."""
+TASK_STATE_CANCELLED: TaskState.ValueType  # 8
+"""Stopped on request; partial downloads were removed."""
+Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
 
 @_typing.final
 class Agent(_message.Message):
@@ -311,3 +360,311 @@ class Heartbeat(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class OrderBlob(_message.Message):
+    """One blob of a pull order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGEST_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    METAINFO_FIELD_NUMBER: _builtins.int
+    digest: _builtins.str
+    """The blob's digest."""
+    size_bytes: _builtins.int
+    """The blob's size."""
+    media_type: _builtins.str
+    """The blob's media type."""
+    metainfo: _builtins.bytes
+    """The bencoded metainfo of the blob's torrent."""
+    def __init__(
+        self,
+        *,
+        digest: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        media_type: _builtins.str = ...,
+        metainfo: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "media_type", b"media_type", "metainfo", b"metainfo", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrderBlob: _TypeAlias = OrderBlob  # noqa: Y015
+
+@_typing.final
+class PullOrder(_message.Message):
+    """An order to an agent: get this image (and load it)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    IMAGE_NAME_FIELD_NUMBER: _builtins.int
+    IMAGE_DIGEST_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
+    PEERS_FIELD_NUMBER: _builtins.int
+    LOAD_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    """The order's id, unique on the server. An order received twice is carried out once."""
+    image_name: _builtins.str
+    """The image's name, "repository:tag", under which it is loaded."""
+    image_digest: _builtins.str
+    """The image's digest."""
+    load: _builtins.bool
+    """True to load the image into the Docker engine; false to stop once every blob is cached
+    (a prefetch).
+    """
+    @_builtins.property
+    def config(self) -> Global___OrderBlob:
+        """The config blob."""
+
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___OrderBlob]:
+        """The layer blobs, base first."""
+
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedCompositeFieldContainer[_image_pb2.Peer]:
+        """Peers to fetch from: the server's seed and other agents that hold or fetch these blobs."""
+
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        image_name: _builtins.str = ...,
+        image_digest: _builtins.str = ...,
+        config: Global___OrderBlob | None = ...,
+        layers: _abc.Iterable[Global___OrderBlob] | None = ...,
+        peers: _abc.Iterable[_image_pb2.Peer] | None = ...,
+        load: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "image_digest", b"image_digest", "image_name", b"image_name", "layers", b"layers", "load", b"load", "order_id", b"order_id", "peers", b"peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PullOrder: _TypeAlias = PullOrder  # noqa: Y015
+
+@_typing.final
+class PeerHint(_message.Message):
+    """More peers for an order, as other agents join."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    PEERS_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    """The order the peers are for."""
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedCompositeFieldContainer[_image_pb2.Peer]:
+        """The peers."""
+
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        peers: _abc.Iterable[_image_pb2.Peer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id", "peers", b"peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerHint: _TypeAlias = PeerHint  # noqa: Y015
+
+@_typing.final
+class CancelOrder(_message.Message):
+    """An order to stop a pull and drop its partial downloads."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    """The order to stop."""
+    reason: _builtins.str
+    """Why, for the agent's log."""
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelOrder: _TypeAlias = CancelOrder  # noqa: Y015
+
+@_typing.final
+class BlobProgress(_message.Message):
+    """Progress of one blob within a PieceProgress report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGEST_FIELD_NUMBER: _builtins.int
+    NEW_PIECES_FIELD_NUMBER: _builtins.int
+    DONE_PIECES_FIELD_NUMBER: _builtins.int
+    TOTAL_PIECES_FIELD_NUMBER: _builtins.int
+    DONE_BYTES_FIELD_NUMBER: _builtins.int
+    digest: _builtins.str
+    """The blob's digest."""
+    done_pieces: _builtins.int
+    """Pieces finished so far."""
+    total_pieces: _builtins.int
+    """Pieces in the blob."""
+    done_bytes: _builtins.int
+    """Bytes of the blob held so far."""
+    @_builtins.property
+    def new_pieces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Pieces finished (and hash-checked by libtorrent) since the last report."""
+
+    def __init__(
+        self,
+        *,
+        digest: _builtins.str = ...,
+        new_pieces: _abc.Iterable[_builtins.int] | None = ...,
+        done_pieces: _builtins.int = ...,
+        total_pieces: _builtins.int = ...,
+        done_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "done_bytes", b"done_bytes", "done_pieces", b"done_pieces", "new_pieces", b"new_pieces", "total_pieces", b"total_pieces"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlobProgress: _TypeAlias = BlobProgress  # noqa: Y015
+
+@_typing.final
+class PeerBytes(_message.Message):
+    """Bytes an agent received from one peer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    RECEIVED_BYTES_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """The peer's endpoint, "host:port"."""
+    received_bytes: _builtins.int
+    """Payload bytes received from it for this order so far."""
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        received_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "received_bytes", b"received_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerBytes: _TypeAlias = PeerBytes  # noqa: Y015
+
+@_typing.final
+class PieceProgress(_message.Message):
+    """What an agent fetched since its last report for an order; sent at most every 250 ms per
+    order while pieces arrive.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    BLOBS_FIELD_NUMBER: _builtins.int
+    RATE_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    PEER_COUNT_FIELD_NUMBER: _builtins.int
+    PEERS_FIELD_NUMBER: _builtins.int
+    FALLBACK_BYTES_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    """The order."""
+    rate_bytes_per_second: _builtins.int
+    """Download rate over the last second, in bytes a second."""
+    peer_count: _builtins.int
+    """Peers connected for this order."""
+    fallback_bytes: _builtins.int
+    """Bytes fetched over gRPC (ReadBlob) because BitTorrent stalled, so far."""
+    @_builtins.property
+    def blobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlobProgress]:
+        """The blobs that changed."""
+
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeerBytes]:
+        """Bytes received from each peer so far."""
+
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        blobs: _abc.Iterable[Global___BlobProgress] | None = ...,
+        rate_bytes_per_second: _builtins.int = ...,
+        peer_count: _builtins.int = ...,
+        peers: _abc.Iterable[Global___PeerBytes] | None = ...,
+        fallback_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blobs", b"blobs", "fallback_bytes", b"fallback_bytes", "order_id", b"order_id", "peer_count", b"peer_count", "peers", b"peers", "rate_bytes_per_second", b"rate_bytes_per_second"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PieceProgress: _TypeAlias = PieceProgress  # noqa: Y015
+
+@_typing.final
+class TaskUpdate(_message.Message):
+    """A change in an order's state, from the agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    CACHED_BYTES_FIELD_NUMBER: _builtins.int
+    BITTORRENT_BYTES_FIELD_NUMBER: _builtins.int
+    FALLBACK_BYTES_FIELD_NUMBER: _builtins.int
+    SERVER_BYTES_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    """The order."""
+    state: Global___TaskState.ValueType
+    """The new state."""
+    error: _builtins.str
+    """Why the task failed or was cancelled; or, on success, a note (such as "downloaded; not
+    loaded: no Docker engine").
+    """
+    image_id: _builtins.str
+    """The engine's image id, once loaded."""
+    cached_bytes: _builtins.int
+    """Bytes of the image the agent already held when the order came."""
+    bittorrent_bytes: _builtins.int
+    """Bytes received over BitTorrent for this order."""
+    fallback_bytes: _builtins.int
+    """Bytes fetched over gRPC because BitTorrent stalled."""
+    server_bytes: _builtins.int
+    """Bytes received from the server's seed (part of bittorrent_bytes)."""
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        state: Global___TaskState.ValueType = ...,
+        error: _builtins.str = ...,
+        image_id: _builtins.str = ...,
+        cached_bytes: _builtins.int = ...,
+        bittorrent_bytes: _builtins.int = ...,
+        fallback_bytes: _builtins.int = ...,
+        server_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bittorrent_bytes", b"bittorrent_bytes", "cached_bytes", b"cached_bytes", "error", b"error", "fallback_bytes", b"fallback_bytes", "image_id", b"image_id", "order_id", b"order_id", "server_bytes", b"server_bytes", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskUpdate: _TypeAlias = TaskUpdate  # noqa: Y015

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from docket_common.pb import agent_pb2 as docket_dot_v1_dot_agent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ocket/v1/agent_service.proto\x12\tdocket.v1\x1a\x15\x64ocket/v1/agent.proto\"f\n\x0e\x43onnectRequest\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.docket.v1.HelloH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.docket.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"k\n\x0f\x43onnectResponse\x12%\n\x07welcome\x18\x01 \x01(\x0b\x32\x12.docket.v1.WelcomeH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.docket.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody2T\n\x0c\x41gentService\x12\x44\n\x07\x43onnect\x12\x19.docket.v1.ConnectRequest\x1a\x1a.docket.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ocket/v1/agent_service.proto\x12\tdocket.v1\x1a\x15\x64ocket/v1/agent.proto\"\xc8\x01\n\x0e\x43onnectRequest\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.docket.v1.HelloH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.docket.v1.HeartbeatH\x00\x12\x32\n\x0epiece_progress\x18\x03 \x01(\x0b\x32\x18.docket.v1.PieceProgressH\x00\x12,\n\x0btask_update\x18\x04 \x01(\x0b\x32\x15.docket.v1.TaskUpdateH\x00\x42\x06\n\x04\x62ody\"\xf1\x01\n\x0f\x43onnectResponse\x12%\n\x07welcome\x18\x01 \x01(\x0b\x32\x12.docket.v1.WelcomeH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.docket.v1.HeartbeatH\x00\x12*\n\npull_order\x18\x03 \x01(\x0b\x32\x14.docket.v1.PullOrderH\x00\x12(\n\tpeer_hint\x18\x04 \x01(\x0b\x32\x13.docket.v1.PeerHintH\x00\x12.\n\x0c\x63\x61ncel_order\x18\x05 \x01(\x0b\x32\x16.docket.v1.CancelOrderH\x00\x42\x06\n\x04\x62ody2T\n\x0c\x41gentService\x12\x44\n\x07\x43onnect\x12\x19.docket.v1.ConnectRequest\x1a\x1a.docket.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'docket_common.pb.agent_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONNECTREQUEST']._serialized_start=67
-  _globals['_CONNECTREQUEST']._serialized_end=169
-  _globals['_CONNECTRESPONSE']._serialized_start=171
-  _globals['_CONNECTRESPONSE']._serialized_end=278
-  _globals['_AGENTSERVICE']._serialized_start=280
-  _globals['_AGENTSERVICE']._serialized_end=364
+  _globals['_CONNECTREQUEST']._serialized_start=68
+  _globals['_CONNECTREQUEST']._serialized_end=268
+  _globals['_CONNECTRESPONSE']._serialized_start=271
+  _globals['_CONNECTRESPONSE']._serialized_end=512
+  _globals['_AGENTSERVICE']._serialized_start=514
+  _globals['_AGENTSERVICE']._serialized_end=598
 # @@protoc_insertion_point(module_scope)

@@ -25,6 +25,8 @@ class ConnectRequest(_message.Message):
 
     HELLO_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    PIECE_PROGRESS_FIELD_NUMBER: _builtins.int
+    TASK_UPDATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> _agent_pb2.Hello:
         """The first message, and only the first."""
@@ -33,17 +35,27 @@ class ConnectRequest(_message.Message):
     def heartbeat(self) -> _agent_pb2.Heartbeat:
         """A sign of life."""
 
+    @_builtins.property
+    def piece_progress(self) -> _agent_pb2.PieceProgress:
+        """Pieces fetched for an order."""
+
+    @_builtins.property
+    def task_update(self) -> _agent_pb2.TaskUpdate:
+        """An order's new state."""
+
     def __init__(
         self,
         *,
         hello: _agent_pb2.Hello | None = ...,
         heartbeat: _agent_pb2.Heartbeat | None = ...,
+        piece_progress: _agent_pb2.PieceProgress | None = ...,
+        task_update: _agent_pb2.TaskUpdate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "heartbeat", b"heartbeat", "hello", b"hello"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "piece_progress", b"piece_progress", "task_update", b"task_update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "heartbeat", b"heartbeat", "hello", b"hello"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "piece_progress", b"piece_progress", "task_update", b"task_update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "piece_progress", "task_update"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -57,6 +69,9 @@ class ConnectResponse(_message.Message):
 
     WELCOME_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    PULL_ORDER_FIELD_NUMBER: _builtins.int
+    PEER_HINT_FIELD_NUMBER: _builtins.int
+    CANCEL_ORDER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> _agent_pb2.Welcome:
         """The answer to Hello: the first message."""
@@ -65,17 +80,32 @@ class ConnectResponse(_message.Message):
     def heartbeat(self) -> _agent_pb2.Heartbeat:
         """A sign of life."""
 
+    @_builtins.property
+    def pull_order(self) -> _agent_pb2.PullOrder:
+        """An order to pull an image. Sent again after a reconnect while the order is not done."""
+
+    @_builtins.property
+    def peer_hint(self) -> _agent_pb2.PeerHint:
+        """More peers for an order."""
+
+    @_builtins.property
+    def cancel_order(self) -> _agent_pb2.CancelOrder:
+        """An order to stop."""
+
     def __init__(
         self,
         *,
         welcome: _agent_pb2.Welcome | None = ...,
         heartbeat: _agent_pb2.Heartbeat | None = ...,
+        pull_order: _agent_pb2.PullOrder | None = ...,
+        peer_hint: _agent_pb2.PeerHint | None = ...,
+        cancel_order: _agent_pb2.CancelOrder | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "heartbeat", b"heartbeat", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel_order", b"cancel_order", "heartbeat", b"heartbeat", "peer_hint", b"peer_hint", "pull_order", b"pull_order", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "heartbeat", b"heartbeat", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel_order", b"cancel_order", "heartbeat", b"heartbeat", "peer_hint", b"peer_hint", "pull_order", b"pull_order", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "heartbeat", "pull_order", "peer_hint", "cancel_order"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

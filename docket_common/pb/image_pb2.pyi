@@ -170,3 +170,29 @@ class Torrent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Torrent: _TypeAlias = Torrent  # noqa: Y015
+
+@_typing.final
+class Peer(_message.Message):
+    """A BitTorrent peer to fetch blobs from."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """The peer's BitTorrent endpoint, "host:port"."""
+    name: _builtins.str
+    """The agent's name, or "server" for the server's own seed."""
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Peer: _TypeAlias = Peer  # noqa: Y015

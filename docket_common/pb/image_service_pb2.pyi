@@ -446,18 +446,24 @@ class GetTorrentResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TORRENT_FIELD_NUMBER: _builtins.int
+    PEERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def torrent(self) -> _image_pb2.Torrent:
         """The blob's torrent."""
+
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedCompositeFieldContainer[_image_pb2.Peer]:
+        """Where to fetch it: the server's seed first, then agents that hold the blob."""
 
     def __init__(
         self,
         *,
         torrent: _image_pb2.Torrent | None = ...,
+        peers: _abc.Iterable[_image_pb2.Peer] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["torrent", b"torrent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["torrent", b"torrent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peers", b"peers", "torrent", b"torrent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

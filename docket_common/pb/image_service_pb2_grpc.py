@@ -167,7 +167,7 @@ class ImageServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetTorrent(self, request, context):
-        """Returns the torrent the server seeds a blob with.
+        """Returns the torrent the server seeds a blob with, and peers to fetch it from.
         Errors: INVALID_ARGUMENT (INVALID_DIGEST); NOT_FOUND (BLOB_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

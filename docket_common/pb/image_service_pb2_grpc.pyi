@@ -84,7 +84,7 @@ class ImageServiceStub:
     (BLOB_NOT_FOUND).
     """
     GetTorrent: _grpc.UnaryUnaryMultiCallable[_image_service_pb2.GetTorrentRequest, _image_service_pb2.GetTorrentResponse]
-    """Returns the torrent the server seeds a blob with.
+    """Returns the torrent the server seeds a blob with, and peers to fetch it from.
     Errors: INVALID_ARGUMENT (INVALID_DIGEST); NOT_FOUND (BLOB_NOT_FOUND).
     """
 
@@ -144,7 +144,7 @@ class ImageServiceAsyncStub(ImageServiceStub):
     (BLOB_NOT_FOUND).
     """
     GetTorrent: _aio.UnaryUnaryMultiCallable[_image_service_pb2.GetTorrentRequest, _image_service_pb2.GetTorrentResponse]  # type: ignore[assignment]
-    """Returns the torrent the server seeds a blob with.
+    """Returns the torrent the server seeds a blob with, and peers to fetch it from.
     Errors: INVALID_ARGUMENT (INVALID_DIGEST); NOT_FOUND (BLOB_NOT_FOUND).
     """
 
@@ -249,7 +249,7 @@ class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _image_service_pb2.GetTorrentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_image_service_pb2.GetTorrentResponse, _abc.Awaitable[_image_service_pb2.GetTorrentResponse]]:
-        """Returns the torrent the server seeds a blob with.
+        """Returns the torrent the server seeds a blob with, and peers to fetch it from.
         Errors: INVALID_ARGUMENT (INVALID_DIGEST); NOT_FOUND (BLOB_NOT_FOUND).
         """
 

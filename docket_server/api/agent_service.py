@@ -19,9 +19,19 @@ from docket_common.pb import agent_admin_service_pb2_grpc as admin_grpc
 from docket_common.pb import agent_pb2
 from docket_common.pb import agent_service_pb2 as pb
 from docket_common.pb import agent_service_pb2_grpc as pb_grpc
-from docket_server.api.convert import agent_info_from_pb, agent_to_pb, duration, timestamp
+from docket_server.api.convert import (
+    agent_info_from_pb,
+    agent_to_pb,
+    duration,
+    peer_to_pb,
+    progress_from_pb,
+    pull_order_to_pb,
+    task_report_from_pb,
+    timestamp,
+)
 from docket_server.domain.errors import InvalidArgument
 from docket_server.domain.fleet import Fleet, Session
+from docket_server.domain.orders import OrderBook, PeerRef, Task
 
 log = structlog.get_logger()
 
@@ -35,9 +45,35 @@ def server_heartbeat() -> pb.ConnectResponse:
     return pb.ConnectResponse(heartbeat=agent_pb2.Heartbeat(send_time=timestamp(datetime.now(UTC))))
 
 
+class StreamOrderSink:
+    """Puts orders, peer hints and cancels on agents' streams."""
+
+    def send_order(self, session: Session, task: Task, peers: list[PeerRef]) -> None:
+        session.send(pb.ConnectResponse(pull_order=pull_order_to_pb(task, peers)))
+
+    def send_peers(self, session: Session, task: Task, peers: list[PeerRef]) -> None:
+        session.send(
+            pb.ConnectResponse(
+                peer_hint=agent_pb2.PeerHint(
+                    order_id=task.order_id, peers=[peer_to_pb(p) for p in peers]
+                )
+            )
+        )
+
+    def send_cancel(self, session: Session, task: Task, reason: str) -> None:
+        session.send(
+            pb.ConnectResponse(
+                cancel_order=agent_pb2.CancelOrder(order_id=task.order_id, reason=reason)
+            )
+        )
+
+
 class AgentService(pb_grpc.AgentServiceServicer):
-    def __init__(self, fleet: Fleet, hello_timeout: float, server_version: str) -> None:
+    def __init__(
+        self, fleet: Fleet, orders: OrderBook, hello_timeout: float, server_version: str
+    ) -> None:
         self.fleet = fleet
+        self.orders = orders
         self.hello_timeout = hello_timeout
         self.server_version = server_version
 
@@ -80,6 +116,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     server_version=self.server_version,
                 )
             )
+            self.orders.agent_connected(session)
             while (message := await session.next_message()) is not None:
                 yield message
             if session.error is not None:
@@ -102,6 +139,14 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 kind = request.WhichOneof("body")
                 if kind == "heartbeat":
                     await self.fleet.heard(session, request.heartbeat.disk_free_bytes)
+                    continue
+                await self.fleet.heard(session)
+                if kind == "piece_progress":
+                    self.orders.on_progress(session.name, progress_from_pb(request.piece_progress))
+                elif kind == "task_update":
+                    report = task_report_from_pb(request.task_update)
+                    if report is not None:
+                        self.orders.on_update(session.name, report)
                 elif kind == "hello":
                     session.close(
                         InvalidArgument(
@@ -111,8 +156,6 @@ class AgentService(pb_grpc.AgentServiceServicer):
                         )
                     )
                     return
-                else:
-                    await self.fleet.heard(session)
             session.close()
         except asyncio.CancelledError:
             raise

@@ -7,10 +7,19 @@ from datetime import datetime, timedelta
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from docket_common.pb import agent_pb2, image_pb2
+from docket_common.pb import agent_pb2, image_pb2, rollout_pb2
 from docket_common.torrent import TorrentInfo
 from docket_server.domain.fleet import AgentInfo, AgentRecord, AgentState
-from docket_server.domain.models import Descriptor, Image
+from docket_server.domain.models import Blob, Descriptor, Image
+from docket_server.domain.orders import (
+    BlobProgress,
+    PeerRef,
+    ProgressReport,
+    Task,
+    TaskReport,
+    TaskState,
+)
+from docket_server.domain.rollouts import Rollout, RolloutEvent, RolloutState
 
 
 def timestamp(value: datetime) -> Timestamp:
@@ -102,3 +111,136 @@ def agent_to_pb(record: AgentRecord) -> agent_pb2.Agent:
         last_seen_time=timestamp(record.last_seen_time),
         create_time=timestamp(record.create_time),
     )
+
+
+_TASK_STATES = {
+    TaskState.PENDING: agent_pb2.TASK_STATE_PENDING,
+    TaskState.ACCEPTED: agent_pb2.TASK_STATE_ACCEPTED,
+    TaskState.DOWNLOADING: agent_pb2.TASK_STATE_DOWNLOADING,
+    TaskState.VERIFYING: agent_pb2.TASK_STATE_VERIFYING,
+    TaskState.LOADING: agent_pb2.TASK_STATE_LOADING,
+    TaskState.SUCCEEDED: agent_pb2.TASK_STATE_SUCCEEDED,
+    TaskState.FAILED: agent_pb2.TASK_STATE_FAILED,
+    TaskState.CANCELLED: agent_pb2.TASK_STATE_CANCELLED,
+}
+_TASK_STATES_BACK = {v: k for k, v in _TASK_STATES.items()}
+_ROLLOUT_STATES = {
+    RolloutState.RUNNING: rollout_pb2.ROLLOUT_STATE_RUNNING,
+    RolloutState.SUCCEEDED: rollout_pb2.ROLLOUT_STATE_SUCCEEDED,
+    RolloutState.FAILED: rollout_pb2.ROLLOUT_STATE_FAILED,
+    RolloutState.CANCELLED: rollout_pb2.ROLLOUT_STATE_CANCELLED,
+}
+
+
+def peer_to_pb(peer: PeerRef) -> image_pb2.Peer:
+    return image_pb2.Peer(endpoint=peer.endpoint, name=peer.name)
+
+
+def _order_blob(blob: Blob, media_type: str) -> agent_pb2.OrderBlob:
+    return agent_pb2.OrderBlob(
+        digest=blob.digest,
+        size_bytes=blob.size,
+        media_type=media_type,
+        metainfo=blob.torrent.metainfo if blob.torrent else b"",
+    )
+
+
+def pull_order_to_pb(task: Task, peers: list[PeerRef]) -> agent_pb2.PullOrder:
+    image = task.image
+    return agent_pb2.PullOrder(
+        order_id=task.order_id,
+        image_name=image.name,
+        image_digest=image.digest,
+        config=_order_blob(task.blobs[image.config.digest], image.config.media_type),
+        layers=[_order_blob(task.blobs[d.digest], d.media_type) for d in image.layers],
+        peers=[peer_to_pb(p) for p in peers],
+        load=task.load,
+    )
+
+
+def progress_from_pb(msg: agent_pb2.PieceProgress) -> ProgressReport:
+    return ProgressReport(
+        order_id=msg.order_id,
+        blobs=[
+            BlobProgress(
+                digest=b.digest,
+                new_pieces=list(b.new_pieces),
+                done_pieces=b.done_pieces,
+                total_pieces=b.total_pieces,
+                done_bytes=b.done_bytes,
+            )
+            for b in msg.blobs
+        ],
+        rate=msg.rate_bytes_per_second,
+        peer_count=msg.peer_count,
+        peer_bytes={p.endpoint: p.received_bytes for p in msg.peers},
+        fallback_bytes=msg.fallback_bytes,
+    )
+
+
+def task_report_from_pb(msg: agent_pb2.TaskUpdate) -> TaskReport | None:
+    state = _TASK_STATES_BACK.get(msg.state)
+    if state is None or state is TaskState.PENDING:
+        return None
+    return TaskReport(
+        order_id=msg.order_id,
+        state=state,
+        error=msg.error,
+        image_id=msg.image_id,
+        cached_bytes=msg.cached_bytes,
+        bittorrent_bytes=msg.bittorrent_bytes,
+        server_bytes=msg.server_bytes,
+        fallback_bytes=msg.fallback_bytes,
+    )
+
+
+def rollout_host_to_pb(task: Task) -> rollout_pb2.RolloutHost:
+    msg = rollout_pb2.RolloutHost(
+        agent_name=task.agent,
+        order_id=task.order_id,
+        state=_TASK_STATES[task.state],
+        error=task.error,
+        image_id=task.image_id,
+        total_bytes=task.total_bytes,
+        done_bytes=task.held_bytes,
+        total_pieces=task.total_pieces,
+        done_pieces=task.done_pieces,
+        rate_bytes_per_second=task.rate,
+        peer_count=task.peer_count,
+        cached_bytes=task.cached_bytes,
+        bittorrent_bytes=task.bittorrent_bytes,
+        server_bytes=task.server_bytes,
+        fallback_bytes=task.fallback_bytes,
+        start_time=timestamp(task.start_time),
+    )
+    if task.end_time is not None:
+        msg.end_time.CopyFrom(timestamp(task.end_time))
+    return msg
+
+
+def rollout_to_pb(rollout: Rollout) -> rollout_pb2.Rollout:
+    msg = rollout_pb2.Rollout(
+        id=rollout.id,
+        image_name=rollout.image.name,
+        image_digest=rollout.image.digest,
+        selector=rollout.selector,
+        prefetch_only=rollout.prefetch_only,
+        state=_ROLLOUT_STATES[rollout.state],
+        hosts=[rollout_host_to_pb(rollout.tasks[name]) for name in sorted(rollout.tasks)],
+        image_size_bytes=rollout.image.size,
+        create_time=timestamp(rollout.create_time),
+    )
+    if rollout.end_time is not None:
+        msg.end_time.CopyFrom(timestamp(rollout.end_time))
+    return msg
+
+
+def rollout_event_to_pb(event: RolloutEvent) -> rollout_pb2.RolloutEvent:
+    msg = rollout_pb2.RolloutEvent(event_time=timestamp(event.time))
+    if event.snapshot is not None:
+        msg.snapshot.CopyFrom(rollout_to_pb(event.snapshot))
+    elif event.task is not None:
+        msg.host.CopyFrom(rollout_host_to_pb(event.task))
+    elif event.state is not None:
+        msg.state = _ROLLOUT_STATES[event.state]
+    return msg

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from docket_common.errors import Reason
 from docket_common.pb import image_service_pb2 as pb
 from docket_common.pb import image_service_pb2_grpc as pb_grpc
-from docket_server.api.convert import descriptor_from_pb, image_to_pb, torrent_to_pb
+from docket_server.api.convert import descriptor_from_pb, image_to_pb, peer_to_pb, torrent_to_pb
 from docket_server.domain.errors import InvalidArgument
+from docket_server.domain.orders import PeerRef
 from docket_server.domain.registry import Registry
 
 # grpcio ships no types: a servicer context is grpc.aio.ServicerContext.
@@ -17,8 +18,10 @@ Context = Any
 
 
 class ImageService(pb_grpc.ImageServiceServicer):
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, peers: Callable[[str], list[PeerRef]]) -> None:
+        """``peers(digest)`` names where a blob can be fetched: the seed, then agents."""
         self.registry = registry
+        self.peers = peers
 
     async def StatBlobs(
         self, request: pb.StatBlobsRequest, context: Context
@@ -90,4 +93,7 @@ class ImageService(pb_grpc.ImageServiceServicer):
         self, request: pb.GetTorrentRequest, context: Context
     ) -> pb.GetTorrentResponse:
         torrent = await self.registry.get_torrent(request.digest)
-        return pb.GetTorrentResponse(torrent=torrent_to_pb(torrent))
+        return pb.GetTorrentResponse(
+            torrent=torrent_to_pb(torrent),
+            peers=[peer_to_pb(p) for p in self.peers(request.digest)],
+        )

@@ -1,0 +1,114 @@
+"""The agent's blob cache: what it holds, what is in use, and what goes when space runs out.
+
+Blobs live at ``blobs/sha256/<2 hex>/<hex>`` (the fetcher moves them there once verified).
+Recency is the file's mtime, bumped whenever an order uses a blob. With ``--cache-max-bytes``
+the least recently used blobs go first when a download needs room; a blob an order in flight
+uses (pinned) never goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from docket_common.digest import hex_part
+
+log = structlog.get_logger()
+
+
+class CacheFullError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class CachedBlob:
+    digest: str
+    size: int
+    used: float
+
+
+class BlobCache:
+    def __init__(self, root: Path, max_bytes: int = 0) -> None:
+        self.blob_dir = root / "blobs" / "sha256"
+        self.partial_dir = root / "partial"
+        self.torrent_dir = root / "torrents"
+        self.torrent_dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self._pins: Counter[str] = Counter()
+
+    def path(self, digest: str) -> Path:
+        hexd = hex_part(digest)
+        return self.blob_dir / hexd[:2] / hexd
+
+    def torrent_path(self, digest: str) -> Path:
+        return self.torrent_dir / f"{hex_part(digest)}.torrent"
+
+    def has(self, digest: str, size: int | None = None) -> bool:
+        try:
+            st = self.path(digest).stat()
+        except FileNotFoundError:
+            return False
+        return size is None or st.st_size == size
+
+    def touch(self, digest: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path(digest))
+
+    def pin(self, digest: str) -> None:
+        self._pins[digest] += 1
+
+    def unpin(self, digest: str) -> None:
+        self._pins[digest] -= 1
+        if self._pins[digest] <= 0:
+            del self._pins[digest]
+
+    def blobs(self) -> list[CachedBlob]:
+        found: list[CachedBlob] = []
+        if not self.blob_dir.is_dir():
+            return found
+        for path in self.blob_dir.glob("??/*"):
+            if len(path.name) != 64:
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            found.append(CachedBlob(f"sha256:{path.name}", st.st_size, st.st_mtime))
+        return found
+
+    def used_bytes(self) -> int:
+        return sum(b.size for b in self.blobs())
+
+    def make_room(self, needed: int) -> list[str]:
+        """Evicts least recently used unpinned blobs until ``needed`` more bytes fit.
+
+        Returns the evicted digests (the caller stops seeding them). Raises CacheFullError
+        when even evicting every unpinned blob is not enough.
+        """
+        if not self.max_bytes:
+            return []
+        blobs = sorted(self.blobs(), key=lambda b: b.used)
+        used = sum(b.size for b in blobs)
+        pinned = sum(b.size for b in blobs if b.digest in self._pins)
+        if pinned + needed > self.max_bytes:
+            raise CacheFullError(
+                f"the cache holds {self.max_bytes} bytes at most; {needed} more do not fit "
+                f"beside the {pinned} bytes in use"
+            )
+        evicted: list[str] = []
+        for blob in blobs:
+            if used + needed <= self.max_bytes:
+                break
+            if blob.digest in self._pins:
+                continue
+            self.path(blob.digest).unlink(missing_ok=True)
+            self.torrent_path(blob.digest).unlink(missing_ok=True)
+            used -= blob.size
+            evicted.append(blob.digest)
+            log.info("evicted from cache", digest=blob.digest, size_bytes=blob.size)
+        return evicted

@@ -1,0 +1,330 @@
+"""Pull orders on the agent: fetch what the cache lacks, report every piece, verify, load.
+
+An order runs once: a second copy of an order in flight is merged into it, and the final
+update of a finished order is kept on disk (``orders/<id>.json``) and sent again if the server
+sends the order again (after a reconnect or a restart of either side).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from google.protobuf import json_format
+
+from docket_agent.cache import BlobCache, CacheFullError
+from docket_common.fetch import BlobDownload, BlobFetcher, BlobSpec, FetchError
+from docket_common.loadable import LoadError
+from docket_common.pb import agent_pb2
+from docket_common.pb import agent_service_pb2 as pb
+
+log = structlog.get_logger()
+
+PROGRESS_EVERY = 0.25
+TERMINAL = {
+    agent_pb2.TASK_STATE_SUCCEEDED,
+    agent_pb2.TASK_STATE_FAILED,
+    agent_pb2.TASK_STATE_CANCELLED,
+}
+
+Send = Callable[[pb.ConnectRequest], None]
+ReadRange = Callable[[str, int, int], Awaitable[bytes]]
+Loader = Callable[[agent_pb2.PullOrder, list[Path]], Awaitable[str]]
+
+
+@dataclass
+class OrderSettings:
+    fallback_after: float = 30.0  # seconds without a new byte before gRPC fills the gaps
+    docker_error: str = ""  # why this agent cannot load images ("" when it can)
+
+
+def _spec(blob: agent_pb2.OrderBlob) -> BlobSpec:
+    return BlobSpec(blob.digest, blob.size_bytes, blob.metainfo, blob.media_type)
+
+
+class OrderRunner:
+    def __init__(self, manager: OrderManager, order: agent_pb2.PullOrder) -> None:
+        self.m = manager
+        self.order = order
+        self.id = order.order_id
+        self.blobs = [order.config, *order.layers]
+        self.unique = list({b.digest: b for b in self.blobs}.values())
+        self.downloads: dict[str, BlobDownload] = {}
+        self.last: pb.ConnectRequest | None = None
+        self.cached_bytes = 0
+        self.task: asyncio.Task[None] | None = None
+        self.peers = [p.endpoint for p in order.peers]
+
+    def update(self, state: int, error: str = "", image_id: str = "") -> None:
+        downloads = list(self.downloads.values())
+        for download in downloads:
+            download.sample_peers()
+        message = pb.ConnectRequest(
+            task_update=agent_pb2.TaskUpdate(
+                order_id=self.id,
+                state=state,  # type: ignore[arg-type]
+                error=error,
+                image_id=image_id,
+                cached_bytes=self.cached_bytes,
+                bittorrent_bytes=sum(d.bittorrent_bytes for d in downloads),
+                server_bytes=sum(d.server_bytes for d in downloads),
+                fallback_bytes=sum(d.fallback_bytes for d in downloads),
+            )
+        )
+        self.last = message
+        self.m.send(message)
+        if state in TERMINAL:
+            self.m.remember(self.id, message)
+
+    async def run(self) -> None:
+        log.info("order received", order=self.id, image=self.order.image_name, load=self.order.load)
+        for blob in self.unique:
+            self.m.cache.pin(blob.digest)
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            if self.id in self.m.cancel_reasons:  # cancelled by the server, not a shutdown
+                for digest in list(self.downloads):
+                    self.m.fetcher.drop(digest, delete_files=True)
+                self.update(agent_pb2.TASK_STATE_CANCELLED, self.m.cancel_reasons.pop(self.id))
+            # On shutdown, partial downloads stay: the order resumes when it comes again.
+            raise
+        except (FetchError, CacheFullError, LoadError, OSError) as e:
+            log.error("order failed", order=self.id, error=str(e))
+            self._fail(str(e))
+        except Exception as e:  # a bug: say so, rather than leave the order hanging
+            log.exception("order failed: internal error", order=self.id)
+            self._fail(f"internal error in the agent: {e!r}")
+        finally:
+            for blob in self.unique:
+                self.m.cache.unpin(blob.digest)
+
+    def _fail(self, error: str) -> None:
+        for digest in list(self.downloads):
+            self.m.fetcher.drop(digest, delete_files=True)
+        self.update(agent_pb2.TASK_STATE_FAILED, error)
+
+    async def _run(self) -> None:
+        missing = [b for b in self.unique if not self.m.cache.has(b.digest, b.size_bytes)]
+        self.cached_bytes = sum(b.size_bytes for b in self.unique if b not in missing)
+        for blob in self.unique:
+            if blob not in missing:
+                self.m.cache.touch(blob.digest)
+                self.m.fetcher.seed(_spec(blob))
+                self.m.keep_torrent(_spec(blob))
+        self.update(agent_pb2.TASK_STATE_ACCEPTED)
+        if missing:
+            for digest in self.m.cache.make_room(sum(b.size_bytes for b in missing)):
+                self.m.fetcher.drop(digest)
+            for blob in missing:
+                self.downloads[blob.digest] = self.m.fetcher.download(_spec(blob), self.peers)
+            self.update(agent_pb2.TASK_STATE_DOWNLOADING)
+            self._send_progress(full=True)
+            await self._watch_downloads()
+            self.update(agent_pb2.TASK_STATE_VERIFYING)
+            for download in self.downloads.values():
+                await self.m.fetcher.complete(download)
+                self.m.keep_torrent(download.spec)
+            self._send_progress(full=False)
+        paths = [self.m.cache.path(b.digest) for b in self.blobs]
+        if not self.order.load:
+            self.update(agent_pb2.TASK_STATE_SUCCEEDED, "prefetched: cached and seeding")
+            return
+        if self.m.settings.docker_error:
+            self.update(
+                agent_pb2.TASK_STATE_FAILED,
+                f"downloaded, but not loaded: {self.m.settings.docker_error}",
+            )
+            return
+        self.update(agent_pb2.TASK_STATE_LOADING)
+        image_id = await self.m.load(self.order, paths)
+        log.info("image loaded", order=self.id, image=self.order.image_name, image_id=image_id)
+        self.update(agent_pb2.TASK_STATE_SUCCEEDED, image_id=image_id)
+
+    async def _watch_downloads(self) -> None:
+        """Reports progress until every download is in; fills stalls over gRPC."""
+        last_bytes = -1
+        last_change = time.monotonic()
+        while not all(d.finished.is_set() for d in self.downloads.values()):
+            await asyncio.sleep(PROGRESS_EVERY)
+            self._send_progress(full=False)
+            done = sum(d.status().total_wanted_done for d in self.downloads.values())
+            if done != last_bytes:
+                last_bytes, last_change = done, time.monotonic()
+            elif time.monotonic() - last_change >= self.m.settings.fallback_after:
+                await self._fallback()
+                last_change = time.monotonic()
+
+    async def _fallback(self) -> None:
+        for download in self.downloads.values():
+            if download.finished.is_set():
+                continue
+            digest = download.spec.digest
+            log.warning(
+                "no peer delivers: fetching the missing pieces from the server over gRPC",
+                order=self.id,
+                digest=digest,
+                missing_pieces=len(download.missing_pieces()),
+            )
+
+            async def read(offset: int, length: int, digest: str = digest) -> bytes:
+                return await self.m.read_range(digest, offset, length)
+
+            try:
+                await self.m.fetcher.fill_missing(download, read)
+            except FetchError as e:
+                log.warning("fallback failed: waiting for peers", order=self.id, error=str(e))
+            self._send_progress(full=False)
+
+    def _send_progress(self, full: bool) -> None:
+        blobs: list[agent_pb2.BlobProgress] = []
+        rate = 0
+        peers = 0
+        for download in self.downloads.values():
+            new = download.take_new_pieces()
+            if full:
+                new = [i for i in range(download.piece_count) if download.handle.have_piece(i)]
+            status = download.status()
+            rate += status.download_payload_rate
+            peers += download.sample_peers()
+            if new or full:
+                blobs.append(
+                    agent_pb2.BlobProgress(
+                        digest=download.spec.digest,
+                        new_pieces=new,
+                        done_pieces=status.num_pieces,
+                        total_pieces=download.piece_count,
+                        done_bytes=status.total_wanted_done,
+                    )
+                )
+        if not blobs and not full:
+            return
+        self.m.send(
+            pb.ConnectRequest(
+                piece_progress=agent_pb2.PieceProgress(
+                    order_id=self.id,
+                    blobs=blobs,
+                    rate_bytes_per_second=rate,
+                    peer_count=peers,
+                    peers=[
+                        agent_pb2.PeerBytes(endpoint=e, received_bytes=b)
+                        for d in self.downloads.values()
+                        for e, b in d.peer_bytes.items()
+                    ],
+                    fallback_bytes=sum(d.fallback_bytes for d in self.downloads.values()),
+                )
+            )
+        )
+
+
+class OrderManager:
+    def __init__(
+        self,
+        state_dir: Path,
+        cache: BlobCache,
+        fetcher: BlobFetcher,
+        send: Send,
+        read_range: ReadRange,
+        load: Loader,
+        settings: OrderSettings,
+    ) -> None:
+        self.state_dir = state_dir
+        self.cache = cache
+        self.fetcher = fetcher
+        self.send = send
+        self.read_range = read_range
+        self.load = load
+        self.settings = settings
+        self.runners: dict[str, OrderRunner] = {}
+        self.cancel_reasons: dict[str, str] = {}
+        state_dir.mkdir(parents=True, exist_ok=True)
+
+    def keep_torrent(self, spec: BlobSpec) -> None:
+        """Keeps a cached blob's metainfo, so that it is seeded again after a restart."""
+        path = self.cache.torrent_path(spec.digest)
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(spec.metainfo)
+            tmp.replace(path)
+
+    def seed_cache(self) -> int:
+        """Seeds every cached blob whose metainfo is kept (at start-up)."""
+        count = 0
+        for blob in self.cache.blobs():
+            try:
+                metainfo = self.cache.torrent_path(blob.digest).read_bytes()
+            except FileNotFoundError:
+                continue
+            self.fetcher.seed(BlobSpec(blob.digest, blob.size, metainfo))
+            count += 1
+        return count
+
+    def remember(self, order_id: str, message: pb.ConnectRequest) -> None:
+        path = self.state_dir / f"{order_id}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json_format.MessageToJson(message))
+        tmp.replace(path)
+
+    def recalled(self, order_id: str) -> pb.ConnectRequest | None:
+        path = self.state_dir / f"{order_id}.json"
+        try:
+            return json_format.Parse(path.read_text(), pb.ConnectRequest())
+        except (FileNotFoundError, json_format.ParseError, ValueError):
+            return None
+
+    def handle(self, message: Any) -> None:
+        """A message from the server: an order, peers, or a cancel."""
+        kind = message.WhichOneof("body")
+        if kind == "pull_order":
+            self.pull(message.pull_order)
+        elif kind == "peer_hint":
+            runner = self.runners.get(message.peer_hint.order_id)
+            if runner is not None:
+                endpoints = [p.endpoint for p in message.peer_hint.peers]
+                runner.peers += endpoints
+                for download in runner.downloads.values():
+                    self.fetcher.add_peers(download, endpoints)
+        elif kind == "cancel_order":
+            runner = self.runners.get(message.cancel_order.order_id)
+            if runner is not None and runner.task is not None:
+                self.cancel_reasons[runner.id] = message.cancel_order.reason or "cancelled"
+                runner.task.cancel()
+
+    def pull(self, order: agent_pb2.PullOrder) -> None:
+        done = self.recalled(order.order_id)
+        if done is not None:
+            self.send(done)  # finished before: say so again, do nothing else
+            return
+        runner = self.runners.get(order.order_id)
+        if runner is not None:
+            if runner.last is not None:
+                self.send(runner.last)
+            runner._send_progress(full=True)
+            return
+        runner = OrderRunner(self, order)
+        self.runners[order.order_id] = runner
+        runner.task = asyncio.create_task(runner.run(), name=f"order-{order.order_id}")
+        runner.task.add_done_callback(lambda _t: self.runners.pop(order.order_id, None))
+
+    def resend(self) -> None:
+        """After a reconnect: where every order in flight stands, pieces included."""
+        for runner in self.runners.values():
+            if runner.last is not None:
+                self.send(runner.last)
+            if runner.downloads:
+                runner._send_progress(full=True)
+
+    async def close(self) -> None:
+        """Stops every order for a shutdown: partial downloads stay for the next start."""
+        tasks = [r.task for r in self.runners.values() if r.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

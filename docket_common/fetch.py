@@ -1,0 +1,284 @@
+"""Fetching blobs over BitTorrent: the agents' and `docketctl pull`'s side of the swarm.
+
+A blob downloads into ``partial/<2 hex>/<hex>``; libtorrent checks every piece's SHA-1 as it
+arrives. Once all pieces are in, the whole file is checked against the blob's sha256 and only
+then moved (by libtorrent, which keeps seeding it) to the cache path
+``blobs/sha256/<2 hex>/<hex>``: a blob under its name is always the right bytes.
+
+Pieces that BitTorrent does not deliver (the swarm stalls, the port is blocked) can be filled
+in from any other source with ``fill_missing``: libtorrent checks them like any other piece.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import libtorrent as lt
+import structlog
+
+from docket_common.bt import TorrentSession, split_host_port
+from docket_common.digest import hex_part
+
+log = structlog.get_logger()
+
+SERVER_CLIENT = "docket-server"
+
+
+class FetchError(Exception):
+    """A blob could not be fetched or failed its checks; str() is one line."""
+
+
+@dataclass(frozen=True)
+class BlobSpec:
+    digest: str
+    size: int
+    metainfo: bytes
+    media_type: str = ""
+
+
+@dataclass
+class BlobDownload:
+    """One blob in flight."""
+
+    spec: BlobSpec
+    handle: Any
+    piece_count: int
+    piece_length: int
+    new_pieces: list[int] = field(default_factory=list)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    error: str | None = None
+    hash_failures: int = 0
+    fallback_bytes: int = 0
+    # Payload bytes received from each peer (endpoint), the most seen while connected.
+    peer_bytes: dict[str, int] = field(default_factory=dict)
+    server_endpoints: set[str] = field(default_factory=set)
+
+    def take_new_pieces(self) -> list[int]:
+        pieces, self.new_pieces = self.new_pieces, []
+        return pieces
+
+    def status(self) -> Any:
+        return self.handle.status()
+
+    def missing_pieces(self) -> list[int]:
+        return [i for i in range(self.piece_count) if not self.handle.have_piece(i)]
+
+    def sample_peers(self) -> int:
+        """Updates peer_bytes from the connected peers; returns how many are connected."""
+        peers = self.handle.get_peer_info()
+        for peer in peers:
+            ip, port = peer.ip
+            endpoint = f"{ip}:{port}"
+            self.peer_bytes[endpoint] = max(self.peer_bytes.get(endpoint, 0), peer.total_download)
+            client = peer.client
+            if isinstance(client, bytes):
+                client = client.decode(errors="replace")
+            if client.startswith(SERVER_CLIENT):
+                self.server_endpoints.add(endpoint)
+        return len(peers)
+
+    @property
+    def bittorrent_bytes(self) -> int:
+        """Payload bytes received over BitTorrent, from every peer, for this blob."""
+        return int(self.handle.status().total_payload_download)
+
+    @property
+    def server_bytes(self) -> int:
+        return sum(b for e, b in self.peer_bytes.items() if e in self.server_endpoints)
+
+
+class BlobFetcher(TorrentSession):
+    """A libtorrent session that fetches blobs into a cache directory and seeds them."""
+
+    def __init__(
+        self,
+        listen: str,
+        root: Path,
+        *,
+        user_agent: str,
+        download_rate_limit: int = 0,
+    ) -> None:
+        super().__init__(listen, user_agent=user_agent)
+        self.blob_dir = root / "blobs" / "sha256"
+        self.partial_dir = root / "partial"
+        self.download_rate_limit = download_rate_limit
+        self._downloads: dict[str, BlobDownload] = {}
+        self._seeding: dict[str, Any] = {}
+        self._moves: dict[str, asyncio.Future[None]] = {}
+        self._flushes: dict[str, asyncio.Future[None]] = {}
+
+    async def start(self) -> int:
+        port = await super().start()
+        if self.download_rate_limit:
+            self.session.apply_settings({"download_rate_limit": self.download_rate_limit})
+        return port
+
+    def blob_path(self, digest: str) -> Path:
+        hexd = hex_part(digest)
+        return self.blob_dir / hexd[:2] / hexd
+
+    def partial_path(self, digest: str) -> Path:
+        hexd = hex_part(digest)
+        return self.partial_dir / hexd[:2] / hexd
+
+    def download(self, spec: BlobSpec, peers: Iterable[str]) -> BlobDownload:
+        """Starts fetching a blob (or returns its fetch in flight) and dials the peers."""
+        current = self._downloads.get(spec.digest)
+        if current is not None:
+            self.add_peers(current, peers)
+            return current
+        info = lt.torrent_info(spec.metainfo)
+        save_path = self.partial_path(spec.digest).parent
+        save_path.mkdir(parents=True, exist_ok=True)
+        params = lt.add_torrent_params()
+        params.ti = info
+        params.save_path = str(save_path)
+        params.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
+        handle = self.session.add_torrent(params)
+        download = BlobDownload(spec, handle, info.num_pieces(), info.piece_length())
+        self._downloads[spec.digest] = download
+        self.add_peers(download, peers)
+        return download
+
+    def add_peers(self, download: BlobDownload, peers: Iterable[str]) -> None:
+        for endpoint in peers:
+            try:
+                host, port = split_host_port(endpoint)
+            except ValueError:
+                log.warning("ignoring a malformed peer", peer=endpoint)
+                continue
+            download.handle.connect_peer((host, port))
+
+    async def complete(self, download: BlobDownload) -> Path:
+        """Waits for every piece, checks the sha256, moves the blob into the cache; its path."""
+        await download.finished.wait()
+        if download.error is not None:
+            raise FetchError(f"blob {download.spec.digest}: {download.error}")
+        digest = download.spec.digest
+        # libtorrent checks pieces in memory before its disk threads write them: wait until
+        # the file holds every byte before reading it.
+        await self._wait_for(self._flushes, digest, download.handle.flush_cache)
+        actual = await asyncio.to_thread(_sha256_file, self.partial_path(digest))
+        if actual != digest:
+            self.drop(digest, delete_files=True)
+            raise FetchError(f"blob {digest} hashes to {actual} after download: discarded")
+        final_dir = self.blob_path(digest).parent
+        final_dir.mkdir(parents=True, exist_ok=True)
+        await self._wait_for(
+            self._moves,
+            digest,
+            lambda: download.handle.move_storage(
+                str(final_dir), lt.move_flags_t.always_replace_files
+            ),
+        )
+        del self._downloads[digest]
+        self._seeding[digest] = download.handle
+        return self.blob_path(digest)
+
+    async def _wait_for(
+        self, waiting: dict[str, asyncio.Future[None]], digest: str, start: Callable[[], None]
+    ) -> None:
+        """Starts a libtorrent operation and waits for the alert that says it is done."""
+        done = asyncio.get_running_loop().create_future()
+        waiting[hex_part(digest)] = done
+        try:
+            start()
+            async with asyncio.timeout(60):
+                await done
+        finally:
+            waiting.pop(hex_part(digest), None)
+
+    def seed(self, spec: BlobSpec) -> None:
+        """Seeds a blob already in the cache, without hashing it first."""
+        if spec.digest in self._seeding or spec.digest in self._downloads:
+            return
+        params = lt.add_torrent_params()
+        params.ti = lt.torrent_info(spec.metainfo)
+        params.save_path = str(self.blob_path(spec.digest).parent)
+        params.flags = (params.flags | lt.torrent_flags.seed_mode) & ~(
+            lt.torrent_flags.auto_managed | lt.torrent_flags.paused
+        )
+        self._seeding[spec.digest] = self.session.add_torrent(params)
+
+    def seeding(self) -> list[str]:
+        return sorted(self._seeding)
+
+    def drop(self, digest: str, *, delete_files: bool = False) -> None:
+        """Stops fetching or seeding a blob; with delete_files, removes a partial download."""
+        handle = self._downloads.pop(digest, None) or self._seeding.pop(digest, None)
+        if handle is None:
+            return
+        if isinstance(handle, BlobDownload):
+            handle.error = handle.error or "dropped"
+            handle.finished.set()
+            handle = handle.handle
+        self.session.remove_torrent(handle, lt.options_t.delete_files if delete_files else 0)
+
+    async def fill_missing(
+        self,
+        download: BlobDownload,
+        read_range: Callable[[int, int], Awaitable[bytes]],
+    ) -> int:
+        """Fetches the pieces BitTorrent has not delivered from ``read_range(offset, length)``
+        and hands them to libtorrent, which checks them. Returns the bytes fetched."""
+        fetched = 0
+        size = download.spec.size
+        for piece in download.missing_pieces():
+            if download.finished.is_set():
+                break
+            offset = piece * download.piece_length
+            length = min(download.piece_length, size - offset)
+            data = await read_range(offset, length)
+            if len(data) != length:
+                raise FetchError(
+                    f"fallback read of piece {piece} of {download.spec.digest} returned "
+                    f"{len(data)} of {length} bytes"
+                )
+            download.handle.add_piece(piece, data, 0)
+            fetched += length
+        download.fallback_bytes += fetched
+        return fetched
+
+    def on_alert(self, alert: Any) -> None:
+        name = getattr(alert, "torrent_name", "")
+        download = self._downloads.get(f"sha256:{name}") if name else None
+        if isinstance(alert, lt.piece_finished_alert):
+            if download is not None:
+                download.new_pieces.append(int(alert.piece_index))
+        elif isinstance(alert, lt.torrent_finished_alert):
+            if download is not None:
+                download.finished.set()
+        elif isinstance(alert, lt.hash_failed_alert):
+            if download is not None:
+                download.hash_failures += 1
+            log.warning("piece failed its hash: dropping what the peer sent", blob=name)
+        elif isinstance(alert, lt.cache_flushed_alert):
+            future = self._flushes.get(name)
+            if future is not None and not future.done():
+                future.set_result(None)
+        elif isinstance(alert, lt.storage_moved_alert):
+            future = self._moves.get(name)
+            if future is not None and not future.done():
+                future.set_result(None)
+        elif isinstance(alert, lt.storage_moved_failed_alert):
+            future = self._moves.get(name)
+            if future is not None and not future.done():
+                future.set_exception(FetchError(f"cannot move blob {name}: {alert.message()}"))
+        elif isinstance(alert, lt.torrent_error_alert | lt.file_error_alert):
+            if download is not None:
+                download.error = alert.message()
+                download.finished.set()
+            log.error("torrent failed", blob=name, error=alert.message())
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"

@@ -1,0 +1,434 @@
+"""Rebuild a ``docker load``-able archive from an image's blobs on disk, and stream it.
+
+An agent keeps an image as one file per blob: the config (JSON) and the layers (tars, maybe
+gzip-compressed). :func:`archive_chunks` turns them into the legacy ``docker save`` layout
+that every engine since Docker 1.10 accepts::
+
+    <confighex>.json            the config, byte for byte
+    <layerhex>/                 one directory per distinct layer blob
+    <layerhex>/layer.tar        the layer file as it is (docker load decompresses gzip itself)
+    manifest.json               [{"Config": ..., "RepoTags": [name], "Layers": [...]}]
+
+No ``repositories`` file: an engine reads it only when there is no ``manifest.json``.
+
+The archive is generated on the fly: tar headers are made with :class:`tarfile.TarInfo`,
+file bodies are read from disk ``chunk_size`` bytes at a time, so neither the image nor one
+layer is ever held in memory, and :func:`load_into_docker` sends it to the engine as a
+chunked request body without writing a copy to disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import secrets
+import socket
+import stat
+import tarfile
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import docker
+
+__all__ = [
+    "LoadError",
+    "LoadableImage",
+    "archive_chunks",
+    "archive_size",
+    "load_into_docker",
+    "write_archive",
+]
+
+_BLOCK = 512
+_END_OF_ARCHIVE = bytes(2 * _BLOCK)
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class LoadableImage:
+    """An image held as blob files, ready to be turned into a ``docker load`` archive."""
+
+    name: str  # "repo:tag", becomes the RepoTags entry
+    config_path: Path
+    config_digest: str  # "sha256:<hex>"
+    layer_paths: tuple[Path, ...]  # base first
+    layer_digests: tuple[str, ...]  # "sha256:<hex>" of each layer file's bytes (may be compressed)
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c.isspace() for c in self.name):
+            raise ValueError(f"image name {self.name!r} is not a repo:tag reference")
+        for digest in (self.config_digest, *self.layer_digests):
+            # The digests name tar members: anything else could point outside the archive.
+            if not _DIGEST_RE.fullmatch(digest):
+                raise ValueError(f"{digest!r} is not a digest (want sha256:<64 hex digits>)")
+        if len(self.layer_paths) != len(self.layer_digests):
+            raise ValueError(
+                f"{self.name}: {len(self.layer_paths)} layer paths but "
+                f"{len(self.layer_digests)} layer digests"
+            )
+
+
+class LoadError(Exception):
+    """The engine refused the image or could not be reached; str() is one line a user can act on."""
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One tar member: its header, and its body from a file (``path``) or from ``data``."""
+
+    header: bytes
+    size: int
+    path: Path | None = None
+    data: bytes = b""
+
+    @property
+    def length(self) -> int:
+        """Bytes this member takes in the archive: header, body and padding."""
+        return len(self.header) + _padded(self.size)
+
+
+def _padded(size: int) -> int:
+    return -(-size // _BLOCK) * _BLOCK
+
+
+def _header(name: str, size: int, *, directory: bool = False) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE if directory else tarfile.REGTYPE
+    info.mode = 0o755 if directory else 0o644
+    info.size = size
+    info.mtime = 0  # deterministic: the same blobs always give the same archive
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    # PAX: sizes of 8 GiB and more go into an extended header that Go's archive/tar reads.
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _file_size(path: Path) -> int:
+    st = path.stat()  # FileNotFoundError for a missing blob, with the path in it
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(f"{path} is not a regular file")
+    return st.st_size
+
+
+def _hex(digest: str) -> str:
+    return digest.split(":", 1)[1]
+
+
+def _plan(image: LoadableImage) -> list[_Member]:
+    """The archive's members, in order; stats every blob file (so a missing one fails here)."""
+    config_name = f"{_hex(image.config_digest)}.json"
+    config_size = _file_size(image.config_path)
+    members = [_Member(_header(config_name, config_size), config_size, image.config_path)]
+    layer_names: list[str] = []
+    written: set[str] = set()
+    for path, digest in zip(image.layer_paths, image.layer_digests, strict=True):
+        directory = _hex(digest)
+        name = f"{directory}/layer.tar"
+        layer_names.append(name)
+        if digest in written:
+            _file_size(path)  # still a blob the image names: it must be there
+            continue
+        written.add(digest)
+        size = _file_size(path)
+        members.append(_Member(_header(f"{directory}/", 0, directory=True), 0))
+        members.append(_Member(_header(name, size), size, path))
+    manifest = [{"Config": config_name, "RepoTags": [image.name], "Layers": layer_names}]
+    data = json.dumps(manifest, separators=(",", ":")).encode()
+    members.append(_Member(_header("manifest.json", len(data)), len(data), data=data))
+    return members
+
+
+def archive_size(image: LoadableImage) -> int:
+    """Exact byte count of the archive :func:`archive_chunks` yields for ``image``."""
+    return sum(member.length for member in _plan(image)) + len(_END_OF_ARCHIVE)
+
+
+def archive_chunks(image: LoadableImage, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """The ``docker load`` archive of ``image``, in chunks: each tar header, padding and
+    the end-of-archive marker on their own, blob files in pieces of at most ``chunk_size``.
+
+    Every blob file is checked (stat) when this is called, so a missing one raises
+    :class:`OSError` (e.g. :class:`FileNotFoundError`) at once; the files are read only
+    while the chunks are consumed. A file that changes size in between raises
+    :class:`OSError` from the iterator. Together the chunks are :func:`archive_size` bytes.
+    """
+    return _chunks(image, chunk_size)
+
+
+def _chunks(image: LoadableImage, chunk_size: int) -> Generator[bytes, None, None]:
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, not {chunk_size}")
+    return _generate(_plan(image), chunk_size)
+
+
+def _generate(members: list[_Member], chunk_size: int) -> Generator[bytes, None, None]:
+    for member in members:
+        yield member.header
+        if member.path is not None:
+            yield from _file_body(member.path, member.size, chunk_size)
+        elif member.data:
+            yield member.data
+        pad = _padded(member.size) - member.size
+        if pad:
+            yield bytes(pad)
+    yield _END_OF_ARCHIVE
+
+
+def _file_body(path: Path, size: int, chunk_size: int) -> Generator[bytes, None, None]:
+    with path.open("rb", buffering=0) as file:
+        now = os.fstat(file.fileno()).st_size
+        if now != size:
+            raise OSError(f"{path} changed size while the archive was made ({size} -> {now} bytes)")
+        left = size
+        while left > 0:
+            chunk = file.read(min(chunk_size, left))
+            if not chunk:
+                raise OSError(
+                    f"{path} shrank while being read (ended after {size - left} of {size} bytes)"
+                )
+            left -= len(chunk)
+            yield chunk
+
+
+def write_archive(image: LoadableImage, dest: Path) -> None:
+    """Write the archive of :func:`archive_chunks` to ``dest``, through a temporary file in
+    the same directory that is renamed into place once complete."""
+    chunks = _chunks(image, 1 << 20)
+    try:
+        temp, file = _create_temp(dest)
+    except BaseException:
+        chunks.close()
+        raise
+    try:
+        with file, contextlib.closing(chunks):
+            for chunk in chunks:
+                file.write(chunk)
+            file.flush()
+            os.fsync(file.fileno())
+        temp.replace(dest)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _create_temp(dest: Path) -> tuple[Path, io.BufferedWriter]:
+    for _attempt in range(100):
+        temp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            return temp, open(fd, "wb")  # noqa: PTH123 - a descriptor, not a path
+        except BaseException:
+            os.close(fd)
+            temp.unlink(missing_ok=True)
+            raise
+    raise FileExistsError(f"could not create a temporary file next to {dest}")
+
+
+# -- loading into an engine ------------------------------------------------------------------
+
+
+class _Body:
+    """The request body: the archive's chunks, remembering whether sending started and
+    whether reading a blob failed (the HTTP stack reports that as a broken connection)."""
+
+    def __init__(self, chunks: Generator[bytes, None, None]) -> None:
+        self._chunks = chunks
+        self.started = False
+        self.error: OSError | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.started = True
+        try:
+            yield from self._chunks
+        except OSError as e:
+            self.error = e
+            raise
+
+    def close(self) -> None:
+        self._chunks.close()
+
+
+def load_into_docker(client: docker.DockerClient, image: LoadableImage) -> str:
+    """Stream ``image``'s archive into the engine behind ``client`` (``docker load``) and
+    return the id the engine gives it (``sha256:…``, the config digest).
+
+    The archive goes out as a chunked request body, generated while it is sent. Raises
+    :class:`LoadError` if a blob file is missing (before anything is sent), if the engine
+    cannot be reached or refuses the image (its message is in the error), or if the engine
+    does not then know ``image.name`` as the image with ``image.config_digest``.
+    The client's timeout applies to each read from the engine.
+    """
+    # Imported here: importing docker is slow, and most users of this module never load.
+    import docker.errors
+    import requests.exceptions
+    import urllib3.exceptions
+
+    try:
+        body = _Body(_chunks(image, 1 << 20))
+    except OSError as e:
+        raise LoadError(f"cannot load {image.name}: {_os_reason(e)}") from e
+    engine = _engine_label(client)
+    try:
+        refusal = _send(client, body)
+    except docker.errors.APIError as e:  # an HTTP error status
+        raise LoadError(
+            f"the Docker engine at {engine} refused {image.name}: {_one_line(e.explanation or e)}"
+        ) from e
+    except (
+        # requests' errors are OSErrors too; the reply is read from urllib3 directly.
+        OSError,
+        urllib3.exceptions.HTTPError,
+        docker.errors.DockerException,
+    ) as e:
+        _close_leaked_sockets(e)
+        if body.error is not None:
+            raise LoadError(f"cannot load {image.name}: {_os_reason(body.error)}") from body.error
+        timeouts = (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
+        if isinstance(e, timeouts):
+            raise LoadError(
+                f"the Docker engine at {engine} did not answer in time while loading "
+                f"{image.name} ({_reason(e)}); try a longer client timeout"
+            ) from e
+        if body.started:
+            raise LoadError(
+                f"the connection to the Docker engine at {engine} broke while loading "
+                f"{image.name} ({_reason(e)}); see the engine's log"
+            ) from e
+        raise LoadError(
+            f"cannot reach the Docker engine at {engine} ({_reason(e)}); is dockerd running, "
+            "and is DOCKER_HOST right?"
+        ) from e
+    finally:
+        body.close()
+    if refusal is not None:
+        raise LoadError(f"the Docker engine at {engine} refused {image.name}: {refusal}")
+    return _check_loaded(client, image, engine)
+
+
+def _send(client: docker.DockerClient, body: _Body) -> str | None:
+    """POSTs the archive; returns the engine's error message, or None if it took the image.
+
+    The engine's reply is read to its end even after an error, so the connection is
+    released rather than left open.
+    """
+    messages = client.api.load_image(body, quiet=False)
+    refusal: str | None = None
+    try:
+        for message in messages:
+            if refusal is None:
+                refusal = _error_of(message)
+    finally:
+        messages.close()
+    return refusal
+
+
+def _error_of(message: Any) -> str | None:
+    if not isinstance(message, dict):
+        return None
+    detail = message.get("errorDetail")
+    text = detail.get("message") if isinstance(detail, dict) else None
+    if not text:
+        text = message.get("error")
+    if not text:
+        return None
+    return _one_line(text)
+
+
+def _check_loaded(client: docker.DockerClient, image: LoadableImage, engine: str) -> str:
+    import docker.errors
+    import requests.exceptions
+
+    try:
+        loaded = client.images.get(image.name)
+    except docker.errors.ImageNotFound as e:
+        raise LoadError(
+            f"the Docker engine at {engine} accepted {image.name} but does not list it "
+            "afterwards; see the engine's log"
+        ) from e
+    except (requests.exceptions.RequestException, docker.errors.DockerException) as e:
+        raise LoadError(
+            f"the Docker engine at {engine} loaded {image.name} but could not be asked about "
+            f"it afterwards ({_reason(e)})"
+        ) from e
+    image_id = loaded.id
+    if not isinstance(image_id, str) or image_id != image.config_digest:
+        raise LoadError(
+            f"after loading, {image.name} in the Docker engine at {engine} is image {image_id}, "
+            f"not {image.config_digest}; was it re-tagged meanwhile?"
+        )
+    return image_id
+
+
+def _close_leaked_sockets(error: BaseException) -> None:
+    """Closes sockets that a failed connect left open.
+
+    docker's unix-socket transport (7.x) does not close its socket when ``connect()`` fails,
+    so each failed attempt would leave one for the garbage collector (with a ResourceWarning).
+    The socket is still reachable from the traceback, as that frame's local ``sock``.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        tb = item.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            if frame.f_code.co_name == "connect":
+                sock = frame.f_locals.get("sock")
+                if isinstance(sock, socket.socket):
+                    sock.close()
+            tb = tb.tb_next
+        pending.extend(e for e in (item.__cause__, item.__context__) if e is not None)
+        pending.extend(arg for arg in item.args if isinstance(arg, BaseException))
+
+
+def _engine_label(client: docker.DockerClient) -> str:
+    """Where the engine is, for messages: the unix socket's path if it is one."""
+    api = getattr(client, "api", None)
+    adapter = getattr(api, "_custom_adapter", None)
+    socket_path = getattr(adapter, "socket_path", None)
+    if isinstance(socket_path, str) and socket_path:
+        return f"unix://{socket_path}"
+    return str(getattr(api, "base_url", "(unknown)"))
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split()) or "(no message)"
+
+
+def _os_reason(error: OSError) -> str:
+    if error.strerror and error.filename is not None:
+        return f"{error.filename}: {error.strerror}"
+    return _one_line(error)
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost OSError's text if there is one (e.g. "No such file or directory"),
+    else the error's own message."""
+    seen: set[int] = set()
+    pending: list[object] = [error]
+    while pending:
+        item = pending.pop(0)
+        if id(item) in seen or not isinstance(item, BaseException):
+            continue
+        seen.add(id(item))
+        if isinstance(item, OSError) and item.strerror:
+            return item.strerror
+        pending.extend(item.args)
+        pending.extend(e for e in (item.__cause__, item.__context__) if e is not None)
+        reason = getattr(item, "reason", None)
+        if reason is not None:
+            pending.append(reason)
+    return _one_line(error)

@@ -1,0 +1,321 @@
+"""Pull orders: one per (host, rollout). The server sends them down the agents' streams,
+hands out peers (it is the tracker: it knows who holds and who fetches each blob), and keeps
+every task's state and the pieces its host holds.
+
+Orders outlive connections: an order whose host is offline is sent when it connects, and an
+order in flight is sent again after a reconnect (the agent carries out each order once).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Protocol
+
+import structlog
+
+from docket_server.domain.fleet import Fleet, Session
+from docket_server.domain.models import Blob, Image
+
+log = structlog.get_logger()
+
+MAX_PEERS = 50
+
+
+class TaskState(StrEnum):
+    PENDING = "pending"
+    ACCEPTED = "accepted"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    LOADING = "loading"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
+
+
+class PeerSource(StrEnum):
+    SERVER = "server"  # the server hands out peers
+    TRACKER = "tracker"  # only the torrents' tracker does
+    BOTH = "both"
+
+
+@dataclass(frozen=True)
+class PeerRef:
+    endpoint: str
+    name: str
+
+
+@dataclass
+class BlobProgress:
+    digest: str
+    new_pieces: list[int]
+    done_pieces: int
+    total_pieces: int
+    done_bytes: int
+
+
+@dataclass
+class ProgressReport:
+    order_id: str
+    blobs: list[BlobProgress]
+    rate: int
+    peer_count: int
+    peer_bytes: dict[str, int]
+    fallback_bytes: int
+
+
+@dataclass
+class TaskReport:
+    order_id: str
+    state: TaskState
+    error: str = ""
+    image_id: str = ""
+    cached_bytes: int = 0
+    bittorrent_bytes: int = 0
+    server_bytes: int = 0
+    fallback_bytes: int = 0
+
+
+@dataclass
+class Task:
+    order_id: str
+    rollout_id: str
+    agent: str
+    image: Image
+    blobs: dict[str, Blob]
+    load: bool
+    state: TaskState = TaskState.PENDING
+    error: str = ""
+    image_id: str = ""
+    pieces: dict[str, bytearray] = field(default_factory=dict)
+    done_bytes: dict[str, int] = field(default_factory=dict)
+    rate: int = 0
+    peer_count: int = 0
+    peer_bytes: dict[str, int] = field(default_factory=dict)
+    cached_bytes: int = 0
+    bittorrent_bytes: int = 0
+    server_bytes: int = 0
+    fallback_bytes: int = 0
+    start_time: datetime = field(default_factory=lambda: datetime.now(UTC))
+    end_time: datetime | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(b.size for b in self.blobs.values())
+
+    @property
+    def total_pieces(self) -> int:
+        return sum(b.torrent.piece_count for b in self.blobs.values() if b.torrent)
+
+    def _cached(self) -> list[Blob]:
+        """Blobs the host already held: once it downloads, it reports every blob it fetches."""
+        if self.state not in (TaskState.DOWNLOADING, TaskState.VERIFYING, TaskState.LOADING):
+            return []
+        return [b for d, b in self.blobs.items() if d not in self.pieces]
+
+    @property
+    def done_pieces(self) -> int:
+        if self.state is TaskState.SUCCEEDED:
+            return self.total_pieces
+        held = sum(bin(byte).count("1") for bits in self.pieces.values() for byte in bits)
+        return held + sum(b.torrent.piece_count for b in self._cached() if b.torrent)
+
+    @property
+    def held_bytes(self) -> int:
+        if self.state is TaskState.SUCCEEDED:
+            return self.total_bytes
+        return sum(self.done_bytes.values()) + sum(b.size for b in self._cached())
+
+    def has_piece(self, digest: str, index: int) -> bool:
+        bits = self.pieces.get(digest)
+        return bits is not None and bool(bits[index >> 3] & (1 << (index & 7)))
+
+
+class OrderSink(Protocol):
+    """How orders reach agents (the API layer encodes them for the stream)."""
+
+    def send_order(self, session: Session, task: Task, peers: list[PeerRef]) -> None: ...
+
+    def send_peers(self, session: Session, task: Task, peers: list[PeerRef]) -> None: ...
+
+    def send_cancel(self, session: Session, task: Task, reason: str) -> None: ...
+
+
+class OrderBook:
+    def __init__(
+        self, fleet: Fleet, seed_endpoint: str, peer_source: PeerSource = PeerSource.SERVER
+    ) -> None:
+        self.fleet = fleet
+        self.seed_endpoint = seed_endpoint
+        self.peer_source = peer_source
+        self.sink: OrderSink | None = None
+        self.tasks: dict[str, Task] = {}
+        self._listeners: list[Callable[[Task], None]] = []
+
+    def listen(self, callback: Callable[[Task], None]) -> None:
+        self._listeners.append(callback)
+
+    def _changed(self, task: Task) -> None:
+        for callback in self._listeners:
+            callback(task)
+
+    def create(
+        self, agent: str, image: Image, blobs: dict[str, Blob], load: bool, rollout_id: str
+    ) -> Task:
+        task = Task(
+            order_id=uuid.uuid4().hex[:16],
+            rollout_id=rollout_id,
+            agent=agent,
+            image=image,
+            blobs=blobs,
+            load=load,
+        )
+        self.tasks[task.order_id] = task
+        session = self.fleet.sessions.get(agent)
+        if session is not None:
+            self._send(session, task)
+        log.info(
+            "order created",
+            order=task.order_id,
+            agent=agent,
+            image=image.name,
+            online=session is not None,
+        )
+        return task
+
+    def _send(self, session: Session, task: Task) -> None:
+        if self.sink is None:
+            return
+        peers = self.peers_for(task)
+        self.sink.send_order(session, task, peers)
+        # Tell the others fetching the same blobs about this host.
+        me = self._agent_peer(task.agent)
+        if me is None or self.peer_source is PeerSource.TRACKER:
+            return
+        for other in self._sharing(task):
+            other_session = self.fleet.sessions.get(other.agent)
+            if other_session is not None:
+                self.sink.send_peers(other_session, other, [me])
+
+    def _sharing(self, task: Task) -> list[Task]:
+        return [
+            t
+            for t in self.tasks.values()
+            if t.agent != task.agent
+            and t.state not in (TaskState.FAILED, TaskState.CANCELLED)
+            and not t.blobs.keys().isdisjoint(task.blobs.keys())
+        ]
+
+    def _agent_peer(self, agent: str) -> PeerRef | None:
+        session = self.fleet.sessions.get(agent)
+        if session is None or not session.record.info.bt_endpoint:
+            return None
+        return PeerRef(session.record.info.bt_endpoint, agent)
+
+    def peers_for(self, task: Task) -> list[PeerRef]:
+        """The server's seed, then hosts fetching or holding the same blobs."""
+        if self.peer_source is PeerSource.TRACKER:
+            return []
+        peers = [PeerRef(self.seed_endpoint, "server")]
+        seen = {task.agent}
+        for other in self._sharing(task):
+            ref = self._agent_peer(other.agent)
+            if ref is not None and other.agent not in seen:
+                seen.add(other.agent)
+                peers.append(ref)
+        wanted = set(task.blobs)
+        for name, session in self.fleet.sessions.items():
+            if name in seen or wanted.isdisjoint(session.record.info.cached_digests):
+                continue
+            ref = self._agent_peer(name)
+            if ref is not None:
+                seen.add(name)
+                peers.append(ref)
+        return peers[:MAX_PEERS]
+
+    def blob_peers(self, digest: str) -> list[PeerRef]:
+        """Where one blob can be fetched (for clients outside any order, like `pull`)."""
+        if self.peer_source is PeerSource.TRACKER:
+            return []
+        peers = [PeerRef(self.seed_endpoint, "server")]
+        for name, session in self.fleet.sessions.items():
+            if digest in session.record.info.cached_digests:
+                ref = self._agent_peer(name)
+                if ref is not None:
+                    peers.append(ref)
+        return peers[:MAX_PEERS]
+
+    def agent_connected(self, session: Session) -> None:
+        """Sends the agent every order of its that is not done."""
+        for task in list(self.tasks.values()):
+            if task.agent == session.name and not task.state.terminal:
+                self._send(session, task)
+
+    def cancel(self, task: Task, reason: str) -> None:
+        if task.state.terminal:
+            return
+        session = self.fleet.sessions.get(task.agent)
+        if session is not None and self.sink is not None:
+            self.sink.send_cancel(session, task, reason)
+        else:  # nobody to tell: the order is void
+            self._finish(task, TaskState.CANCELLED, reason)
+
+    def on_progress(self, agent: str, report: ProgressReport) -> None:
+        task = self.tasks.get(report.order_id)
+        if task is None or task.agent != agent or task.state.terminal:
+            return
+        for blob in report.blobs:
+            meta = task.blobs.get(blob.digest)
+            if meta is None or meta.torrent is None:
+                continue
+            count = meta.torrent.piece_count
+            bits = task.pieces.setdefault(blob.digest, bytearray((count + 7) // 8))
+            for index in blob.new_pieces:
+                if 0 <= index < count:
+                    bits[index >> 3] |= 1 << (index & 7)
+            task.done_bytes[blob.digest] = min(max(blob.done_bytes, 0), meta.size)
+        task.rate = report.rate
+        task.peer_count = report.peer_count
+        task.peer_bytes = report.peer_bytes
+        task.fallback_bytes = report.fallback_bytes
+        self._changed(task)
+
+    def on_update(self, agent: str, report: TaskReport) -> None:
+        task = self.tasks.get(report.order_id)
+        if task is None or task.agent != agent:
+            log.warning("update for an unknown order", agent=agent, order=report.order_id)
+            return
+        if task.state.terminal:
+            return
+        task.cached_bytes = report.cached_bytes
+        task.bittorrent_bytes = report.bittorrent_bytes
+        task.server_bytes = report.server_bytes
+        task.fallback_bytes = report.fallback_bytes
+        task.image_id = report.image_id or task.image_id
+        if report.state.terminal:
+            self._finish(task, report.state, report.error)
+            return
+        task.state = report.state
+        task.error = report.error
+        self._changed(task)
+
+    def _finish(self, task: Task, state: TaskState, error: str) -> None:
+        task.state = state
+        task.error = error
+        task.rate = 0
+        task.end_time = datetime.now(UTC)
+        log.info(
+            "order ended",
+            order=task.order_id,
+            agent=task.agent,
+            state=str(state),
+            error=error or None,
+        )
+        self._changed(task)
