@@ -7,7 +7,6 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import structlog
 
 from docket_agent.cache import BlobCache
@@ -15,9 +14,10 @@ from docket_agent.hostinfo import disk_free, load_agent_id, lock_data_dir, probe
 from docket_agent.orders import OrderManager, OrderSettings
 from docket_agent.stream import StreamClient, agent_channel
 from docket_common.bt import split_host_port
-from docket_common.fetch import BlobFetcher, FetchError
+from docket_common.fetch import BlobFetcher
 from docket_common.loadable import LoadableImage, LoadError, load_into_docker
-from docket_common.pb import agent_pb2, image_service_pb2, image_service_pb2_grpc
+from docket_common.pb import agent_pb2, image_service_pb2_grpc
+from docket_common.readblob import grpc_read_range
 from docket_common.version import VERSION
 
 log = structlog.get_logger()
@@ -84,20 +84,7 @@ class Agent:
         images = image_service_pb2_grpc.ImageServiceStub(channel)
         metadata = (("authorization", f"Bearer {cfg.token}"),) if cfg.token else ()
 
-        async def read_range(digest: str, offset: int, length: int) -> bytes:
-            try:
-                chunks = [
-                    r.chunk
-                    async for r in images.ReadBlob(
-                        image_service_pb2.ReadBlobRequest(
-                            digest=digest, offset_bytes=offset, length_bytes=length
-                        ),
-                        metadata=metadata,
-                    )
-                ]
-            except grpc.aio.AioRpcError as e:
-                raise FetchError(f"ReadBlob {digest}: {e.code().name}: {e.details()}") from e
-            return b"".join(chunks)
+        read_range = grpc_read_range(images, metadata)
 
         self.stream = StreamClient(
             cfg.server,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,14 @@ import structlog
 from google.protobuf import json_format
 
 from docket_agent.cache import BlobCache, CacheFullError
-from docket_common.fetch import BlobDownload, BlobFetcher, BlobSpec, FetchError
+from docket_common.fetch import (
+    BlobDownload,
+    BlobFetcher,
+    BlobSpec,
+    FetchError,
+    ReadRange,
+    follow,
+)
 from docket_common.loadable import LoadError
 from docket_common.pb import agent_pb2
 from docket_common.pb import agent_service_pb2 as pb
@@ -34,7 +40,6 @@ TERMINAL = {
 }
 
 Send = Callable[[pb.ConnectRequest], None]
-ReadRange = Callable[[str, int, int], Awaitable[bytes]]
 Loader = Callable[[agent_pb2.PullOrder, list[Path]], Awaitable[str]]
 
 
@@ -126,7 +131,13 @@ class OrderRunner:
                 self.downloads[blob.digest] = self.m.fetcher.download(_spec(blob), self.peers)
             self.update(agent_pb2.TASK_STATE_DOWNLOADING)
             self._send_progress(full=True)
-            await self._watch_downloads()
+            await follow(
+                self.m.fetcher,
+                self.downloads.values(),
+                read_range=self.m.read_range,
+                fallback_after=self.m.settings.fallback_after,
+                on_tick=lambda: self._send_progress(full=False),
+            )
             self.update(agent_pb2.TASK_STATE_VERIFYING)
             for download in self.downloads.values():
                 await self.m.fetcher.complete(download)
@@ -146,41 +157,6 @@ class OrderRunner:
         image_id = await self.m.load(self.order, paths)
         log.info("image loaded", order=self.id, image=self.order.image_name, image_id=image_id)
         self.update(agent_pb2.TASK_STATE_SUCCEEDED, image_id=image_id)
-
-    async def _watch_downloads(self) -> None:
-        """Reports progress until every download is in; fills stalls over gRPC."""
-        last_bytes = -1
-        last_change = time.monotonic()
-        while not all(d.finished.is_set() for d in self.downloads.values()):
-            await asyncio.sleep(PROGRESS_EVERY)
-            self._send_progress(full=False)
-            done = sum(d.status().total_wanted_done for d in self.downloads.values())
-            if done != last_bytes:
-                last_bytes, last_change = done, time.monotonic()
-            elif time.monotonic() - last_change >= self.m.settings.fallback_after:
-                await self._fallback()
-                last_change = time.monotonic()
-
-    async def _fallback(self) -> None:
-        for download in self.downloads.values():
-            if download.finished.is_set():
-                continue
-            digest = download.spec.digest
-            log.warning(
-                "no peer delivers: fetching the missing pieces from the server over gRPC",
-                order=self.id,
-                digest=digest,
-                missing_pieces=len(download.missing_pieces()),
-            )
-
-            async def read(offset: int, length: int, digest: str = digest) -> bytes:
-                return await self.m.read_range(digest, offset, length)
-
-            try:
-                await self.m.fetcher.fill_missing(download, read)
-            except FetchError as e:
-                log.warning("fallback failed: waiting for peers", order=self.id, error=str(e))
-            self._send_progress(full=False)
 
     def _send_progress(self, full: bool) -> None:
         blobs: list[agent_pb2.BlobProgress] = []

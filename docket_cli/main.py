@@ -13,9 +13,13 @@ import click
 from docket_cli.agents import agents_cmd
 from docket_cli.client import DEFAULT_SERVER, ServerError
 from docket_cli.images import images_cmd, inspect_cmd, rm_cmd
+from docket_cli.pull import pull_cmd
 from docket_cli.push import PushError, push_cmd
 from docket_cli.rollout import rollout_cmd
 from docket_common.archive import ArchiveError
+from docket_common.bt import TorrentSessionError
+from docket_common.fetch import FetchError
+from docket_common.loadable import LoadError
 from docket_common.reference import InvalidReferenceError
 from docket_common.selector import InvalidSelectorError
 
@@ -51,6 +55,7 @@ cli.add_command(inspect_cmd)
 cli.add_command(rm_cmd)
 cli.add_command(agents_cmd)
 cli.add_command(rollout_cmd)
+cli.add_command(pull_cmd)
 
 
 def main() -> None:
@@ -67,7 +72,15 @@ def main() -> None:
         sys.exit(e.exit_code)
     except ServerError as e:
         _fail(f"{e.message} [{e.reason}]" if e.reason else e.message)
-    except (ArchiveError, InvalidReferenceError, InvalidSelectorError, PushError) as e:
+    except (
+        ArchiveError,
+        InvalidReferenceError,
+        InvalidSelectorError,
+        PushError,
+        FetchError,
+        LoadError,
+        TorrentSessionError,
+    ) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted", code=130)

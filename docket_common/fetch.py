@@ -33,6 +33,10 @@ class FetchError(Exception):
     """A blob could not be fetched or failed its checks; str() is one line."""
 
 
+class BlobGoneError(FetchError):
+    """The server no longer has the blob (its image was deleted): waiting cannot help."""
+
+
 @dataclass(frozen=True)
 class BlobSpec:
     digest: str
@@ -282,3 +286,54 @@ def _sha256_file(path: Path) -> str:
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return f"sha256:{digest.hexdigest()}"
+
+
+ReadRange = Callable[[str, int, int], Awaitable[bytes]]
+TICK = 0.25
+
+
+async def follow(
+    fetcher: BlobFetcher,
+    downloads: Iterable[BlobDownload],
+    *,
+    read_range: ReadRange,
+    fallback_after: float,
+    on_tick: Callable[[], None],
+) -> None:
+    """Waits for every download, calling ``on_tick`` every 250 ms. When no byte arrives for
+    ``fallback_after`` seconds, fetches the missing pieces with ``read_range(digest, offset,
+    length)`` (the server's ReadBlob); a failing fallback is logged and waiting goes on."""
+    downloads = list(downloads)
+    last_done = -1
+    last_change = asyncio.get_running_loop().time()
+    while not all(d.finished.is_set() for d in downloads):
+        await asyncio.sleep(TICK)
+        on_tick()
+        now = asyncio.get_running_loop().time()
+        done = sum(d.status().total_wanted_done for d in downloads)
+        if done != last_done:
+            last_done, last_change = done, now
+            continue
+        if now - last_change < fallback_after:
+            continue
+        for download in downloads:
+            if download.finished.is_set():
+                continue
+            digest = download.spec.digest
+            log.warning(
+                "no peer delivers: fetching the missing pieces from the server over gRPC",
+                digest=digest,
+                missing_pieces=len(download.missing_pieces()),
+            )
+
+            async def read(offset: int, length: int, digest: str = digest) -> bytes:
+                return await read_range(digest, offset, length)
+
+            try:
+                await fetcher.fill_missing(download, read)
+            except BlobGoneError:
+                raise
+            except FetchError as e:
+                log.warning("fallback failed: waiting for peers", digest=digest, error=str(e))
+            on_tick()
+        last_change = asyncio.get_running_loop().time()

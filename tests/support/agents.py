@@ -128,9 +128,18 @@ def _now() -> Timestamp:
 class SimulatedAgent:
     """One agent stream without an agent process: hello, then a heartbeat every interval."""
 
-    def __init__(self, stub: pb_grpc.AgentServiceStub, name: str, agent_id: str | None = None):
+    def __init__(
+        self,
+        stub: pb_grpc.AgentServiceStub,
+        name: str,
+        agent_id: str | None = None,
+        bt_endpoint: str = "",
+        cached_digests: tuple[str, ...] = (),
+    ):
         self.stub = stub
         self.name = name
+        self.bt_endpoint = bt_endpoint
+        self.cached_digests = cached_digests
         self.agent_id = agent_id or uuid.uuid4().hex
         self.welcome: agent_pb2.Welcome | None = None
         self.welcomed = asyncio.Event()
@@ -140,7 +149,12 @@ class SimulatedAgent:
     def hello(self) -> pb.ConnectRequest:
         return pb.ConnectRequest(
             hello=agent_pb2.Hello(
-                name=self.name, agent_id=self.agent_id, groups=["sim"], version="sim"
+                name=self.name,
+                agent_id=self.agent_id,
+                groups=["sim"],
+                version="sim",
+                bt_endpoint=self.bt_endpoint,
+                cached_digests=list(self.cached_digests),
             )
         )
 

@@ -1,0 +1,173 @@
+"""`docketctl pull`: one host, no agent. Fetches an image over BitTorrent (from the server's
+seed and the agents that hold its blobs) into the local Docker engine or a loadable archive.
+
+Blobs go to a cache under $XDG_CACHE_HOME/docket/pull (verified, like an agent's), so a pull
+cut short resumes and a second image sharing layers fetches only what is new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import click
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from docket_cli.client import Connection
+from docket_cli.command import with_connection
+from docket_cli.render import human_size, stderr
+from docket_common.digest import short
+from docket_common.fetch import BlobFetcher, BlobSpec, follow
+from docket_common.loadable import LoadableImage, LoadError, load_into_docker, write_archive
+from docket_common.pb import image_service_pb2 as pb
+from docket_common.readblob import grpc_read_range
+from docket_common.reference import parse_reference
+from docket_common.version import VERSION
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "docket" / "pull"
+
+
+@click.command("pull")
+@click.argument("ref")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a `docker load`-able archive here instead of loading into the engine.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_cache_dir,
+    show_default="$XDG_CACHE_HOME/docket/pull",
+    help="Where verified blobs are kept.",
+)
+@click.option(
+    "--bt-listen",
+    default="0.0.0.0:0",
+    show_default=True,
+    help="BitTorrent address to listen on while pulling.",
+)
+@click.option(
+    "--fallback-after",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds without a new byte before the missing pieces come over gRPC.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress, only the result.")
+@with_connection
+async def pull_cmd(
+    conn: Connection,
+    ref: str,
+    output: Path | None,
+    cache_dir: Path,
+    bt_listen: str,
+    fallback_after: float,
+    quiet: bool,
+) -> None:
+    """Pull an image from the server over BitTorrent into the local Docker engine
+    ($DOCKER_HOST), or with --output into an archive for `docker load`."""
+    name = parse_reference(ref).name
+    image = (
+        await conn.images.GetImage(pb.GetImageRequest(name=name), metadata=conn.metadata)
+    ).image
+    blobs = [image.config, *image.layers]
+    fetcher = BlobFetcher(bt_listen, cache_dir, user_agent=f"docketctl/{VERSION}")
+    await fetcher.start()
+    try:
+        downloads = []
+        cached = 0
+        for blob in {b.digest: b for b in blobs}.values():
+            path = fetcher.blob_path(blob.digest)
+            if path.is_file() and path.stat().st_size == blob.size_bytes:
+                cached += blob.size_bytes
+                continue
+            torrent = await conn.images.GetTorrent(
+                pb.GetTorrentRequest(digest=blob.digest), metadata=conn.metadata
+            )
+            spec = BlobSpec(blob.digest, blob.size_bytes, torrent.torrent.metainfo)
+            downloads.append(fetcher.download(spec, [p.endpoint for p in torrent.peers]))
+        if cached and not quiet:
+            stderr.print(f"{human_size(cached)} already in {cache_dir}: not fetched again")
+        live = stderr.is_terminal and not quiet
+        bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=False),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=stderr,
+        )
+        tasks = {
+            d.spec.digest: bars.add_task(short(d.spec.digest), total=d.spec.size) for d in downloads
+        }
+
+        def tick() -> None:
+            for d in downloads:
+                bars.update(tasks[d.spec.digest], completed=d.status().total_wanted_done)
+
+        if live:
+            bars.start()
+        try:
+            await follow(
+                fetcher,
+                downloads,
+                read_range=grpc_read_range(conn.images, conn.metadata),
+                fallback_after=fallback_after,
+                on_tick=tick,
+            )
+            for d in downloads:
+                await fetcher.complete(d)
+            tick()
+        finally:
+            if live:
+                bars.stop()
+        for d in downloads:
+            if not quiet and not live:
+                stderr.print(f"{short(d.spec.digest)}: fetched ({human_size(d.spec.size)})")
+        fetched = sum(d.spec.size for d in downloads)
+        fallback = sum(d.fallback_bytes for d in downloads)
+    finally:
+        fetcher.close()
+    loadable = LoadableImage(
+        name=image.name,
+        config_path=fetcher.blob_path(image.config.digest),
+        config_digest=image.config.digest,
+        layer_paths=tuple(fetcher.blob_path(layer.digest) for layer in image.layers),
+        layer_digests=tuple(layer.digest for layer in image.layers),
+    )
+    how = f"{human_size(fetched)} fetched, {human_size(cached)} cached" + (
+        f", {human_size(fallback)} over gRPC" if fallback else ""
+    )
+    if output is not None:
+        await asyncio.to_thread(write_archive, loadable, output)
+        click.echo(f"Pulled {image.name} {image.digest} into {output} ({how})")
+        return
+    image_id = await asyncio.to_thread(_load, loadable)
+    click.echo(f"Pulled {image.name} {image.digest}: loaded as {image_id} ({how})")
+
+
+def _load(image: LoadableImage) -> str:
+    import docker
+    from docker.errors import DockerException
+
+    try:
+        client = docker.from_env(timeout=600)
+    except DockerException as e:
+        raise LoadError(f"cannot reach the Docker engine (DOCKER_HOST): {e}") from e
+    try:
+        return load_into_docker(client, image)
+    finally:
+        client.close()
