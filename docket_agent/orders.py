@@ -129,8 +129,9 @@ class OrderRunner:
                 self.m.fetcher.drop(digest)
             for blob in missing:
                 self.downloads[blob.digest] = self.m.fetcher.download(_spec(blob), self.peers)
-            self.update(agent_pb2.TASK_STATE_DOWNLOADING)
+            # Pieces first: the server then knows which blobs this host still lacks.
             self._send_progress(full=True)
+            self.update(agent_pb2.TASK_STATE_DOWNLOADING)
             await follow(
                 self.m.fetcher,
                 self.downloads.values(),

@@ -120,6 +120,10 @@ class BlobFetcher(TorrentSession):
         port = await super().start()
         if self.download_rate_limit:
             self.session.apply_settings({"download_rate_limit": self.download_rate_limit})
+            # libtorrent exempts local-network peers from limits; a limit here means all peers.
+            everyone = lt.ip_filter()
+            everyone.add_rule("0.0.0.0", "255.255.255.255", 1 << lt.session.global_peer_class_id)
+            self.session.set_peer_class_filter(everyone)
         return port
 
     def blob_path(self, digest: str) -> Path:

@@ -1,0 +1,436 @@
+"""Peer-to-peer pulls with real processes: a server, agents with Docker engines of their own,
+libtorrent swarms, opentracker, a corrupt peer, a blocked seed, a killed agent, docketctl pull.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from docket_common.archive import ImageArchive
+from docket_common.pb import agent_service_pb2_grpc
+from docket_common.pb import image_service_pb2 as image_pb
+from docket_common.pb import image_service_pb2_grpc as image_grpc
+from tests.support.agents import AgentProcess, SimulatedAgent, wait_for_states
+from tests.support.archives import layer_tar, random_bytes, sha256, write_legacy_archive
+from tests.support.corrupt_peer import CorruptPeer
+from tests.support.dockerd import DockerEngine
+from tests.support.images import ImagePair
+from tests.support.server import BIN, ServerProcess, docketctl, free_port
+from tests.support.tracker import Tracker
+
+FAST = ["--heartbeat-interval", "0.5", "--hello-timeout", "2"]
+MiB = 1024 * 1024
+
+StartAgent = Callable[..., AgentProcess]
+
+
+@pytest.fixture(scope="module")
+def agent_engines() -> Iterator[list[DockerEngine]]:
+    """Three private Docker engines, one per agent host."""
+    engines = [DockerEngine().start() for _ in range(3)]
+    yield engines
+    for engine in engines:
+        engine.stop()
+
+
+def make_server(tmp_path: Path, *args: str) -> ServerProcess:
+    return ServerProcess(data_dir=tmp_path / "server", extra_args=[*FAST, *args]).start()
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[StartAgent]:
+    started: list[AgentProcess] = []
+
+    def start(server: ServerProcess, name: str, **kwargs: Any) -> AgentProcess:
+        agent = AgentProcess(
+            server=server.address, data_dir=tmp_path / name, name=name, **kwargs
+        ).start()
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()
+
+
+def rollout(
+    server: ServerProcess, ref: str, *args: str, timeout: float = 180
+) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
+    """Runs `docketctl rollout -o json`; returns the exit code, the events and the summary."""
+    result = docketctl("rollout", ref, *args, "-o", "json", server=server.address, timeout=timeout)
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert lines, result.stderr
+    summary = lines[-1]["summary"]
+    return result.returncode, lines[:-1], {h["host"]: h for h in summary["hosts"]}
+
+
+def background_rollout(server: ServerProcess, ref: str, selector: str) -> subprocess.Popen[str]:
+    """`docketctl rollout --prefetch-only -o json` running while the test does other things."""
+    return subprocess.Popen(
+        [
+            str(BIN / "docketctl"),
+            "--server",
+            server.address,
+            "rollout",
+            ref,
+            "--hosts",
+            selector,
+            "--prefetch-only",
+            "-o",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def push_archive(server: ServerProcess, tmp_path: Path, name: str, layers: list[bytes]) -> Any:
+    archive = write_legacy_archive(tmp_path / f"{name.replace('/', '_')}.tar", name, layers)
+    result = docketctl("push", name, "--archive", str(archive.path), "-q", server=server.address)
+    assert result.returncode == 0, result.stderr
+    return archive
+
+
+@pytest.mark.docker
+def test_rollout_loads_the_image_on_every_host_and_a_sibling_moves_only_new_layers(
+    tmp_path: Path,
+    agents: StartAgent,
+    docker_engine: DockerEngine,
+    test_images: ImagePair,
+    agent_engines: list[DockerEngine],
+) -> None:
+    server = make_server(tmp_path)
+    try:
+        for ref in (test_images.app1, test_images.app2):
+            pushed = docketctl("push", ref, "-q", server=server.address, env=docker_engine.env())
+            assert pushed.returncode == 0, pushed.stderr
+        names = [f"host{i}" for i in range(3)]
+        for name, engine in zip(names, agent_engines, strict=True):
+            engine.client.images.prune(filters={"dangling": False})
+            agents(server, name, groups=["web"], docker_host=engine.host)
+        wait_for_states(server.address, dict.fromkeys(names, "online"))
+
+        code, events, hosts = rollout(server, test_images.app1, "--hosts", "web")
+        assert code == 0, hosts
+        source = docker_engine.client.images.get(test_images.app1)
+        for name, engine in zip(names, agent_engines, strict=True):
+            assert hosts[name]["state"] == "succeeded"
+            assert hosts[name]["image_id"] == source.id
+            loaded = engine.client.images.get(test_images.app1)
+            assert loaded.attrs["RootFS"]["Layers"] == source.attrs["RootFS"]["Layers"]
+            out = engine.client.containers.run(test_images.app1, ["echo", "loaded"], remove=True)
+            assert out == b"loaded\n"
+        states = [e["host"]["state"] for e in events if e["type"] == "host"]
+        assert {"accepted", "downloading", "verifying", "loading", "succeeded"} <= set(states)
+        pieces = [e["host"]["done_pieces"] for e in events if e["type"] == "host"]
+        assert max(pieces) == hosts[names[0]]["total_pieces"]
+
+        # The sibling shares the base layer: only its own layer and config travel.
+        code, _, hosts2 = rollout(server, test_images.app2, "--hosts", "web")
+        assert code == 0, hosts2
+        base = source.attrs["RootFS"]["Layers"][0]
+        sibling = docker_engine.client.images.get(test_images.app2)
+        base_size = next(
+            layer["size_bytes"]
+            for layer in json.loads(
+                docketctl("inspect", test_images.app2, "-o", "json", server=server.address).stdout
+            )["layers"]
+            if layer["digest"] == base
+        )
+        for name, engine in zip(names, agent_engines, strict=True):
+            host = hosts2[name]
+            assert host["cached_bytes"] >= base_size
+            # Only the new layer and the config travel (give or take a duplicate block of
+            # libtorrent's end game); the base layer does not.
+            moved = host["bittorrent_bytes"] + host["fallback_bytes"]
+            assert moved <= host["total_bytes"] - base_size + 64 * 1024
+            assert engine.client.images.get(test_images.app2).id == sibling.id
+    finally:
+        server.stop()
+
+
+def test_pieces_flow_between_agents_not_only_from_the_server(
+    tmp_path: Path, agents: StartAgent
+) -> None:
+    server = make_server(tmp_path)
+    try:
+        push_archive(server, tmp_path, "big/one:1", [layer_tar({"a": random_bytes(MiB, 1) * 96})])
+        names = [f"p{i}" for i in range(3)]
+        for name in names:
+            agents(server, name, groups=["swarm"])
+        wait_for_states(server.address, dict.fromkeys(names, "online"))
+        code, events, hosts = rollout(server, "big/one:1", "--hosts", "swarm", "--prefetch-only")
+        assert code == 0, hosts
+        from_peers = {n: h["peer_bytes"] for n, h in hosts.items()}
+        print("bytes from other agents:", from_peers)
+        assert sum(from_peers.values()) > 0
+        # The progress reports named agent endpoints, not only the server's seed.
+        seed = f"127.0.0.1:{server.bt_port}"
+        reported = {p for e in events if e["type"] == "host" for p in [e["host"]["host"]]}
+        assert reported == set(names)
+        assert all(h["done_pieces"] == h["total_pieces"] for h in hosts.values())
+        assert seed  # the seed endpoint is what the server hands out first
+    finally:
+        server.stop()
+
+
+def test_opentracker_alone_finds_the_peers(tmp_path: Path, agents: StartAgent) -> None:
+    with Tracker() as tracker:
+        server = make_server(
+            tmp_path, "--tracker", tracker.announce_url, "--peer-source", "tracker"
+        )
+        try:
+            archive = push_archive(
+                server, tmp_path, "tracked:1", [layer_tar({"t": random_bytes(4 * MiB, 2)})]
+            )
+            with grpc.insecure_channel(server.address) as channel:
+                stub = image_grpc.ImageServiceStub(channel)
+                hashes = []
+                for digest in [archive.config_digest, *archive.layer_digests]:
+                    response = stub.GetTorrent(image_pb.GetTorrentRequest(digest=digest))
+                    assert list(response.peers) == []  # the server hands out no peers
+                    hashes.append(response.torrent.info_hash)
+            tracker.allow(*hashes)
+            # The server's seed announces when it adds a torrent; restart it so it announces
+            # now that the tracker accepts these torrents.
+            server.stop()
+            server.start()
+            for name in ("t1", "t2"):
+                agents(server, name, groups=["tracked"])
+            wait_for_states(server.address, {"t1": "online", "t2": "online"})
+            code, _, hosts = rollout(
+                server, "tracked:1", "--hosts", "tracked", "--prefetch-only", timeout=120
+            )
+            assert code == 0, hosts
+            assert all(h["fallback_bytes"] == 0 for h in hosts.values())
+            assert all(h["bittorrent_bytes"] > 0 for h in hosts.values())
+        finally:
+            server.stop()
+
+
+def test_a_blocked_seed_and_a_corrupt_peer_still_end_with_the_right_bytes(
+    tmp_path: Path, agents: StartAgent
+) -> None:
+    """The seed's advertised port is closed and the only peer lies: libtorrent rejects every
+    piece it sends, and the agent fills the gaps from the server over gRPC."""
+    closed = free_port()
+    server = make_server(tmp_path, "--bt-advertise", f"127.0.0.1:{closed}")
+    layer = layer_tar({"c": random_bytes(3 * MiB, 3)})
+    try:
+        archive = push_archive(server, tmp_path, "lied/about:1", [layer])
+        with grpc.insecure_channel(server.address) as channel:
+            stub = image_grpc.ImageServiceStub(channel)
+            metainfo = stub.GetTorrent(
+                image_pb.GetTorrentRequest(digest=archive.layer_digests[0])
+            ).torrent.metainfo
+
+        async def with_liar() -> None:
+            with CorruptPeer(metainfo, layer, tmp_path / "liar") as liar:
+                async with grpc.aio.insecure_channel(server.address) as channel:
+                    fake = SimulatedAgent(
+                        agent_service_pb2_grpc.AgentServiceStub(channel),
+                        "liar",
+                        bt_endpoint=liar.endpoint,
+                        cached_digests=(archive.layer_digests[0],),
+                    )
+                    task = asyncio.create_task(fake.run())
+                    await asyncio.wait_for(fake.welcomed.wait(), 10)
+                    agent = agents(
+                        server, "honest", groups=["h"], extra_args=["--fallback-after", "2"]
+                    )
+                    await asyncio.to_thread(wait_for_states, server.address, {"honest": "online"})
+                    code, _, hosts = await asyncio.to_thread(
+                        rollout, server, "lied/about:1", "--hosts", "h", "--prefetch-only"
+                    )
+                    task.cancel()
+                    assert code == 0, hosts
+                    assert liar.uploaded_bytes() > 0  # it did send its bad bytes
+                    assert hosts["honest"]["fallback_bytes"] > 0
+                    blob = (
+                        agent.data_dir
+                        / "blobs"
+                        / "sha256"
+                        / archive.layer_digests[0][7:9]
+                        / archive.layer_digests[0][7:]
+                    )
+                    assert sha256(blob.read_bytes()) == archive.layer_digests[0]
+                    assert "piece failed its hash" in agent.log_tail(400)
+
+        asyncio.run(with_liar())
+    finally:
+        server.stop()
+
+
+def test_a_killed_agent_resumes_without_fetching_its_pieces_again(
+    tmp_path: Path, agents: StartAgent
+) -> None:
+    server = make_server(tmp_path)
+    try:
+        total = 48 * MiB
+        push_archive(server, tmp_path, "slow/one:1", [layer_tar({"s": random_bytes(MiB, 4) * 48})])
+        agent = agents(server, "r1", groups=["r"], extra_args=["--max-download-rate", str(8 * MiB)])
+        wait_for_states(server.address, {"r1": "online"})
+        proc = __import__("subprocess").Popen(
+            [
+                str(Path(__import__("sys").executable).parent / "docketctl"),
+                "--server",
+                server.address,
+                "rollout",
+                "slow/one:1",
+                "--hosts",
+                "r",
+                "--prefetch-only",
+                "-o",
+                "json",
+            ],
+            stdout=__import__("subprocess").PIPE,
+            stderr=__import__("subprocess").DEVNULL,
+            text=True,
+        )
+        assert proc.stdout is not None
+        done_before = 0
+        for line in proc.stdout:
+            event = json.loads(line)
+            if event.get("type") == "host":
+                done_before = event["host"]["done_bytes"]
+                if done_before > total * 0.3:
+                    break
+        agent.signal(signal.SIGKILL)
+        assert agent.proc is not None
+        agent.proc.wait()
+        time.sleep(1)
+        agent.proc = None
+        agent.start()
+        out, _ = proc.communicate(timeout=120)
+        summary = json.loads(out.splitlines()[-1])["summary"]
+        host = summary["hosts"][0]
+        assert proc.returncode == 0, host
+        assert host["state"] == "succeeded"
+        # After the restart it fetched only what it lacked.
+        assert host["bittorrent_bytes"] + host["fallback_bytes"] <= total - done_before + 4 * MiB
+        fetched = host["bittorrent_bytes"] / MiB
+        print(f"held {done_before / MiB:.0f} MiB when killed; fetched {fetched:.0f} MiB after")
+    finally:
+        server.stop()
+
+
+def test_an_image_deleted_mid_pull_fails_clearly(tmp_path: Path, agents: StartAgent) -> None:
+    server = make_server(tmp_path, "--bt-advertise", f"127.0.0.1:{free_port()}")
+    try:
+        push_archive(server, tmp_path, "doomed:1", [layer_tar({"d": random_bytes(2 * MiB, 5)})])
+        agents(server, "d1", groups=["d"], extra_args=["--fallback-after", "3"])
+        wait_for_states(server.address, {"d1": "online"})
+        proc = __import__("subprocess").Popen(
+            [
+                str(Path(__import__("sys").executable).parent / "docketctl"),
+                "--server",
+                server.address,
+                "rollout",
+                "doomed:1",
+                "--hosts",
+                "d",
+                "--prefetch-only",
+                "-o",
+                "json",
+            ],
+            stdout=__import__("subprocess").PIPE,
+            stderr=__import__("subprocess").DEVNULL,
+            text=True,
+        )
+        time.sleep(1)
+        assert docketctl("rm", "doomed:1", server=server.address).returncode == 0
+        out, _ = proc.communicate(timeout=60)
+        host = json.loads(out.splitlines()[-1])["summary"]["hosts"][0]
+        assert proc.returncode == 1
+        assert host["state"] == "failed"
+        assert "gone from the server" in host["error"]
+    finally:
+        server.stop()
+
+
+def test_a_cache_too_small_fails_the_order_and_the_agent_goes_on(
+    tmp_path: Path, agents: StartAgent
+) -> None:
+    server = make_server(tmp_path)
+    try:
+        push_archive(server, tmp_path, "huge:1", [layer_tar({"h": random_bytes(MiB, 6) * 4})])
+        push_archive(server, tmp_path, "small:1", [layer_tar({"s": random_bytes(1000, 7)})])
+        agents(server, "c1", groups=["c"], extra_args=["--cache-max-bytes", str(MiB)])
+        wait_for_states(server.address, {"c1": "online"})
+        code, _, hosts = rollout(server, "huge:1", "--hosts", "c", "--prefetch-only")
+        assert code == 1
+        assert "the cache holds 1048576 bytes at most" in hosts["c1"]["error"]
+        code, _, hosts = rollout(server, "small:1", "--hosts", "c", "--prefetch-only")
+        assert code == 0, hosts
+    finally:
+        server.stop()
+
+
+def test_a_host_without_docker_stops_at_downloaded_and_says_why(
+    tmp_path: Path, agents: StartAgent
+) -> None:
+    server = make_server(tmp_path)
+    try:
+        push_archive(server, tmp_path, "nodocker:1", [layer_tar({"n": b"n" * 5000})])
+        agents(server, "n1", groups=["n"])
+        wait_for_states(server.address, {"n1": "online"})
+        code, _, hosts = rollout(server, "nodocker:1", "--hosts", "n")
+        assert code == 1
+        assert hosts["n1"]["state"] == "failed"
+        assert hosts["n1"]["error"] == "downloaded, but not loaded: disabled with --no-docker"
+        assert hosts["n1"]["bittorrent_bytes"] > 0
+    finally:
+        server.stop()
+
+
+@pytest.mark.docker
+def test_docketctl_pull_into_an_engine_and_into_an_archive(
+    tmp_path: Path,
+    docker_engine: DockerEngine,
+    test_images: ImagePair,
+    agent_engines: list[DockerEngine],
+) -> None:
+    server = make_server(tmp_path)
+    try:
+        assert (
+            docketctl(
+                "push", test_images.app1, "-q", server=server.address, env=docker_engine.env()
+            ).returncode
+            == 0
+        )
+        target = agent_engines[0]
+        for image in target.client.images.list():
+            target.client.images.remove(image.id, force=True)
+        env = target.env() | {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+        pulled = docketctl("pull", test_images.app1, server=server.address, env=env)
+        assert pulled.returncode == 0, pulled.stderr
+        assert "loaded as sha256:" in pulled.stdout
+        assert (
+            target.client.images.get(test_images.app1).id
+            == docker_engine.client.images.get(test_images.app1).id
+        )
+        archive = tmp_path / "out.tar"
+        again = docketctl(
+            "pull", test_images.app1, "--output", str(archive), server=server.address, env=env
+        )
+        assert again.returncode == 0, again.stderr
+        assert "0B fetched" in again.stdout  # all of it was in the pull cache
+        with ImageArchive(archive) as opened:
+            image = opened.find(test_images.app1)
+            assert image.config.digest == docker_engine.client.images.get(test_images.app1).id
+        missing = docketctl("pull", "nope:1", server=server.address, env=env)
+        assert missing.returncode == 1
+        assert "image nope:1 not found" in missing.stderr
+    finally:
+        server.stop()
