@@ -281,38 +281,22 @@ def test_a_killed_agent_resumes_without_fetching_its_pieces_again(
         push_archive(server, tmp_path, "slow/one:1", [layer_tar({"s": random_bytes(MiB, 4) * 48})])
         agent = agents(server, "r1", groups=["r"], extra_args=["--max-download-rate", str(8 * MiB)])
         wait_for_states(server.address, {"r1": "online"})
-        proc = __import__("subprocess").Popen(
-            [
-                str(Path(__import__("sys").executable).parent / "docketctl"),
-                "--server",
-                server.address,
-                "rollout",
-                "slow/one:1",
-                "--hosts",
-                "r",
-                "--prefetch-only",
-                "-o",
-                "json",
-            ],
-            stdout=__import__("subprocess").PIPE,
-            stderr=__import__("subprocess").DEVNULL,
-            text=True,
-        )
-        assert proc.stdout is not None
-        done_before = 0
-        for line in proc.stdout:
-            event = json.loads(line)
-            if event.get("type") == "host":
-                done_before = event["host"]["done_bytes"]
-                if done_before > total * 0.3:
-                    break
-        agent.signal(signal.SIGKILL)
-        assert agent.proc is not None
-        agent.proc.wait()
-        time.sleep(1)
-        agent.proc = None
-        agent.start()
-        out, _ = proc.communicate(timeout=120)
+        with background_rollout(server, "slow/one:1", "r") as proc:
+            assert proc.stdout is not None
+            done_before = 0
+            for line in proc.stdout:
+                event = json.loads(line)
+                if event.get("type") == "host":
+                    done_before = event["host"]["done_bytes"]
+                    if done_before > total * 0.3:
+                        break
+            agent.signal(signal.SIGKILL)
+            assert agent.proc is not None
+            agent.proc.wait()
+            time.sleep(1)
+            agent.proc = None
+            agent.start()
+            out, _ = proc.communicate(timeout=120)
         summary = json.loads(out.splitlines()[-1])["summary"]
         host = summary["hosts"][0]
         assert proc.returncode == 0, host
@@ -331,26 +315,13 @@ def test_an_image_deleted_mid_pull_fails_clearly(tmp_path: Path, agents: StartAg
         push_archive(server, tmp_path, "doomed:1", [layer_tar({"d": random_bytes(2 * MiB, 5)})])
         agents(server, "d1", groups=["d"], extra_args=["--fallback-after", "3"])
         wait_for_states(server.address, {"d1": "online"})
-        proc = __import__("subprocess").Popen(
-            [
-                str(Path(__import__("sys").executable).parent / "docketctl"),
-                "--server",
-                server.address,
-                "rollout",
-                "doomed:1",
-                "--hosts",
-                "d",
-                "--prefetch-only",
-                "-o",
-                "json",
-            ],
-            stdout=__import__("subprocess").PIPE,
-            stderr=__import__("subprocess").DEVNULL,
-            text=True,
-        )
-        time.sleep(1)
-        assert docketctl("rm", "doomed:1", server=server.address).returncode == 0
-        out, _ = proc.communicate(timeout=60)
+        with background_rollout(server, "doomed:1", "d") as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:  # the host has its order
+                if json.loads(line).get("type") == "host":
+                    break
+            assert docketctl("rm", "doomed:1", server=server.address).returncode == 0
+            out, _ = proc.communicate(timeout=60)
         host = json.loads(out.splitlines()[-1])["summary"]["hosts"][0]
         assert proc.returncode == 1
         assert host["state"] == "failed"

@@ -163,6 +163,10 @@ def test_bad_archives_fail_cleanly(
     result = docketctl("push", "x:1", "--archive", str(path), server=server.address)
     assert message in one_error_line(result)
     assert images_json(server) == []
+    # Uploads cut short by the failure are dropped as the server sees them cancelled.
+    deadline = time.monotonic() + 10
+    while list((server.data_dir / "tmp").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not list((server.data_dir / "tmp").iterdir())
     # Only whole, verified blobs can be on disk (a config uploaded before a bad layer, say).
     for name in blob_names(server):
