@@ -276,10 +276,12 @@ class OrderManager:
     def pull(self, order: agent_pb2.PullOrder) -> None:
         done = self.recalled(order.order_id)
         if done is not None:
-            self.send(done)  # finished before: say so again, do nothing else
+            log.info("order already done: reporting its result again", order=order.order_id)
+            self.send(done)
             return
         runner = self.runners.get(order.order_id)
         if runner is not None:
+            log.info("order already running: reporting where it stands", order=order.order_id)
             if runner.last is not None:
                 self.send(runner.last)
             runner._send_progress(full=True)

@@ -405,3 +405,58 @@ def test_docketctl_pull_into_an_engine_and_into_an_archive(
         assert "image nope:1 not found" in missing.stderr
     finally:
         server.stop()
+
+
+def test_an_order_sent_again_is_carried_out_once(tmp_path: Path, agents: StartAgent) -> None:
+    """The agent falls silent mid-download, the server drops it; when it is back, the server
+    sends the unfinished order again, and the agent goes on with the one it has."""
+    server = make_server(tmp_path)
+    try:
+        total = 32 * MiB
+        push_archive(server, tmp_path, "twice:1", [layer_tar({"t": random_bytes(MiB, 8) * 32})])
+        agent = agents(server, "i1", groups=["i"], extra_args=["--max-download-rate", str(8 * MiB)])
+        wait_for_states(server.address, {"i1": "online"})
+        with background_rollout(server, "twice:1", "i") as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                event = json.loads(line)
+                if event.get("type") == "host" and event["host"]["done_bytes"] > 0:
+                    break
+            agent.signal(signal.SIGSTOP)
+            wait_for_states(server.address, {"i1": "offline"}, timeout=10)
+            agent.signal(signal.SIGCONT)
+            out, _ = proc.communicate(timeout=120)
+        host = json.loads(out.splitlines()[-1])["summary"]["hosts"][0]
+        assert proc.returncode == 0, host
+        assert host["bittorrent_bytes"] <= total + 2 * MiB  # fetched once, not twice
+        assert "order already running" in agent.log_tail(200)
+    finally:
+        server.stop()
+
+
+def test_the_cache_bound_evicts_the_least_recently_used_blobs(
+    tmp_path: Path, agents: StartAgent
+) -> None:
+    server = make_server(tmp_path)
+    try:
+        first = push_archive(
+            server, tmp_path, "lru/a:1", [layer_tar({"a": random_bytes(2 * MiB, 9)})]
+        )
+        second = push_archive(
+            server, tmp_path, "lru/b:1", [layer_tar({"b": random_bytes(2 * MiB, 10)})]
+        )
+        agent = agents(server, "l1", groups=["l"], extra_args=["--cache-max-bytes", str(3 * MiB)])
+        wait_for_states(server.address, {"l1": "online"})
+
+        def cached(digest: str) -> bool:
+            hexd = digest.split(":")[1]
+            return (agent.data_dir / "blobs" / "sha256" / hexd[:2] / hexd).exists()
+
+        assert rollout(server, "lru/a:1", "--hosts", "l", "--prefetch-only")[0] == 0
+        assert cached(first.layer_digests[0])
+        assert rollout(server, "lru/b:1", "--hosts", "l", "--prefetch-only")[0] == 0
+        assert cached(second.layer_digests[0])
+        assert not cached(first.layer_digests[0])  # the older layer made room
+        assert "evicted from cache" in agent.log_tail(200)
+    finally:
+        server.stop()
