@@ -50,6 +50,9 @@ def main() -> None:
         print(f"listening on {server.address}, seeding on 127.0.0.1:{server.bt_port}")
         print(f"data in {server.data_dir}, log in {server.log_path}")
         env = engine.env() | {"DOCKET_SERVER": server.address}
+        # Each agent host gets a Docker engine of its own, as real hosts have.
+        hosts = (("web1", "web"), ("web2", "web"), ("db1", "db"))
+        engines = [DockerEngine().start() for _ in hosts]
         agents = [
             AgentProcess(
                 server=server.address,
@@ -57,9 +60,9 @@ def main() -> None:
                 name=name,
                 groups=[group],
                 labels={"env": "demo"},
-                docker_host=engine.host,
+                docker_host=host_engine.host,
             )
-            for name, group in (("web1", "web"), ("web2", "web"), ("db1", "db"))
+            for (name, group), host_engine in zip(hosts, engines, strict=True)
         ]
         try:
             step("Pushing sample/web:1 from the engine")
@@ -75,6 +78,10 @@ def main() -> None:
             wait_for_states(server.address, {a.name: "online" for a in agents})
             run(["docketctl", "agents"], env)
             run(["docketctl", "agents", "--hosts", "web"], env)
+            step("Rolling sample/web:1 out to group web: hosts fetch from the seed and each other")
+            run(["docketctl", "rollout", "sample/web:1", "--hosts", "web"], env)
+            step("web1's own Docker engine now has the image")
+            print(engines[0].client.images.get("sample/web:1").tags)
             if sys.stdin.isatty():
                 step("The server stays up until Ctrl-C. From another shell:")
                 print(f"  export DOCKET_SERVER={server.address} DOCKER_HOST={engine.host}")
@@ -89,6 +96,8 @@ def main() -> None:
             for agent in agents:
                 agent.stop()
             server.stop()
+            for host_engine in engines:
+                host_engine.stop()
 
 
 if __name__ == "__main__":
