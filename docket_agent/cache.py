@@ -62,6 +62,10 @@ class BlobCache:
     def pin(self, digest: str) -> None:
         self._pins[digest] += 1
 
+    def shared(self, digest: str) -> bool:
+        """True when more than one order in flight uses the blob."""
+        return self._pins[digest] > 1
+
     def unpin(self, digest: str) -> None:
         self._pins[digest] -= 1
         if self._pins[digest] <= 0:

@@ -95,8 +95,7 @@ class OrderRunner:
             await self._run()
         except asyncio.CancelledError:
             if self.id in self.m.cancel_reasons:  # cancelled by the server, not a shutdown
-                for digest in list(self.downloads):
-                    self.m.fetcher.drop(digest, delete_files=True)
+                self._drop_downloads()
                 self.update(agent_pb2.TASK_STATE_CANCELLED, self.m.cancel_reasons.pop(self.id))
             # On shutdown, partial downloads stay: the order resumes when it comes again.
             raise
@@ -110,9 +109,14 @@ class OrderRunner:
             for blob in self.unique:
                 self.m.cache.unpin(blob.digest)
 
+    def _drop_downloads(self) -> None:
+        """Drops this order's partial downloads, but not one another order also waits for."""
+        for digest, download in self.downloads.items():
+            if not self.m.cache.shared(digest) and not download.finished.is_set():
+                self.m.fetcher.drop(digest, delete_files=True)
+
     def _fail(self, error: str) -> None:
-        for digest in list(self.downloads):
-            self.m.fetcher.drop(digest, delete_files=True)
+        self._drop_downloads()
         self.update(agent_pb2.TASK_STATE_FAILED, error)
 
     async def _run(self) -> None:

@@ -61,6 +61,7 @@ class BlobDownload:
     # Payload bytes received from each peer (endpoint), the most seen while connected.
     peer_bytes: dict[str, int] = field(default_factory=dict)
     server_endpoints: set[str] = field(default_factory=set)
+    completion: asyncio.Future[Path] | None = None
 
     def take_new_pieces(self) -> list[int]:
         pieces, self.new_pieces = self.new_pieces, []
@@ -163,7 +164,15 @@ class BlobFetcher(TorrentSession):
             download.handle.connect_peer((host, port))
 
     async def complete(self, download: BlobDownload) -> Path:
-        """Waits for every piece, checks the sha256, moves the blob into the cache; its path."""
+        """Waits for every piece, checks the sha256, moves the blob into the cache; its path.
+
+        Several orders may wait on one blob: it is checked and moved once, for all of them.
+        """
+        if download.completion is None:
+            download.completion = asyncio.ensure_future(self._complete(download))
+        return await asyncio.shield(download.completion)
+
+    async def _complete(self, download: BlobDownload) -> Path:
         await download.finished.wait()
         if download.error is not None:
             raise FetchError(f"blob {download.spec.digest}: {download.error}")

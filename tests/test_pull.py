@@ -460,3 +460,27 @@ def test_the_cache_bound_evicts_the_least_recently_used_blobs(
         assert "evicted from cache" in agent.log_tail(200)
     finally:
         server.stop()
+
+
+def test_two_rollouts_at_once_share_their_common_layer(tmp_path: Path, agents: StartAgent) -> None:
+    server = make_server(tmp_path)
+    try:
+        base = layer_tar({"base": random_bytes(MiB, 11) * 16})
+        push_archive(server, tmp_path, "pair/a:1", [base, layer_tar({"a": random_bytes(MiB, 12)})])
+        push_archive(server, tmp_path, "pair/b:1", [base, layer_tar({"b": random_bytes(MiB, 13)})])
+        agents(server, "s1", groups=["s"], extra_args=["--max-download-rate", str(16 * MiB)])
+        wait_for_states(server.address, {"s1": "online"})
+        with (
+            background_rollout(server, "pair/a:1", "s") as a,
+            background_rollout(server, "pair/b:1", "s") as b,
+        ):
+            out_a, _ = a.communicate(timeout=120)
+            out_b, _ = b.communicate(timeout=120)
+        host_a = json.loads(out_a.splitlines()[-1])["summary"]["hosts"][0]
+        host_b = json.loads(out_b.splitlines()[-1])["summary"]["hosts"][0]
+        assert (a.returncode, b.returncode) == (0, 0), (host_a, host_b)
+        # Each order counts the shared layer's bytes, but they crossed the wire once.
+        fetched_once = len(base) + 2 * (MiB + 10240) + 4 * 4096
+        assert max(host_a["bittorrent_bytes"], host_b["bittorrent_bytes"]) <= fetched_once + MiB
+    finally:
+        server.stop()
