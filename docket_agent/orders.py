@@ -293,7 +293,12 @@ class OrderManager:
         runner = OrderRunner(self, order)
         self.runners[order.order_id] = runner
         runner.task = asyncio.create_task(runner.run(), name=f"order-{order.order_id}")
-        runner.task.add_done_callback(lambda _t: self.runners.pop(order.order_id, None))
+        runner.task.add_done_callback(lambda task: self._ended(order.order_id, task))
+
+    def _ended(self, order_id: str, task: asyncio.Task[None]) -> None:
+        self.runners.pop(order_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("order crashed", order=order_id, exc_info=task.exception())
 
     def resend(self) -> None:
         """After a reconnect: where every order in flight stands, pieces included."""

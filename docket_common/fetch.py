@@ -62,19 +62,28 @@ class BlobDownload:
     peer_bytes: dict[str, int] = field(default_factory=dict)
     server_endpoints: set[str] = field(default_factory=set)
     completion: asyncio.Future[Path] | None = None
+    _status: Any = None
+
+    def __post_init__(self) -> None:
+        self._status = self.handle.status()
 
     def take_new_pieces(self) -> list[int]:
         pieces, self.new_pieces = self.new_pieces, []
         return pieces
 
     def status(self) -> Any:
-        return self.handle.status()
+        """libtorrent's status; the last one seen once the torrent is removed."""
+        if self.handle.is_valid():
+            self._status = self.handle.status()
+        return self._status
 
     def missing_pieces(self) -> list[int]:
         return [i for i in range(self.piece_count) if not self.handle.have_piece(i)]
 
     def sample_peers(self) -> int:
         """Updates peer_bytes from the connected peers; returns how many are connected."""
+        if not self.handle.is_valid():
+            return 0
         peers = self.handle.get_peer_info()
         for peer in peers:
             ip, port = peer.ip
@@ -90,7 +99,7 @@ class BlobDownload:
     @property
     def bittorrent_bytes(self) -> int:
         """Payload bytes received over BitTorrent, from every peer, for this blob."""
-        return int(self.handle.status().total_payload_download)
+        return int(self.status().total_payload_download)
 
     @property
     def server_bytes(self) -> int:

@@ -10,7 +10,9 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from subprocess import Popen
 from typing import Any
 
 import grpc
@@ -74,9 +76,11 @@ def rollout(
     return result.returncode, lines[:-1], {h["host"]: h for h in summary["hosts"]}
 
 
-def background_rollout(server: ServerProcess, ref: str, selector: str) -> subprocess.Popen[str]:
-    """`docketctl rollout --prefetch-only -o json` running while the test does other things."""
-    return subprocess.Popen(
+@contextmanager
+def background_rollout(server: ServerProcess, ref: str, selector: str) -> Iterator[Popen[str]]:
+    """`docketctl rollout --prefetch-only -o json` running while the test does other things;
+    killed on the way out if it is still running (so a failing test cannot hang)."""
+    proc = subprocess.Popen(
         [
             str(BIN / "docketctl"),
             "--server",
@@ -93,6 +97,14 @@ def background_rollout(server: ServerProcess, ref: str, selector: str) -> subpro
         stderr=subprocess.DEVNULL,
         text=True,
     )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def push_archive(server: ServerProcess, tmp_path: Path, name: str, layers: list[bytes]) -> Any:
