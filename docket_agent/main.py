@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import os
 import signal
 import socket
@@ -197,8 +198,14 @@ def main(
 async def _run(agent: Agent) -> None:
     task = asyncio.create_task(agent.run())
     loop = asyncio.get_running_loop()
+
+    def shut_down() -> None:
+        # A watchdog: should shutdown ever hang, print every thread's stack and exit.
+        faulthandler.dump_traceback_later(20, exit=True)
+        task.cancel()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(sig, shut_down)
     with contextlib.suppress(asyncio.CancelledError):
         await task
 

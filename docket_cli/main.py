@@ -15,7 +15,7 @@ from docket_cli.client import DEFAULT_SERVER, ServerError
 from docket_cli.images import images_cmd, inspect_cmd, rm_cmd
 from docket_cli.pull import pull_cmd
 from docket_cli.push import PushError, push_cmd
-from docket_cli.rollout import rollout_cmd
+from docket_cli.rollout import rollout_cmd, rollouts_group
 from docket_common.archive import ArchiveError
 from docket_common.bt import TorrentSessionError
 from docket_common.fetch import FetchError
@@ -55,6 +55,7 @@ cli.add_command(inspect_cmd)
 cli.add_command(rm_cmd)
 cli.add_command(agents_cmd)
 cli.add_command(rollout_cmd)
+cli.add_command(rollouts_group)
 cli.add_command(pull_cmd)
 
 

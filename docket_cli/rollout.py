@@ -1,159 +1,315 @@
-"""`docketctl rollout`: put an image on every host a selector picks, and follow it.
+"""`docketctl rollout` and `docketctl rollouts list|show|watch|cancel`.
 
-Prints a line whenever a host changes state, then a summary table (stdout). With -o json,
-one JSON object per event, then the summary. The live terminal view comes next.
+A rollout lives on the server. The CLI starts it and follows it; Ctrl-C only stops following
+(the rollout goes on) and says how to follow it again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import sys
-from datetime import UTC
-from typing import Any
+import re
+import signal
+from datetime import timedelta
 
 import click
+from google.protobuf.duration_pb2 import Duration
 
 from docket_cli.client import Connection
 from docket_cli.command import output_option, with_connection
-from docket_cli.render import columns, human_size
-from docket_common.pb import agent_pb2, rollout_pb2
+from docket_cli.render import ago, columns, human_size, print_json, stderr
+from docket_cli.rollout_view import (
+    EXIT_CODES,
+    ROLLOUT_STATES,
+    TASK_STATES,
+    JsonView,
+    LineView,
+    LiveView,
+    View,
+    outcome_line,
+    rollout_json,
+    summary_table,
+)
+from docket_common.pb import rollout_pb2
 from docket_common.pb import rollout_service_pb2 as pb
 from docket_common.reference import parse_reference
 from docket_common.selector import SELECTOR_HELP, parse_selector
 
-TASK_STATES = {v: k.removeprefix("TASK_STATE_").lower() for k, v in agent_pb2.TaskState.items()}
-ROLLOUT_STATES = {
-    v: k.removeprefix("ROLLOUT_STATE_").lower() for k, v in rollout_pb2.RolloutState.items()
-}
+EXIT_HELP = (
+    "Exit codes: 0 every host succeeded; 3 the rollout failed; 4 it was cancelled; 5 it timed "
+    "out; 1 it could not start (or another error); 130 Ctrl-C (the rollout goes on)."
+)
+_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 
-def host_json(host: rollout_pb2.RolloutHost) -> dict[str, Any]:
-    return {
-        "host": host.agent_name,
-        "order_id": host.order_id,
-        "state": TASK_STATES.get(host.state, "unknown"),
-        "error": host.error or None,
-        "image_id": host.image_id or None,
-        "total_bytes": host.total_bytes,
-        "done_bytes": host.done_bytes,
-        "total_pieces": host.total_pieces,
-        "done_pieces": host.done_pieces,
-        "rate_bytes_per_second": host.rate_bytes_per_second,
-        "peer_count": host.peer_count,
-        "cached_bytes": host.cached_bytes,
-        "bittorrent_bytes": host.bittorrent_bytes,
-        "server_bytes": host.server_bytes,
-        "peer_bytes": max(host.bittorrent_bytes - host.server_bytes, 0),
-        "fallback_bytes": host.fallback_bytes,
-        "seconds": _seconds(host),
-    }
+def parse_duration(text: str) -> timedelta:
+    """ "90s", "10m", "1h30m", or a number of seconds."""
+    text = text.strip()
+    try:
+        return timedelta(seconds=float(text))
+    except ValueError:
+        pass
+    match = _DURATION.match(text)
+    if not text or match is None:
+        raise click.BadParameter(f"{text!r}: want a duration like 90s, 10m or 1h30m")
+    hours, minutes, secs = match.groups()
+    return timedelta(hours=int(hours or 0), minutes=int(minutes or 0), seconds=float(secs or 0))
 
 
-def _seconds(host: rollout_pb2.RolloutHost) -> float | None:
-    if not host.HasField("end_time"):
-        return None
-    span = host.end_time.ToDatetime(tzinfo=UTC) - host.start_time.ToDatetime(tzinfo=UTC)
-    return round(span.total_seconds(), 2)
+class Detached(Exception):
+    """The user pressed Ctrl-C while following: the rollout goes on."""
 
 
-def summary_table(rollout: rollout_pb2.Rollout) -> str:
-    rows = [["HOST", "RESULT", "TIME", "FROM PEERS", "FROM SERVER", "FALLBACK", "CACHED", "NOTE"]]
-    for host in rollout.hosts:
-        seconds = _seconds(host)
-        rows.append(
-            [
-                host.agent_name,
-                TASK_STATES.get(host.state, "unknown"),
-                "-" if seconds is None else f"{seconds:.1f}s",
-                human_size(max(host.bittorrent_bytes - host.server_bytes, 0)),
-                human_size(host.server_bytes),
-                human_size(host.fallback_bytes),
-                human_size(host.cached_bytes),
-                host.error or "",
-            ]
+async def follow(conn: Connection, rollout_id: str, output: str) -> rollout_pb2.Rollout:
+    """Shows the rollout's events until it ends; returns it as it ended."""
+    view: View | None = None
+    loop = asyncio.get_running_loop()
+    watching = asyncio.current_task()
+    detached = False
+
+    def on_interrupt() -> None:
+        nonlocal detached
+        detached = True
+        if watching is not None:
+            watching.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    try:
+        async for response in conn.rollouts.WatchRollout(
+            pb.WatchRolloutRequest(id=rollout_id), metadata=conn.metadata
+        ):
+            event = response.event
+            if view is None:
+                snapshot = event.snapshot
+                if output == "json":
+                    view = JsonView(snapshot)
+                elif stderr.is_terminal:
+                    view = LiveView(snapshot)
+                else:
+                    view = LineView(snapshot)
+            view.event(event)
+    except asyncio.CancelledError:
+        if detached:
+            raise Detached from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        if view is not None:
+            view.close()
+    ended: rollout_pb2.Rollout = (
+        await conn.rollouts.GetRollout(pb.GetRolloutRequest(id=rollout_id), metadata=conn.metadata)
+    ).rollout
+    return ended
+
+
+async def follow_to_the_end(conn: Connection, rollout_id: str, output: str) -> None:
+    try:
+        done = await follow(conn, rollout_id, output)
+    except Detached:
+        click.echo(
+            f"\nStopped following rollout {rollout_id}; it goes on on the server.\n"
+            f"Follow it again: docketctl rollouts watch {rollout_id}\n"
+            f"Stop it:         docketctl rollouts cancel {rollout_id}",
+            err=True,
         )
-    return columns(rows)
+        raise click.exceptions.Exit(130) from None
+    if output == "json":  # newline-delimited, like the events before it
+        click.echo(json.dumps({"summary": rollout_json(done)}))
+    else:
+        click.echo(summary_table(done))
+        click.echo(outcome_line(done), err=True)
+    raise click.exceptions.Exit(EXIT_CODES.get(done.state, 1))
 
 
 @click.command(
     "rollout",
-    help="Put an image on every host the selector picks, at once, and follow it.\n\n"
-    f"{SELECTOR_HELP}\n\nExits 0 when every host succeeded, 1 otherwise.",
+    help="Put an image on every host the selector picks, and follow it live.\n\n"
+    f"{SELECTOR_HELP}\n\n"
+    "Hosts offline at the start get their order when they reconnect; if they are not back "
+    "before --timeout they count as failed.\n\n" + EXIT_HELP,
 )
 @click.argument("ref")
 @click.option("--hosts", "selector", required=True, help="Host selector.")
 @click.option(
-    "--prefetch-only", is_flag=True, help="Download and seed only; do not load into Docker."
+    "--canary",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Start this many hosts (the first by name) alone; the rest only once they succeed.",
 )
+@click.option(
+    "--max-parallel",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default="all",
+    help="At most this many hosts fetching at once.",
+)
+@click.option(
+    "--max-failures",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Stop starting hosts once more than this many have failed (the rollout fails).",
+)
+@click.option(
+    "--timeout",
+    "time_limit",
+    default="30m",
+    show_default=True,
+    help="Give up on hosts not done by then (90s, 10m, 1h30m).",
+)
+@click.option("--prefetch-only", is_flag=True, help="Download and seed only; do not load.")
+@click.option("--detach", is_flag=True, help="Start it, print its id, and return.")
 @output_option
 @with_connection
 async def rollout_cmd(
-    conn: Connection, ref: str, selector: str, prefetch_only: bool, output: str
+    conn: Connection,
+    ref: str,
+    selector: str,
+    canary: int,
+    max_parallel: int,
+    max_failures: int,
+    time_limit: str,
+    prefetch_only: bool,
+    detach: bool,
+    output: str,
 ) -> None:
     name = parse_reference(ref).name
     parse_selector(selector)
+    limit = Duration()
+    limit.FromTimedelta(parse_duration(time_limit))
     created = await conn.rollouts.CreateRollout(
-        pb.CreateRolloutRequest(image_name=name, selector=selector, prefetch_only=prefetch_only),
+        pb.CreateRolloutRequest(
+            image_name=name,
+            selector=selector,
+            prefetch_only=prefetch_only,
+            canary=canary,
+            max_parallel=max_parallel,
+            max_failures=max_failures,
+            timeout=limit,
+        ),
         metadata=conn.metadata,
     )
     rollout = created.rollout
-    click.echo(
-        f"Rollout {rollout.id}: {rollout.image_name} ({human_size(rollout.image_size_bytes)}) "
-        f"to {len(rollout.hosts)} hosts",
-        err=True,
-    )
-    states = {h.agent_name: h.state for h in rollout.hosts}
-    final = rollout_pb2.ROLLOUT_STATE_UNSPECIFIED
-    async for response in conn.rollouts.WatchRollout(
-        pb.WatchRolloutRequest(id=rollout.id), metadata=conn.metadata
-    ):
-        event = response.event
-        kind = event.WhichOneof("change")
-        if output == "json":
-            sys.stdout.write(json.dumps(_event_json(event)) + "\n")
-            sys.stdout.flush()
-        if kind == "host":
-            host = event.host
-            if states.get(host.agent_name) != host.state:
-                states[host.agent_name] = host.state
-                if output != "json":
-                    note = f"  {host.error}" if host.error else ""
-                    click.echo(f"{host.agent_name}: {TASK_STATES.get(host.state)}{note}", err=True)
-        elif kind == "state":
-            final = event.state
-    done = (await conn.rollouts.GetRollout(pb.GetRolloutRequest(id=rollout.id))).rollout
-    if output == "json":
-        sys.stdout.write(
-            json.dumps(
-                {
-                    "summary": {
-                        "id": done.id,
-                        "state": ROLLOUT_STATES.get(done.state),
-                        "hosts": [host_json(h) for h in done.hosts],
-                    }
-                }
-            )
-            + "\n"
+    pending = [h.agent_name for h in rollout.hosts]
+    if output != "json":
+        click.echo(
+            f"Rollout {rollout.id}: {rollout.image_name} "
+            f"({human_size(rollout.image_size_bytes)}) to {len(pending)} hosts",
+            err=True,
         )
-    else:
-        click.echo(summary_table(done))
-        click.echo(f"Rollout {done.id} {ROLLOUT_STATES.get(final or done.state)}", err=True)
-    if done.state != rollout_pb2.ROLLOUT_STATE_SUCCEEDED:
-        raise click.exceptions.Exit(1)
+    if detach:
+        if output == "json":
+            print_json(rollout_json(rollout))
+        else:
+            click.echo(rollout.id)
+        return
+    await follow_to_the_end(conn, rollout.id, output)
 
 
-def _event_json(event: rollout_pb2.RolloutEvent) -> dict[str, Any]:
-    kind = event.WhichOneof("change")
-    out: dict[str, Any] = {"time": event.event_time.ToJsonString(), "type": kind}
-    if kind == "snapshot":
-        out["rollout"] = {
-            "id": event.snapshot.id,
-            "image": event.snapshot.image_name,
-            "state": ROLLOUT_STATES.get(event.snapshot.state),
-            "hosts": [host_json(h) for h in event.snapshot.hosts],
+@click.group("rollouts")
+def rollouts_group() -> None:
+    """List, show, follow and cancel rollouts."""
+
+
+@rollouts_group.command("list")
+@output_option
+@with_connection
+async def rollouts_list(conn: Connection, output: str) -> None:
+    """List rollouts, newest first."""
+    found: list[rollout_pb2.Rollout] = []
+    token = ""
+    while True:
+        page = await conn.rollouts.ListRollouts(
+            pb.ListRolloutsRequest(page_size=200, page_token=token), metadata=conn.metadata
+        )
+        found.extend(page.rollouts)
+        token = page.next_page_token
+        if not token:
+            break
+    if output == "json":
+        print_json([rollout_json(r) for r in found])
+        return
+    rows = [["ID", "IMAGE", "HOSTS", "STATE", "DONE", "FAILED", "STARTED"]]
+    for r in found:
+        rows.append(
+            [
+                r.id,
+                r.image_name,
+                r.selector,
+                ROLLOUT_STATES.get(r.state, "unknown"),
+                f"{sum(1 for h in r.hosts if TASK_STATES.get(h.state) == 'succeeded')}"
+                f"/{len(r.hosts)}",
+                str(sum(1 for h in r.hosts if TASK_STATES.get(h.state) == "failed")),
+                ago(r.create_time),
+            ]
+        )
+    click.echo(columns(rows))
+
+
+@rollouts_group.command("show")
+@click.argument("rollout_id")
+@output_option
+@with_connection
+async def rollouts_show(conn: Connection, rollout_id: str, output: str) -> None:
+    """Show a rollout: its hosts, and every state change it went through."""
+    rollout = (
+        await conn.rollouts.GetRollout(pb.GetRolloutRequest(id=rollout_id), metadata=conn.metadata)
+    ).rollout
+    records = (
+        await conn.rollouts.ListRolloutRecords(
+            pb.ListRolloutRecordsRequest(id=rollout_id), metadata=conn.metadata
+        )
+    ).records
+    history = [
+        {
+            "time": r.record_time.ToJsonString(),
+            "host": r.agent_name or None,
+            "state": (
+                TASK_STATES.get(r.task_state)
+                if r.agent_name
+                else ROLLOUT_STATES.get(r.rollout_state)
+            ),
+            "message": r.message or None,
         }
-    elif kind == "host":
-        out["host"] = host_json(event.host)
-    elif kind == "state":
-        out["state"] = ROLLOUT_STATES.get(event.state)
-    return out
+        for r in records
+    ]
+    if output == "json":
+        print_json(rollout_json(rollout) | {"history": history})
+        return
+    click.echo(
+        f"Rollout {rollout.id}: {rollout.image_name} to {rollout.selector!r}"
+        f" (canary {rollout.canary}, max parallel {rollout.max_parallel or 'all'},"
+        f" max failures {rollout.max_failures})"
+    )
+    click.echo(outcome_line(rollout))
+    click.echo("")
+    click.echo(summary_table(rollout))
+    click.echo("")
+    rows = [["TIME", "HOST", "STATE", "NOTE"]]
+    for h in history:
+        rows.append([str(h["time"]), h["host"] or "(rollout)", str(h["state"]), h["message"] or ""])
+    click.echo(columns(rows))
+
+
+@rollouts_group.command(
+    "watch", help="Follow a rollout: a snapshot, then live events.\n\n" + EXIT_HELP
+)
+@click.argument("rollout_id")
+@output_option
+@with_connection
+async def rollouts_watch(conn: Connection, rollout_id: str, output: str) -> None:
+    await follow_to_the_end(conn, rollout_id, output)
+
+
+@rollouts_group.command("cancel")
+@click.argument("rollout_id")
+@with_connection
+async def rollouts_cancel(conn: Connection, rollout_id: str) -> None:
+    """Stop a rollout: hosts not started stay so, hosts fetching stop and drop partial work."""
+    rollout = (
+        await conn.rollouts.CancelRollout(
+            pb.CancelRolloutRequest(id=rollout_id), metadata=conn.metadata
+        )
+    ).rollout
+    click.echo(f"Rollout {rollout.id}: {ROLLOUT_STATES.get(rollout.state)}; cancel sent")

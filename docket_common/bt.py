@@ -77,6 +77,7 @@ class TorrentSession:
         self.user_agent = user_agent
         self.port = 0
         self._session: lt.session | None = None
+        self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listening: asyncio.Future[int] | None = None
 
@@ -102,14 +103,16 @@ class TorrentSession:
         return self.port
 
     def close(self) -> None:
+        # set_alert_notify is not called again to unhook: a second call can deadlock the
+        # bindings (libtorrent #4638). The hook goes quiet on its own once the loop is gone.
         if self._session is not None:
-            self._session.set_alert_notify(lambda: None)
+            self._closing = True
             self._session.pause()
             self._session = None
 
     def _notify(self) -> None:
         loop = self._loop
-        if loop is not None and not loop.is_closed():
+        if loop is not None and not loop.is_closed() and not self._closing:
             loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:

@@ -38,6 +38,7 @@ class Reason(StrEnum):
     MALFORMED_MESSAGE = "MALFORMED_MESSAGE"
     NO_HOSTS = "NO_HOSTS"
     ROLLOUT_NOT_FOUND = "ROLLOUT_NOT_FOUND"
+    INVALID_ROLLOUT = "INVALID_ROLLOUT"
 
 
 def error_info(trailing_metadata: Iterable[tuple[str, Any]] | None) -> tuple[str, dict[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import signal
 import socket
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ class DocketServer:
         )
         self.orders = OrderBook(self.fleet, config.bt_advertise or "", peer_source)
         self.orders.sink = StreamOrderSink()
-        self.rollouts = Rollouts(self.registry, self.fleet, self.orders)
+        self.rollouts = Rollouts(self.registry, self.fleet, self.orders, self.metadata)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port = 0
@@ -109,6 +110,7 @@ class DocketServer:
             self.orders.seed_endpoint = f"{host}:{self.bt_port}"
         seeded = await self.registry.reseed_all()
         await self.fleet.start()
+        await self.rollouts.start()
         server = grpc.aio.server(
             interceptors=[
                 AuthInterceptor(self.config.authenticator or AllowAll()),
@@ -167,6 +169,7 @@ class DocketServer:
             stopping = asyncio.create_task(self._server.stop(self.config.shutdown_grace_seconds))
             await asyncio.sleep(0)
             await self.fleet.stop()
+            await self.rollouts.stop()
             await stopping
             self._server = None
         self.seeder.close()
@@ -182,5 +185,8 @@ class DocketServer:
         try:
             await stop.wait()
             log.info("shutting down: finishing calls in flight")
+            # A watchdog: should shutdown ever hang, print every thread's stack and exit.
+            faulthandler.dump_traceback_later(self.config.shutdown_grace_seconds + 5, exit=True)
         finally:
             await self.stop()
+            faulthandler.cancel_dump_traceback_later()

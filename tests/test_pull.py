@@ -335,7 +335,7 @@ def test_an_image_deleted_mid_pull_fails_clearly(tmp_path: Path, agents: StartAg
             assert docketctl("rm", "doomed:1", server=server.address).returncode == 0
             out, _ = proc.communicate(timeout=60)
         host = json.loads(out.splitlines()[-1])["summary"]["hosts"][0]
-        assert proc.returncode == 1
+        assert proc.returncode == 3  # the rollout failed
         assert host["state"] == "failed"
         assert "gone from the server" in host["error"]
     finally:
@@ -352,7 +352,7 @@ def test_a_cache_too_small_fails_the_order_and_the_agent_goes_on(
         agents(server, "c1", groups=["c"], extra_args=["--cache-max-bytes", str(MiB)])
         wait_for_states(server.address, {"c1": "online"})
         code, _, hosts = rollout(server, "huge:1", "--hosts", "c", "--prefetch-only")
-        assert code == 1
+        assert code == 3  # the rollout failed
         assert "the cache holds 1048576 bytes at most" in hosts["c1"]["error"]
         code, _, hosts = rollout(server, "small:1", "--hosts", "c", "--prefetch-only")
         assert code == 0, hosts
@@ -369,7 +369,7 @@ def test_a_host_without_docker_stops_at_downloaded_and_says_why(
         agents(server, "n1", groups=["n"])
         wait_for_states(server.address, {"n1": "online"})
         code, _, hosts = rollout(server, "nodocker:1", "--hosts", "n")
-        assert code == 1
+        assert code == 3  # the rollout failed
         assert hosts["n1"]["state"] == "failed"
         assert hosts["n1"]["error"] == "downloaded, but not loaded: disabled with --no-docker"
         assert hosts["n1"]["bittorrent_bytes"] > 0

@@ -77,7 +77,11 @@ class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.V
     TASK_STATE_FAILED: _TaskState.ValueType  # 7
     """Ended without the image; the error says why."""
     TASK_STATE_CANCELLED: _TaskState.ValueType  # 8
-    """Stopped on request; partial downloads were removed."""
+    """Stopped on request, or never started because the rollout stopped; partial downloads were
+    removed.
+    """
+    TASK_STATE_QUEUED: _TaskState.ValueType  # 9
+    """Waiting for its turn: the canaries first, then at most --max-parallel hosts at once."""
 
 class TaskState(_TaskState, metaclass=_TaskStateEnumTypeWrapper):
     """Where a task (one host's part of a rollout) stands."""
@@ -99,7 +103,11 @@ TASK_STATE_SUCCEEDED: TaskState.ValueType  # 6
 TASK_STATE_FAILED: TaskState.ValueType  # 7
 """Ended without the image; the error says why."""
 TASK_STATE_CANCELLED: TaskState.ValueType  # 8
-"""Stopped on request; partial downloads were removed."""
+"""Stopped on request, or never started because the rollout stopped; partial downloads were
+removed.
+"""
+TASK_STATE_QUEUED: TaskState.ValueType  # 9
+"""Waiting for its turn: the canaries first, then at most --max-parallel hosts at once."""
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
 
 @_typing.final

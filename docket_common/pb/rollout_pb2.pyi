@@ -37,6 +37,8 @@ class _RolloutStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutS
     """At least one host failed."""
     ROLLOUT_STATE_CANCELLED: _RolloutState.ValueType  # 4
     """Stopped on request."""
+    ROLLOUT_STATE_TIMED_OUT: _RolloutState.ValueType  # 5
+    """Not every host was done before the rollout's timeout; the rest were cancelled."""
 
 class RolloutState(_RolloutState, metaclass=_RolloutStateEnumTypeWrapper):
     """Where a rollout stands."""
@@ -51,6 +53,8 @@ ROLLOUT_STATE_FAILED: RolloutState.ValueType  # 3
 """At least one host failed."""
 ROLLOUT_STATE_CANCELLED: RolloutState.ValueType  # 4
 """Stopped on request."""
+ROLLOUT_STATE_TIMED_OUT: RolloutState.ValueType  # 5
+"""Not every host was done before the rollout's timeout; the rest were cancelled."""
 Global___RolloutState: _TypeAlias = RolloutState  # noqa: Y015
 
 @_typing.final
@@ -159,6 +163,11 @@ class Rollout(_message.Message):
     IMAGE_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
+    MAX_PARALLEL_FIELD_NUMBER: _builtins.int
+    MAX_FAILURES_FIELD_NUMBER: _builtins.int
+    DEADLINE_TIME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The rollout's id."""
     image_name: _builtins.str
@@ -173,6 +182,14 @@ class Rollout(_message.Message):
     """Where the rollout stands."""
     image_size_bytes: _builtins.int
     """The bytes of the image."""
+    canary: _builtins.int
+    """How many hosts went first, alone; the rest started only once they all succeeded."""
+    max_parallel: _builtins.int
+    """The most hosts fetching at once; 0 for no limit."""
+    max_failures: _builtins.int
+    """How many hosts may fail before no new host is started (the rollout then fails)."""
+    reason: _builtins.str
+    """Why the rollout ended as it did, when it did not succeed."""
     @_builtins.property
     def hosts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutHost]:
         """Every selected host, ordered by name."""
@@ -184,6 +201,10 @@ class Rollout(_message.Message):
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """When the rollout ended."""
+
+    @_builtins.property
+    def deadline_time(self) -> _timestamp_pb2.Timestamp:
+        """When the rollout gives up on the hosts not done yet."""
 
     def __init__(
         self,
@@ -198,10 +219,15 @@ class Rollout(_message.Message):
         image_size_bytes: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        canary: _builtins.int = ...,
+        max_parallel: _builtins.int = ...,
+        max_failures: _builtins.int = ...,
+        deadline_time: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline_time", b"deadline_time", "end_time", b"end_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "hosts", b"hosts", "id", b"id", "image_digest", b"image_digest", "image_name", b"image_name", "image_size_bytes", b"image_size_bytes", "prefetch_only", b"prefetch_only", "selector", b"selector", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "create_time", b"create_time", "deadline_time", b"deadline_time", "end_time", b"end_time", "hosts", b"hosts", "id", b"id", "image_digest", b"image_digest", "image_name", b"image_name", "image_size_bytes", b"image_size_bytes", "max_failures", b"max_failures", "max_parallel", b"max_parallel", "prefetch_only", b"prefetch_only", "reason", b"reason", "selector", b"selector", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -248,3 +274,43 @@ class RolloutEvent(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
 
 Global___RolloutEvent: _TypeAlias = RolloutEvent  # noqa: Y015
+
+@_typing.final
+class RolloutRecord(_message.Message):
+    """A recorded state change: the history `rollouts show` tells."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_TIME_FIELD_NUMBER: _builtins.int
+    AGENT_NAME_FIELD_NUMBER: _builtins.int
+    TASK_STATE_FIELD_NUMBER: _builtins.int
+    ROLLOUT_STATE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    agent_name: _builtins.str
+    """The host that changed; empty for a change of the rollout itself."""
+    task_state: _agent_pb2.TaskState.ValueType
+    """The host's new state (for a host's record)."""
+    rollout_state: Global___RolloutState.ValueType
+    """The rollout's new state (for the rollout's record)."""
+    message: _builtins.str
+    """The reason or note that came with the change."""
+    @_builtins.property
+    def record_time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    def __init__(
+        self,
+        *,
+        record_time: _timestamp_pb2.Timestamp | None = ...,
+        agent_name: _builtins.str = ...,
+        task_state: _agent_pb2.TaskState.ValueType = ...,
+        rollout_state: Global___RolloutState.ValueType = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["record_time", b"record_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "message", b"message", "record_time", b"record_time", "rollout_state", b"rollout_state", "task_state", b"task_state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutRecord: _TypeAlias = RolloutRecord  # noqa: Y015

@@ -23,27 +23,40 @@ _sym_db = _symbol_database.Default()
 
 
 from docket_common.pb import rollout_pb2 as docket_dot_v1_dot_rollout__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x64ocket/v1/rollout_service.proto\x12\tdocket.v1\x1a\x17\x64ocket/v1/rollout.proto\"S\n\x14\x43reateRolloutRequest\x12\x12\n\nimage_name\x18\x01 \x01(\t\x12\x10\n\x08selector\x18\x02 \x01(\t\x12\x15\n\rprefetch_only\x18\x03 \x01(\x08\"<\n\x15\x43reateRolloutResponse\x12#\n\x07rollout\x18\x01 \x01(\x0b\x32\x12.docket.v1.Rollout\"\x1f\n\x11GetRolloutRequest\x12\n\n\x02id\x18\x01 \x01(\t\"9\n\x12GetRolloutResponse\x12#\n\x07rollout\x18\x01 \x01(\x0b\x32\x12.docket.v1.Rollout\"!\n\x13WatchRolloutRequest\x12\n\n\x02id\x18\x01 \x01(\t\">\n\x14WatchRolloutResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.docket.v1.RolloutEvent2\x82\x02\n\x0eRolloutService\x12R\n\rCreateRollout\x12\x1f.docket.v1.CreateRolloutRequest\x1a .docket.v1.CreateRolloutResponse\x12I\n\nGetRollout\x12\x1c.docket.v1.GetRolloutRequest\x1a\x1d.docket.v1.GetRolloutResponse\x12Q\n\x0cWatchRollout\x12\x1e.docket.v1.WatchRolloutRequest\x1a\x1f.docket.v1.WatchRolloutResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x64ocket/v1/rollout_service.proto\x12\tdocket.v1\x1a\x17\x64ocket/v1/rollout.proto\x1a\x1egoogle/protobuf/duration.proto\"\xbb\x01\n\x14\x43reateRolloutRequest\x12\x12\n\nimage_name\x18\x01 \x01(\t\x12\x10\n\x08selector\x18\x02 \x01(\t\x12\x15\n\rprefetch_only\x18\x03 \x01(\x08\x12\x0e\n\x06\x63\x61nary\x18\x04 \x01(\x05\x12\x14\n\x0cmax_parallel\x18\x05 \x01(\x05\x12\x14\n\x0cmax_failures\x18\x06 \x01(\x05\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"<\n\x13ListRolloutsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"U\n\x14ListRolloutsResponse\x12$\n\x08rollouts\x18\x01 \x03(\x0b\x32\x12.docket.v1.Rollout\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x14\x43\x61ncelRolloutRequest\x12\n\n\x02id\x18\x01 \x01(\t\"<\n\x15\x43\x61ncelRolloutResponse\x12#\n\x07rollout\x18\x01 \x01(\x0b\x32\x12.docket.v1.Rollout\"\'\n\x19ListRolloutRecordsRequest\x12\n\n\x02id\x18\x01 \x01(\t\"G\n\x1aListRolloutRecordsResponse\x12)\n\x07records\x18\x01 \x03(\x0b\x32\x18.docket.v1.RolloutRecord\"<\n\x15\x43reateRolloutResponse\x12#\n\x07rollout\x18\x01 \x01(\x0b\x32\x12.docket.v1.Rollout\"\x1f\n\x11GetRolloutRequest\x12\n\n\x02id\x18\x01 \x01(\t\"9\n\x12GetRolloutResponse\x12#\n\x07rollout\x18\x01 \x01(\x0b\x32\x12.docket.v1.Rollout\"!\n\x13WatchRolloutRequest\x12\n\n\x02id\x18\x01 \x01(\t\">\n\x14WatchRolloutResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.docket.v1.RolloutEvent2\x8a\x04\n\x0eRolloutService\x12R\n\rCreateRollout\x12\x1f.docket.v1.CreateRolloutRequest\x1a .docket.v1.CreateRolloutResponse\x12O\n\x0cListRollouts\x12\x1e.docket.v1.ListRolloutsRequest\x1a\x1f.docket.v1.ListRolloutsResponse\x12R\n\rCancelRollout\x12\x1f.docket.v1.CancelRolloutRequest\x1a .docket.v1.CancelRolloutResponse\x12\x61\n\x12ListRolloutRecords\x12$.docket.v1.ListRolloutRecordsRequest\x1a%.docket.v1.ListRolloutRecordsResponse\x12I\n\nGetRollout\x12\x1c.docket.v1.GetRolloutRequest\x1a\x1d.docket.v1.GetRolloutResponse\x12Q\n\x0cWatchRollout\x12\x1e.docket.v1.WatchRolloutRequest\x1a\x1f.docket.v1.WatchRolloutResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'docket_common.pb.rollout_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEROLLOUTREQUEST']._serialized_start=71
-  _globals['_CREATEROLLOUTREQUEST']._serialized_end=154
-  _globals['_CREATEROLLOUTRESPONSE']._serialized_start=156
-  _globals['_CREATEROLLOUTRESPONSE']._serialized_end=216
-  _globals['_GETROLLOUTREQUEST']._serialized_start=218
-  _globals['_GETROLLOUTREQUEST']._serialized_end=249
-  _globals['_GETROLLOUTRESPONSE']._serialized_start=251
-  _globals['_GETROLLOUTRESPONSE']._serialized_end=308
-  _globals['_WATCHROLLOUTREQUEST']._serialized_start=310
-  _globals['_WATCHROLLOUTREQUEST']._serialized_end=343
-  _globals['_WATCHROLLOUTRESPONSE']._serialized_start=345
-  _globals['_WATCHROLLOUTRESPONSE']._serialized_end=407
-  _globals['_ROLLOUTSERVICE']._serialized_start=410
-  _globals['_ROLLOUTSERVICE']._serialized_end=668
+  _globals['_CREATEROLLOUTREQUEST']._serialized_start=104
+  _globals['_CREATEROLLOUTREQUEST']._serialized_end=291
+  _globals['_LISTROLLOUTSREQUEST']._serialized_start=293
+  _globals['_LISTROLLOUTSREQUEST']._serialized_end=353
+  _globals['_LISTROLLOUTSRESPONSE']._serialized_start=355
+  _globals['_LISTROLLOUTSRESPONSE']._serialized_end=440
+  _globals['_CANCELROLLOUTREQUEST']._serialized_start=442
+  _globals['_CANCELROLLOUTREQUEST']._serialized_end=476
+  _globals['_CANCELROLLOUTRESPONSE']._serialized_start=478
+  _globals['_CANCELROLLOUTRESPONSE']._serialized_end=538
+  _globals['_LISTROLLOUTRECORDSREQUEST']._serialized_start=540
+  _globals['_LISTROLLOUTRECORDSREQUEST']._serialized_end=579
+  _globals['_LISTROLLOUTRECORDSRESPONSE']._serialized_start=581
+  _globals['_LISTROLLOUTRECORDSRESPONSE']._serialized_end=652
+  _globals['_CREATEROLLOUTRESPONSE']._serialized_start=654
+  _globals['_CREATEROLLOUTRESPONSE']._serialized_end=714
+  _globals['_GETROLLOUTREQUEST']._serialized_start=716
+  _globals['_GETROLLOUTREQUEST']._serialized_end=747
+  _globals['_GETROLLOUTRESPONSE']._serialized_start=749
+  _globals['_GETROLLOUTRESPONSE']._serialized_end=806
+  _globals['_WATCHROLLOUTREQUEST']._serialized_start=808
+  _globals['_WATCHROLLOUTREQUEST']._serialized_end=841
+  _globals['_WATCHROLLOUTRESPONSE']._serialized_start=843
+  _globals['_WATCHROLLOUTRESPONSE']._serialized_end=905
+  _globals['_ROLLOUTSERVICE']._serialized_start=908
+  _globals['_ROLLOUTSERVICE']._serialized_end=1430
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,21 @@ class RolloutServiceStub:
                 request_serializer=docket_dot_v1_dot_rollout__service__pb2.CreateRolloutRequest.SerializeToString,
                 response_deserializer=docket_dot_v1_dot_rollout__service__pb2.CreateRolloutResponse.FromString,
                 _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/docket.v1.RolloutService/ListRollouts',
+                request_serializer=docket_dot_v1_dot_rollout__service__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=docket_dot_v1_dot_rollout__service__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
+        self.CancelRollout = channel.unary_unary(
+                '/docket.v1.RolloutService/CancelRollout',
+                request_serializer=docket_dot_v1_dot_rollout__service__pb2.CancelRolloutRequest.SerializeToString,
+                response_deserializer=docket_dot_v1_dot_rollout__service__pb2.CancelRolloutResponse.FromString,
+                _registered_method=True)
+        self.ListRolloutRecords = channel.unary_unary(
+                '/docket.v1.RolloutService/ListRolloutRecords',
+                request_serializer=docket_dot_v1_dot_rollout__service__pb2.ListRolloutRecordsRequest.SerializeToString,
+                response_deserializer=docket_dot_v1_dot_rollout__service__pb2.ListRolloutRecordsResponse.FromString,
+                _registered_method=True)
         self.GetRollout = channel.unary_unary(
                 '/docket.v1.RolloutService/GetRollout',
                 request_serializer=docket_dot_v1_dot_rollout__service__pb2.GetRolloutRequest.SerializeToString,
@@ -57,10 +72,38 @@ class RolloutServiceServicer:
     """
 
     def CreateRollout(self, request, context):
-        """Starts a rollout: every host the selector picks is sent a pull order at once. Hosts that
-        are offline get theirs when they reconnect.
-        Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_SELECTOR); NOT_FOUND
+        """Starts a rollout of an image to every host the selector picks: the canaries first, then
+        the rest, at most max_parallel at a time, until more than max_failures have failed or the
+        timeout passes. Hosts that are offline get their orders when they reconnect, and count as
+        failed if they are not back before the timeout. The rollout lives on the server: it goes
+        on without watchers and after a server restart.
+        Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_SELECTOR, INVALID_ROLLOUT); NOT_FOUND
         (IMAGE_NOT_FOUND); FAILED_PRECONDITION (NO_HOSTS) when the selector picks no host.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRollouts(self, request, context):
+        """Lists rollouts, newest first.
+        Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelRollout(self, request, context):
+        """Stops a rollout: hosts not started are not started, hosts fetching are told to stop and
+        drop their partial downloads. Cancelling a rollout that has ended changes nothing.
+        Errors: NOT_FOUND (ROLLOUT_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRolloutRecords(self, request, context):
+        """Returns every recorded state change of a rollout, oldest first.
+        Errors: NOT_FOUND (ROLLOUT_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,6 +133,21 @@ def add_RolloutServiceServicer_to_server(servicer, server):
                     servicer.CreateRollout,
                     request_deserializer=docket_dot_v1_dot_rollout__service__pb2.CreateRolloutRequest.FromString,
                     response_serializer=docket_dot_v1_dot_rollout__service__pb2.CreateRolloutResponse.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=docket_dot_v1_dot_rollout__service__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=docket_dot_v1_dot_rollout__service__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'CancelRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRollout,
+                    request_deserializer=docket_dot_v1_dot_rollout__service__pb2.CancelRolloutRequest.FromString,
+                    response_serializer=docket_dot_v1_dot_rollout__service__pb2.CancelRolloutResponse.SerializeToString,
+            ),
+            'ListRolloutRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRolloutRecords,
+                    request_deserializer=docket_dot_v1_dot_rollout__service__pb2.ListRolloutRecordsRequest.FromString,
+                    response_serializer=docket_dot_v1_dot_rollout__service__pb2.ListRolloutRecordsResponse.SerializeToString,
             ),
             'GetRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRollout,
@@ -130,6 +188,87 @@ class RolloutService:
             '/docket.v1.RolloutService/CreateRollout',
             docket_dot_v1_dot_rollout__service__pb2.CreateRolloutRequest.SerializeToString,
             docket_dot_v1_dot_rollout__service__pb2.CreateRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/docket.v1.RolloutService/ListRollouts',
+            docket_dot_v1_dot_rollout__service__pb2.ListRolloutsRequest.SerializeToString,
+            docket_dot_v1_dot_rollout__service__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/docket.v1.RolloutService/CancelRollout',
+            docket_dot_v1_dot_rollout__service__pb2.CancelRolloutRequest.SerializeToString,
+            docket_dot_v1_dot_rollout__service__pb2.CancelRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRolloutRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/docket.v1.RolloutService/ListRolloutRecords',
+            docket_dot_v1_dot_rollout__service__pb2.ListRolloutRecordsRequest.SerializeToString,
+            docket_dot_v1_dot_rollout__service__pb2.ListRolloutRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

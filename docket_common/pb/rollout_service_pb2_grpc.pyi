@@ -34,10 +34,26 @@ class RolloutServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> RolloutServiceAsyncStub: ...
     CreateRollout: _grpc.UnaryUnaryMultiCallable[_rollout_service_pb2.CreateRolloutRequest, _rollout_service_pb2.CreateRolloutResponse]
-    """Starts a rollout: every host the selector picks is sent a pull order at once. Hosts that
-    are offline get theirs when they reconnect.
-    Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_SELECTOR); NOT_FOUND
+    """Starts a rollout of an image to every host the selector picks: the canaries first, then
+    the rest, at most max_parallel at a time, until more than max_failures have failed or the
+    timeout passes. Hosts that are offline get their orders when they reconnect, and count as
+    failed if they are not back before the timeout. The rollout lives on the server: it goes
+    on without watchers and after a server restart.
+    Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_SELECTOR, INVALID_ROLLOUT); NOT_FOUND
     (IMAGE_NOT_FOUND); FAILED_PRECONDITION (NO_HOSTS) when the selector picks no host.
+    """
+    ListRollouts: _grpc.UnaryUnaryMultiCallable[_rollout_service_pb2.ListRolloutsRequest, _rollout_service_pb2.ListRolloutsResponse]
+    """Lists rollouts, newest first.
+    Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN).
+    """
+    CancelRollout: _grpc.UnaryUnaryMultiCallable[_rollout_service_pb2.CancelRolloutRequest, _rollout_service_pb2.CancelRolloutResponse]
+    """Stops a rollout: hosts not started are not started, hosts fetching are told to stop and
+    drop their partial downloads. Cancelling a rollout that has ended changes nothing.
+    Errors: NOT_FOUND (ROLLOUT_NOT_FOUND).
+    """
+    ListRolloutRecords: _grpc.UnaryUnaryMultiCallable[_rollout_service_pb2.ListRolloutRecordsRequest, _rollout_service_pb2.ListRolloutRecordsResponse]
+    """Returns every recorded state change of a rollout, oldest first.
+    Errors: NOT_FOUND (ROLLOUT_NOT_FOUND).
     """
     GetRollout: _grpc.UnaryUnaryMultiCallable[_rollout_service_pb2.GetRolloutRequest, _rollout_service_pb2.GetRolloutResponse]
     """Returns a rollout with every host's state.
@@ -55,10 +71,26 @@ class RolloutServiceAsyncStub(RolloutServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateRollout: _aio.UnaryUnaryMultiCallable[_rollout_service_pb2.CreateRolloutRequest, _rollout_service_pb2.CreateRolloutResponse]  # type: ignore[assignment]
-    """Starts a rollout: every host the selector picks is sent a pull order at once. Hosts that
-    are offline get theirs when they reconnect.
-    Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_SELECTOR); NOT_FOUND
+    """Starts a rollout of an image to every host the selector picks: the canaries first, then
+    the rest, at most max_parallel at a time, until more than max_failures have failed or the
+    timeout passes. Hosts that are offline get their orders when they reconnect, and count as
+    failed if they are not back before the timeout. The rollout lives on the server: it goes
+    on without watchers and after a server restart.
+    Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_SELECTOR, INVALID_ROLLOUT); NOT_FOUND
     (IMAGE_NOT_FOUND); FAILED_PRECONDITION (NO_HOSTS) when the selector picks no host.
+    """
+    ListRollouts: _aio.UnaryUnaryMultiCallable[_rollout_service_pb2.ListRolloutsRequest, _rollout_service_pb2.ListRolloutsResponse]  # type: ignore[assignment]
+    """Lists rollouts, newest first.
+    Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN).
+    """
+    CancelRollout: _aio.UnaryUnaryMultiCallable[_rollout_service_pb2.CancelRolloutRequest, _rollout_service_pb2.CancelRolloutResponse]  # type: ignore[assignment]
+    """Stops a rollout: hosts not started are not started, hosts fetching are told to stop and
+    drop their partial downloads. Cancelling a rollout that has ended changes nothing.
+    Errors: NOT_FOUND (ROLLOUT_NOT_FOUND).
+    """
+    ListRolloutRecords: _aio.UnaryUnaryMultiCallable[_rollout_service_pb2.ListRolloutRecordsRequest, _rollout_service_pb2.ListRolloutRecordsResponse]  # type: ignore[assignment]
+    """Returns every recorded state change of a rollout, oldest first.
+    Errors: NOT_FOUND (ROLLOUT_NOT_FOUND).
     """
     GetRollout: _aio.UnaryUnaryMultiCallable[_rollout_service_pb2.GetRolloutRequest, _rollout_service_pb2.GetRolloutResponse]  # type: ignore[assignment]
     """Returns a rollout with every host's state.
@@ -79,10 +111,44 @@ class RolloutServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _rollout_service_pb2.CreateRolloutRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_rollout_service_pb2.CreateRolloutResponse, _abc.Awaitable[_rollout_service_pb2.CreateRolloutResponse]]:
-        """Starts a rollout: every host the selector picks is sent a pull order at once. Hosts that
-        are offline get theirs when they reconnect.
-        Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_SELECTOR); NOT_FOUND
+        """Starts a rollout of an image to every host the selector picks: the canaries first, then
+        the rest, at most max_parallel at a time, until more than max_failures have failed or the
+        timeout passes. Hosts that are offline get their orders when they reconnect, and count as
+        failed if they are not back before the timeout. The rollout lives on the server: it goes
+        on without watchers and after a server restart.
+        Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_SELECTOR, INVALID_ROLLOUT); NOT_FOUND
         (IMAGE_NOT_FOUND); FAILED_PRECONDITION (NO_HOSTS) when the selector picks no host.
+        """
+
+    @_abc_1.abstractmethod
+    def ListRollouts(
+        self,
+        request: _rollout_service_pb2.ListRolloutsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rollout_service_pb2.ListRolloutsResponse, _abc.Awaitable[_rollout_service_pb2.ListRolloutsResponse]]:
+        """Lists rollouts, newest first.
+        Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN).
+        """
+
+    @_abc_1.abstractmethod
+    def CancelRollout(
+        self,
+        request: _rollout_service_pb2.CancelRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rollout_service_pb2.CancelRolloutResponse, _abc.Awaitable[_rollout_service_pb2.CancelRolloutResponse]]:
+        """Stops a rollout: hosts not started are not started, hosts fetching are told to stop and
+        drop their partial downloads. Cancelling a rollout that has ended changes nothing.
+        Errors: NOT_FOUND (ROLLOUT_NOT_FOUND).
+        """
+
+    @_abc_1.abstractmethod
+    def ListRolloutRecords(
+        self,
+        request: _rollout_service_pb2.ListRolloutRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rollout_service_pb2.ListRolloutRecordsResponse, _abc.Awaitable[_rollout_service_pb2.ListRolloutRecordsResponse]]:
+        """Returns every recorded state change of a rollout, oldest first.
+        Errors: NOT_FOUND (ROLLOUT_NOT_FOUND).
         """
 
     @_abc_1.abstractmethod

@@ -19,7 +19,7 @@ from docket_server.domain.orders import (
     TaskReport,
     TaskState,
 )
-from docket_server.domain.rollouts import Rollout, RolloutEvent, RolloutState
+from docket_server.domain.rollouts import Rollout, RolloutEvent, RolloutRecord, RolloutState
 
 
 def timestamp(value: datetime) -> Timestamp:
@@ -114,6 +114,7 @@ def agent_to_pb(record: AgentRecord) -> agent_pb2.Agent:
 
 
 _TASK_STATES = {
+    TaskState.QUEUED: agent_pb2.TASK_STATE_QUEUED,
     TaskState.PENDING: agent_pb2.TASK_STATE_PENDING,
     TaskState.ACCEPTED: agent_pb2.TASK_STATE_ACCEPTED,
     TaskState.DOWNLOADING: agent_pb2.TASK_STATE_DOWNLOADING,
@@ -129,6 +130,7 @@ _ROLLOUT_STATES = {
     RolloutState.SUCCEEDED: rollout_pb2.ROLLOUT_STATE_SUCCEEDED,
     RolloutState.FAILED: rollout_pb2.ROLLOUT_STATE_FAILED,
     RolloutState.CANCELLED: rollout_pb2.ROLLOUT_STATE_CANCELLED,
+    RolloutState.TIMED_OUT: rollout_pb2.ROLLOUT_STATE_TIMED_OUT,
 }
 
 
@@ -180,7 +182,7 @@ def progress_from_pb(msg: agent_pb2.PieceProgress) -> ProgressReport:
 
 def task_report_from_pb(msg: agent_pb2.TaskUpdate) -> TaskReport | None:
     state = _TASK_STATES_BACK.get(msg.state)
-    if state is None or state is TaskState.PENDING:
+    if state is None or state in (TaskState.QUEUED, TaskState.PENDING):
         return None
     return TaskReport(
         order_id=msg.order_id,
@@ -211,8 +213,9 @@ def rollout_host_to_pb(task: Task) -> rollout_pb2.RolloutHost:
         bittorrent_bytes=task.bittorrent_bytes,
         server_bytes=task.server_bytes,
         fallback_bytes=task.fallback_bytes,
-        start_time=timestamp(task.start_time),
     )
+    if task.start_time is not None:
+        msg.start_time.CopyFrom(timestamp(task.start_time))
     if task.end_time is not None:
         msg.end_time.CopyFrom(timestamp(task.end_time))
     return msg
@@ -229,6 +232,11 @@ def rollout_to_pb(rollout: Rollout) -> rollout_pb2.Rollout:
         hosts=[rollout_host_to_pb(rollout.tasks[name]) for name in sorted(rollout.tasks)],
         image_size_bytes=rollout.image.size,
         create_time=timestamp(rollout.create_time),
+        canary=rollout.canary,
+        max_parallel=rollout.max_parallel,
+        max_failures=rollout.max_failures,
+        deadline_time=timestamp(rollout.deadline),
+        reason=rollout.reason,
     )
     if rollout.end_time is not None:
         msg.end_time.CopyFrom(timestamp(rollout.end_time))
@@ -243,4 +251,15 @@ def rollout_event_to_pb(event: RolloutEvent) -> rollout_pb2.RolloutEvent:
         msg.host.CopyFrom(rollout_host_to_pb(event.task))
     elif event.state is not None:
         msg.state = _ROLLOUT_STATES[event.state]
+    return msg
+
+
+def rollout_record_to_pb(record: RolloutRecord) -> rollout_pb2.RolloutRecord:
+    msg = rollout_pb2.RolloutRecord(
+        record_time=timestamp(record.time), agent_name=record.agent, message=record.message
+    )
+    if record.task_state is not None:
+        msg.task_state = _TASK_STATES[record.task_state]
+    if record.rollout_state is not None:
+        msg.rollout_state = _ROLLOUT_STATES[record.rollout_state]
     return msg

@@ -5,13 +5,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from docket_common.errors import Reason
 from docket_common.pb import rollout_service_pb2 as pb
 from docket_common.pb import rollout_service_pb2_grpc as pb_grpc
-from docket_server.api.convert import rollout_event_to_pb, rollout_to_pb
+from docket_server.api.convert import rollout_event_to_pb, rollout_record_to_pb, rollout_to_pb
+from docket_server.domain.errors import InvalidArgument
 from docket_server.domain.rollouts import Rollouts
 
 # grpcio ships no types: a servicer context is grpc.aio.ServicerContext.
 Context = Any
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
 
 
 class RolloutService(pb_grpc.RolloutServiceServicer):
@@ -21,15 +25,53 @@ class RolloutService(pb_grpc.RolloutServiceServicer):
     async def CreateRollout(
         self, request: pb.CreateRolloutRequest, context: Context
     ) -> pb.CreateRolloutResponse:
+        timeout = request.timeout.ToTimedelta() if request.HasField("timeout") else None
         rollout = await self.rollouts.create(
-            request.image_name, request.selector, request.prefetch_only
+            request.image_name,
+            request.selector,
+            prefetch_only=request.prefetch_only,
+            canary=request.canary,
+            max_parallel=request.max_parallel,
+            max_failures=request.max_failures,
+            time_limit=timeout or None,
         )
         return pb.CreateRolloutResponse(rollout=rollout_to_pb(rollout))
 
     async def GetRollout(
         self, request: pb.GetRolloutRequest, context: Context
     ) -> pb.GetRolloutResponse:
-        return pb.GetRolloutResponse(rollout=rollout_to_pb(self.rollouts.get(request.id)))
+        return pb.GetRolloutResponse(rollout=rollout_to_pb(await self.rollouts.get(request.id)))
+
+    async def ListRollouts(
+        self, request: pb.ListRolloutsRequest, context: Context
+    ) -> pb.ListRolloutsResponse:
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        try:
+            offset = int(request.page_token or "0")
+        except ValueError:
+            offset = -1
+        if offset < 0:
+            raise InvalidArgument(
+                Reason.INVALID_PAGE_TOKEN, "page_token is not one ListRollouts returned"
+            )
+        found = await self.rollouts.page(offset, size + 1)
+        token = str(offset + size) if len(found) > size else ""
+        return pb.ListRolloutsResponse(
+            rollouts=[rollout_to_pb(r) for r in found[:size]], next_page_token=token
+        )
+
+    async def CancelRollout(
+        self, request: pb.CancelRolloutRequest, context: Context
+    ) -> pb.CancelRolloutResponse:
+        return pb.CancelRolloutResponse(
+            rollout=rollout_to_pb(await self.rollouts.cancel(request.id))
+        )
+
+    async def ListRolloutRecords(
+        self, request: pb.ListRolloutRecordsRequest, context: Context
+    ) -> pb.ListRolloutRecordsResponse:
+        records = await self.rollouts.records(request.id)
+        return pb.ListRolloutRecordsResponse(records=[rollout_record_to_pb(r) for r in records])
 
     async def WatchRollout(
         self, request: pb.WatchRolloutRequest, context: Context

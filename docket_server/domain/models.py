@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from docket_common.torrent import TorrentInfo
 
@@ -68,3 +69,33 @@ class Image:
 
 def _descriptor_json(d: Descriptor) -> dict[str, object]:
     return {"mediaType": d.media_type, "digest": d.digest, "size": d.size}
+
+
+def image_to_dict(image: Image) -> dict[str, object]:
+    """The image as JSON-able data, for records that must outlive the image's name."""
+    return {
+        "repository": image.repository,
+        "tag": image.tag,
+        "config": _descriptor_json(image.config),
+        "layers": [_descriptor_json(layer) for layer in image.layers],
+        "diff_ids": list(image.diff_ids),
+        "build_time": image.build_time.isoformat() if image.build_time else None,
+        "create_time": image.create_time.isoformat(),
+        "platform": image.platform,
+    }
+
+
+def image_from_dict(data: dict[str, Any]) -> Image:
+    def desc(d: dict[str, Any]) -> Descriptor:
+        return Descriptor(d["digest"], int(d["size"]), d["mediaType"])
+
+    return Image(
+        repository=data["repository"],
+        tag=data["tag"],
+        config=desc(data["config"]),
+        layers=tuple(desc(layer) for layer in data["layers"]),
+        diff_ids=tuple(data["diff_ids"]),
+        build_time=datetime.fromisoformat(data["build_time"]) if data["build_time"] else None,
+        create_time=datetime.fromisoformat(data["create_time"]),
+        platform=data["platform"],
+    )

@@ -8,7 +8,6 @@ order in flight is sent again after a reconnect (the agent carries out each orde
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,7 +25,8 @@ MAX_PEERS = 50
 
 
 class TaskState(StrEnum):
-    PENDING = "pending"
+    QUEUED = "queued"  # not sent yet: waiting for its turn
+    PENDING = "pending"  # sent (or to be sent when the host connects), not acknowledged
     ACCEPTED = "accepted"
     DOWNLOADING = "downloading"
     VERIFYING = "verifying"
@@ -91,7 +91,7 @@ class Task:
     image: Image
     blobs: dict[str, Blob]
     load: bool
-    state: TaskState = TaskState.PENDING
+    state: TaskState = TaskState.QUEUED
     error: str = ""
     image_id: str = ""
     pieces: dict[str, bytearray] = field(default_factory=dict)
@@ -103,7 +103,7 @@ class Task:
     bittorrent_bytes: int = 0
     server_bytes: int = 0
     fallback_bytes: int = 0
-    start_time: datetime = field(default_factory=lambda: datetime.now(UTC))
+    start_time: datetime | None = None
     end_time: datetime | None = None
 
     @property
@@ -166,29 +166,26 @@ class OrderBook:
         for callback in self._listeners:
             callback(task)
 
-    def create(
-        self, agent: str, image: Image, blobs: dict[str, Blob], load: bool, rollout_id: str
-    ) -> Task:
-        task = Task(
-            order_id=uuid.uuid4().hex[:16],
-            rollout_id=rollout_id,
-            agent=agent,
-            image=image,
-            blobs=blobs,
-            load=load,
-        )
+    def add(self, task: Task) -> None:
+        """Takes a task (queued, or in flight after a server restart) into the book."""
         self.tasks[task.order_id] = task
-        session = self.fleet.sessions.get(agent)
+
+    def start(self, task: Task) -> None:
+        """Sends a queued task's order now, or when its host connects."""
+        if task.state is not TaskState.QUEUED:
+            return
+        task.state = TaskState.PENDING
+        task.start_time = datetime.now(UTC)
+        session = self.fleet.sessions.get(task.agent)
         if session is not None:
             self._send(session, task)
         log.info(
-            "order created",
+            "order sent" if session else "order waits for its host",
             order=task.order_id,
-            agent=agent,
-            image=image.name,
-            online=session is not None,
+            agent=task.agent,
+            image=task.image.name,
         )
-        return task
+        self._changed(task)
 
     def _send(self, session: Session, task: Task) -> None:
         if self.sink is None:
@@ -209,7 +206,7 @@ class OrderBook:
             t
             for t in self.tasks.values()
             if t.agent != task.agent
-            and t.state not in (TaskState.FAILED, TaskState.CANCELLED)
+            and t.state not in (TaskState.QUEUED, TaskState.FAILED, TaskState.CANCELLED)
             and not t.blobs.keys().isdisjoint(task.blobs.keys())
         ]
 
@@ -255,11 +252,18 @@ class OrderBook:
     def agent_connected(self, session: Session) -> None:
         """Sends the agent every order of its that is not done."""
         for task in list(self.tasks.values()):
-            if task.agent == session.name and not task.state.terminal:
+            if (
+                task.agent == session.name
+                and task.state is not TaskState.QUEUED
+                and not task.state.terminal
+            ):
                 self._send(session, task)
 
     def cancel(self, task: Task, reason: str) -> None:
         if task.state.terminal:
+            return
+        if task.state is TaskState.QUEUED:  # never sent: nothing to stop
+            self._finish(task, TaskState.CANCELLED, reason)
             return
         session = self.fleet.sessions.get(task.agent)
         if session is not None and self.sink is not None:
@@ -267,9 +271,16 @@ class OrderBook:
         else:  # nobody to tell: the order is void
             self._finish(task, TaskState.CANCELLED, reason)
 
+    def fail(self, task: Task, reason: str) -> None:
+        """Ends a task as failed on the server's word (its host never came back)."""
+        if not task.state.terminal:
+            self._finish(task, TaskState.FAILED, reason)
+
     def on_progress(self, agent: str, report: ProgressReport) -> None:
         task = self.tasks.get(report.order_id)
         if task is None or task.agent != agent or task.state.terminal:
+            return
+        if task.state is TaskState.QUEUED:
             return
         for blob in report.blobs:
             meta = task.blobs.get(blob.digest)
@@ -291,6 +302,8 @@ class OrderBook:
         task = self.tasks.get(report.order_id)
         if task is None or task.agent != agent:
             log.warning("update for an unknown order", agent=agent, order=report.order_id)
+            return
+        if task.state is TaskState.QUEUED:
             return
         if task.state.terminal:
             return

@@ -16,7 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from docket_common.torrent import TorrentInfo
 from docket_server.domain.fleet import AgentInfo, AgentRecord, AgentState, FleetStore
-from docket_server.domain.models import Blob, Descriptor, Image
+from docket_server.domain.models import Blob, Descriptor, Image, image_from_dict, image_to_dict
+from docket_server.domain.orders import Task, TaskState
+from docket_server.domain.rollouts import Rollout, RolloutRecord, RolloutState, RolloutStore
 from docket_server.store.metadata import DeleteResult, MetadataStore, MissingBlobsError
 
 meta = sa.MetaData()
@@ -91,6 +93,59 @@ agents = sa.Table(
 )
 
 
+rollouts = sa.Table(
+    "rollouts",
+    meta,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("image", sa.Text, nullable=False),  # the image as it was (JSON)
+    sa.Column("selector", sa.Text, nullable=False),
+    sa.Column("prefetch_only", sa.Boolean, nullable=False),
+    sa.Column("canary", sa.Integer, nullable=False),
+    sa.Column("max_parallel", sa.Integer, nullable=False),
+    sa.Column("max_failures", sa.Integer, nullable=False),
+    sa.Column("deadline_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("cancelled", sa.Boolean, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("end_time", sa.DateTime(timezone=True), nullable=True),
+)
+
+rollout_tasks = sa.Table(
+    "rollout_tasks",
+    meta,
+    sa.Column("order_id", sa.String(32), primary_key=True),
+    sa.Column(
+        "rollout_id", sa.String(32), sa.ForeignKey("rollouts.id"), nullable=False, index=True
+    ),
+    sa.Column("agent", sa.String(64), nullable=False),
+    sa.Column("load", sa.Boolean, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Column("image_id", sa.String(71), nullable=False),
+    sa.Column("cached_bytes", sa.BigInteger, nullable=False),
+    sa.Column("bittorrent_bytes", sa.BigInteger, nullable=False),
+    sa.Column("server_bytes", sa.BigInteger, nullable=False),
+    sa.Column("fallback_bytes", sa.BigInteger, nullable=False),
+    sa.Column("start_time", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("end_time", sa.DateTime(timezone=True), nullable=True),
+)
+
+rollout_records = sa.Table(
+    "rollout_records",
+    meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "rollout_id", sa.String(32), sa.ForeignKey("rollouts.id"), nullable=False, index=True
+    ),
+    sa.Column("record_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("agent", sa.String(64), nullable=False),
+    sa.Column("task_state", sa.String(16), nullable=True),
+    sa.Column("rollout_state", sa.String(16), nullable=True),
+    sa.Column("message", sa.Text, nullable=False),
+)
+
+
 async def _migration_1(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: meta.create_all(sync, tables=[blobs, images, image_layers]))
 
@@ -99,8 +154,14 @@ async def _migration_2(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: meta.create_all(sync, tables=[agents]))
 
 
+async def _migration_3(conn: AsyncConnection) -> None:
+    await conn.run_sync(
+        lambda sync: meta.create_all(sync, tables=[rollouts, rollout_tasks, rollout_records])
+    )
+
+
 Migration = Callable[[AsyncConnection], Awaitable[None]]
-MIGRATIONS: list[Migration] = [_migration_1, _migration_2]
+MIGRATIONS: list[Migration] = [_migration_1, _migration_2, _migration_3]
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -110,7 +171,7 @@ def _utc(value: datetime | None) -> datetime | None:
     return value
 
 
-class SqlMetadataStore(MetadataStore, FleetStore):
+class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore):
     def __init__(self, url: str) -> None:
         self.url = url
         self._engine: AsyncEngine | None = None
@@ -389,6 +450,152 @@ class SqlMetadataStore(MetadataStore, FleetStore):
                 .values(state=str(AgentState.OFFLINE))
             )
             return int(result.rowcount or 0)
+
+    # Rollouts
+
+    async def save_rollout(self, rollout: Rollout) -> None:
+        values = {
+            "image": json.dumps(image_to_dict(rollout.image)),
+            "selector": rollout.selector,
+            "prefetch_only": rollout.prefetch_only,
+            "canary": rollout.canary,
+            "max_parallel": rollout.max_parallel,
+            "max_failures": rollout.max_failures,
+            "deadline_time": rollout.deadline,
+            "state": str(rollout.state),
+            "reason": rollout.reason,
+            "cancelled": rollout.cancelled,
+            "create_time": rollout.create_time,
+            "end_time": rollout.end_time,
+        }
+        async with self.engine.begin() as conn:
+            updated = await conn.execute(
+                rollouts.update().where(rollouts.c.id == rollout.id).values(**values)
+            )
+            if not updated.rowcount:
+                await conn.execute(rollouts.insert().values(id=rollout.id, **values))
+
+    async def save_task(self, task: Task) -> None:
+        values = {
+            "rollout_id": task.rollout_id,
+            "agent": task.agent,
+            "load": task.load,
+            "state": str(task.state),
+            "error": task.error,
+            "image_id": task.image_id,
+            "cached_bytes": task.cached_bytes,
+            "bittorrent_bytes": task.bittorrent_bytes,
+            "server_bytes": task.server_bytes,
+            "fallback_bytes": task.fallback_bytes,
+            "start_time": task.start_time,
+            "end_time": task.end_time,
+        }
+        async with self.engine.begin() as conn:
+            updated = await conn.execute(
+                rollout_tasks.update()
+                .where(rollout_tasks.c.order_id == task.order_id)
+                .values(**values)
+            )
+            if not updated.rowcount:
+                await conn.execute(rollout_tasks.insert().values(order_id=task.order_id, **values))
+
+    async def add_record(self, rollout_id: str, record: RolloutRecord) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                rollout_records.insert().values(
+                    rollout_id=rollout_id,
+                    record_time=record.time,
+                    agent=record.agent,
+                    task_state=str(record.task_state) if record.task_state else None,
+                    rollout_state=str(record.rollout_state) if record.rollout_state else None,
+                    message=record.message,
+                )
+            )
+
+    async def list_records(self, rollout_id: str) -> list[RolloutRecord]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                rollout_records.select()
+                .where(rollout_records.c.rollout_id == rollout_id)
+                .order_by(rollout_records.c.id)
+            )
+            return [
+                RolloutRecord(
+                    time=_utc(r.record_time) or _now(),
+                    agent=r.agent,
+                    task_state=TaskState(r.task_state) if r.task_state else None,
+                    rollout_state=RolloutState(r.rollout_state) if r.rollout_state else None,
+                    message=r.message,
+                )
+                for r in rows
+            ]
+
+    async def load_rollout(self, rollout_id: str) -> Rollout | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(rollouts.select().where(rollouts.c.id == rollout_id))).first()
+            if row is None:
+                return None
+            task_rows = list(
+                await conn.execute(
+                    rollout_tasks.select().where(rollout_tasks.c.rollout_id == rollout_id)
+                )
+            )
+        image = image_from_dict(json.loads(row.image))
+        tasks = {
+            t.agent: Task(
+                order_id=t.order_id,
+                rollout_id=rollout_id,
+                agent=t.agent,
+                image=image,
+                blobs={},
+                load=t.load,
+                state=TaskState(t.state),
+                error=t.error,
+                image_id=t.image_id,
+                cached_bytes=t.cached_bytes,
+                bittorrent_bytes=t.bittorrent_bytes,
+                server_bytes=t.server_bytes,
+                fallback_bytes=t.fallback_bytes,
+                start_time=_utc(t.start_time),
+                end_time=_utc(t.end_time),
+            )
+            for t in task_rows
+        }
+        return Rollout(
+            id=row.id,
+            image=image,
+            selector=row.selector,
+            prefetch_only=row.prefetch_only,
+            tasks=tasks,
+            canary=row.canary,
+            max_parallel=row.max_parallel,
+            max_failures=row.max_failures,
+            deadline=_utc(row.deadline_time) or _now(),
+            state=RolloutState(row.state),
+            reason=row.reason,
+            cancelled=row.cancelled,
+            create_time=_utc(row.create_time) or _now(),
+            end_time=_utc(row.end_time),
+        )
+
+    async def running_rollout_ids(self) -> list[str]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(rollouts.c.id)
+                .where(rollouts.c.state == str(RolloutState.RUNNING))
+                .order_by(rollouts.c.create_time)
+            )
+            return [r.id for r in rows]
+
+    async def list_rollout_ids(self, offset: int, limit: int) -> list[str]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(rollouts.c.id)
+                .order_by(rollouts.c.create_time.desc(), rollouts.c.id)
+                .offset(offset)
+                .limit(limit)
+            )
+            return [r.id for r in rows]
 
 
 def _agent_from_row(row: Any) -> AgentRecord:
