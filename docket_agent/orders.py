@@ -111,8 +111,10 @@ class OrderRunner:
 
     def _drop_downloads(self) -> None:
         """Drops this order's partial downloads, but not one another order also waits for."""
-        for digest, download in self.downloads.items():
-            if not self.m.cache.shared(digest) and not download.finished.is_set():
+        for digest in self.downloads:
+            # A blob already verified into the cache stays (and seeds); anything short of that
+            # is partial work.
+            if not self.m.cache.shared(digest) and not self.m.cache.has(digest):
                 self.m.fetcher.drop(digest, delete_files=True)
 
     def _fail(self, error: str) -> None:
@@ -286,6 +288,13 @@ class OrderManager:
         runner = self.runners.get(order.order_id)
         if runner is not None:
             log.info("order already running: reporting where it stands", order=order.order_id)
+            # Sent again after a reconnect: the peers may have come back (the server's seed
+            # after a restart) or changed; dial them again.
+            endpoints = [p.endpoint for p in order.peers]
+            runner.peers = list(dict.fromkeys([*runner.peers, *endpoints]))
+            for download in runner.downloads.values():
+                if not download.finished.is_set():
+                    self.fetcher.add_peers(download, endpoints)
             if runner.last is not None:
                 self.send(runner.last)
             runner._send_progress(full=True)

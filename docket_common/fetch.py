@@ -257,6 +257,8 @@ class BlobFetcher(TorrentSession):
         for piece in download.missing_pieces():
             if download.finished.is_set():
                 break
+            if download.handle.have_piece(piece):  # BitTorrent brought it meanwhile
+                continue
             offset = piece * download.piece_length
             length = min(download.piece_length, size - offset)
             data = await read_range(offset, length)
