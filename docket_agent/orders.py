@@ -168,14 +168,14 @@ class OrderRunner:
     def _send_progress(self, full: bool) -> None:
         blobs: list[agent_pb2.BlobProgress] = []
         rate = 0
-        peers = 0
+        peers = 0  # the largest swarm among the blobs: the same host is in each of them
         for download in self.downloads.values():
             new = download.take_new_pieces()
             if full:
                 new = [i for i in range(download.piece_count) if download.handle.have_piece(i)]
             status = download.status()
             rate += status.download_payload_rate
-            peers += download.sample_peers()
+            peers = max(peers, len(download.sample_peers()))
             if new or full:
                 blobs.append(
                     agent_pb2.BlobProgress(

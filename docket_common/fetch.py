@@ -80,21 +80,23 @@ class BlobDownload:
     def missing_pieces(self) -> list[int]:
         return [i for i in range(self.piece_count) if not self.handle.have_piece(i)]
 
-    def sample_peers(self) -> int:
-        """Updates peer_bytes from the connected peers; returns how many are connected."""
+    def sample_peers(self) -> set[str]:
+        """Updates peer_bytes from the connected peers; returns their endpoints."""
         if not self.handle.is_valid():
-            return 0
+            return set()
         peers = self.handle.get_peer_info()
+        connected: set[str] = set()
         for peer in peers:
             ip, port = peer.ip
             endpoint = f"{ip}:{port}"
+            connected.add(endpoint)
             self.peer_bytes[endpoint] = max(self.peer_bytes.get(endpoint, 0), peer.total_download)
             client = peer.client
             if isinstance(client, bytes):
                 client = client.decode(errors="replace")
             if client.startswith(SERVER_CLIENT):
                 self.server_endpoints.add(endpoint)
-        return len(peers)
+        return connected
 
     @property
     def bittorrent_bytes(self) -> int:
