@@ -252,6 +252,10 @@ class LiveView(View):
             ProgressBar(total=total, completed=held, width=30),
             Text(f"{human_size(held)}/{human_size(host.total_bytes)}"),
             Text(f"{human_size(rate)}/s" if rate else ""),
-            Text(f"{host.peer_count} peers" if host.peer_count else ""),
+            Text(
+                f"{host.peer_count} peer{'s' if host.peer_count != 1 else ''}"
+                if host.peer_count and host.state not in DONE
+                else ""
+            ),
             Text(f"eta {eta}" if eta != "-" else ""),
         ]
