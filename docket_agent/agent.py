@@ -15,7 +15,7 @@ from docket_agent.orders import OrderManager, OrderSettings
 from docket_agent.stream import StreamClient, agent_channel
 from docket_common.bt import split_host_port
 from docket_common.fetch import BlobFetcher
-from docket_common.loadable import LoadableImage, LoadError, load_into_docker
+from docket_common.loadable import LoadableImage, load_from_env
 from docket_common.pb import agent_pb2, image_service_pb2_grpc
 from docket_common.readblob import grpc_read_range
 from docket_common.version import VERSION
@@ -127,20 +127,7 @@ class Agent:
             layer_digests=tuple(layer.digest for layer in order.layers),
         )
 
-        def load() -> str:
-            import docker
-            from docker.errors import DockerException
-
-            try:
-                client = docker.from_env(timeout=600)
-            except DockerException as e:
-                raise LoadError(f"no Docker engine: {e}") from e
-            try:
-                return load_into_docker(client, image)
-            finally:
-                client.close()
-
-        return await asyncio.to_thread(load)
+        return await asyncio.to_thread(load_from_env, image)
 
     async def _hello(self) -> agent_pb2.Hello:
         """Made afresh for every connection: the engine or the cache may have changed."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
-import os
 import signal
 import socket
 import sys
@@ -16,22 +15,14 @@ import click
 from docket_agent.agent import Agent, AgentConfig
 from docket_agent.hostinfo import DataDirInUseError
 from docket_agent.stream import AgentRefusedError
-from docket_common.bt import TorrentSessionError, split_host_port
+from docket_common.bt import TorrentSessionError
+from docket_common.cli import host_port, logging_options, xdg_dir
 from docket_common.logs import configure_logging
 from docket_common.selector import is_label, is_name
 
 
 def default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "docket" / "agent"
-
-
-def _host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
-    try:
-        split_host_port(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from e
-    return value
+    return xdg_dir("XDG_DATA_HOME", ".local/share", "agent")
 
 
 def _name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
@@ -65,7 +56,7 @@ def _labels(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
     envvar="DOCKET_SERVER",
     default="127.0.0.1:7800",
     show_default=True,
-    callback=_host_port,
+    callback=host_port,
     help="The Docket server, HOST:PORT. Also from $DOCKET_SERVER.",
 )
 @click.option(
@@ -100,7 +91,7 @@ def _labels(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
     "--bt-listen",
     default="0.0.0.0:6881",
     show_default=True,
-    callback=_host_port,
+    callback=host_port,
     help="BitTorrent address to listen on (port 0: any free port).",
 )
 @click.option(
@@ -137,13 +128,7 @@ def _labels(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
     help="BitTorrent download limit, bytes a second.",
 )
 @click.option("--token", envvar="DOCKET_TOKEN", default=None, help="Bearer token for the server.")
-@click.option(
-    "--log-level",
-    default="info",
-    show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-)
-@click.option("--log-json/--no-log-json", default=None, help="JSON logs (default: when not a TTY).")
+@logging_options
 def main(
     server: str,
     data_dir: Path,

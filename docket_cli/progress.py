@@ -17,6 +17,18 @@ from docket_common.archive import ArchiveBlob
 from docket_common.digest import short
 
 
+def transfer_bars() -> Progress:
+    """Bars for bytes moving (push, pull): what, bar, bytes, rate, time left. On stderr."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=False),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+    )
+
+
 class PushProgress:
     """Implements push.Progress; bars only when stderr is a terminal."""
 
@@ -24,15 +36,7 @@ class PushProgress:
         self.label = label
         self.quiet = quiet
         self.live = stderr.is_terminal and not quiet
-        self._bars = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(binary_units=False),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=stderr,
-            transient=False,
-        )
+        self._bars = transfer_bars()
         self._tasks: dict[str, TaskID] = {}
         self._total: TaskID | None = None
         self._export: TaskID | None = None

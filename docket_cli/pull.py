@@ -8,25 +8,18 @@ cut short resumes and a second image sharing layers fetches only what is new.
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import click
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from docket_cli.client import Connection
 from docket_cli.command import with_connection
+from docket_cli.progress import transfer_bars
 from docket_cli.render import human_size, stderr
+from docket_common.cli import host_port, xdg_dir
 from docket_common.digest import short
 from docket_common.fetch import BlobFetcher, BlobSpec, follow
-from docket_common.loadable import LoadableImage, LoadError, load_into_docker, write_archive
+from docket_common.loadable import LoadableImage, load_from_env, write_archive
 from docket_common.pb import image_service_pb2 as pb
 from docket_common.readblob import grpc_read_range
 from docket_common.reference import parse_reference
@@ -34,8 +27,7 @@ from docket_common.version import VERSION
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "docket" / "pull"
+    return xdg_dir("XDG_CACHE_HOME", ".cache", "pull")
 
 
 @click.command("pull")
@@ -57,6 +49,7 @@ def default_cache_dir() -> Path:
     "--bt-listen",
     default="0.0.0.0:0",
     show_default=True,
+    callback=host_port,
     help="BitTorrent address to listen on while pulling.",
 )
 @click.option(
@@ -102,14 +95,7 @@ async def pull_cmd(
         if cached and not quiet:
             stderr.print(f"{human_size(cached)} already in {cache_dir}: not fetched again")
         live = stderr.is_terminal and not quiet
-        bars = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(binary_units=False),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=stderr,
-        )
+        bars = transfer_bars()
         tasks = {
             d.spec.digest: bars.add_task(short(d.spec.digest), total=d.spec.size) for d in downloads
         }
@@ -155,19 +141,5 @@ async def pull_cmd(
         await asyncio.to_thread(write_archive, loadable, output)
         click.echo(f"Pulled {image.name} {image.digest} into {output} ({how})")
         return
-    image_id = await asyncio.to_thread(_load, loadable)
+    image_id = await asyncio.to_thread(load_from_env, loadable)
     click.echo(f"Pulled {image.name} {image.digest}: loaded as {image_id} ({how})")
-
-
-def _load(image: LoadableImage) -> str:
-    import docker
-    from docker.errors import DockerException
-
-    try:
-        client = docker.from_env(timeout=600)
-    except DockerException as e:
-        raise LoadError(f"cannot reach the Docker engine (DOCKER_HOST): {e}") from e
-    try:
-        return load_into_docker(client, image)
-    finally:
-        client.close()

@@ -7,6 +7,7 @@ UPnP or NAT-PMP (peers come from the server or a tracker); every torrent is priv
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import libtorrent as lt
@@ -67,17 +68,23 @@ class TorrentSessionError(Exception):
 class TorrentSession:
     """A libtorrent session whose alerts are handled on the asyncio event loop.
 
-    libtorrent calls the notify hook on its own thread; the hook only schedules ``_drain`` on
-    the loop, so alert handling never blocks libtorrent and never runs off the loop.
-    Subclasses handle alerts in ``on_alert``.
+    A thread blocks in ``wait_for_alert`` (which releases the GIL) and, when alerts are
+    waiting, schedules ``_drain`` on the loop and waits until it has run. libtorrent's own
+    threads never call into Python: with ``set_alert_notify`` they do, and destroying the
+    session while one of them waits for the GIL deadlocks (seen here at shutdown under load;
+    see also libtorrent #4638). Subclasses handle alerts in ``on_alert``.
     """
+
+    POLL_SECONDS = 0.1  # how long shutdown may wait for the alert thread
 
     def __init__(self, listen: str, user_agent: str) -> None:
         self.listen = listen
         self.user_agent = user_agent
         self.port = 0
         self._session: lt.session | None = None
-        self._closing = False
+        self._closing = threading.Event()
+        self._drained = threading.Event()
+        self._pump: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listening: asyncio.Future[int] | None = None
 
@@ -93,8 +100,13 @@ class TorrentSession:
         self._listening = self._loop.create_future()
         settings = session_settings(self.listen, user_agent=self.user_agent)
         self._session = lt.session(settings)  # type: ignore[call-overload]  # a dict works
-        self._session.set_alert_notify(self._notify)
-        self._drain()  # alerts may have arrived before the hook was set
+        self._pump = threading.Thread(
+            target=self._wait_for_alerts,
+            args=(self._session, self._loop),
+            daemon=True,
+            name="libtorrent-alerts",
+        )
+        self._pump.start()
         try:
             async with asyncio.timeout(10):
                 self.port = await self._listening
@@ -103,19 +115,37 @@ class TorrentSession:
         return self.port
 
     def close(self) -> None:
-        # set_alert_notify is not called again to unhook: a second call can deadlock the
-        # bindings (libtorrent #4638). The hook goes quiet on its own once the loop is gone.
-        if self._session is not None:
-            self._closing = True
-            self._session.pause()
-            self._session = None
+        if self._session is None:
+            return
+        self._closing.set()
+        if self._pump is not None:
+            self._pump.join(self.POLL_SECONDS * 5)
+        self._session.pause()
+        self._session = None
 
-    def _notify(self) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed() and not self._closing:
-            loop.call_soon_threadsafe(self._drain)
+    def _wait_for_alerts(self, session: Any, loop: asyncio.AbstractEventLoop) -> None:
+        """On the alert thread: wake the loop whenever alerts wait, one drain at a time."""
+        while not self._closing.is_set():
+            if session.wait_for_alert(int(self.POLL_SECONDS * 1000)) is None:
+                continue
+            self._drained.clear()
+            try:
+                loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed
+                return
+            # Until the loop has drained them (the alerts stay queued until then), unless the
+            # session closes: close() runs on the loop, which then cannot drain.
+            while not self._drained.wait(0.05):
+                if self._closing.is_set():
+                    return
 
     def _drain(self) -> None:
+        try:
+            self._drain_alerts()
+        finally:
+            self._drained.set()
+
+    def _drain_alerts(self) -> None:
         if self._session is None:
             return
         for alert in self._session.pop_alerts():

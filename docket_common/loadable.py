@@ -432,3 +432,18 @@ def _reason(error: BaseException) -> str:
         if reason is not None:
             pending.append(reason)
     return _one_line(error)
+
+
+def load_from_env(image: LoadableImage) -> str:
+    """load_into_docker into the engine at DOCKER_HOST (blocking: run it in a thread)."""
+    import docker
+    from docker.errors import DockerException
+
+    try:
+        client = docker.from_env(timeout=600)
+    except DockerException as e:
+        raise LoadError(f"cannot reach the Docker engine (DOCKER_HOST): {e}") from e
+    try:
+        return load_into_docker(client, image)
+    finally:
+        client.close()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from docket_common.bt import TorrentSessionError, split_host_port
+from docket_common.bt import TorrentSessionError
+from docket_common.cli import host_port, logging_options, xdg_dir
 from docket_common.logs import configure_logging
 from docket_server.api.interceptors import StaticTokens
 from docket_server.app import DocketServer, ServerConfig
@@ -17,16 +17,7 @@ from docket_server.domain.orders import PeerSource
 
 
 def default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "docket" / "server"
-
-
-def _host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
-    try:
-        split_host_port(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from e
-    return value
+    return xdg_dir("XDG_DATA_HOME", ".local/share", "server")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,7 +25,7 @@ def _host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     "--listen",
     default="127.0.0.1:7800",
     show_default=True,
-    callback=_host_port,
+    callback=host_port,
     help="gRPC address to listen on (HOST:PORT; 0.0.0.0 for every interface).",
 )
 @click.option(
@@ -48,13 +39,13 @@ def _host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     "--bt-listen",
     default="127.0.0.1:7881",
     show_default=True,
-    callback=_host_port,
+    callback=host_port,
     help="BitTorrent address the server seeds every blob from.",
 )
 @click.option(
     "--bt-advertise",
     default=None,
-    callback=lambda c, p, v: v if v is None else _host_port(c, p, v),
+    callback=host_port,
     help="The seed's BitTorrent endpoint as agents reach it (default: the --bt-listen "
     "address, with the host name for 0.0.0.0).",
 )
@@ -97,13 +88,7 @@ def _host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     show_default=True,
     help="Seconds a new agent stream may take to say hello before it is dropped.",
 )
-@click.option(
-    "--log-level",
-    default="info",
-    show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-)
-@click.option("--log-json/--no-log-json", default=None, help="JSON logs (default: when not a TTY).")
+@logging_options
 def main(
     listen: str,
     data_dir: Path,

@@ -2,7 +2,7 @@
 
 Blobs are added in seed mode: libtorrent trusts that the file is complete and checks each
 piece against its hash the first time it sends it, so a restart re-seeds thousands of blobs at
-once without reading them all first. Alerts wake the event loop through set_alert_notify.
+once without reading them all first. Alerts are handled on the event loop (see TorrentSession).
 """
 
 from __future__ import annotations

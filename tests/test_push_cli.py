@@ -282,3 +282,26 @@ def test_push_on_a_terminal_shows_progress_bars(server: ServerProcess, tmp_path:
     # Off a terminal the same push draws no bars.
     piped = docketctl("push", "a:1", "--archive", str(archive.path), server=server.address)
     assert "━" not in piped.stderr + piped.stdout
+
+
+def test_a_server_with_tokens_refuses_calls_without_one(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# operators\ns3cret-one\n\ns3cret-two\n")
+    server = ServerProcess(
+        data_dir=tmp_path / "server", extra_args=["--auth-token-file", str(tokens)]
+    ).start()  # its health check needs no token
+    try:
+        refused = docketctl("images", server=server.address)
+        assert "missing or unknown bearer token [UNAUTHENTICATED]" in one_error_line(refused)
+        wrong = docketctl("--token", "nope", "images", server=server.address)
+        assert wrong.returncode == 1
+        for token in ("s3cret-one", "s3cret-two"):
+            ok = docketctl("--token", token, "images", "-o", "json", server=server.address)
+            assert ok.returncode == 0, ok.stderr
+            assert json.loads(ok.stdout) == []
+        by_env = docketctl(
+            "images", server=server.address, env=dict(os.environ) | {"DOCKET_TOKEN": "s3cret-two"}
+        )
+        assert by_env.returncode == 0, by_env.stderr
+    finally:
+        assert server.stop() == 0

@@ -1,0 +1,44 @@
+"""What the three commands share on their command lines: addresses, data dirs, logging."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from docket_common.bt import split_host_port
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def xdg_dir(variable: str, fallback: str, *parts: str) -> Path:
+    """``$VARIABLE/docket/…``, or ``~/<fallback>/docket/…`` when it is not set."""
+    base = os.environ.get(variable) or str(Path.home() / fallback)
+    return Path(base, "docket", *parts)
+
+
+def host_port(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """A click callback: HOST:PORT, checked."""
+    if value is None:
+        return None
+    try:
+        split_host_port(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    return value
+
+
+def logging_options(func: F) -> F:
+    """--log-level and --log-json, as every long-running command takes them."""
+    func = click.option(
+        "--log-json/--no-log-json", default=None, help="JSON logs (default: when not a TTY)."
+    )(func)
+    return click.option(
+        "--log-level",
+        default="info",
+        show_default=True,
+        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    )(func)
