@@ -218,35 +218,33 @@ class OrderBook:
 
     def peers_for(self, task: Task) -> list[PeerRef]:
         """The server's seed, then hosts fetching or holding the same blobs."""
-        if self.peer_source is PeerSource.TRACKER:
-            return []
-        peers = [PeerRef(self.seed_endpoint, "server")]
-        seen = {task.agent}
-        for other in self._sharing(task):
-            ref = self._agent_peer(other.agent)
-            if ref is not None and other.agent not in seen:
-                seen.add(other.agent)
-                peers.append(ref)
-        wanted = set(task.blobs)
-        for name, session in self.fleet.sessions.items():
-            if name in seen or wanted.isdisjoint(session.record.info.cached_digests):
-                continue
-            ref = self._agent_peer(name)
-            if ref is not None:
-                seen.add(name)
-                peers.append(ref)
-        return peers[:MAX_PEERS]
+        return self._peers(set(task.blobs), [t.agent for t in self._sharing(task)], task.agent)
 
     def blob_peers(self, digest: str) -> list[PeerRef]:
         """Where one blob can be fetched (for clients outside any order, like `pull`)."""
+        fetching = [
+            t.agent
+            for t in self.tasks.values()
+            if digest in t.blobs
+            and t.state not in (TaskState.QUEUED, TaskState.FAILED, TaskState.CANCELLED)
+        ]
+        return self._peers({digest}, fetching, None)
+
+    def _peers(self, digests: set[str], fetching: list[str], asking: str | None) -> list[PeerRef]:
         if self.peer_source is PeerSource.TRACKER:
             return []
         peers = [PeerRef(self.seed_endpoint, "server")]
-        for name, session in self.fleet.sessions.items():
-            if digest in session.record.info.cached_digests:
-                ref = self._agent_peer(name)
-                if ref is not None:
-                    peers.append(ref)
+        holding = [
+            name
+            for name, session in self.fleet.sessions.items()
+            if not digests.isdisjoint(session.record.info.cached_digests)
+        ]
+        seen = {asking}
+        for name in [*fetching, *holding]:
+            ref = self._agent_peer(name) if name not in seen else None
+            if ref is not None:
+                seen.add(name)
+                peers.append(ref)
         return peers[:MAX_PEERS]
 
     def agent_connected(self, session: Session) -> None:
