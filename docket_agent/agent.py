@@ -37,6 +37,7 @@ class AgentConfig:
     cache_max_bytes: int = 0
     fallback_after: float = 30.0
     max_download_rate: int = 0
+    max_upload_rate: int = 0
 
 
 def outbound_address(server: str) -> str:
@@ -59,6 +60,7 @@ class Agent:
             config.data_dir,
             user_agent=f"docket-agent/{VERSION}",
             download_rate_limit=config.max_download_rate,
+            upload_rate_limit=config.max_upload_rate,
         )
         self.settings = OrderSettings(fallback_after=config.fallback_after)
         self.agent_id = ""

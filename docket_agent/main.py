@@ -127,6 +127,13 @@ def _labels(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
     show_default="no limit",
     help="BitTorrent download limit, bytes a second.",
 )
+@click.option(
+    "--max-upload-rate",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default="no limit",
+    help="BitTorrent upload limit (what this host seeds to others), bytes a second.",
+)
 @click.option("--token", envvar="DOCKET_TOKEN", default=None, help="Bearer token for the server.")
 @logging_options
 def main(
@@ -141,6 +148,7 @@ def main(
     cache_max_bytes: int,
     fallback_after: float,
     max_download_rate: int,
+    max_upload_rate: int,
     token: str | None,
     log_level: str,
     log_json: bool | None,
@@ -169,6 +177,7 @@ def main(
         cache_max_bytes=cache_max_bytes,
         fallback_after=fallback_after,
         max_download_rate=max_download_rate,
+        max_upload_rate=max_upload_rate,
     )
     try:
         asyncio.run(_run(Agent(config)))

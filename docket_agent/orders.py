@@ -134,7 +134,11 @@ class OrderRunner:
             for digest in self.m.cache.make_room(sum(b.size_bytes for b in missing)):
                 self.m.fetcher.drop(digest)
             for blob in missing:
-                self.downloads[blob.digest] = self.m.fetcher.download(_spec(blob), self.peers)
+                self.downloads[blob.digest] = self.m.fetcher.download(
+                    _spec(blob),
+                    self.peers,
+                    stripe=(self.order.stripe_index, self.order.stripe_count),
+                )
             # Pieces first: the server then knows which blobs this host still lacks.
             self._send_progress(full=True)
             self.update(agent_pb2.TASK_STATE_DOWNLOADING)

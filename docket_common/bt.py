@@ -7,6 +7,8 @@ UPnP or NAT-PMP (peers come from the server or a tracker); every torrent is priv
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import threading
 from typing import Any
 
@@ -45,7 +47,18 @@ def session_settings(listen: str, *, user_agent: str) -> dict[str, Any]:
         # Hosts of one fleet share addresses (NAT, one machine in tests): let them all in.
         "allow_multiple_connections_per_ip": True,
         "alert_mask": ALERT_MASK,
-    }
+    } | _overrides()
+
+
+def _overrides() -> dict[str, Any]:
+    """Settings from $DOCKET_LIBTORRENT_SETTINGS (a JSON object), for tuning experiments."""
+    raw = os.environ.get("DOCKET_LIBTORRENT_SETTINGS", "")
+    if not raw:
+        return {}
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise TypeError("DOCKET_LIBTORRENT_SETTINGS must be a JSON object")
+    return value
 
 
 def split_host_port(value: str, default_port: int | None = None) -> tuple[str, int]:
@@ -77,9 +90,18 @@ class TorrentSession:
 
     POLL_SECONDS = 0.1  # how long shutdown may wait for the alert thread
 
-    def __init__(self, listen: str, user_agent: str) -> None:
+    def __init__(
+        self,
+        listen: str,
+        user_agent: str,
+        *,
+        download_rate_limit: int = 0,
+        upload_rate_limit: int = 0,
+    ) -> None:
         self.listen = listen
         self.user_agent = user_agent
+        self.download_rate_limit = download_rate_limit
+        self.upload_rate_limit = upload_rate_limit
         self.port = 0
         self._session: lt.session | None = None
         self._closing = threading.Event()
@@ -99,7 +121,14 @@ class TorrentSession:
         self._loop = asyncio.get_running_loop()
         self._listening = self._loop.create_future()
         settings = session_settings(self.listen, user_agent=self.user_agent)
+        settings["download_rate_limit"] = self.download_rate_limit
+        settings["upload_rate_limit"] = self.upload_rate_limit
         self._session = lt.session(settings)  # type: ignore[call-overload]  # a dict works
+        if self.download_rate_limit or self.upload_rate_limit:
+            # libtorrent exempts local-network peers from limits; a limit here means all peers.
+            everyone = lt.ip_filter()
+            everyone.add_rule("0.0.0.0", "255.255.255.255", 1 << lt.session.global_peer_class_id)
+            self._session.set_peer_class_filter(everyone)
         self._pump = threading.Thread(
             target=self._wait_for_alerts,
             args=(self._session, self._loop),

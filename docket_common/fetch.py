@@ -27,6 +27,7 @@ from docket_common.digest import hex_part
 log = structlog.get_logger()
 
 SERVER_CLIENT = "docket-server"
+STRIPE_PRIORITY = 7  # libtorrent's top piece priority; the default is 4
 
 
 class FetchError(Exception):
@@ -118,25 +119,20 @@ class BlobFetcher(TorrentSession):
         *,
         user_agent: str,
         download_rate_limit: int = 0,
+        upload_rate_limit: int = 0,
     ) -> None:
-        super().__init__(listen, user_agent=user_agent)
+        super().__init__(
+            listen,
+            user_agent=user_agent,
+            download_rate_limit=download_rate_limit,
+            upload_rate_limit=upload_rate_limit,
+        )
         self.blob_dir = root / "blobs" / "sha256"
         self.partial_dir = root / "partial"
-        self.download_rate_limit = download_rate_limit
         self._downloads: dict[str, BlobDownload] = {}
         self._seeding: dict[str, Any] = {}
         self._moves: dict[str, asyncio.Future[None]] = {}
         self._flushes: dict[str, asyncio.Future[None]] = {}
-
-    async def start(self) -> int:
-        port = await super().start()
-        if self.download_rate_limit:
-            self.session.apply_settings({"download_rate_limit": self.download_rate_limit})
-            # libtorrent exempts local-network peers from limits; a limit here means all peers.
-            everyone = lt.ip_filter()
-            everyone.add_rule("0.0.0.0", "255.255.255.255", 1 << lt.session.global_peer_class_id)
-            self.session.set_peer_class_filter(everyone)
-        return port
 
     def blob_path(self, digest: str) -> Path:
         hexd = hex_part(digest)
@@ -146,8 +142,14 @@ class BlobFetcher(TorrentSession):
         hexd = hex_part(digest)
         return self.partial_dir / hexd[:2] / hexd
 
-    def download(self, spec: BlobSpec, peers: Iterable[str]) -> BlobDownload:
-        """Starts fetching a blob (or returns its fetch in flight) and dials the peers."""
+    def download(
+        self, spec: BlobSpec, peers: Iterable[str], stripe: tuple[int, int] = (0, 0)
+    ) -> BlobDownload:
+        """Starts fetching a blob (or returns its fetch in flight) and dials the peers.
+
+        With ``stripe`` (index, count), the pieces of this host's stripe come first: the
+        seed's first copies then go to different hosts, which trade them.
+        """
         current = self._downloads.get(spec.digest)
         if current is not None:
             self.add_peers(current, peers)
@@ -160,6 +162,11 @@ class BlobFetcher(TorrentSession):
         params.save_path = str(save_path)
         params.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
         handle = self.session.add_torrent(params)
+        index, count = stripe
+        if count > 1 and info.num_pieces() > 1:
+            handle.prioritize_pieces(
+                [STRIPE_PRIORITY if i % count == index else 4 for i in range(info.num_pieces())]
+            )
         download = BlobDownload(spec, handle, info.num_pieces(), info.piece_length())
         self._downloads[spec.digest] = download
         self.add_peers(download, peers)

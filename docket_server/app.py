@@ -73,6 +73,7 @@ class ServerConfig:
     hello_timeout: float = 10.0
     bt_advertise: str | None = None  # the seed's endpoint as agents dial it
     peer_source: PeerSource | None = None  # default: server, or both with a tracker
+    max_upload_rate: int = 0  # the seed's upload limit, bytes a second
 
 
 class DocketServer:
@@ -83,7 +84,7 @@ class DocketServer:
         self.metadata = SqlMetadataStore(
             config.database_url or f"sqlite+aiosqlite:///{config.data_dir / 'docket.db'}"
         )
-        self.seeder = Seeder(config.bt_listen, self.blobs.local_path)
+        self.seeder = Seeder(config.bt_listen, self.blobs.local_path, config.max_upload_rate)
         self.registry = Registry(self.metadata, self.blobs, self.seeder, config.tracker_url)
         self.fleet = Fleet(self.metadata, config.heartbeat_interval, server_heartbeat)
         peer_source = config.peer_source or (

@@ -57,6 +57,13 @@ def default_data_dir() -> Path:
     "(default with --tracker).",
 )
 @click.option(
+    "--max-upload-rate",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default="no limit",
+    help="The seed's BitTorrent upload limit, bytes a second.",
+)
+@click.option(
     "--tracker",
     "tracker_url",
     default=None,
@@ -95,6 +102,7 @@ def main(
     bt_listen: str,
     bt_advertise: str | None,
     peer_source: str | None,
+    max_upload_rate: int,
     tracker_url: str | None,
     database_url: str | None,
     auth_token_file: Path | None,
@@ -116,6 +124,7 @@ def main(
         tracker_url=tracker_url,
         bt_advertise=bt_advertise,
         peer_source=PeerSource(peer_source) if peer_source else None,
+        max_upload_rate=max_upload_rate,
         authenticator=StaticTokens.from_file(auth_token_file) if auth_token_file else None,
         heartbeat_interval=heartbeat_interval,
         hello_timeout=hello_timeout,

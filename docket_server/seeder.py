@@ -21,9 +21,11 @@ log = structlog.get_logger()
 
 
 class Seeder(TorrentSession):
-    def __init__(self, listen: str, blob_path: Callable[[str], Path]) -> None:
+    def __init__(
+        self, listen: str, blob_path: Callable[[str], Path], upload_rate_limit: int = 0
+    ) -> None:
         """``blob_path`` tells where a blob's file is: the blob store's local_path."""
-        super().__init__(listen, user_agent="docket-server")
+        super().__init__(listen, user_agent="docket-server", upload_rate_limit=upload_rate_limit)
         self._blob_path = blob_path
         self._handles: dict[str, lt.torrent_handle] = {}
 

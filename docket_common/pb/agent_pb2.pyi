@@ -416,6 +416,8 @@ class PullOrder(_message.Message):
     LAYERS_FIELD_NUMBER: _builtins.int
     PEERS_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
+    STRIPE_INDEX_FIELD_NUMBER: _builtins.int
+    STRIPE_COUNT_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """The order's id, unique on the server. An order received twice is carried out once."""
     image_name: _builtins.str
@@ -426,6 +428,13 @@ class PullOrder(_message.Message):
     """True to load the image into the Docker engine; false to stop once every blob is cached
     (a prefetch).
     """
+    stripe_index: _builtins.int
+    """This host's stripe among the hosts pulling the image at once: it fetches the pieces whose
+    index modulo stripe_count is stripe_index first, so that the server's first copies of
+    the pieces go to different hosts, which then trade them. 0 of 0 (or 1) means no stripe.
+    """
+    stripe_count: _builtins.int
+    """How many hosts share the stripes."""
     @_builtins.property
     def config(self) -> Global___OrderBlob:
         """The config blob."""
@@ -448,10 +457,12 @@ class PullOrder(_message.Message):
         layers: _abc.Iterable[Global___OrderBlob] | None = ...,
         peers: _abc.Iterable[_image_pb2.Peer] | None = ...,
         load: _builtins.bool = ...,
+        stripe_index: _builtins.int = ...,
+        stripe_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "image_digest", b"image_digest", "image_name", b"image_name", "layers", b"layers", "load", b"load", "order_id", b"order_id", "peers", b"peers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "image_digest", b"image_digest", "image_name", b"image_name", "layers", b"layers", "load", b"load", "order_id", b"order_id", "peers", b"peers", "stripe_count", b"stripe_count", "stripe_index", b"stripe_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -157,6 +157,8 @@ def pull_order_to_pb(task: Task, peers: list[PeerRef]) -> agent_pb2.PullOrder:
         layers=[_order_blob(task.blobs[d.digest], d.media_type) for d in image.layers],
         peers=[peer_to_pb(p) for p in peers],
         load=task.load,
+        stripe_index=task.stripe_index,
+        stripe_count=task.stripe_count,
     )
 
 

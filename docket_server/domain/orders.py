@@ -105,6 +105,9 @@ class Task:
     fallback_bytes: int = 0
     start_time: datetime | None = None
     end_time: datetime | None = None
+    # The host's share of the first copies: pieces i with i % stripe_count == stripe_index.
+    stripe_index: int = 0
+    stripe_count: int = 0
 
     @property
     def total_bytes(self) -> int:

@@ -208,7 +208,7 @@ class Rollouts:
             deadline=now + time_limit,
             create_time=now,
         )
-        for agent in agents:
+        for stripe, agent in enumerate(agents):
             task = Task(
                 order_id=uuid.uuid4().hex[:16],
                 rollout_id=rollout.id,
@@ -216,6 +216,8 @@ class Rollouts:
                 image=image,
                 blobs=blobs,
                 load=not prefetch_only,
+                stripe_index=stripe,
+                stripe_count=len(agents),
             )
             rollout.tasks[agent.name] = task
             self.orders.add(task)
@@ -410,8 +412,12 @@ class Rollouts:
             try:
                 queue.put_nowait(event)
             except asyncio.QueueFull:
+                # Too slow: end its stream (it can watch again, from a fresh snapshot).
                 log.warning("a rollout watcher is too slow: dropping it", rollout=rollout.id)
                 self._watchers[rollout.id].remove(queue)
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(None)
 
     def _write(self, kind: str, item: object) -> None:
         self._writes.put_nowait((kind, item))
