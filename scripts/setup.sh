@@ -16,6 +16,12 @@ packages=(docker.io busybox-static opentracker python3 python3-venv ca-certifica
 if [[ $(cat /sys/module/apparmor/parameters/enabled 2>/dev/null || true) == Y ]]; then
   packages+=(apparmor)
 fi
+# The TypeScript client (clients/typescript) needs Node.js >= 18.14 and npm: Debian 12 has
+# nodejs 18.20 and npm 9.2. A node and npm already on PATH (NodeSource's nodejs bundles npm)
+# are kept.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  packages+=(nodejs npm)
+fi
 missing=()
 for package in "${packages[@]}"; do
   if [[ $(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true) != "install ok installed" ]]; then
@@ -54,3 +60,11 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/python --version
 .venv/bin/pip install -q -e '.[dev]'
+
+section "TypeScript client (clients/typescript: npm ci)"
+if command -v node >/dev/null && command -v npm >/dev/null; then
+  echo "node $(node --version), npm $(npm --version)"
+  npm ci --prefix clients/typescript --no-audit --no-fund
+else
+  echo "no node and npm: skipping (the TypeScript client's checks and tests skip, or fail under CI)"
+fi
