@@ -3,7 +3,8 @@
 # whole test suite. Safe to run again. .ci/run is this script with CI=true.
 #
 #   1-2. scripts/setup.sh: system packages (docker.io for dockerd/containerd/runc,
-#      busybox-static for test images, opentracker for the BitTorrent tests), then .venv at
+#      busybox-static for test images, opentracker for the BitTorrent tests, skopeo and
+#      docker-registry for the benchmark smoke), then .venv at
 #      the repo root with the system python3 and `pip install -e '.[dev]'`
 #   3. scripts/check.sh (lint, types, generated code), if present
 #   4. the test suite: .venv/bin/pytest -q
