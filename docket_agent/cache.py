@@ -85,9 +85,6 @@ class BlobCache:
             found.append(CachedBlob(f"sha256:{path.name}", st.st_size, st.st_mtime))
         return found
 
-    def used_bytes(self) -> int:
-        return sum(b.size for b in self.blobs())
-
     def make_room(self, needed: int) -> list[str]:
         """Evicts least recently used unpinned blobs until ``needed`` more bytes fit.
 

@@ -96,8 +96,6 @@ class StreamClient:
         self.disk_free = disk_free
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.backoff = backoff or Backoff()
-        self.session_id = ""
-        self.connected = asyncio.Event()
 
     def send(self, message: pb.ConnectRequest) -> None:
         """Sends on the current stream; dropped while disconnected (on_connected re-sends
@@ -113,7 +111,6 @@ class StreamClient:
             while True:
                 started = time.monotonic()
                 why = await self._one_stream(stub)
-                self.connected.clear()
                 if time.monotonic() - started > 30:
                     self.backoff.reset()  # it was a real session, not a failed attempt
                 delay = self.backoff.next_delay()
@@ -136,9 +133,7 @@ class StreamClient:
                 return "the server did not welcome the agent"
             welcome = first.welcome
             interval = max(welcome.heartbeat_interval.ToTimedelta().total_seconds(), 0.1)
-            self.session_id = welcome.session_id
             self.backoff.reset()
-            self.connected.set()
             log.info(
                 "connected to server",
                 server=self.server,

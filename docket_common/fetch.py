@@ -240,9 +240,6 @@ class BlobFetcher(TorrentSession):
         )
         self._seeding[spec.digest] = self.session.add_torrent(params)
 
-    def seeding(self) -> list[str]:
-        return sorted(self._seeding)
-
     def drop(self, digest: str, *, delete_files: bool = False) -> None:
         """Stops fetching or seeding a blob; with delete_files, removes a partial download."""
         handle = self._downloads.pop(digest, None) or self._seeding.pop(digest, None)

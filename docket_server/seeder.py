@@ -51,13 +51,6 @@ class Seeder(TorrentSession):
         if handle is not None:
             self.session.remove_torrent(handle)
 
-    def seeding(self) -> list[str]:
-        return sorted(self._handles)
-
-    def torrent_state(self, digest: str) -> str:
-        handle = self._handles.get(digest)
-        return "absent" if handle is None else str(handle.status().state)
-
     def close(self) -> None:
         self._handles.clear()
         super().close()

@@ -136,10 +136,6 @@ class Task:
             return self.total_bytes
         return sum(self.done_bytes.values()) + sum(b.size for b in self._cached())
 
-    def has_piece(self, digest: str, index: int) -> bool:
-        bits = self.pieces.get(digest)
-        return bits is not None and bool(bits[index >> 3] & (1 << (index & 7)))
-
 
 class OrderSink(Protocol):
     """How orders reach agents (the API layer encodes them for the stream)."""

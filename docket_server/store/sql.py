@@ -210,12 +210,6 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore):
                     schema_migrations.insert().values(version=version, apply_time=_now())
                 )
 
-    async def schema_version(self) -> int:
-        async with self.engine.connect() as conn:
-            return (
-                await conn.execute(sa.select(sa.func.max(schema_migrations.c.version)))
-            ).scalar() or 0
-
     # Blobs
 
     async def add_blob(self, blob: Blob) -> None:
