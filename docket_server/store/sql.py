@@ -210,6 +210,14 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore):
                     schema_migrations.insert().values(version=version, apply_time=_now())
                 )
 
+    async def _upsert(self, key: sa.Column[Any], value: str, values: dict[str, Any]) -> None:
+        """Updates the row whose ``key`` is ``value``, or inserts it (portable: no ON CONFLICT)."""
+        table = key.table
+        async with self.engine.begin() as conn:
+            updated = await conn.execute(table.update().where(key == value).values(**values))
+            if not updated.rowcount:
+                await conn.execute(table.insert().values({key.name: value, **values}))
+
     # Blobs
 
     async def add_blob(self, blob: Blob) -> None:
@@ -410,12 +418,7 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore):
             "last_seen_time": record.last_seen_time,
             "create_time": record.create_time,
         }
-        async with self.engine.begin() as conn:
-            updated = await conn.execute(
-                agents.update().where(agents.c.name == info.name).values(**values)
-            )
-            if not updated.rowcount:
-                await conn.execute(agents.insert().values(name=info.name, **values))
+        await self._upsert(agents.c.name, info.name, values)
 
     async def get_agent(self, name: str) -> AgentRecord | None:
         async with self.engine.connect() as conn:
@@ -462,12 +465,7 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore):
             "create_time": rollout.create_time,
             "end_time": rollout.end_time,
         }
-        async with self.engine.begin() as conn:
-            updated = await conn.execute(
-                rollouts.update().where(rollouts.c.id == rollout.id).values(**values)
-            )
-            if not updated.rowcount:
-                await conn.execute(rollouts.insert().values(id=rollout.id, **values))
+        await self._upsert(rollouts.c.id, rollout.id, values)
 
     async def save_task(self, task: Task) -> None:
         values = {
@@ -484,14 +482,7 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore):
             "start_time": task.start_time,
             "end_time": task.end_time,
         }
-        async with self.engine.begin() as conn:
-            updated = await conn.execute(
-                rollout_tasks.update()
-                .where(rollout_tasks.c.order_id == task.order_id)
-                .values(**values)
-            )
-            if not updated.rowcount:
-                await conn.execute(rollout_tasks.insert().values(order_id=task.order_id, **values))
+        await self._upsert(rollout_tasks.c.order_id, task.order_id, values)
 
     async def add_record(self, rollout_id: str, record: RolloutRecord) -> None:
         async with self.engine.begin() as conn:
