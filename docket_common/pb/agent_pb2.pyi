@@ -20,6 +20,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _AgentState:
@@ -418,6 +423,7 @@ class PullOrder(_message.Message):
     LOAD_FIELD_NUMBER: _builtins.int
     STRIPE_INDEX_FIELD_NUMBER: _builtins.int
     STRIPE_COUNT_FIELD_NUMBER: _builtins.int
+    CLAIM_FIRST_PIECES_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """The order's id, unique on the server. An order received twice is carried out once."""
     image_name: _builtins.str
@@ -428,13 +434,40 @@ class PullOrder(_message.Message):
     """True to load the image into the Docker engine; false to stop once every blob is cached
     (a prefetch).
     """
-    stripe_index: _builtins.int
-    """This host's stripe among the hosts pulling the image at once: it fetches the pieces whose
-    index modulo stripe_count is stripe_index first, so that the server's first copies of
-    the pieces go to different hosts, which then trade them. 0 of 0 (or 1) means no stripe.
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def stripe_index(self) -> _builtins.int:
+        """Unused since the server hands out first pieces (claim_first_pieces): servers send 0. This
+        host's stripe among the hosts pulling the image at once: it fetched the pieces whose
+        index modulo stripe_count is stripe_index first.
+        """
+
+    @stripe_index.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def stripe_index(self, value: _builtins.int) -> None:
+        """Unused since the server hands out first pieces (claim_first_pieces): servers send 0. This
+        host's stripe among the hosts pulling the image at once: it fetched the pieces whose
+        index modulo stripe_count is stripe_index first.
+        """
+
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def stripe_count(self) -> _builtins.int:
+        """Unused: how many hosts shared the stripes."""
+
+    @stripe_count.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def stripe_count(self, value: _builtins.int) -> None:
+        """Unused: how many hosts shared the stripes."""
+
+    claim_first_pieces: _builtins.bool
+    """True when the server hands out the first copies of the blobs' pieces: the agent fetches
+    each missing blob's first pieces with AgentService.ClaimFirstPieces while trading
+    pieces with the other agents over BitTorrent, and dials the server's seed (the peer
+    named "server") only once the server has no first piece left for it and no piece has
+    come for a second.
+    The server then sends each piece about once, and the agents' links carry the rest.
     """
-    stripe_count: _builtins.int
-    """How many hosts share the stripes."""
     @_builtins.property
     def config(self) -> Global___OrderBlob:
         """The config blob."""
@@ -459,10 +492,11 @@ class PullOrder(_message.Message):
         load: _builtins.bool = ...,
         stripe_index: _builtins.int = ...,
         stripe_count: _builtins.int = ...,
+        claim_first_pieces: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "image_digest", b"image_digest", "image_name", b"image_name", "layers", b"layers", "load", b"load", "order_id", b"order_id", "peers", b"peers", "stripe_count", b"stripe_count", "stripe_index", b"stripe_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_first_pieces", b"claim_first_pieces", "config", b"config", "image_digest", b"image_digest", "image_name", b"image_name", "layers", b"layers", "load", b"load", "order_id", b"order_id", "peers", b"peers", "stripe_count", b"stripe_count", "stripe_index", b"stripe_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -650,6 +684,7 @@ class TaskUpdate(_message.Message):
     BITTORRENT_BYTES_FIELD_NUMBER: _builtins.int
     FALLBACK_BYTES_FIELD_NUMBER: _builtins.int
     SERVER_BYTES_FIELD_NUMBER: _builtins.int
+    FIRST_PIECE_BYTES_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """The order."""
     state: Global___TaskState.ValueType
@@ -668,6 +703,10 @@ class TaskUpdate(_message.Message):
     """Bytes fetched over gRPC because BitTorrent stalled."""
     server_bytes: _builtins.int
     """Bytes received from the server's seed (part of bittorrent_bytes)."""
+    first_piece_bytes: _builtins.int
+    """Bytes of first pieces the server handed out (AgentService.ClaimFirstPieces); not part of
+    bittorrent_bytes.
+    """
     def __init__(
         self,
         *,
@@ -679,10 +718,11 @@ class TaskUpdate(_message.Message):
         bittorrent_bytes: _builtins.int = ...,
         fallback_bytes: _builtins.int = ...,
         server_bytes: _builtins.int = ...,
+        first_piece_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bittorrent_bytes", b"bittorrent_bytes", "cached_bytes", b"cached_bytes", "error", b"error", "fallback_bytes", b"fallback_bytes", "image_id", b"image_id", "order_id", b"order_id", "server_bytes", b"server_bytes", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bittorrent_bytes", b"bittorrent_bytes", "cached_bytes", b"cached_bytes", "error", b"error", "fallback_bytes", b"fallback_bytes", "first_piece_bytes", b"first_piece_bytes", "image_id", b"image_id", "order_id", b"order_id", "server_bytes", b"server_bytes", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

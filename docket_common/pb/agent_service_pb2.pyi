@@ -3,19 +3,105 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from docket_common.pb import agent_pb2 as _agent_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
 
-if sys.version_info >= (3, 10):
-    from typing import TypeAlias as _TypeAlias
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
-    from typing_extensions import TypeAlias as _TypeAlias
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class ClaimFirstPiecesRequest(_message.Message):
+    """Which blob's first pieces an agent wants, and how many."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGEST_FIELD_NUMBER: _builtins.int
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    digest: _builtins.str
+    """The blob, "sha256:<64 hex>"."""
+    order_id: _builtins.str
+    """The order the blob is fetched for: the server skips the pieces its host reported."""
+    max_bytes: _builtins.int
+    """How many bytes of pieces to hand out at most: at least one piece comes, and no more
+    than 2 MiB of them, so that an answer fits gRPC's default 4 MiB message limit. A blob
+    over 2 GiB has pieces of 4 MiB or more: a client fetching those raises its limit
+    (docket-agent allows 32 MiB). 0 means one piece.
+    """
+    def __init__(
+        self,
+        *,
+        digest: _builtins.str = ...,
+        order_id: _builtins.str = ...,
+        max_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "max_bytes", b"max_bytes", "order_id", b"order_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimFirstPiecesRequest: _TypeAlias = ClaimFirstPiecesRequest  # noqa: Y015
+
+@_typing.final
+class ClaimFirstPiecesResponse(_message.Message):
+    """First copies of pieces for one agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PIECES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pieces(self) -> _containers.RepeatedCompositeFieldContainer[Global___FirstPiece]:
+        """The pieces; none when every piece is held by an agent or on its way to one."""
+
+    def __init__(
+        self,
+        *,
+        pieces: _abc.Iterable[Global___FirstPiece] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pieces", b"pieces"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimFirstPiecesResponse: _TypeAlias = ClaimFirstPiecesResponse  # noqa: Y015
+
+@_typing.final
+class FirstPiece(_message.Message):
+    """One piece of a blob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The piece's index in the blob's torrent."""
+    data: _builtins.bytes
+    """The piece's bytes (the last piece of a blob may be short)."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FirstPiece: _TypeAlias = FirstPiece  # noqa: Y015
 
 @_typing.final
 class ConnectRequest(_message.Message):

@@ -40,6 +40,11 @@ class AgentServiceStub:
                 request_serializer=docket_dot_v1_dot_agent__service__pb2.ConnectRequest.SerializeToString,
                 response_deserializer=docket_dot_v1_dot_agent__service__pb2.ConnectResponse.FromString,
                 _registered_method=True)
+        self.ClaimFirstPieces = channel.unary_unary(
+                '/docket.v1.AgentService/ClaimFirstPieces',
+                request_serializer=docket_dot_v1_dot_agent__service__pb2.ClaimFirstPiecesRequest.SerializeToString,
+                response_deserializer=docket_dot_v1_dot_agent__service__pb2.ClaimFirstPiecesResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -61,6 +66,21 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClaimFirstPieces(self, request, context):
+        """Hands an agent the next first copies of a blob's pieces, for an order with
+        claim_first_pieces set. Each piece goes to the first agent that asks while no online
+        agent holds it or was handed it in the last 15 s, so the server sends every piece about
+        once and the agents trade the rest over BitTorrent. The agent calls again (a few calls
+        at a time) until the answer has no pieces: from then on peers, and then the server's
+        seed, deliver what is missing. The agent hands each piece to libtorrent, which checks
+        its hash.
+        Errors: INVALID_ARGUMENT (INVALID_DIGEST); NOT_FOUND (BLOB_NOT_FOUND) when the server
+        has no such blob, or it was deleted meanwhile.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -68,6 +88,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=docket_dot_v1_dot_agent__service__pb2.ConnectRequest.FromString,
                     response_serializer=docket_dot_v1_dot_agent__service__pb2.ConnectResponse.SerializeToString,
+            ),
+            'ClaimFirstPieces': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimFirstPieces,
+                    request_deserializer=docket_dot_v1_dot_agent__service__pb2.ClaimFirstPiecesRequest.FromString,
+                    response_serializer=docket_dot_v1_dot_agent__service__pb2.ClaimFirstPiecesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -98,6 +123,33 @@ class AgentService:
             '/docket.v1.AgentService/Connect',
             docket_dot_v1_dot_agent__service__pb2.ConnectRequest.SerializeToString,
             docket_dot_v1_dot_agent__service__pb2.ConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimFirstPieces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/docket.v1.AgentService/ClaimFirstPieces',
+            docket_dot_v1_dot_agent__service__pb2.ClaimFirstPiecesRequest.SerializeToString,
+            docket_dot_v1_dot_agent__service__pb2.ClaimFirstPiecesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,17 @@ class AgentServiceStub:
     DEADLINE_EXCEEDED (HEARTBEAT_TIMEOUT) when the agent falls silent; RESOURCE_EXHAUSTED
     for a message over the size limit; UNAVAILABLE while the server shuts down.
     """
+    ClaimFirstPieces: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ClaimFirstPiecesRequest, _agent_service_pb2.ClaimFirstPiecesResponse]
+    """Hands an agent the next first copies of a blob's pieces, for an order with
+    claim_first_pieces set. Each piece goes to the first agent that asks while no online
+    agent holds it or was handed it in the last 15 s, so the server sends every piece about
+    once and the agents trade the rest over BitTorrent. The agent calls again (a few calls
+    at a time) until the answer has no pieces: from then on peers, and then the server's
+    seed, deliver what is missing. The agent hands each piece to libtorrent, which checks
+    its hash.
+    Errors: INVALID_ARGUMENT (INVALID_DIGEST); NOT_FOUND (BLOB_NOT_FOUND) when the server
+    has no such blob, or it was deleted meanwhile.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -60,6 +71,17 @@ class AgentServiceAsyncStub(AgentServiceStub):
     ALREADY_EXISTS (AGENT_NAME_TAKEN) when another agent is online under the same name;
     DEADLINE_EXCEEDED (HEARTBEAT_TIMEOUT) when the agent falls silent; RESOURCE_EXHAUSTED
     for a message over the size limit; UNAVAILABLE while the server shuts down.
+    """
+    ClaimFirstPieces: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ClaimFirstPiecesRequest, _agent_service_pb2.ClaimFirstPiecesResponse]  # type: ignore[assignment]
+    """Hands an agent the next first copies of a blob's pieces, for an order with
+    claim_first_pieces set. Each piece goes to the first agent that asks while no online
+    agent holds it or was handed it in the last 15 s, so the server sends every piece about
+    once and the agents trade the rest over BitTorrent. The agent calls again (a few calls
+    at a time) until the answer has no pieces: from then on peers, and then the server's
+    seed, deliver what is missing. The agent hands each piece to libtorrent, which checks
+    its hash.
+    Errors: INVALID_ARGUMENT (INVALID_DIGEST); NOT_FOUND (BLOB_NOT_FOUND) when the server
+    has no such blob, or it was deleted meanwhile.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -80,6 +102,23 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         ALREADY_EXISTS (AGENT_NAME_TAKEN) when another agent is online under the same name;
         DEADLINE_EXCEEDED (HEARTBEAT_TIMEOUT) when the agent falls silent; RESOURCE_EXHAUSTED
         for a message over the size limit; UNAVAILABLE while the server shuts down.
+        """
+
+    @_abc_1.abstractmethod
+    def ClaimFirstPieces(
+        self,
+        request: _agent_service_pb2.ClaimFirstPiecesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.ClaimFirstPiecesResponse, _abc.Awaitable[_agent_service_pb2.ClaimFirstPiecesResponse]]:
+        """Hands an agent the next first copies of a blob's pieces, for an order with
+        claim_first_pieces set. Each piece goes to the first agent that asks while no online
+        agent holds it or was handed it in the last 15 s, so the server sends every piece about
+        once and the agents trade the rest over BitTorrent. The agent calls again (a few calls
+        at a time) until the answer has no pieces: from then on peers, and then the server's
+        seed, deliver what is missing. The agent hands each piece to libtorrent, which checks
+        its hash.
+        Errors: INVALID_ARGUMENT (INVALID_DIGEST); NOT_FOUND (BLOB_NOT_FOUND) when the server
+        has no such blob, or it was deleted meanwhile.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -76,7 +76,7 @@ class UploadBlobHeader(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
-    """The digest the bytes must hash to."""
+    """The digest the bytes must hash to; empty when a trailer names it."""
     size_bytes: _builtins.int
     """The number of bytes that will follow."""
     def __init__(
@@ -101,27 +101,57 @@ class UploadBlobRequest(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    TRAILER_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
     """The next bytes of the blob. Chunks of up to 1 MiB are recommended."""
     @_builtins.property
     def header(self) -> Global___UploadBlobHeader:
         """The header; the first message and only the first."""
 
+    @_builtins.property
+    def trailer(self) -> Global___UploadBlobTrailer:
+        """The digest, after the last chunk, when the header's digest is empty; the last message
+        then, and only then.
+        """
+
     def __init__(
         self,
         *,
         header: Global___UploadBlobHeader | None = ...,
         chunk: _builtins.bytes = ...,
+        trailer: Global___UploadBlobTrailer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "header", b"header"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "header", b"header", "trailer", b"trailer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "header", b"header"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "header", b"header", "trailer", b"trailer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["header", "chunk", "trailer"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
 
 Global___UploadBlobRequest: _TypeAlias = UploadBlobRequest  # noqa: Y015
+
+@_typing.final
+class UploadBlobTrailer(_message.Message):
+    """The last message of an upload whose header left the digest empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGEST_FIELD_NUMBER: _builtins.int
+    digest: _builtins.str
+    """The digest the bytes must hash to."""
+    def __init__(
+        self,
+        *,
+        digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadBlobTrailer: _TypeAlias = UploadBlobTrailer  # noqa: Y015
 
 @_typing.final
 class UploadBlobResponse(_message.Message):

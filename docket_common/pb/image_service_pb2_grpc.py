@@ -31,8 +31,8 @@ class ImageServiceStub:
 
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
-    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INVALID_PAGE_TOKEN, INVALID_RANGE,
-    INSUFFICIENT_STORAGE. The ErrorInfo
+    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, UPLOAD_TRAILER_MISSING, INVALID_IMAGE,
+    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -91,8 +91,8 @@ class ImageServiceServicer:
 
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
-    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INVALID_PAGE_TOKEN, INVALID_RANGE,
-    INSUFFICIENT_STORAGE. The ErrorInfo
+    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, UPLOAD_TRAILER_MISSING, INVALID_IMAGE,
+    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -110,9 +110,11 @@ class ImageServiceServicer:
         hashes the bytes as it writes them and stores the blob under its digest only when the
         bytes match both the digest and the size; otherwise nothing is kept. Uploading a blob the
         server already has, or the same blob twice at once, succeeds. Once stored, the blob is
-        seeded over BitTorrent.
+        seeded over BitTorrent. A client that learns the digest only by reading the bytes (a
+        layer streamed from `docker save` of an engine before Docker 25) leaves the header's
+        digest empty and names it in a trailer, the last message.
         Errors: INVALID_ARGUMENT (UPLOAD_HEADER_MISSING, INVALID_DIGEST, DIGEST_MISMATCH,
-        SIZE_MISMATCH); RESOURCE_EXHAUSTED (INSUFFICIENT_STORAGE) when the blob cannot fit on disk;
+        SIZE_MISMATCH, UPLOAD_TRAILER_MISSING); RESOURCE_EXHAUSTED (INSUFFICIENT_STORAGE) when the blob cannot fit on disk;
         CANCELLED when the client goes away (nothing is kept).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -231,8 +233,8 @@ class ImageService:
 
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
-    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INVALID_PAGE_TOKEN, INVALID_RANGE,
-    INSUFFICIENT_STORAGE. The ErrorInfo
+    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, UPLOAD_TRAILER_MISSING, INVALID_IMAGE,
+    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """

@@ -32,8 +32,8 @@ class ImageServiceStub:
 
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
-    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INVALID_PAGE_TOKEN, INVALID_RANGE,
-    INSUFFICIENT_STORAGE. The ErrorInfo
+    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, UPLOAD_TRAILER_MISSING, INVALID_IMAGE,
+    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -51,9 +51,11 @@ class ImageServiceStub:
     hashes the bytes as it writes them and stores the blob under its digest only when the
     bytes match both the digest and the size; otherwise nothing is kept. Uploading a blob the
     server already has, or the same blob twice at once, succeeds. Once stored, the blob is
-    seeded over BitTorrent.
+    seeded over BitTorrent. A client that learns the digest only by reading the bytes (a
+    layer streamed from `docker save` of an engine before Docker 25) leaves the header's
+    digest empty and names it in a trailer, the last message.
     Errors: INVALID_ARGUMENT (UPLOAD_HEADER_MISSING, INVALID_DIGEST, DIGEST_MISMATCH,
-    SIZE_MISMATCH); RESOURCE_EXHAUSTED (INSUFFICIENT_STORAGE) when the blob cannot fit on disk;
+    SIZE_MISMATCH, UPLOAD_TRAILER_MISSING); RESOURCE_EXHAUSTED (INSUFFICIENT_STORAGE) when the blob cannot fit on disk;
     CANCELLED when the client goes away (nothing is kept).
     """
     PutImage: _grpc.UnaryUnaryMultiCallable[_image_service_pb2.PutImageRequest, _image_service_pb2.PutImageResponse]
@@ -95,8 +97,8 @@ class ImageServiceAsyncStub(ImageServiceStub):
 
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
-    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INVALID_PAGE_TOKEN, INVALID_RANGE,
-    INSUFFICIENT_STORAGE. The ErrorInfo
+    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, UPLOAD_TRAILER_MISSING, INVALID_IMAGE,
+    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -111,9 +113,11 @@ class ImageServiceAsyncStub(ImageServiceStub):
     hashes the bytes as it writes them and stores the blob under its digest only when the
     bytes match both the digest and the size; otherwise nothing is kept. Uploading a blob the
     server already has, or the same blob twice at once, succeeds. Once stored, the blob is
-    seeded over BitTorrent.
+    seeded over BitTorrent. A client that learns the digest only by reading the bytes (a
+    layer streamed from `docker save` of an engine before Docker 25) leaves the header's
+    digest empty and names it in a trailer, the last message.
     Errors: INVALID_ARGUMENT (UPLOAD_HEADER_MISSING, INVALID_DIGEST, DIGEST_MISMATCH,
-    SIZE_MISMATCH); RESOURCE_EXHAUSTED (INSUFFICIENT_STORAGE) when the blob cannot fit on disk;
+    SIZE_MISMATCH, UPLOAD_TRAILER_MISSING); RESOURCE_EXHAUSTED (INSUFFICIENT_STORAGE) when the blob cannot fit on disk;
     CANCELLED when the client goes away (nothing is kept).
     """
     PutImage: _aio.UnaryUnaryMultiCallable[_image_service_pb2.PutImageRequest, _image_service_pb2.PutImageResponse]  # type: ignore[assignment]
@@ -154,8 +158,8 @@ class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
-    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INVALID_PAGE_TOKEN, INVALID_RANGE,
-    INSUFFICIENT_STORAGE. The ErrorInfo
+    SIZE_MISMATCH, UPLOAD_HEADER_MISSING, UPLOAD_TRAILER_MISSING, INVALID_IMAGE,
+    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -180,9 +184,11 @@ class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
         hashes the bytes as it writes them and stores the blob under its digest only when the
         bytes match both the digest and the size; otherwise nothing is kept. Uploading a blob the
         server already has, or the same blob twice at once, succeeds. Once stored, the blob is
-        seeded over BitTorrent.
+        seeded over BitTorrent. A client that learns the digest only by reading the bytes (a
+        layer streamed from `docker save` of an engine before Docker 25) leaves the header's
+        digest empty and names it in a trailer, the last message.
         Errors: INVALID_ARGUMENT (UPLOAD_HEADER_MISSING, INVALID_DIGEST, DIGEST_MISMATCH,
-        SIZE_MISMATCH); RESOURCE_EXHAUSTED (INSUFFICIENT_STORAGE) when the blob cannot fit on disk;
+        SIZE_MISMATCH, UPLOAD_TRAILER_MISSING); RESOURCE_EXHAUSTED (INSUFFICIENT_STORAGE) when the blob cannot fit on disk;
         CANCELLED when the client goes away (nothing is kept).
         """
 

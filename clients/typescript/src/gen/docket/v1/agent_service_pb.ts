@@ -12,7 +12,94 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file docket/v1/agent_service.proto.
  */
 export const file_docket_v1_agent_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch1kb2NrZXQvdjEvYWdlbnRfc2VydmljZS5wcm90bxIJZG9ja2V0LnYxIsgBCg5Db25uZWN0UmVxdWVzdBIhCgVoZWxsbxgBIAEoCzIQLmRvY2tldC52MS5IZWxsb0gAEikKCWhlYXJ0YmVhdBgCIAEoCzIULmRvY2tldC52MS5IZWFydGJlYXRIABIyCg5waWVjZV9wcm9ncmVzcxgDIAEoCzIYLmRvY2tldC52MS5QaWVjZVByb2dyZXNzSAASLAoLdGFza191cGRhdGUYBCABKAsyFS5kb2NrZXQudjEuVGFza1VwZGF0ZUgAQgYKBGJvZHki8QEKD0Nvbm5lY3RSZXNwb25zZRIlCgd3ZWxjb21lGAEgASgLMhIuZG9ja2V0LnYxLldlbGNvbWVIABIpCgloZWFydGJlYXQYAiABKAsyFC5kb2NrZXQudjEuSGVhcnRiZWF0SAASKgoKcHVsbF9vcmRlchgDIAEoCzIULmRvY2tldC52MS5QdWxsT3JkZXJIABIoCglwZWVyX2hpbnQYBCABKAsyEy5kb2NrZXQudjEuUGVlckhpbnRIABIuCgxjYW5jZWxfb3JkZXIYBSABKAsyFi5kb2NrZXQudjEuQ2FuY2VsT3JkZXJIAEIGCgRib2R5MlQKDEFnZW50U2VydmljZRJECgdDb25uZWN0EhkuZG9ja2V0LnYxLkNvbm5lY3RSZXF1ZXN0GhouZG9ja2V0LnYxLkNvbm5lY3RSZXNwb25zZSgBMAFiBnByb3RvMw", [file_docket_v1_agent]);
+  fileDesc("Ch1kb2NrZXQvdjEvYWdlbnRfc2VydmljZS5wcm90bxIJZG9ja2V0LnYxIk4KF0NsYWltRmlyc3RQaWVjZXNSZXF1ZXN0Eg4KBmRpZ2VzdBgBIAEoCRIQCghvcmRlcl9pZBgCIAEoCRIRCgltYXhfYnl0ZXMYAyABKAMiQQoYQ2xhaW1GaXJzdFBpZWNlc1Jlc3BvbnNlEiUKBnBpZWNlcxgBIAMoCzIVLmRvY2tldC52MS5GaXJzdFBpZWNlIikKCkZpcnN0UGllY2USDQoFaW5kZXgYASABKAUSDAoEZGF0YRgCIAEoDCLIAQoOQ29ubmVjdFJlcXVlc3QSIQoFaGVsbG8YASABKAsyEC5kb2NrZXQudjEuSGVsbG9IABIpCgloZWFydGJlYXQYAiABKAsyFC5kb2NrZXQudjEuSGVhcnRiZWF0SAASMgoOcGllY2VfcHJvZ3Jlc3MYAyABKAsyGC5kb2NrZXQudjEuUGllY2VQcm9ncmVzc0gAEiwKC3Rhc2tfdXBkYXRlGAQgASgLMhUuZG9ja2V0LnYxLlRhc2tVcGRhdGVIAEIGCgRib2R5IvEBCg9Db25uZWN0UmVzcG9uc2USJQoHd2VsY29tZRgBIAEoCzISLmRvY2tldC52MS5XZWxjb21lSAASKQoJaGVhcnRiZWF0GAIgASgLMhQuZG9ja2V0LnYxLkhlYXJ0YmVhdEgAEioKCnB1bGxfb3JkZXIYAyABKAsyFC5kb2NrZXQudjEuUHVsbE9yZGVySAASKAoJcGVlcl9oaW50GAQgASgLMhMuZG9ja2V0LnYxLlBlZXJIaW50SAASLgoMY2FuY2VsX29yZGVyGAUgASgLMhYuZG9ja2V0LnYxLkNhbmNlbE9yZGVySABCBgoEYm9keTKxAQoMQWdlbnRTZXJ2aWNlEkQKB0Nvbm5lY3QSGS5kb2NrZXQudjEuQ29ubmVjdFJlcXVlc3QaGi5kb2NrZXQudjEuQ29ubmVjdFJlc3BvbnNlKAEwARJbChBDbGFpbUZpcnN0UGllY2VzEiIuZG9ja2V0LnYxLkNsYWltRmlyc3RQaWVjZXNSZXF1ZXN0GiMuZG9ja2V0LnYxLkNsYWltRmlyc3RQaWVjZXNSZXNwb25zZWIGcHJvdG8z", [file_docket_v1_agent]);
+
+/**
+ * Which blob's first pieces an agent wants, and how many.
+ *
+ * @generated from message docket.v1.ClaimFirstPiecesRequest
+ */
+export type ClaimFirstPiecesRequest = Message<"docket.v1.ClaimFirstPiecesRequest"> & {
+  /**
+   * The blob, "sha256:<64 hex>".
+   *
+   * @generated from field: string digest = 1;
+   */
+  digest: string;
+
+  /**
+   * The order the blob is fetched for: the server skips the pieces its host reported.
+   *
+   * @generated from field: string order_id = 2;
+   */
+  orderId: string;
+
+  /**
+   * How many bytes of pieces to hand out at most: at least one piece comes, and no more
+   * than 2 MiB of them, so that an answer fits gRPC's default 4 MiB message limit. A blob
+   * over 2 GiB has pieces of 4 MiB or more: a client fetching those raises its limit
+   * (docket-agent allows 32 MiB). 0 means one piece.
+   *
+   * @generated from field: int64 max_bytes = 3;
+   */
+  maxBytes: bigint;
+};
+
+/**
+ * Describes the message docket.v1.ClaimFirstPiecesRequest.
+ * Use `create(ClaimFirstPiecesRequestSchema)` to create a new message.
+ */
+export const ClaimFirstPiecesRequestSchema: GenMessage<ClaimFirstPiecesRequest> = /*@__PURE__*/
+  messageDesc(file_docket_v1_agent_service, 0);
+
+/**
+ * First copies of pieces for one agent.
+ *
+ * @generated from message docket.v1.ClaimFirstPiecesResponse
+ */
+export type ClaimFirstPiecesResponse = Message<"docket.v1.ClaimFirstPiecesResponse"> & {
+  /**
+   * The pieces; none when every piece is held by an agent or on its way to one.
+   *
+   * @generated from field: repeated docket.v1.FirstPiece pieces = 1;
+   */
+  pieces: FirstPiece[];
+};
+
+/**
+ * Describes the message docket.v1.ClaimFirstPiecesResponse.
+ * Use `create(ClaimFirstPiecesResponseSchema)` to create a new message.
+ */
+export const ClaimFirstPiecesResponseSchema: GenMessage<ClaimFirstPiecesResponse> = /*@__PURE__*/
+  messageDesc(file_docket_v1_agent_service, 1);
+
+/**
+ * One piece of a blob.
+ *
+ * @generated from message docket.v1.FirstPiece
+ */
+export type FirstPiece = Message<"docket.v1.FirstPiece"> & {
+  /**
+   * The piece's index in the blob's torrent.
+   *
+   * @generated from field: int32 index = 1;
+   */
+  index: number;
+
+  /**
+   * The piece's bytes (the last piece of a blob may be short).
+   *
+   * @generated from field: bytes data = 2;
+   */
+  data: Uint8Array;
+};
+
+/**
+ * Describes the message docket.v1.FirstPiece.
+ * Use `create(FirstPieceSchema)` to create a new message.
+ */
+export const FirstPieceSchema: GenMessage<FirstPiece> = /*@__PURE__*/
+  messageDesc(file_docket_v1_agent_service, 2);
 
 /**
  * One message from an agent on its stream: the agent-to-server envelope.
@@ -65,7 +152,7 @@ export type ConnectRequest = Message<"docket.v1.ConnectRequest"> & {
  * Use `create(ConnectRequestSchema)` to create a new message.
  */
 export const ConnectRequestSchema: GenMessage<ConnectRequest> = /*@__PURE__*/
-  messageDesc(file_docket_v1_agent_service, 0);
+  messageDesc(file_docket_v1_agent_service, 3);
 
 /**
  * One message from the server on an agent's stream: the server-to-agent envelope.
@@ -126,7 +213,7 @@ export type ConnectResponse = Message<"docket.v1.ConnectResponse"> & {
  * Use `create(ConnectResponseSchema)` to create a new message.
  */
 export const ConnectResponseSchema: GenMessage<ConnectResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_agent_service, 1);
+  messageDesc(file_docket_v1_agent_service, 4);
 
 /**
  * The stream every docket-agent holds to the server for its whole life.
@@ -151,6 +238,24 @@ export const AgentService: GenService<{
     methodKind: "bidi_streaming";
     input: typeof ConnectRequestSchema;
     output: typeof ConnectResponseSchema;
+  },
+  /**
+   * Hands an agent the next first copies of a blob's pieces, for an order with
+   * claim_first_pieces set. Each piece goes to the first agent that asks while no online
+   * agent holds it or was handed it in the last 15 s, so the server sends every piece about
+   * once and the agents trade the rest over BitTorrent. The agent calls again (a few calls
+   * at a time) until the answer has no pieces: from then on peers, and then the server's
+   * seed, deliver what is missing. The agent hands each piece to libtorrent, which checks
+   * its hash.
+   * Errors: INVALID_ARGUMENT (INVALID_DIGEST); NOT_FOUND (BLOB_NOT_FOUND) when the server
+   * has no such blob, or it was deleted meanwhile.
+   *
+   * @generated from rpc docket.v1.AgentService.ClaimFirstPieces
+   */
+  claimFirstPieces: {
+    methodKind: "unary";
+    input: typeof ClaimFirstPiecesRequestSchema;
+    output: typeof ClaimFirstPiecesResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_docket_v1_agent_service, 0);

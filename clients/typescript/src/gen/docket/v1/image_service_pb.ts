@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file docket/v1/image_service.proto.
  */
 export const file_docket_v1_image_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch1kb2NrZXQvdjEvaW1hZ2Vfc2VydmljZS5wcm90bxIJZG9ja2V0LnYxIiMKEFN0YXRCbG9ic1JlcXVlc3QSDwoHZGlnZXN0cxgBIAMoCSIsChFTdGF0QmxvYnNSZXNwb25zZRIXCg9taXNzaW5nX2RpZ2VzdHMYASADKAkiNgoQVXBsb2FkQmxvYkhlYWRlchIOCgZkaWdlc3QYASABKAkSEgoKc2l6ZV9ieXRlcxgCIAEoAyJeChFVcGxvYWRCbG9iUmVxdWVzdBItCgZoZWFkZXIYASABKAsyGy5kb2NrZXQudjEuVXBsb2FkQmxvYkhlYWRlckgAEg8KBWNodW5rGAIgASgMSABCCQoHY29udGVudCJRChJVcGxvYWRCbG9iUmVzcG9uc2USDgoGZGlnZXN0GAEgASgJEhIKCnNpemVfYnl0ZXMYAiABKAMSFwoPYWxyZWFkeV9leGlzdGVkGAMgASgIIm0KD1B1dEltYWdlUmVxdWVzdBIMCgRuYW1lGAEgASgJEiUKBmNvbmZpZxgCIAEoCzIVLmRvY2tldC52MS5EZXNjcmlwdG9yEiUKBmxheWVycxgDIAMoCzIVLmRvY2tldC52MS5EZXNjcmlwdG9yIjMKEFB1dEltYWdlUmVzcG9uc2USHwoFaW1hZ2UYASABKAsyEC5kb2NrZXQudjEuSW1hZ2UiHwoPR2V0SW1hZ2VSZXF1ZXN0EgwKBG5hbWUYASABKAkiMwoQR2V0SW1hZ2VSZXNwb25zZRIfCgVpbWFnZRgBIAEoCzIQLmRvY2tldC52MS5JbWFnZSI6ChFMaXN0SW1hZ2VzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJPChJMaXN0SW1hZ2VzUmVzcG9uc2USIAoGaW1hZ2VzGAEgAygLMhAuZG9ja2V0LnYxLkltYWdlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIiChJEZWxldGVJbWFnZVJlcXVlc3QSDAoEbmFtZRgBIAEoCSJFChNEZWxldGVJbWFnZVJlc3BvbnNlEhUKDWRlbGV0ZWRfbmFtZXMYASADKAkSFwoPZGVsZXRlZF9kaWdlc3RzGAIgAygJIk0KD1JlYWRCbG9iUmVxdWVzdBIOCgZkaWdlc3QYASABKAkSFAoMb2Zmc2V0X2J5dGVzGAIgASgDEhQKDGxlbmd0aF9ieXRlcxgDIAEoAyIhChBSZWFkQmxvYlJlc3BvbnNlEg0KBWNodW5rGAEgASgMIiMKEUdldFRvcnJlbnRSZXF1ZXN0Eg4KBmRpZ2VzdBgBIAEoCSJZChJHZXRUb3JyZW50UmVzcG9uc2USIwoHdG9ycmVudBgBIAEoCzISLmRvY2tldC52MS5Ub3JyZW50Eh4KBXBlZXJzGAIgAygLMg8uZG9ja2V0LnYxLlBlZXIy2AQKDEltYWdlU2VydmljZRJGCglTdGF0QmxvYnMSGy5kb2NrZXQudjEuU3RhdEJsb2JzUmVxdWVzdBocLmRvY2tldC52MS5TdGF0QmxvYnNSZXNwb25zZRJLCgpVcGxvYWRCbG9iEhwuZG9ja2V0LnYxLlVwbG9hZEJsb2JSZXF1ZXN0Gh0uZG9ja2V0LnYxLlVwbG9hZEJsb2JSZXNwb25zZSgBEkMKCFB1dEltYWdlEhouZG9ja2V0LnYxLlB1dEltYWdlUmVxdWVzdBobLmRvY2tldC52MS5QdXRJbWFnZVJlc3BvbnNlEkMKCEdldEltYWdlEhouZG9ja2V0LnYxLkdldEltYWdlUmVxdWVzdBobLmRvY2tldC52MS5HZXRJbWFnZVJlc3BvbnNlEkkKCkxpc3RJbWFnZXMSHC5kb2NrZXQudjEuTGlzdEltYWdlc1JlcXVlc3QaHS5kb2NrZXQudjEuTGlzdEltYWdlc1Jlc3BvbnNlEkwKC0RlbGV0ZUltYWdlEh0uZG9ja2V0LnYxLkRlbGV0ZUltYWdlUmVxdWVzdBoeLmRvY2tldC52MS5EZWxldGVJbWFnZVJlc3BvbnNlEkUKCFJlYWRCbG9iEhouZG9ja2V0LnYxLlJlYWRCbG9iUmVxdWVzdBobLmRvY2tldC52MS5SZWFkQmxvYlJlc3BvbnNlMAESSQoKR2V0VG9ycmVudBIcLmRvY2tldC52MS5HZXRUb3JyZW50UmVxdWVzdBodLmRvY2tldC52MS5HZXRUb3JyZW50UmVzcG9uc2ViBnByb3RvMw", [file_docket_v1_image]);
+  fileDesc("Ch1kb2NrZXQvdjEvaW1hZ2Vfc2VydmljZS5wcm90bxIJZG9ja2V0LnYxIiMKEFN0YXRCbG9ic1JlcXVlc3QSDwoHZGlnZXN0cxgBIAMoCSIsChFTdGF0QmxvYnNSZXNwb25zZRIXCg9taXNzaW5nX2RpZ2VzdHMYASADKAkiNgoQVXBsb2FkQmxvYkhlYWRlchIOCgZkaWdlc3QYASABKAkSEgoKc2l6ZV9ieXRlcxgCIAEoAyKPAQoRVXBsb2FkQmxvYlJlcXVlc3QSLQoGaGVhZGVyGAEgASgLMhsuZG9ja2V0LnYxLlVwbG9hZEJsb2JIZWFkZXJIABIPCgVjaHVuaxgCIAEoDEgAEi8KB3RyYWlsZXIYAyABKAsyHC5kb2NrZXQudjEuVXBsb2FkQmxvYlRyYWlsZXJIAEIJCgdjb250ZW50IiMKEVVwbG9hZEJsb2JUcmFpbGVyEg4KBmRpZ2VzdBgBIAEoCSJRChJVcGxvYWRCbG9iUmVzcG9uc2USDgoGZGlnZXN0GAEgASgJEhIKCnNpemVfYnl0ZXMYAiABKAMSFwoPYWxyZWFkeV9leGlzdGVkGAMgASgIIm0KD1B1dEltYWdlUmVxdWVzdBIMCgRuYW1lGAEgASgJEiUKBmNvbmZpZxgCIAEoCzIVLmRvY2tldC52MS5EZXNjcmlwdG9yEiUKBmxheWVycxgDIAMoCzIVLmRvY2tldC52MS5EZXNjcmlwdG9yIjMKEFB1dEltYWdlUmVzcG9uc2USHwoFaW1hZ2UYASABKAsyEC5kb2NrZXQudjEuSW1hZ2UiHwoPR2V0SW1hZ2VSZXF1ZXN0EgwKBG5hbWUYASABKAkiMwoQR2V0SW1hZ2VSZXNwb25zZRIfCgVpbWFnZRgBIAEoCzIQLmRvY2tldC52MS5JbWFnZSI6ChFMaXN0SW1hZ2VzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJPChJMaXN0SW1hZ2VzUmVzcG9uc2USIAoGaW1hZ2VzGAEgAygLMhAuZG9ja2V0LnYxLkltYWdlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIiChJEZWxldGVJbWFnZVJlcXVlc3QSDAoEbmFtZRgBIAEoCSJFChNEZWxldGVJbWFnZVJlc3BvbnNlEhUKDWRlbGV0ZWRfbmFtZXMYASADKAkSFwoPZGVsZXRlZF9kaWdlc3RzGAIgAygJIk0KD1JlYWRCbG9iUmVxdWVzdBIOCgZkaWdlc3QYASABKAkSFAoMb2Zmc2V0X2J5dGVzGAIgASgDEhQKDGxlbmd0aF9ieXRlcxgDIAEoAyIhChBSZWFkQmxvYlJlc3BvbnNlEg0KBWNodW5rGAEgASgMIiMKEUdldFRvcnJlbnRSZXF1ZXN0Eg4KBmRpZ2VzdBgBIAEoCSJZChJHZXRUb3JyZW50UmVzcG9uc2USIwoHdG9ycmVudBgBIAEoCzISLmRvY2tldC52MS5Ub3JyZW50Eh4KBXBlZXJzGAIgAygLMg8uZG9ja2V0LnYxLlBlZXIy2AQKDEltYWdlU2VydmljZRJGCglTdGF0QmxvYnMSGy5kb2NrZXQudjEuU3RhdEJsb2JzUmVxdWVzdBocLmRvY2tldC52MS5TdGF0QmxvYnNSZXNwb25zZRJLCgpVcGxvYWRCbG9iEhwuZG9ja2V0LnYxLlVwbG9hZEJsb2JSZXF1ZXN0Gh0uZG9ja2V0LnYxLlVwbG9hZEJsb2JSZXNwb25zZSgBEkMKCFB1dEltYWdlEhouZG9ja2V0LnYxLlB1dEltYWdlUmVxdWVzdBobLmRvY2tldC52MS5QdXRJbWFnZVJlc3BvbnNlEkMKCEdldEltYWdlEhouZG9ja2V0LnYxLkdldEltYWdlUmVxdWVzdBobLmRvY2tldC52MS5HZXRJbWFnZVJlc3BvbnNlEkkKCkxpc3RJbWFnZXMSHC5kb2NrZXQudjEuTGlzdEltYWdlc1JlcXVlc3QaHS5kb2NrZXQudjEuTGlzdEltYWdlc1Jlc3BvbnNlEkwKC0RlbGV0ZUltYWdlEh0uZG9ja2V0LnYxLkRlbGV0ZUltYWdlUmVxdWVzdBoeLmRvY2tldC52MS5EZWxldGVJbWFnZVJlc3BvbnNlEkUKCFJlYWRCbG9iEhouZG9ja2V0LnYxLlJlYWRCbG9iUmVxdWVzdBobLmRvY2tldC52MS5SZWFkQmxvYlJlc3BvbnNlMAESSQoKR2V0VG9ycmVudBIcLmRvY2tldC52MS5HZXRUb3JyZW50UmVxdWVzdBodLmRvY2tldC52MS5HZXRUb3JyZW50UmVzcG9uc2ViBnByb3RvMw", [file_docket_v1_image]);
 
 /**
  * The request of StatBlobs.
@@ -63,7 +63,7 @@ export const StatBlobsResponseSchema: GenMessage<StatBlobsResponse> = /*@__PURE_
  */
 export type UploadBlobHeader = Message<"docket.v1.UploadBlobHeader"> & {
   /**
-   * The digest the bytes must hash to.
+   * The digest the bytes must hash to; empty when a trailer names it.
    *
    * @generated from field: string digest = 1;
    */
@@ -111,6 +111,15 @@ export type UploadBlobRequest = Message<"docket.v1.UploadBlobRequest"> & {
      */
     value: Uint8Array;
     case: "chunk";
+  } | {
+    /**
+     * The digest, after the last chunk, when the header's digest is empty; the last message
+     * then, and only then.
+     *
+     * @generated from field: docket.v1.UploadBlobTrailer trailer = 3;
+     */
+    value: UploadBlobTrailer;
+    case: "trailer";
   } | { case: undefined; value?: undefined };
 };
 
@@ -120,6 +129,27 @@ export type UploadBlobRequest = Message<"docket.v1.UploadBlobRequest"> & {
  */
 export const UploadBlobRequestSchema: GenMessage<UploadBlobRequest> = /*@__PURE__*/
   messageDesc(file_docket_v1_image_service, 3);
+
+/**
+ * The last message of an upload whose header left the digest empty.
+ *
+ * @generated from message docket.v1.UploadBlobTrailer
+ */
+export type UploadBlobTrailer = Message<"docket.v1.UploadBlobTrailer"> & {
+  /**
+   * The digest the bytes must hash to.
+   *
+   * @generated from field: string digest = 1;
+   */
+  digest: string;
+};
+
+/**
+ * Describes the message docket.v1.UploadBlobTrailer.
+ * Use `create(UploadBlobTrailerSchema)` to create a new message.
+ */
+export const UploadBlobTrailerSchema: GenMessage<UploadBlobTrailer> = /*@__PURE__*/
+  messageDesc(file_docket_v1_image_service, 4);
 
 /**
  * The response of UploadBlob.
@@ -154,7 +184,7 @@ export type UploadBlobResponse = Message<"docket.v1.UploadBlobResponse"> & {
  * Use `create(UploadBlobResponseSchema)` to create a new message.
  */
 export const UploadBlobResponseSchema: GenMessage<UploadBlobResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 4);
+  messageDesc(file_docket_v1_image_service, 5);
 
 /**
  * The request of PutImage.
@@ -189,7 +219,7 @@ export type PutImageRequest = Message<"docket.v1.PutImageRequest"> & {
  * Use `create(PutImageRequestSchema)` to create a new message.
  */
 export const PutImageRequestSchema: GenMessage<PutImageRequest> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 5);
+  messageDesc(file_docket_v1_image_service, 6);
 
 /**
  * The response of PutImage.
@@ -210,7 +240,7 @@ export type PutImageResponse = Message<"docket.v1.PutImageResponse"> & {
  * Use `create(PutImageResponseSchema)` to create a new message.
  */
 export const PutImageResponseSchema: GenMessage<PutImageResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 6);
+  messageDesc(file_docket_v1_image_service, 7);
 
 /**
  * The request of GetImage.
@@ -231,7 +261,7 @@ export type GetImageRequest = Message<"docket.v1.GetImageRequest"> & {
  * Use `create(GetImageRequestSchema)` to create a new message.
  */
 export const GetImageRequestSchema: GenMessage<GetImageRequest> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 7);
+  messageDesc(file_docket_v1_image_service, 8);
 
 /**
  * The response of GetImage.
@@ -252,7 +282,7 @@ export type GetImageResponse = Message<"docket.v1.GetImageResponse"> & {
  * Use `create(GetImageResponseSchema)` to create a new message.
  */
 export const GetImageResponseSchema: GenMessage<GetImageResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 8);
+  messageDesc(file_docket_v1_image_service, 9);
 
 /**
  * The request of ListImages.
@@ -280,7 +310,7 @@ export type ListImagesRequest = Message<"docket.v1.ListImagesRequest"> & {
  * Use `create(ListImagesRequestSchema)` to create a new message.
  */
 export const ListImagesRequestSchema: GenMessage<ListImagesRequest> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 9);
+  messageDesc(file_docket_v1_image_service, 10);
 
 /**
  * The response of ListImages.
@@ -308,7 +338,7 @@ export type ListImagesResponse = Message<"docket.v1.ListImagesResponse"> & {
  * Use `create(ListImagesResponseSchema)` to create a new message.
  */
 export const ListImagesResponseSchema: GenMessage<ListImagesResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 10);
+  messageDesc(file_docket_v1_image_service, 11);
 
 /**
  * The request of DeleteImage.
@@ -330,7 +360,7 @@ export type DeleteImageRequest = Message<"docket.v1.DeleteImageRequest"> & {
  * Use `create(DeleteImageRequestSchema)` to create a new message.
  */
 export const DeleteImageRequestSchema: GenMessage<DeleteImageRequest> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 11);
+  messageDesc(file_docket_v1_image_service, 12);
 
 /**
  * The response of DeleteImage.
@@ -358,7 +388,7 @@ export type DeleteImageResponse = Message<"docket.v1.DeleteImageResponse"> & {
  * Use `create(DeleteImageResponseSchema)` to create a new message.
  */
 export const DeleteImageResponseSchema: GenMessage<DeleteImageResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 12);
+  messageDesc(file_docket_v1_image_service, 13);
 
 /**
  * The request of ReadBlob.
@@ -393,7 +423,7 @@ export type ReadBlobRequest = Message<"docket.v1.ReadBlobRequest"> & {
  * Use `create(ReadBlobRequestSchema)` to create a new message.
  */
 export const ReadBlobRequestSchema: GenMessage<ReadBlobRequest> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 13);
+  messageDesc(file_docket_v1_image_service, 14);
 
 /**
  * One message of ReadBlob's stream.
@@ -414,7 +444,7 @@ export type ReadBlobResponse = Message<"docket.v1.ReadBlobResponse"> & {
  * Use `create(ReadBlobResponseSchema)` to create a new message.
  */
 export const ReadBlobResponseSchema: GenMessage<ReadBlobResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 14);
+  messageDesc(file_docket_v1_image_service, 15);
 
 /**
  * The request of GetTorrent.
@@ -435,7 +465,7 @@ export type GetTorrentRequest = Message<"docket.v1.GetTorrentRequest"> & {
  * Use `create(GetTorrentRequestSchema)` to create a new message.
  */
 export const GetTorrentRequestSchema: GenMessage<GetTorrentRequest> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 15);
+  messageDesc(file_docket_v1_image_service, 16);
 
 /**
  * The response of GetTorrent.
@@ -463,7 +493,7 @@ export type GetTorrentResponse = Message<"docket.v1.GetTorrentResponse"> & {
  * Use `create(GetTorrentResponseSchema)` to create a new message.
  */
 export const GetTorrentResponseSchema: GenMessage<GetTorrentResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 16);
+  messageDesc(file_docket_v1_image_service, 17);
 
 /**
  * The registry: images as manifests over content-addressed blobs, and the torrents the
@@ -471,8 +501,8 @@ export const GetTorrentResponseSchema: GenMessage<GetTorrentResponse> = /*@__PUR
  *
  * Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
  * of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
- * SIZE_MISMATCH, UPLOAD_HEADER_MISSING, INVALID_IMAGE, INVALID_PAGE_TOKEN, INVALID_RANGE,
- * INSUFFICIENT_STORAGE. The ErrorInfo
+ * SIZE_MISMATCH, UPLOAD_HEADER_MISSING, UPLOAD_TRAILER_MISSING, INVALID_IMAGE,
+ * INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE. The ErrorInfo
  * domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
  * "expected", "actual", "name").
  *
@@ -495,9 +525,11 @@ export const ImageService: GenService<{
    * hashes the bytes as it writes them and stores the blob under its digest only when the
    * bytes match both the digest and the size; otherwise nothing is kept. Uploading a blob the
    * server already has, or the same blob twice at once, succeeds. Once stored, the blob is
-   * seeded over BitTorrent.
+   * seeded over BitTorrent. A client that learns the digest only by reading the bytes (a
+   * layer streamed from `docker save` of an engine before Docker 25) leaves the header's
+   * digest empty and names it in a trailer, the last message.
    * Errors: INVALID_ARGUMENT (UPLOAD_HEADER_MISSING, INVALID_DIGEST, DIGEST_MISMATCH,
-   * SIZE_MISMATCH); RESOURCE_EXHAUSTED (INSUFFICIENT_STORAGE) when the blob cannot fit on disk;
+   * SIZE_MISMATCH, UPLOAD_TRAILER_MISSING); RESOURCE_EXHAUSTED (INSUFFICIENT_STORAGE) when the blob cannot fit on disk;
    * CANCELLED when the client goes away (nothing is kept).
    *
    * @generated from rpc docket.v1.ImageService.UploadBlob
