@@ -16,8 +16,8 @@ from docket_agent.stream import StreamClient, agent_channel
 from docket_common.bt import split_host_port
 from docket_common.fetch import BlobFetcher
 from docket_common.loadable import LoadableImage, load_from_env
-from docket_common.pb import agent_pb2, image_service_pb2_grpc
-from docket_common.readblob import grpc_read_range
+from docket_common.pb import agent_pb2, agent_service_pb2_grpc, image_service_pb2_grpc
+from docket_common.readblob import grpc_claim_first_pieces, grpc_read_range
 from docket_common.version import VERSION
 
 log = structlog.get_logger()
@@ -62,7 +62,10 @@ class Agent:
             download_rate_limit=config.max_download_rate,
             upload_rate_limit=config.max_upload_rate,
         )
-        self.settings = OrderSettings(fallback_after=config.fallback_after)
+        self.settings = OrderSettings(
+            fallback_after=config.fallback_after,
+            claim_first_pieces=not config.max_download_rate,
+        )
         self.agent_id = ""
         self.bt_endpoint = ""
         self.stream: StreamClient | None = None
@@ -87,6 +90,7 @@ class Agent:
         metadata = (("authorization", f"Bearer {cfg.token}"),) if cfg.token else ()
 
         read_range = grpc_read_range(images, metadata)
+        claim = grpc_claim_first_pieces(agent_service_pb2_grpc.AgentServiceStub(channel), metadata)
 
         self.stream = StreamClient(
             cfg.server,
@@ -103,6 +107,7 @@ class Agent:
             self.fetcher,
             self.stream.send,
             read_range,
+            claim,
             self._load,
             self.settings,
         )

@@ -125,7 +125,8 @@ def _labels(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
     type=click.IntRange(min=0),
     default=0,
     show_default="no limit",
-    help="BitTorrent download limit, bytes a second.",
+    help="Download limit, bytes a second. A limited agent takes no first pieces from the "
+    "server over gRPC (they would pass the limit): it fetches everything over BitTorrent.",
 )
 @click.option(
     "--max-upload-rate",

@@ -29,10 +29,12 @@ from docket_common.fetch import (
 from docket_common.loadable import LoadError
 from docket_common.pb import agent_pb2
 from docket_common.pb import agent_service_pb2 as pb
+from docket_common.readblob import ClaimForOrder
 
 log = structlog.get_logger()
 
 PROGRESS_EVERY = 0.25
+SEED_NAME = "server"  # how orders name the server's seed among their peers
 TERMINAL = {
     agent_pb2.TASK_STATE_SUCCEEDED,
     agent_pb2.TASK_STATE_FAILED,
@@ -47,6 +49,9 @@ Loader = Callable[[agent_pb2.PullOrder, list[Path]], Awaitable[str]]
 class OrderSettings:
     fallback_after: float = 30.0  # seconds without a new byte before gRPC fills the gaps
     docker_error: str = ""  # why this agent cannot load images ("" when it can)
+    # Whether to take first pieces from the server when an order offers them. Not under
+    # --max-download-rate: gRPC bytes would bypass libtorrent's limiter.
+    claim_first_pieces: bool = True
 
 
 def _spec(blob: agent_pb2.OrderBlob) -> BlobSpec:
@@ -65,6 +70,10 @@ class OrderRunner:
         self.cached_bytes = 0
         self.task: asyncio.Task[None] | None = None
         self.peers = [p.endpoint for p in order.peers]
+        # With first pieces from the server, its seed waits until they run out.
+        self.claims = order.claim_first_pieces and manager.settings.claim_first_pieces
+        self.held = [p.endpoint for p in order.peers if p.name == SEED_NAME and self.claims]
+        self.peers = [p for p in self.peers if p not in self.held]
 
     def update(self, state: int, error: str = "", image_id: str = "") -> None:
         downloads = list(self.downloads.values())
@@ -80,6 +89,7 @@ class OrderRunner:
                 bittorrent_bytes=sum(d.bittorrent_bytes for d in downloads),
                 server_bytes=sum(d.server_bytes for d in downloads),
                 fallback_bytes=sum(d.fallback_bytes for d in downloads),
+                first_piece_bytes=sum(d.first_piece_bytes for d in downloads),
             )
         )
         self.last = message
@@ -134,11 +144,13 @@ class OrderRunner:
             for digest in self.m.cache.make_room(sum(b.size_bytes for b in missing)):
                 self.m.fetcher.drop(digest)
             for blob in missing:
-                self.downloads[blob.digest] = self.m.fetcher.download(
-                    _spec(blob),
-                    self.peers,
-                    stripe=(self.order.stripe_index, self.order.stripe_count),
-                )
+                download = self.m.fetcher.download(_spec(blob), self.peers, hold=self.held)
+                if self.claims:
+                    self.m.fetcher.claim_first_pieces(
+                        download,
+                        lambda digest, max_bytes: self.m.claim(digest, self.id, max_bytes),
+                    )
+                self.downloads[blob.digest] = download
             # Pieces first: the server then knows which blobs this host still lacks.
             self._send_progress(full=True)
             self.update(agent_pb2.TASK_STATE_DOWNLOADING)
@@ -218,6 +230,7 @@ class OrderManager:
         fetcher: BlobFetcher,
         send: Send,
         read_range: ReadRange,
+        claim: ClaimForOrder,
         load: Loader,
         settings: OrderSettings,
     ) -> None:
@@ -226,6 +239,7 @@ class OrderManager:
         self.fetcher = fetcher
         self.send = send
         self.read_range = read_range
+        self.claim = claim
         self.load = load
         self.settings = settings
         self.runners: dict[str, OrderRunner] = {}

@@ -62,7 +62,8 @@ def agent_channel(server: str) -> grpc.aio.Channel:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 3_000),
-            ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+            # First pieces (ClaimFirstPieces) can be 16 MiB.
+            ("grpc.max_receive_message_length", 32 * 1024 * 1024),
         ],
     )
 

@@ -69,9 +69,13 @@ def host_json(host: rollout_pb2.RolloutHost) -> dict[str, Any]:
         "peer_count": host.peer_count,
         "cached_bytes": host.cached_bytes,
         "bittorrent_bytes": host.bittorrent_bytes,
-        "server_bytes": host.server_bytes,
+        # From the server: its seed over BitTorrent, and the first pieces it handed out.
+        "server_bytes": host.server_bytes + host.first_piece_bytes,
+        "first_piece_bytes": host.first_piece_bytes,
         "peer_bytes": max(host.bittorrent_bytes - host.server_bytes, 0),
         "fallback_bytes": host.fallback_bytes,
+        # Everything the host took in: over BitTorrent, as first pieces, and as fallback.
+        "received_bytes": host.bittorrent_bytes + host.first_piece_bytes + host.fallback_bytes,
         "seconds": seconds(host),
     }
 
@@ -104,7 +108,7 @@ def summary_table(rollout: rollout_pb2.Rollout) -> str:
                 state_name(host),
                 "-" if took is None else f"{took:.1f}s",
                 human_size(max(host.bittorrent_bytes - host.server_bytes, 0)),
-                human_size(host.server_bytes),
+                human_size(host.server_bytes + host.first_piece_bytes),
                 human_size(host.fallback_bytes),
                 human_size(host.cached_bytes),
                 host.error or "",

@@ -7,12 +7,18 @@ then moved (by libtorrent, which keeps seeding it) to the cache path
 
 Pieces that BitTorrent does not deliver (the swarm stalls, the port is blocked) can be filled
 in from any other source with ``fill_missing``: libtorrent checks them like any other piece.
+
+In a rollout the server hands out the first copy of each piece to one agent
+(``claim_first_pieces``, see docket_server/domain/first_pieces.py) and the agents trade the
+rest; the server's seed is held back (``hold``) and dialled only once the server has no piece
+left to hand out and no piece has come for ``SEED_AFTER`` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +33,14 @@ from docket_common.digest import hex_part
 log = structlog.get_logger()
 
 SERVER_CLIENT = "docket-server"
-STRIPE_PRIORITY = 7  # libtorrent's top piece priority; the default is 4
+SEED_AFTER = 1.0  # seconds without a piece, once first pieces ran out, before dialling the seed
+CLAIM_WORKERS = 2  # ClaimFirstPieces calls in flight per blob
+CLAIM_SECONDS = 0.1  # aim for claims that take this long: small enough to pass pieces on soon
+MIN_CLAIM_BYTES = 64 << 10
+MAX_CLAIM_BYTES = 2 << 20
+
+# (digest, max_bytes) -> [(piece index, bytes)]; no pieces when the server has none left.
+ClaimPieces = Callable[[str, int], Awaitable[list[tuple[int, bytes]]]]
 
 
 class FetchError(Exception):
@@ -63,6 +76,13 @@ class BlobDownload:
     peer_bytes: dict[str, int] = field(default_factory=dict)
     server_endpoints: set[str] = field(default_factory=set)
     completion: asyncio.Future[Path] | None = None
+    # Bytes of pieces the server handed out first (ClaimFirstPieces).
+    first_piece_bytes: int = 0
+    first_pieces: asyncio.Future[None] | None = None
+    first_pieces_ended: float | None = None  # monotonic time the server ran out of pieces
+    last_piece_time: float = field(default_factory=time.monotonic)
+    # Peers dialled only once first pieces ran out and peers stopped delivering: the seed.
+    held_peers: list[str] = field(default_factory=list)
     _status: Any = None
 
     def __post_init__(self) -> None:
@@ -143,16 +163,15 @@ class BlobFetcher(TorrentSession):
         return self.partial_dir / hexd[:2] / hexd
 
     def download(
-        self, spec: BlobSpec, peers: Iterable[str], stripe: tuple[int, int] = (0, 0)
+        self, spec: BlobSpec, peers: Iterable[str], hold: Iterable[str] = ()
     ) -> BlobDownload:
-        """Starts fetching a blob (or returns its fetch in flight) and dials the peers.
-
-        With ``stripe`` (index, count), the pieces of this host's stripe come first: the
-        seed's first copies then go to different hosts, which trade them.
-        """
+        """Starts fetching a blob (or returns its fetch in flight) and dials the peers; the
+        ``hold`` peers are dialled by ``follow`` once first pieces ran out (or at once, when
+        none are claimed)."""
         current = self._downloads.get(spec.digest)
         if current is not None:
             self.add_peers(current, peers)
+            self._hold(current, hold)
             return current
         info = lt.torrent_info(spec.metainfo)
         save_path = self.partial_path(spec.digest).parent
@@ -160,17 +179,77 @@ class BlobFetcher(TorrentSession):
         params = lt.add_torrent_params()
         params.ti = info
         params.save_path = str(save_path)
-        params.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
+        # Added paused and resumed once the peers are in: resuming connects to them at once.
+        # Peers added to a running torrent wait for libtorrent's once-a-second connect round
+        # (measured: 0.4-1 s before the first byte from a peer, at every rollout's start).
+        params.flags = (params.flags | lt.torrent_flags.paused) & ~lt.torrent_flags.auto_managed
         handle = self.session.add_torrent(params)
-        index, count = stripe
-        if count > 1 and info.num_pieces() > 1:
-            handle.prioritize_pieces(
-                [STRIPE_PRIORITY if i % count == index else 4 for i in range(info.num_pieces())]
-            )
         download = BlobDownload(spec, handle, info.num_pieces(), info.piece_length())
         self._downloads[spec.digest] = download
         self.add_peers(download, peers)
+        self._hold(download, hold)
+        handle.resume()
         return download
+
+    def _hold(self, download: BlobDownload, peers: Iterable[str]) -> None:
+        if download.first_pieces is not None and download.first_pieces_ended is not None:
+            self.add_peers(download, peers)  # first pieces already ran out
+        else:
+            download.held_peers += [p for p in peers if p not in download.held_peers]
+
+    def claim_first_pieces(self, download: BlobDownload, claim: ClaimPieces) -> None:
+        """Fetches the pieces the server hands out first, a few calls at a time, until it has
+        none left (once per download, however many orders share it)."""
+        if download.first_pieces is None:
+            download.first_pieces = asyncio.ensure_future(self._first_pieces(download, claim))
+
+    async def _first_pieces(self, download: BlobDownload, claim: ClaimPieces) -> None:
+        async def worker() -> None:
+            want = MIN_CLAIM_BYTES  # one piece first: it can be passed on soonest
+            while not download.finished.is_set():
+                started = time.monotonic()
+                pieces = await claim(download.spec.digest, want)
+                if not pieces:
+                    return
+                got = 0
+                for index, data in pieces:
+                    self._add_piece(download, index, data)
+                    got += len(data)
+                download.first_piece_bytes += got
+                rate = got / max(time.monotonic() - started, 1e-3)
+                want = min(max(int(rate * CLAIM_SECONDS), MIN_CLAIM_BYTES), MAX_CLAIM_BYTES)
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(CLAIM_WORKERS)))
+        except BlobGoneError as e:  # nobody can deliver it any more
+            download.error = str(e)
+            download.finished.set()
+        except Exception as e:  # the server or its answer failed: BitTorrent carries on alone
+            log.warning(
+                "the server's first pieces failed: fetching from peers and its seed",
+                digest=download.spec.digest,
+                error=str(e),
+            )
+            self.release_held(download)
+        finally:
+            download.first_pieces_ended = time.monotonic()
+
+    def release_held(self, download: BlobDownload) -> None:
+        """Dials the held-back peers now."""
+        held, download.held_peers = download.held_peers, []
+        self.add_peers(download, held)
+
+    def _add_piece(self, download: BlobDownload, index: int, data: bytes) -> None:
+        """Hands a piece fetched outside BitTorrent to libtorrent, which checks its hash."""
+        if not 0 <= index < download.piece_count:
+            raise FetchError(f"piece {index} of {download.spec.digest} does not exist")
+        length = min(download.piece_length, download.spec.size - index * download.piece_length)
+        if len(data) != length:
+            raise FetchError(
+                f"piece {index} of {download.spec.digest} came with {len(data)} of {length} bytes"
+            )
+        if download.handle.is_valid():
+            download.handle.add_piece(index, data, 0)
 
     def add_peers(self, download: BlobDownload, peers: Iterable[str]) -> None:
         for endpoint in peers:
@@ -248,6 +327,8 @@ class BlobFetcher(TorrentSession):
         if isinstance(handle, BlobDownload):
             handle.error = handle.error or "dropped"
             handle.finished.set()
+            if handle.first_pieces is not None:
+                handle.first_pieces.cancel()
             handle = handle.handle
         self.session.remove_torrent(handle, lt.options_t.delete_files if delete_files else 0)
 
@@ -268,12 +349,7 @@ class BlobFetcher(TorrentSession):
             offset = piece * download.piece_length
             length = min(download.piece_length, size - offset)
             data = await read_range(offset, length)
-            if len(data) != length:
-                raise FetchError(
-                    f"fallback read of piece {piece} of {download.spec.digest} returned "
-                    f"{len(data)} of {length} bytes"
-                )
-            download.handle.add_piece(piece, data, 0)
+            self._add_piece(download, piece, data)
             fetched += length
         download.fallback_bytes += fetched
         return fetched
@@ -284,6 +360,7 @@ class BlobFetcher(TorrentSession):
         if isinstance(alert, lt.piece_finished_alert):
             if download is not None:
                 download.new_pieces.append(int(alert.piece_index))
+                download.last_piece_time = time.monotonic()
         elif isinstance(alert, lt.torrent_finished_alert):
             if download is not None:
                 download.finished.set()
@@ -322,6 +399,20 @@ ReadRange = Callable[[str, int, int], Awaitable[bytes]]
 TICK = 0.25
 
 
+def _release_held(fetcher: BlobFetcher, downloads: list[BlobDownload]) -> None:
+    """Dials the held-back seed of each download the server has no first piece left for and
+    whose peers have delivered nothing for SEED_AFTER seconds (or that claims none)."""
+    now = time.monotonic()
+    for download in downloads:
+        if not download.held_peers or download.finished.is_set():
+            continue
+        ended = download.first_pieces_ended
+        if download.first_pieces is None or (
+            ended is not None and now - max(ended, download.last_piece_time) >= SEED_AFTER
+        ):
+            fetcher.release_held(download)
+
+
 async def follow(
     fetcher: BlobFetcher,
     downloads: Iterable[BlobDownload],
@@ -339,6 +430,7 @@ async def follow(
     while not all(d.finished.is_set() for d in downloads):
         await asyncio.sleep(TICK)
         on_tick()
+        _release_held(fetcher, downloads)
         now = asyncio.get_running_loop().time()
         done = sum(d.status().total_wanted_done for d in downloads)
         if done != last_done:

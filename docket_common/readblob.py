@@ -1,13 +1,22 @@
-"""Blob bytes over gRPC (ImageService.ReadBlob): the fallback when BitTorrent stalls."""
+"""Blob bytes over gRPC: ImageService.ReadBlob (the fallback when BitTorrent stalls) and
+AgentService.ClaimFirstPieces (the first copies the server hands out in a rollout)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
 from docket_common.fetch import BlobGoneError, FetchError, ReadRange
-from docket_common.pb import image_service_pb2, image_service_pb2_grpc
+from docket_common.pb import (
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    image_service_pb2,
+    image_service_pb2_grpc,
+)
+
+# (digest, order id, max bytes) -> [(piece index, bytes)]
+ClaimForOrder = Callable[[str, str, int], Awaitable[list[tuple[int, bytes]]]]
 
 
 def grpc_read_range(
@@ -28,3 +37,23 @@ def grpc_read_range(
         return b"".join(chunks)
 
     return read
+
+
+def grpc_claim_first_pieces(
+    stub: agent_service_pb2_grpc.AgentServiceStub, metadata: Sequence[tuple[str, str]] = ()
+) -> ClaimForOrder:
+    """A ClaimForOrder over AgentService.ClaimFirstPieces."""
+
+    async def claim(digest: str, order_id: str, max_bytes: int) -> list[tuple[int, bytes]]:
+        request = agent_service_pb2.ClaimFirstPiecesRequest(
+            digest=digest, order_id=order_id, max_bytes=max_bytes
+        )
+        try:
+            response = await stub.ClaimFirstPieces(request, metadata=tuple(metadata), timeout=60)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                raise BlobGoneError(f"blob {digest} is gone from the server: {e.details()}") from e
+            raise FetchError(f"ClaimFirstPieces {digest}: {e.code().name}: {e.details()}") from e
+        return [(p.index, p.data) for p in response.pieces]
+
+    return claim

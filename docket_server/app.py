@@ -52,6 +52,7 @@ log = structlog.get_logger()
 
 # Uploads arrive in chunks of 1 MiB; leave room for the envelope.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+MAX_SEND_BYTES = 32 * 1024 * 1024
 SERVICE_NAMES = (
     image_service_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
     agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
@@ -119,7 +120,8 @@ class DocketServer:
             ],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                # A first piece (ClaimFirstPieces) can be 16 MiB.
+                ("grpc.max_send_message_length", MAX_SEND_BYTES),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                 ("grpc.keepalive_permit_without_calls", 1),
@@ -129,7 +131,10 @@ class DocketServer:
             ImageService(self.registry, self.orders.blob_peers), server
         )
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentService(self.fleet, self.orders, self.config.hello_timeout, VERSION), server
+            AgentService(
+                self.fleet, self.orders, self.registry, self.config.hello_timeout, VERSION
+            ),
+            server,
         )
         rollout_service_pb2_grpc.add_RolloutServiceServicer_to_server(
             RolloutService(self.rollouts), server

@@ -3,6 +3,7 @@ detach and watch, a server restart mid-rollout, and the live view on a real term
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,11 +14,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
-from tests.support.agents import AgentProcess, wait_for_states
+from docket_common.pb import agent_pb2, agent_service_pb2, agent_service_pb2_grpc
+from tests.support.agents import AgentProcess, SimulatedAgent, wait_for_states
 from tests.support.archives import layer_tar, random_bytes, write_legacy_archive
-from tests.support.server import BIN, ServerProcess, docketctl
+from tests.support.server import BIN, ServerProcess, background_rollout, docketctl
 from tests.support.terminal import plain, run_in_pty
 
 FAST = ["--heartbeat-interval", "0.5", "--hello-timeout", "2"]
@@ -255,7 +258,7 @@ def test_a_server_restart_mid_rollout(
     for host in summary["hosts"]:
         assert host["state"] == "succeeded"
         # Nothing finished was fetched again: each host moved the image about once.
-        assert host["bittorrent_bytes"] + host["fallback_bytes"] <= total + 4 * MiB, host
+        assert host["received_bytes"] <= total + 4 * MiB, host
     history = show(server, rollout_id)["history"]
     assert history[0]["message"].startswith("started: restart:1 to 3 hosts")
     assert history[-1]["state"] == "succeeded"
@@ -289,3 +292,64 @@ def test_the_live_view_on_a_terminal(
     assert "HOST" in screen
     assert "RESULT" in screen  # the summary table
     assert "succeeded" in screen
+
+
+def test_pieces_handed_to_a_host_that_never_passes_them_on_come_from_the_seed(
+    server: ServerProcess, agents: StartAgent, tmp_path: Path
+) -> None:
+    """A host takes first pieces and then neither reports nor shares them (hung, cut off):
+    the others do not wait for the server to hand them out again (15 s later); once the
+    server has no first piece left for them and their peers stop delivering, they dial the
+    server's seed."""
+    total = 32 * MiB
+    push(server, tmp_path, "hoard:1", total, 9)
+    start_online(agents, server, ["h1", "h2"])
+    hoarded: list[int] = []
+
+    async def scenario() -> tuple[int, str]:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = agent_service_pb2_grpc.AgentServiceStub(channel)
+            hoarder = SimulatedAgent(stub, "h0", groups=("g",))
+            stream = asyncio.create_task(hoarder.run())
+            try:
+                await asyncio.wait_for(hoarder.welcomed.wait(), 10)
+                with background_rollout(server, "hoard:1", "g") as proc:
+                    order = await asyncio.wait_for(hoarder.orders.get(), 20)
+                    assert order.claim_first_pieces
+                    for _ in range(2):
+                        request = agent_service_pb2.ClaimFirstPiecesRequest(
+                            digest=order.layers[0].digest, order_id=order.order_id, max_bytes=MiB
+                        )
+                        claimed = await stub.ClaimFirstPieces(request)
+                        hoarded.extend(p.index for p in claimed.pieces)
+                    await asyncio.sleep(8)  # hung, while the others finish
+                    hoarder.send(
+                        agent_service_pb2.ConnectRequest(
+                            task_update=agent_pb2.TaskUpdate(
+                                order_id=order.order_id,
+                                state=agent_pb2.TASK_STATE_FAILED,
+                                error="simulated: hung",
+                            )
+                        )
+                    )
+                    out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
+                    return proc.returncode, out
+            finally:
+                stream.cancel()
+
+    code, out = asyncio.run(scenario())
+    summary = json.loads(out.splitlines()[-1])["summary"]
+    hosts = {h["host"]: h for h in summary["hosts"]}
+    assert hoarded, "the simulated host got no first piece"
+    assert hosts["h0"]["state"] == "failed"
+    for name in ("h1", "h2"):
+        host = hosts[name]
+        assert host["state"] == "succeeded", host
+        assert host["seconds"] < 8, host  # did not wait for h0, nor for the 15 s re-offer
+    # Nobody got the hoarded pieces as first pieces, nor over gRPC: they came over
+    # BitTorrent, and only the server's seed had them. (Its share is not in server_bytes
+    # here: on loopback the seed's connection lasts less than one 250 ms progress sample.)
+    first = sum(hosts[n]["first_piece_bytes"] for n in ("h1", "h2"))
+    assert first <= hosts["h1"]["total_bytes"] - len(hoarded) * 64 * 1024
+    assert all(hosts[n]["fallback_bytes"] == 0 for n in ("h1", "h2"))
+    assert code == 3  # failed: h0 did

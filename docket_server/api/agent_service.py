@@ -30,8 +30,10 @@ from docket_server.api.convert import (
     timestamp,
 )
 from docket_server.domain.errors import InvalidArgument
+from docket_server.domain.first_pieces import FirstPieces
 from docket_server.domain.fleet import Fleet, Session
 from docket_server.domain.orders import OrderBook, PeerRef, Task
+from docket_server.domain.registry import Registry
 
 log = structlog.get_logger()
 
@@ -48,8 +50,12 @@ def server_heartbeat() -> pb.ConnectResponse:
 class StreamOrderSink:
     """Puts orders, peer hints and cancels on agents' streams."""
 
-    def send_order(self, session: Session, task: Task, peers: list[PeerRef]) -> None:
-        session.send(pb.ConnectResponse(pull_order=pull_order_to_pb(task, peers)))
+    def send_order(
+        self, session: Session, task: Task, peers: list[PeerRef], *, first_pieces: bool
+    ) -> None:
+        session.send(
+            pb.ConnectResponse(pull_order=pull_order_to_pb(task, peers, first_pieces=first_pieces))
+        )
 
     def send_peers(self, session: Session, task: Task, peers: list[PeerRef]) -> None:
         session.send(
@@ -70,12 +76,43 @@ class StreamOrderSink:
 
 class AgentService(pb_grpc.AgentServiceServicer):
     def __init__(
-        self, fleet: Fleet, orders: OrderBook, hello_timeout: float, server_version: str
+        self,
+        fleet: Fleet,
+        orders: OrderBook,
+        registry: Registry,
+        hello_timeout: float,
+        server_version: str,
     ) -> None:
         self.fleet = fleet
         self.orders = orders
+        self.registry = registry
+        self.first_pieces = FirstPieces(orders)
         self.hello_timeout = hello_timeout
         self.server_version = server_version
+
+    async def ClaimFirstPieces(
+        self, request: pb.ClaimFirstPiecesRequest, context: Context
+    ) -> pb.ClaimFirstPiecesResponse:
+        torrent = await self.registry.get_torrent(request.digest)
+        picked = self.first_pieces.claim(
+            torrent.digest,
+            torrent.piece_count,
+            torrent.piece_length,
+            request.order_id,
+            request.max_bytes,
+        )
+        pieces: list[pb.FirstPiece] = []
+        try:
+            for index in picked:
+                chunks = await self.registry.read_blob(
+                    torrent.digest, index * torrent.piece_length, torrent.piece_length
+                )
+                data = b"".join([chunk async for chunk in chunks])
+                pieces.append(pb.FirstPiece(index=index, data=data))
+        except BaseException:  # deleted meanwhile, or the call was cancelled: hand them out again
+            self.first_pieces.release(torrent.digest, picked)
+            raise
+        return pb.ClaimFirstPiecesResponse(pieces=pieces)
 
     async def Connect(
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: Context

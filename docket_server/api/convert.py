@@ -147,7 +147,9 @@ def _order_blob(blob: Blob, media_type: str) -> agent_pb2.OrderBlob:
     )
 
 
-def pull_order_to_pb(task: Task, peers: list[PeerRef]) -> agent_pb2.PullOrder:
+def pull_order_to_pb(
+    task: Task, peers: list[PeerRef], *, first_pieces: bool
+) -> agent_pb2.PullOrder:
     image = task.image
     return agent_pb2.PullOrder(
         order_id=task.order_id,
@@ -157,8 +159,7 @@ def pull_order_to_pb(task: Task, peers: list[PeerRef]) -> agent_pb2.PullOrder:
         layers=[_order_blob(task.blobs[d.digest], d.media_type) for d in image.layers],
         peers=[peer_to_pb(p) for p in peers],
         load=task.load,
-        stripe_index=task.stripe_index,
-        stripe_count=task.stripe_count,
+        claim_first_pieces=first_pieces,
     )
 
 
@@ -195,6 +196,7 @@ def task_report_from_pb(msg: agent_pb2.TaskUpdate) -> TaskReport | None:
         bittorrent_bytes=msg.bittorrent_bytes,
         server_bytes=msg.server_bytes,
         fallback_bytes=msg.fallback_bytes,
+        first_piece_bytes=msg.first_piece_bytes,
     )
 
 
@@ -215,6 +217,7 @@ def rollout_host_to_pb(task: Task) -> rollout_pb2.RolloutHost:
         bittorrent_bytes=task.bittorrent_bytes,
         server_bytes=task.server_bytes,
         fallback_bytes=task.fallback_bytes,
+        first_piece_bytes=task.first_piece_bytes,
     )
     if task.start_time is not None:
         msg.start_time.CopyFrom(timestamp(task.start_time))

@@ -81,6 +81,7 @@ class TaskReport:
     bittorrent_bytes: int = 0
     server_bytes: int = 0
     fallback_bytes: int = 0
+    first_piece_bytes: int = 0
 
 
 @dataclass
@@ -105,9 +106,7 @@ class Task:
     fallback_bytes: int = 0
     start_time: datetime | None = None
     end_time: datetime | None = None
-    # The host's share of the first copies: pieces i with i % stripe_count == stripe_index.
-    stripe_index: int = 0
-    stripe_count: int = 0
+    first_piece_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -140,7 +139,9 @@ class Task:
 class OrderSink(Protocol):
     """How orders reach agents (the API layer encodes them for the stream)."""
 
-    def send_order(self, session: Session, task: Task, peers: list[PeerRef]) -> None: ...
+    def send_order(
+        self, session: Session, task: Task, peers: list[PeerRef], *, first_pieces: bool
+    ) -> None: ...
 
     def send_peers(self, session: Session, task: Task, peers: list[PeerRef]) -> None: ...
 
@@ -190,7 +191,11 @@ class OrderBook:
         if self.sink is None:
             return
         peers = self.peers_for(task)
-        self.sink.send_order(session, task, peers)
+        # Where the server hands out peers, it also hands out the first copies of the pieces
+        # (first_pieces.py); a tracker's peers include the seed, which would send more.
+        self.sink.send_order(
+            session, task, peers, first_pieces=self.peer_source is PeerSource.SERVER
+        )
         # Tell the others fetching the same blobs about this host.
         me = self._agent_peer(task.agent)
         if me is None or self.peer_source is PeerSource.TRACKER:
@@ -308,6 +313,7 @@ class OrderBook:
         task.bittorrent_bytes = report.bittorrent_bytes
         task.server_bytes = report.server_bytes
         task.fallback_bytes = report.fallback_bytes
+        task.first_piece_bytes = report.first_piece_bytes
         task.image_id = report.image_id or task.image_id
         if report.state.terminal:
             self._finish(task, report.state, report.error)

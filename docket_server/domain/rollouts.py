@@ -208,7 +208,7 @@ class Rollouts:
             deadline=now + time_limit,
             create_time=now,
         )
-        for stripe, agent in enumerate(agents):
+        for agent in agents:
             task = Task(
                 order_id=uuid.uuid4().hex[:16],
                 rollout_id=rollout.id,
@@ -216,8 +216,6 @@ class Rollouts:
                 image=image,
                 blobs=blobs,
                 load=not prefetch_only,
-                stripe_index=stripe,
-                stripe_count=len(agents),
             )
             rollout.tasks[agent.name] = task
             self.orders.add(task)

@@ -128,6 +128,8 @@ rollout_tasks = sa.Table(
     sa.Column("server_bytes", sa.BigInteger, nullable=False),
     sa.Column("fallback_bytes", sa.BigInteger, nullable=False),
     sa.Column("start_time", sa.DateTime(timezone=True), nullable=True),
+    # Added by migration 4.
+    sa.Column("first_piece_bytes", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("end_time", sa.DateTime(timezone=True), nullable=True),
 )
 
@@ -160,8 +162,24 @@ async def _migration_3(conn: AsyncConnection) -> None:
     )
 
 
+async def _migration_4(conn: AsyncConnection) -> None:
+    """rollout_tasks.first_piece_bytes (migration 3 creates it on a new database)."""
+
+    def add(sync: sa.Connection) -> None:
+        columns = {c["name"] for c in sa.inspect(sync).get_columns("rollout_tasks")}
+        if "first_piece_bytes" not in columns:
+            sync.execute(
+                sa.text(
+                    "ALTER TABLE rollout_tasks"
+                    " ADD COLUMN first_piece_bytes BIGINT NOT NULL DEFAULT 0"
+                )
+            )
+
+    await conn.run_sync(add)
+
+
 Migration = Callable[[AsyncConnection], Awaitable[None]]
-MIGRATIONS: list[Migration] = [_migration_1, _migration_2, _migration_3]
+MIGRATIONS: list[Migration] = [_migration_1, _migration_2, _migration_3, _migration_4]
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -479,6 +497,7 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore):
             "bittorrent_bytes": task.bittorrent_bytes,
             "server_bytes": task.server_bytes,
             "fallback_bytes": task.fallback_bytes,
+            "first_piece_bytes": task.first_piece_bytes,
             "start_time": task.start_time,
             "end_time": task.end_time,
         }
@@ -541,6 +560,7 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore):
                 bittorrent_bytes=t.bittorrent_bytes,
                 server_bytes=t.server_bytes,
                 fallback_bytes=t.fallback_bytes,
+                first_piece_bytes=t.first_piece_bytes,
                 start_time=_utc(t.start_time),
                 end_time=_utc(t.end_time),
             )

@@ -126,7 +126,8 @@ def _now() -> Timestamp:
 
 
 class SimulatedAgent:
-    """One agent stream without an agent process: hello, then a heartbeat every interval."""
+    """One agent stream without an agent process: hello, then a heartbeat every interval.
+    Orders it is sent land in ``orders``; ``send`` puts a message on its stream."""
 
     def __init__(
         self,
@@ -135,28 +136,35 @@ class SimulatedAgent:
         agent_id: str | None = None,
         bt_endpoint: str = "",
         cached_digests: tuple[str, ...] = (),
+        groups: tuple[str, ...] = ("sim",),
     ):
         self.stub = stub
         self.name = name
         self.bt_endpoint = bt_endpoint
         self.cached_digests = cached_digests
+        self.groups = groups
         self.agent_id = agent_id or uuid.uuid4().hex
         self.welcome: agent_pb2.Welcome | None = None
         self.welcomed = asyncio.Event()
         self.ended: grpc.aio.AioRpcError | None = None
         self.call: Any = None
+        self.orders: asyncio.Queue[agent_pb2.PullOrder] = asyncio.Queue()
+        self._outbox: asyncio.Queue[pb.ConnectRequest] = asyncio.Queue()
 
     def hello(self) -> pb.ConnectRequest:
         return pb.ConnectRequest(
             hello=agent_pb2.Hello(
                 name=self.name,
                 agent_id=self.agent_id,
-                groups=["sim"],
+                groups=list(self.groups),
                 version="sim",
                 bt_endpoint=self.bt_endpoint,
                 cached_digests=list(self.cached_digests),
             )
         )
+
+    def send(self, message: pb.ConnectRequest) -> None:
+        self._outbox.put_nowait(message)
 
     async def run(self) -> None:
         """Holds the stream until cancelled or until the server ends it (see ``ended``)."""
@@ -168,16 +176,21 @@ class SimulatedAgent:
             assert self.welcome is not None
             period = self.welcome.heartbeat_interval.ToTimedelta().total_seconds()
             while True:
-                await asyncio.sleep(period)
-                yield pb.ConnectRequest(heartbeat=agent_pb2.Heartbeat(send_time=_now()))
+                try:
+                    yield await asyncio.wait_for(self._outbox.get(), period)
+                except TimeoutError:
+                    yield pb.ConnectRequest(heartbeat=agent_pb2.Heartbeat(send_time=_now()))
 
         self.call = self.stub.Connect(requests())
         try:
             async for message in self.call:
-                if message.WhichOneof("body") == "welcome":
+                kind = message.WhichOneof("body")
+                if kind == "welcome":
                     self.welcome = message.welcome
                     self.welcomed.set()
                     interval.set()
+                elif kind == "pull_order":
+                    self.orders.put_nowait(message.pull_order)
         except grpc.aio.AioRpcError as e:
             self.ended = e
         finally:

@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,3 +126,37 @@ def docketctl(
         input=None if input_bytes is None else input_bytes.decode(),
         check=False,
     )
+
+
+@contextmanager
+def background_rollout(
+    server: ServerProcess, ref: str, selector: str, *args: str
+) -> Iterator[subprocess.Popen[str]]:
+    """`docketctl rollout --prefetch-only -o json` running while the test does other things;
+    killed on the way out if it is still running (so a failing test cannot hang)."""
+    proc = subprocess.Popen(
+        [
+            str(BIN / "docketctl"),
+            "--server",
+            server.address,
+            "rollout",
+            ref,
+            "--hosts",
+            selector,
+            "--prefetch-only",
+            "-o",
+            "json",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

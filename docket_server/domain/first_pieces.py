@@ -1,0 +1,105 @@
+"""First copies: the server hands each piece of a blob to one agent, and the agents trade.
+
+A rollout to N hosts is fastest when the server's uplink sends every piece once and each host
+passes on what it got (the lower bound is F/r for equal links). A BitTorrent seed cannot do
+that: every host asks it for whatever piece it lacks, and in the shaped cluster the seed sent
+each piece about 1.5 times. The server knows what a plain seed does not: which pieces every
+host holds (their progress) and which it has already handed out. So agents fetching for a
+rollout claim pieces from the server (``AgentService.ClaimFirstPieces``) and get only pieces
+that no online host holds or was handed moments ago; they take everything else from each
+other over BitTorrent, and dial the server's seed only when that runs dry.
+
+A host that took pieces and then died leaves them with nobody: after ``CLAIM_SECONDS`` without
+a host reporting a piece, the piece is handed out again; until then the others get it from the
+server's seed once their peers stop delivering.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from docket_server.domain.orders import OrderBook, TaskState
+
+CLAIM_SECONDS = 15.0
+MAX_CLAIM_BYTES = 2 << 20  # keeps answers under gRPC's default 4 MiB message limit
+FORGET_SECONDS = 600.0  # a blob nobody claimed pieces of for this long is forgotten
+_GONE = (TaskState.QUEUED, TaskState.FAILED, TaskState.CANCELLED)
+
+
+@dataclass
+class _Handed:
+    """Who was handed each piece of a blob, and when (monotonic seconds; 0 = never)."""
+
+    to: list[str]
+    at: list[float]
+    last_claim: float = 0.0
+
+
+@dataclass
+class FirstPieces:
+    orders: OrderBook
+    clock: Callable[[], float] = time.monotonic
+    _blobs: dict[str, _Handed] = field(default_factory=dict)
+
+    def claim(
+        self, digest: str, piece_count: int, piece_length: int, order_id: str, max_bytes: int
+    ) -> list[int]:
+        """Picks the next pieces of a blob for the host of ``order_id``: at most ``max_bytes``
+        of them (capped at 2 MiB), at least one; none when every piece is held by an online
+        host or was handed to one in the last CLAIM_SECONDS."""
+        now = self.clock()
+        self._forget(now)
+        handed = self._blobs.get(digest)
+        if handed is None or len(handed.to) != piece_count:
+            handed = self._blobs[digest] = _Handed([""] * piece_count, [0.0] * piece_count)
+        handed.last_claim = now
+        task = self.orders.tasks.get(order_id)
+        asker = task.agent if task is not None else ""
+        held = self._held(digest, piece_count)
+        online = self.orders.fleet.sessions
+        want = max(1, min(max_bytes, MAX_CLAIM_BYTES) // max(piece_length, 1))
+        picked: list[int] = []
+        for index in range(piece_count):
+            if held is None or len(picked) >= want:
+                break
+            if held[index >> 3] & (1 << (index & 7)):
+                continue
+            to = handed.to[index]
+            if to and now - handed.at[index] < CLAIM_SECONDS and (to == asker or to in online):
+                continue
+            handed.to[index], handed.at[index] = asker or "?", now
+            picked.append(index)
+        return picked
+
+    def release(self, digest: str, pieces: list[int]) -> None:
+        """Takes back pieces that were picked but could not be sent."""
+        handed = self._blobs.get(digest)
+        if handed is None:
+            return
+        for index in pieces:
+            if 0 <= index < len(handed.to):
+                handed.to[index], handed.at[index] = "", 0.0
+
+    def _held(self, digest: str, piece_count: int) -> bytearray | None:
+        """The pieces online hosts hold (from their progress); None when one holds them all."""
+        online = self.orders.fleet.sessions
+        for session in online.values():
+            if digest in session.record.info.cached_digests:
+                return None
+        held = bytearray((piece_count + 7) // 8)
+        for task in self.orders.tasks.values():
+            if task.agent not in online or task.state in _GONE or digest not in task.blobs:
+                continue
+            if task.state is TaskState.SUCCEEDED:
+                return None
+            bits = task.pieces.get(digest)
+            if bits is not None and len(bits) == len(held):
+                for i, byte in enumerate(bits):
+                    held[i] |= byte
+        return held
+
+    def _forget(self, now: float) -> None:
+        for digest in [d for d, h in self._blobs.items() if now - h.last_claim > FORGET_SECONDS]:
+            del self._blobs[digest]
