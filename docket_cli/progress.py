@@ -82,6 +82,11 @@ class PushProgress:
         for blob in uploads:
             self._tasks[blob.digest] = self._bars.add_task(f"{short(blob.digest)}", total=blob.size)
 
+    def streaming(self, blob: ArchiveBlob) -> None:
+        """A blob goes up while the engine still exports it."""
+        if self.live:
+            self._tasks[blob.digest] = self._bars.add_task(f"{short(blob.digest)}", total=blob.size)
+
     def advance(self, blob: ArchiveBlob, nbytes: int) -> None:
         if not self.live:
             return

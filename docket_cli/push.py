@@ -1,16 +1,19 @@
 """`docketctl push`: an image from the local Docker engine or a `docker save` archive.
 
 The CLI asks the server which blobs it lacks, uploads only those (streamed in 1 MiB chunks,
-a few at a time), then records the image. Nothing is held in memory whole: an image from the
-engine is streamed to a temporary archive on disk first.
+a few at a time), then records the image. Nothing is held in memory whole. An image from the
+engine is exported to a temporary archive, and each blob the server lacks is uploaded from it
+while the export is still writing it (engine_export.py); the finished archive is then checked
+as a whole, anything not yet uploaded goes up, and the image is recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import tempfile
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +22,7 @@ import grpc
 
 from docket_cli.client import Connection, server_error
 from docket_cli.command import output_option, with_connection
+from docket_cli.engine_export import ExportError, GrowingSpool, SpooledMember, export_to_spool
 from docket_cli.progress import PushProgress
 from docket_cli.render import human_size, image_json, print_json
 from docket_common.archive import ArchiveBlob, ArchiveImage, ImageArchive
@@ -38,6 +42,8 @@ class PushError(Exception):
 class Progress(Protocol):
     def plan(self, uploads: list[ArchiveBlob], present: list[ArchiveBlob]) -> None: ...
 
+    def streaming(self, blob: ArchiveBlob) -> None: ...
+
     def advance(self, blob: ArchiveBlob, nbytes: int) -> None: ...
 
     def done(self, blob: ArchiveBlob, already_existed: bool) -> None: ...
@@ -48,16 +54,16 @@ class PushResult:
     image: image_pb2.Image
     uploaded: list[ArchiveBlob]
     present: list[ArchiveBlob]
+    streamed: set[str] = field(default_factory=set)  # uploaded while the engine exported
 
 
-def export_from_engine(
-    ref: str, dest: Path, on_start: Callable[[int], None], on_bytes: Callable[[int], None]
-) -> int:
-    """Streams `docker save REF` from the engine at DOCKER_HOST into ``dest``; returns its size.
+async def push_from_engine(
+    conn: Connection, ref: str, target: Reference, spool_path: Path, progress: PushProgress
+) -> PushResult:
+    """Exports REF from the engine at DOCKER_HOST into ``spool_path`` and pushes it, uploading
+    blobs the server lacks while the export runs.
 
-    ``on_start`` gets the image's size once the engine has it; ``on_bytes`` each chunk's.
-
-    Raises PushError when the engine is unreachable or lacks the image.
+    Raises PushError when the engine is unreachable, lacks the image or fails the export.
     """
     import docker  # imported here: `docketctl images` should not pay for it
     from docker.errors import DockerException, ImageNotFound
@@ -68,21 +74,120 @@ def export_from_engine(
         raise PushError(f"cannot reach the Docker engine (DOCKER_HOST): {e}") from e
     try:
         try:
-            image = client.images.get(ref)
+            image = await asyncio.to_thread(client.images.get, ref)
         except ImageNotFound as e:
             raise PushError(f"image {ref} not found in the local Docker engine") from e
-        on_start(int(image.attrs.get("Size") or 0))
-        total = 0
-        with dest.open("wb") as out:
-            for chunk in client.api.get_image(ref, chunk_size=CHUNK):
-                out.write(chunk)
-                total += len(chunk)
-                on_bytes(len(chunk))
-        return total
-    except DockerException as e:
-        raise PushError(f"docker save {ref} failed: {e}") from e
+        progress.exporting(int(image.attrs.get("Size") or 0))
+        # What the export holds under these names: the config (the image id) and the
+        # uncompressed layers (the diff ids). Only those are uploaded before the archive is
+        # complete: nothing the image does not use reaches the server.
+        layers = list(image.attrs.get("RootFS", {}).get("Layers", []))
+        missing = await _missing(conn, [image.id, *layers])
+        # A legacy layer's digest is known only once it is read: stream those only when the
+        # server lacks every layer, so that none is sent for nothing.
+        streamer = _Streamer(conn, progress, missing, unnamed=missing.issuperset(layers))
+        spool = GrowingSpool(spool_path)
+        loop = asyncio.get_running_loop()
+
+        def found(member: SpooledMember) -> None:  # on the export's thread
+            loop.call_soon_threadsafe(streamer.start, spool, member)
+
+        def export() -> int:
+            chunks = client.api.get_image(ref, chunk_size=CHUNK)
+            return export_to_spool(chunks, spool, found, progress.exported)
+
+        try:
+            size = await asyncio.to_thread(export)
+        except (DockerException, ExportError, OSError) as e:
+            await streamer.abandon()
+            raise PushError(f"docker save {ref} failed: {e}") from e
+        progress.export_done(size)
+        streamed = await streamer.finish()
     finally:
         client.close()
+    with ImageArchive(spool_path) as archive:
+        return await push_archive(
+            conn, archive, pick_image(archive, target), target, progress, streamed
+        )
+
+
+async def _missing(conn: Connection, digests: list[str]) -> set[str]:
+    try:
+        response = await conn.images.StatBlobs(
+            pb.StatBlobsRequest(digests=digests), metadata=conn.metadata
+        )
+    except grpc.aio.AioRpcError as e:
+        raise server_error(e, conn.server) from e
+    return set(response.missing_digests)
+
+
+class _Streamer:
+    """Uploads the blobs the server lacks from the spool while the export writes them; with
+    ``unnamed``, also the legacy layers, whose digest goes in the upload's trailer."""
+
+    def __init__(
+        self, conn: Connection, progress: Progress, missing: set[str], *, unnamed: bool
+    ) -> None:
+        self.conn = conn
+        self.progress = progress
+        self.missing = missing
+        self.unnamed = unnamed
+        self.slots = asyncio.Semaphore(PARALLEL_UPLOADS)
+        self.tasks: dict[str, asyncio.Task[str]] = {}
+
+    def start(self, spool: GrowingSpool, member: SpooledMember) -> None:
+        key = member.digest or f"layer@{member.offset}"
+        if key in self.tasks:
+            return
+        if member.digest in self.missing or (not member.digest and self.unnamed):
+            self.tasks[key] = asyncio.create_task(self._upload(spool, member, key))
+
+    async def _upload(self, spool: GrowingSpool, member: SpooledMember, key: str) -> str:
+        blob = ArchiveBlob(key, member.size, "", "")
+        async with self.slots:
+            self.progress.streaming(blob)
+            try:
+                response = await self.conn.images.UploadBlob(
+                    _spooled_requests(spool, member, blob, self.progress),
+                    metadata=self.conn.metadata,
+                )
+            except grpc.aio.AioRpcError as e:
+                raise server_error(e, self.conn.server) from e
+            self.progress.done(blob, response.already_existed)
+            return str(response.digest)
+
+    async def finish(self) -> set[str]:
+        """Waits for the uploads; the digests uploaded. The first failure is raised."""
+        return {await task for task in self.tasks.values()}
+
+    async def abandon(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+
+async def _spooled_requests(
+    spool: GrowingSpool, member: SpooledMember, blob: ArchiveBlob, progress: Progress
+) -> AsyncIterator[pb.UploadBlobRequest]:
+    """The upload of a spooled member; without a digest, hashed as read and named last."""
+    yield pb.UploadBlobRequest(
+        header=pb.UploadBlobHeader(digest=member.digest, size_bytes=member.size)
+    )
+    chunks = spool.read(member.offset, member.size)
+    sha256 = hashlib.sha256()
+
+    def next_chunk() -> bytes:
+        chunk = next(chunks, b"")
+        if not member.digest:
+            sha256.update(chunk)
+        return chunk
+
+    while chunk := await asyncio.to_thread(next_chunk):
+        progress.advance(blob, len(chunk))
+        yield pb.UploadBlobRequest(chunk=chunk)
+    if not member.digest:
+        digest = f"sha256:{sha256.hexdigest()}"
+        yield pb.UploadBlobRequest(trailer=pb.UploadBlobTrailer(digest=digest))
 
 
 def pick_image(archive: ImageArchive, ref: Reference) -> ArchiveImage:
@@ -93,8 +198,15 @@ def pick_image(archive: ImageArchive, ref: Reference) -> ArchiveImage:
 
 
 async def push_archive(
-    conn: Connection, archive: ImageArchive, image: ArchiveImage, ref: Reference, progress: Progress
+    conn: Connection,
+    archive: ImageArchive,
+    image: ArchiveImage,
+    ref: Reference,
+    progress: Progress,
+    streamed: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> PushResult:
+    """Uploads the image's blobs the server lacks and records the image. ``streamed``: blobs
+    this push already uploaded (while exporting), reported as uploaded."""
     blobs = list({b.digest: b for b in (image.config, *image.layers)}.values())
     for attempt in (1, 2):
         try:
@@ -107,9 +219,10 @@ async def push_archive(
                 ).missing_digests
             )
             uploads = [b for b in blobs if b.digest in missing]
-            present = [b for b in blobs if b.digest not in missing]
+            present = [b for b in blobs if b.digest not in missing and b.digest not in streamed]
             progress.plan(uploads, present)
             await _upload_all(conn, archive, uploads, progress)
+            uploads += [b for b in blobs if b.digest in streamed and b.digest not in missing]
             response = await conn.images.PutImage(
                 pb.PutImageRequest(
                     name=ref.name,
@@ -118,7 +231,7 @@ async def push_archive(
                 ),
                 metadata=conn.metadata,
             )
-            return PushResult(response.image, uploads, present)
+            return PushResult(response.image, uploads, present, set(streamed))
         except grpc.aio.AioRpcError as e:
             err = server_error(e, conn.server)
             # A blob the server had when asked was deleted (by `rm`) before the image was
@@ -196,20 +309,23 @@ def push_cmd(ref: str, archive: Path | None, quiet: bool, output: str) -> None:
     """
     target = parse_tagged(ref)
     with PushProgress(ref, quiet=quiet or output == "json") as progress, spool_dir() as tmp:
-        if archive is None:
-            path = Path(tmp) / "image.tar"
-            size = export_from_engine(ref, path, progress.exporting, progress.exported)
-            progress.export_done(size)
-        else:
-            path = archive
-        result = _push(path, target, progress)
+        result = _push(ref, archive, target, Path(tmp) / "image.tar", progress)
     _report(result, output)
 
 
 @with_connection
-async def _push(conn: Connection, path: Path, ref: Reference, progress: PushProgress) -> PushResult:
-    with ImageArchive(path) as archive:
-        return await push_archive(conn, archive, pick_image(archive, ref), ref, progress)
+async def _push(
+    conn: Connection,
+    ref: str,
+    archive: Path | None,
+    target: Reference,
+    spool: Path,
+    progress: PushProgress,
+) -> PushResult:
+    if archive is None:
+        return await push_from_engine(conn, ref, target, spool, progress)
+    with ImageArchive(archive) as opened:
+        return await push_archive(conn, opened, pick_image(opened, target), target, progress)
 
 
 def _report(result: PushResult, output: str) -> None:
@@ -221,6 +337,9 @@ def _report(result: PushResult, output: str) -> None:
                 "image": image_json(result.image),
                 "uploaded_digests": [b.digest for b in result.uploaded],
                 "uploaded_bytes": uploaded,
+                "streamed_digests": [
+                    b.digest for b in result.uploaded if b.digest in result.streamed
+                ],
                 "reused_digests": [b.digest for b in result.present],
                 "reused_bytes": reused,
             }

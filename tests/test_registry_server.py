@@ -40,6 +40,17 @@ def upload_requests(
         yield pb.UploadBlobRequest(chunk=data[i : i + CHUNK])
 
 
+def trailed(
+    digest: str | None, data: bytes, *, after: list[pb.UploadBlobRequest] | None = None
+) -> Iterator[pb.UploadBlobRequest]:
+    """An upload whose header names no digest: the trailer does (none when ``digest`` is
+    None), then ``after``."""
+    yield from upload_requests("", data)
+    if digest is not None:
+        yield pb.UploadBlobRequest(trailer=pb.UploadBlobTrailer(digest=digest))
+    yield from after or []
+
+
 def upload(stub: pb_grpc.ImageServiceStub, data: bytes) -> pb.UploadBlobResponse:
     return stub.UploadBlob(upload_requests(sha256(data), data), timeout=60)  # type: ignore[no-any-return]
 
@@ -207,6 +218,28 @@ def test_reading_a_blob_and_its_torrent(
             "INSUFFICIENT_STORAGE",
             grpc.StatusCode.RESOURCE_EXHAUSTED,
         ),
+        (lambda d: trailed(None, d), "UPLOAD_TRAILER_MISSING", grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            lambda d: trailed(sha256(d + b"x"), d),
+            "DIGEST_MISMATCH",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (lambda d: trailed("sha256:xyz", d), "INVALID_DIGEST", grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            lambda d: trailed(sha256(d), d, after=[pb.UploadBlobRequest(chunk=b"more")]),
+            "UPLOAD_TRAILER_MISSING",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            lambda d: iter(
+                [
+                    *upload_requests(sha256(d), d),
+                    pb.UploadBlobRequest(trailer=pb.UploadBlobTrailer(digest=sha256(d))),
+                ]
+            ),
+            "UPLOAD_TRAILER_MISSING",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
     ],
     ids=[
         "short",
@@ -217,6 +250,11 @@ def test_reading_a_blob_and_its_torrent(
         "empty",
         "second-header",
         "too-big",
+        "no-trailer",
+        "trailer-wrong-digest",
+        "trailer-bad-digest",
+        "chunk-after-trailer",
+        "trailer-after-digest",
     ],
 )
 def test_bad_uploads_keep_nothing(
@@ -433,3 +471,15 @@ def test_database_newer_than_the_server_is_refused(server: ServerProcess) -> Non
         db.execute("DELETE FROM schema_migrations WHERE version = 99")
     db.close()
     server.start()
+
+
+def test_an_upload_named_by_its_trailer_is_stored_under_that_digest(
+    server: ServerProcess, stub: pb_grpc.ImageServiceStub
+) -> None:
+    data = random_bytes(2 * CHUNK + 10, 4)
+    response = stub.UploadBlob(trailed(sha256(data), data), timeout=30)
+    assert (response.digest, response.size_bytes) == (sha256(data), len(data))
+    assert [p.name for p in blob_files(server)] == [hex_part(sha256(data))]
+    assert stub.StatBlobs(pb.StatBlobsRequest(digests=[sha256(data)])).missing_digests == []
+    again = stub.UploadBlob(trailed(sha256(data), data), timeout=30)
+    assert again.already_existed

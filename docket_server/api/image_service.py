@@ -39,18 +39,45 @@ class ImageService(pb_grpc.ImageServiceServicer):
                 "an upload must start with a header naming the digest and size",
             )
         header = first.header
+        trailer: list[str] = []  # the digest named after the bytes, when the header had none
 
         async def chunks() -> AsyncIterator[bytes]:
             async for message in request_iterator:
-                if message.HasField("header"):
+                if trailer:
+                    raise InvalidArgument(
+                        Reason.UPLOAD_TRAILER_MISSING,
+                        "the trailer must be an upload's last message",
+                        digest=trailer[0],
+                    )
+                kind = message.WhichOneof("content")
+                if kind == "header":
                     raise InvalidArgument(
                         Reason.UPLOAD_HEADER_MISSING,
                         "an upload carries one header, first",
                         digest=header.digest,
                     )
+                if kind == "trailer":
+                    if header.digest:
+                        raise InvalidArgument(
+                            Reason.UPLOAD_TRAILER_MISSING,
+                            "a trailer comes only after a header without a digest",
+                            digest=header.digest,
+                        )
+                    trailer.append(message.trailer.digest)
+                    continue
                 yield message.chunk
 
-        result = await self.registry.upload_blob(header.digest, header.size_bytes, chunks())
+        def digest() -> str:
+            if header.digest:
+                return header.digest
+            if not trailer:
+                raise InvalidArgument(
+                    Reason.UPLOAD_TRAILER_MISSING,
+                    "the header named no digest and no trailer named one after the bytes",
+                )
+            return trailer[0]
+
+        result = await self.registry.upload_blob(header.digest, header.size_bytes, chunks(), digest)
         return pb.UploadBlobResponse(
             digest=result.blob.digest,
             size_bytes=result.blob.size,

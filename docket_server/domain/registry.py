@@ -10,7 +10,7 @@ import base64
 import binascii
 import json
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -106,21 +106,31 @@ class Registry:
         return [d for d in dict.fromkeys(digests) if d not in present or not self.blobs.exists(d)]
 
     async def upload_blob(
-        self, digest: str, size: int, chunks: AsyncIterator[bytes]
+        self,
+        digest: str,
+        size: int,
+        chunks: AsyncIterator[bytes],
+        named_after: Callable[[], str] | None = None,
     ) -> UploadResult:
-        """Stores the bytes under ``digest`` only if they match it and ``size``."""
-        _digest(digest)
+        """Stores the bytes under ``digest`` only if they match it and ``size``. An empty
+        ``digest`` is named after the bytes, by ``named_after()``."""
+        if digest or named_after is None:
+            _digest(digest)
         if size < 0:
             raise InvalidArgument(
-                Reason.SIZE_MISMATCH, f"negative size {size} for blob {digest}", digest=digest
+                Reason.SIZE_MISMATCH,
+                f"negative size {size} for blob {digest or '(named later)'}",
+                digest=digest,
             )
         piece_length = piece_length_for(size)
         writer = self.blobs.writer(digest, size, piece_length)
         try:
             async for chunk in chunks:
                 await writer.write(chunk)
+            if not digest and named_after is not None:
+                digest = _digest(named_after())
             async with self._blob_locks.hold(digest):
-                pieces = await writer.commit()
+                pieces = await writer.commit(digest)
                 existing = await self.metadata.get_blob(digest)
                 if existing is not None:
                     return UploadResult(existing, already_existed=True)

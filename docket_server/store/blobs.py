@@ -33,8 +33,9 @@ class BlobWriter(ABC):
     async def write(self, chunk: bytes) -> None: ...
 
     @abstractmethod
-    async def commit(self) -> bytes:
-        """Checks size and digest, stores the blob; returns its torrent piece hashes."""
+    async def commit(self, digest: str) -> bytes:
+        """Checks size and digest (the one given, or the one the writer was made with when
+        that was empty), stores the blob; returns its torrent piece hashes."""
 
     @abstractmethod
     def abort(self) -> None:
@@ -52,7 +53,8 @@ class BlobStore(ABC):
         """A local file holding the blob, which the seeder shares over BitTorrent."""
 
     @abstractmethod
-    def writer(self, digest: str, size: int, piece_length: int) -> BlobWriter: ...
+    def writer(self, digest: str, size: int, piece_length: int) -> BlobWriter:
+        """A writer for a blob of ``size`` bytes; ``digest`` may be "" until the commit."""
 
     @abstractmethod
     def read(self, digest: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]: ...
@@ -89,7 +91,8 @@ class FilesystemBlobStore(BlobStore):
         if size > free:
             raise ResourceExhausted(
                 Reason.INSUFFICIENT_STORAGE,
-                f"blob {digest} is {size} bytes but the server has only {free} bytes free",
+                f"blob {digest or '(named later)'} is {size} bytes but the server has only "
+                f"{free} bytes free",
                 digest=digest,
                 size_bytes=size,
                 free_bytes=free,
@@ -125,7 +128,7 @@ class _FileBlobWriter(BlobWriter):
         self._written = 0
         self._sha256 = hashlib.sha256()
         self._pieces = PieceHasher(piece_length)
-        fd, name = _mkstemp(store.tmp_dir, hex_part(digest))
+        fd, name = _mkstemp(store.tmp_dir, hex_part(digest) if digest else "upload")
         self._tmp = Path(name)
         self._fh = os.fdopen(fd, "wb")
 
@@ -138,7 +141,8 @@ class _FileBlobWriter(BlobWriter):
         if self._written + len(chunk) > self._size:
             raise InvalidArgument(
                 Reason.SIZE_MISMATCH,
-                f"blob {self._digest} is longer than the {self._size} bytes announced",
+                f"blob {self._digest or '(named later)'} is longer than the {self._size} bytes "
+                "announced",
                 digest=self._digest,
                 expected=self._size,
                 actual=f">{self._written + len(chunk) - 1}",
@@ -165,7 +169,8 @@ class _FileBlobWriter(BlobWriter):
         finally:
             os.close(dir_fd)
 
-    async def commit(self) -> bytes:
+    async def commit(self, digest: str) -> bytes:
+        self._digest = digest or self._digest
         if self._written != self._size:
             raise InvalidArgument(
                 Reason.SIZE_MISMATCH,
