@@ -10,9 +10,9 @@ as a whole, anything not yet uploaded goes up, and the image is recorded.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import itertools
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -22,7 +22,14 @@ import grpc
 
 from docket_cli.client import Connection, server_error
 from docket_cli.command import output_option, with_connection
-from docket_cli.engine_export import ExportError, GrowingSpool, SpooledMember, export_to_spool
+from docket_cli.engine_export import (
+    PIPE_MIN_BYTES,
+    ExportError,
+    GrowingSpool,
+    MemberPipe,
+    SpooledMember,
+    export_to_spool,
+)
 from docket_cli.progress import PushProgress
 from docket_cli.render import human_size, image_json, print_json
 from docket_common.archive import ArchiveBlob, ArchiveImage, ImageArchive
@@ -85,16 +92,12 @@ async def push_from_engine(
         missing = await _missing(conn, [image.id, *layers])
         # A legacy layer's digest is known only once it is read: stream those only when the
         # server lacks every layer, so that none is sent for nothing.
-        streamer = _Streamer(conn, progress, missing, unnamed=missing.issuperset(layers))
         spool = GrowingSpool(spool_path)
-        loop = asyncio.get_running_loop()
-
-        def found(member: SpooledMember) -> None:  # on the export's thread
-            loop.call_soon_threadsafe(streamer.start, spool, member)
+        streamer = _Streamer(conn, progress, spool, missing, unnamed=missing.issuperset(layers))
 
         def export() -> int:
             chunks = client.api.get_image(ref, chunk_size=CHUNK)
-            return export_to_spool(chunks, spool, found, progress.exported)
+            return export_to_spool(chunks, spool, streamer.offer, progress.exported)
 
         try:
             size = await asyncio.to_thread(export)
@@ -123,38 +126,59 @@ async def _missing(conn: Connection, digests: list[str]) -> set[str]:
 
 class _Streamer:
     """Uploads the blobs the server lacks from the spool while the export writes them; with
-    ``unnamed``, also the legacy layers, whose digest goes in the upload's trailer."""
+    ``unnamed``, also the legacy layers, which the server names after their bytes."""
 
     def __init__(
-        self, conn: Connection, progress: Progress, missing: set[str], *, unnamed: bool
+        self,
+        conn: Connection,
+        progress: Progress,
+        spool: GrowingSpool,
+        missing: set[str],
+        *,
+        unnamed: bool,
     ) -> None:
         self.conn = conn
         self.progress = progress
+        self.spool = spool
         self.missing = missing
         self.unnamed = unnamed
+        self.loop = asyncio.get_running_loop()
         self.slots = asyncio.Semaphore(PARALLEL_UPLOADS)
+        self.offered: set[str] = set()  # touched on the export's thread only
         self.tasks: dict[str, asyncio.Task[str]] = {}
 
-    def start(self, spool: GrowingSpool, member: SpooledMember) -> None:
+    def offer(self, member: SpooledMember) -> MemberPipe | None:
+        """On the export's thread, for each blob member: starts its upload if the server
+        lacks it; the pipe its bytes should go to, for a big one."""
         key = member.digest or f"layer@{member.offset}"
-        if key in self.tasks:
-            return
-        if member.digest in self.missing or (not member.digest and self.unnamed):
-            self.tasks[key] = asyncio.create_task(self._upload(spool, member, key))
+        wanted = member.digest in self.missing or (not member.digest and self.unnamed)
+        if not wanted or key in self.offered:
+            return None
+        self.offered.add(key)
+        pipe = MemberPipe() if member.size >= PIPE_MIN_BYTES else None
+        self.loop.call_soon_threadsafe(self._start, member, key, pipe)
+        return pipe
 
-    async def _upload(self, spool: GrowingSpool, member: SpooledMember, key: str) -> str:
+    def _start(self, member: SpooledMember, key: str, pipe: MemberPipe | None) -> None:
+        self.tasks[key] = asyncio.create_task(self._upload(member, key, pipe))
+
+    async def _upload(self, member: SpooledMember, key: str, pipe: MemberPipe | None) -> str:
         blob = ArchiveBlob(key, member.size, "", "")
-        async with self.slots:
-            self.progress.streaming(blob)
-            try:
-                response = await self.conn.images.UploadBlob(
-                    _spooled_requests(spool, member, blob, self.progress),
-                    metadata=self.conn.metadata,
-                )
-            except grpc.aio.AioRpcError as e:
-                raise server_error(e, self.conn.server) from e
-            self.progress.done(blob, response.already_existed)
-            return str(response.digest)
+        try:
+            async with self.slots:
+                self.progress.streaming(blob)
+                try:
+                    response = await self.conn.images.UploadBlob(
+                        _spooled_requests(self.spool, member, pipe, blob, self.progress),
+                        metadata=self.conn.metadata,
+                    )
+                except grpc.aio.AioRpcError as e:
+                    raise server_error(e, self.conn.server) from e
+                self.progress.done(blob, response.already_existed)
+                return str(response.digest)
+        finally:
+            if pipe is not None:
+                pipe.abandon()  # the export must not wait for an upload that ended
 
     async def finish(self) -> set[str]:
         """Waits for the uploads; the digests uploaded. The first failure is raised."""
@@ -167,27 +191,24 @@ class _Streamer:
 
 
 async def _spooled_requests(
-    spool: GrowingSpool, member: SpooledMember, blob: ArchiveBlob, progress: Progress
+    spool: GrowingSpool,
+    member: SpooledMember,
+    pipe: MemberPipe | None,
+    blob: ArchiveBlob,
+    progress: Progress,
 ) -> AsyncIterator[pb.UploadBlobRequest]:
-    """The upload of a spooled member; without a digest, hashed as read and named last."""
+    """The upload of a member, from the spool or (past what was in the spool when it was
+    found) its pipe. Without a digest, the server names the blob after its bytes; the image
+    is recorded only if that is the layer its manifest names."""
     yield pb.UploadBlobRequest(
         header=pb.UploadBlobHeader(digest=member.digest, size_bytes=member.size)
     )
-    chunks = spool.read(member.offset, member.size)
-    sha256 = hashlib.sha256()
-
-    def next_chunk() -> bytes:
-        chunk = next(chunks, b"")
-        if not member.digest:
-            sha256.update(chunk)
-        return chunk
-
-    while chunk := await asyncio.to_thread(next_chunk):
+    chunks: Iterator[bytes] = spool.read(member.offset, member.size)
+    if pipe is not None:
+        chunks = itertools.chain(spool.read(member.offset, member.in_file), iter(pipe.get, None))
+    while chunk := await asyncio.to_thread(next, chunks, b""):
         progress.advance(blob, len(chunk))
         yield pb.UploadBlobRequest(chunk=chunk)
-    if not member.digest:
-        digest = f"sha256:{sha256.hexdigest()}"
-        yield pb.UploadBlobRequest(trailer=pb.UploadBlobTrailer(digest=digest))
 
 
 def pick_image(archive: ImageArchive, ref: Reference) -> ArchiveImage:

@@ -218,7 +218,6 @@ def test_reading_a_blob_and_its_torrent(
             "INSUFFICIENT_STORAGE",
             grpc.StatusCode.RESOURCE_EXHAUSTED,
         ),
-        (lambda d: trailed(None, d), "UPLOAD_TRAILER_MISSING", grpc.StatusCode.INVALID_ARGUMENT),
         (
             lambda d: trailed(sha256(d + b"x"), d),
             "DIGEST_MISMATCH",
@@ -250,7 +249,6 @@ def test_reading_a_blob_and_its_torrent(
         "empty",
         "second-header",
         "too-big",
-        "no-trailer",
         "trailer-wrong-digest",
         "trailer-bad-digest",
         "chunk-after-trailer",
@@ -473,13 +471,16 @@ def test_database_newer_than_the_server_is_refused(server: ServerProcess) -> Non
     server.start()
 
 
-def test_an_upload_named_by_its_trailer_is_stored_under_that_digest(
-    server: ServerProcess, stub: pb_grpc.ImageServiceStub
+@pytest.mark.parametrize("named", [True, False], ids=["trailer", "no-trailer"])
+def test_an_upload_without_a_digest_is_stored_under_its_own(
+    server: ServerProcess, stub: pb_grpc.ImageServiceStub, named: bool
 ) -> None:
     data = random_bytes(2 * CHUNK + 10, 4)
-    response = stub.UploadBlob(trailed(sha256(data), data), timeout=30)
+    digest = sha256(data) if named else None
+    response = stub.UploadBlob(trailed(digest, data), timeout=30)
     assert (response.digest, response.size_bytes) == (sha256(data), len(data))
     assert [p.name for p in blob_files(server)] == [hex_part(sha256(data))]
+    assert temp_files(server) == []
     assert stub.StatBlobs(pb.StatBlobsRequest(digests=[sha256(data)])).missing_digests == []
-    again = stub.UploadBlob(trailed(sha256(data), data), timeout=30)
+    again = stub.UploadBlob(trailed(digest, data), timeout=30)
     assert again.already_existed

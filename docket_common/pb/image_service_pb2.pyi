@@ -76,7 +76,9 @@ class UploadBlobHeader(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
-    """The digest the bytes must hash to; empty when a trailer names it."""
+    """The digest the bytes must hash to; empty to name the blob after its bytes (or after
+    the trailer).
+    """
     size_bytes: _builtins.int
     """The number of bytes that will follow."""
     def __init__(
@@ -110,8 +112,8 @@ class UploadBlobRequest(_message.Message):
 
     @_builtins.property
     def trailer(self) -> Global___UploadBlobTrailer:
-        """The digest, after the last chunk, when the header's digest is empty; the last message
-        then, and only then.
+        """The digest, after the last chunk, when the header's digest is empty: optional, and
+        the last message when sent.
         """
 
     def __init__(
@@ -133,7 +135,9 @@ Global___UploadBlobRequest: _TypeAlias = UploadBlobRequest  # noqa: Y015
 
 @_typing.final
 class UploadBlobTrailer(_message.Message):
-    """The last message of an upload whose header left the digest empty."""
+    """The last message of an upload whose header left the digest empty: the digest its bytes
+    must hash to.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

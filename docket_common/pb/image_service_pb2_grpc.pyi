@@ -51,9 +51,10 @@ class ImageServiceStub:
     hashes the bytes as it writes them and stores the blob under its digest only when the
     bytes match both the digest and the size; otherwise nothing is kept. Uploading a blob the
     server already has, or the same blob twice at once, succeeds. Once stored, the blob is
-    seeded over BitTorrent. A client that learns the digest only by reading the bytes (a
+    seeded over BitTorrent. A client that does not know the digest before the bytes (a
     layer streamed from `docker save` of an engine before Docker 25) leaves the header's
-    digest empty and names it in a trailer, the last message.
+    digest empty: the blob is stored under the sha256 of its bytes, which the response
+    names, unless a trailer (the last message) names a digest, which they must then match.
     Errors: INVALID_ARGUMENT (UPLOAD_HEADER_MISSING, INVALID_DIGEST, DIGEST_MISMATCH,
     SIZE_MISMATCH, UPLOAD_TRAILER_MISSING); RESOURCE_EXHAUSTED (INSUFFICIENT_STORAGE) when the blob cannot fit on disk;
     CANCELLED when the client goes away (nothing is kept).
@@ -113,9 +114,10 @@ class ImageServiceAsyncStub(ImageServiceStub):
     hashes the bytes as it writes them and stores the blob under its digest only when the
     bytes match both the digest and the size; otherwise nothing is kept. Uploading a blob the
     server already has, or the same blob twice at once, succeeds. Once stored, the blob is
-    seeded over BitTorrent. A client that learns the digest only by reading the bytes (a
+    seeded over BitTorrent. A client that does not know the digest before the bytes (a
     layer streamed from `docker save` of an engine before Docker 25) leaves the header's
-    digest empty and names it in a trailer, the last message.
+    digest empty: the blob is stored under the sha256 of its bytes, which the response
+    names, unless a trailer (the last message) names a digest, which they must then match.
     Errors: INVALID_ARGUMENT (UPLOAD_HEADER_MISSING, INVALID_DIGEST, DIGEST_MISMATCH,
     SIZE_MISMATCH, UPLOAD_TRAILER_MISSING); RESOURCE_EXHAUSTED (INSUFFICIENT_STORAGE) when the blob cannot fit on disk;
     CANCELLED when the client goes away (nothing is kept).
@@ -184,9 +186,10 @@ class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
         hashes the bytes as it writes them and stores the blob under its digest only when the
         bytes match both the digest and the size; otherwise nothing is kept. Uploading a blob the
         server already has, or the same blob twice at once, succeeds. Once stored, the blob is
-        seeded over BitTorrent. A client that learns the digest only by reading the bytes (a
+        seeded over BitTorrent. A client that does not know the digest before the bytes (a
         layer streamed from `docker save` of an engine before Docker 25) leaves the header's
-        digest empty and names it in a trailer, the last message.
+        digest empty: the blob is stored under the sha256 of its bytes, which the response
+        names, unless a trailer (the last message) names a digest, which they must then match.
         Errors: INVALID_ARGUMENT (UPLOAD_HEADER_MISSING, INVALID_DIGEST, DIGEST_MISMATCH,
         SIZE_MISMATCH, UPLOAD_TRAILER_MISSING); RESOURCE_EXHAUSTED (INSUFFICIENT_STORAGE) when the blob cannot fit on disk;
         CANCELLED when the client goes away (nothing is kept).

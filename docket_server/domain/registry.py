@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -113,7 +114,8 @@ class Registry:
         named_after: Callable[[], str] | None = None,
     ) -> UploadResult:
         """Stores the bytes under ``digest`` only if they match it and ``size``. An empty
-        ``digest`` is named after the bytes, by ``named_after()``."""
+        ``digest`` is taken from ``named_after()`` once the bytes are in; if that is empty
+        too, the blob is stored under the sha256 of its bytes."""
         if digest or named_after is None:
             _digest(digest)
         if size < 0:
@@ -124,11 +126,18 @@ class Registry:
             )
         piece_length = piece_length_for(size)
         writer = self.blobs.writer(digest, size, piece_length)
+        writing: asyncio.Future[None] | None = None
         try:
+            # Chunk n is hashed and written (in a thread) while chunk n + 1 comes in.
             async for chunk in chunks:
-                await writer.write(chunk)
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(writer.write(chunk))
+            if writing is not None:
+                await writing
             if not digest and named_after is not None:
-                digest = _digest(named_after())
+                digest = named_after()
+                digest = _digest(digest) if digest else writer.content_digest()
             async with self._blob_locks.hold(digest):
                 pieces = await writer.commit(digest)
                 existing = await self.metadata.get_blob(digest)
@@ -142,6 +151,10 @@ class Registry:
                 blob = Blob(digest, size, datetime.now(UTC), torrent)
                 await self.metadata.add_blob(blob)
         except BaseException:
+            if writing is not None and not writing.done():
+                # Let the chunk in hand finish (its thread would run on anyway), then drop all.
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(writing)
             writer.abort()
             raise
         if torrent is not None:

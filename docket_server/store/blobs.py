@@ -38,6 +38,10 @@ class BlobWriter(ABC):
         that was empty), stores the blob; returns its torrent piece hashes."""
 
     @abstractmethod
+    def content_digest(self) -> str:
+        """The sha256 digest of the bytes written so far."""
+
+    @abstractmethod
     def abort(self) -> None:
         """Drops what was written. Synchronous and quick, so a cancelled task can run it."""
 
@@ -132,8 +136,7 @@ class _FileBlobWriter(BlobWriter):
         self._tmp = Path(name)
         self._fh = os.fdopen(fd, "wb")
 
-    def _write_sync(self, chunk: bytes) -> None:
-        self._fh.write(chunk)
+    def _hash_sync(self, chunk: bytes) -> None:
         self._sha256.update(chunk)
         self._pieces.update(chunk)
 
@@ -148,8 +151,11 @@ class _FileBlobWriter(BlobWriter):
                 actual=f">{self._written + len(chunk) - 1}",
             )
         self._written += len(chunk)
-        # hashlib and file writes release the GIL: off the event loop, they run in parallel.
-        await asyncio.to_thread(self._write_sync, chunk)
+        # hashlib and file writes release the GIL: off the event loop, in two threads, the
+        # hashing and the write of a chunk run at once.
+        await asyncio.gather(
+            asyncio.to_thread(self._fh.write, chunk), asyncio.to_thread(self._hash_sync, chunk)
+        )
 
     def _commit_sync(self) -> None:
         self._fh.flush()
@@ -180,7 +186,7 @@ class _FileBlobWriter(BlobWriter):
                 expected=self._size,
                 actual=self._written,
             )
-        actual = "sha256:" + self._sha256.hexdigest()
+        actual = self.content_digest()
         if actual != self._digest:
             raise InvalidArgument(
                 Reason.DIGEST_MISMATCH,
@@ -190,6 +196,9 @@ class _FileBlobWriter(BlobWriter):
             )
         await asyncio.to_thread(self._commit_sync)
         return self._pieces.pieces()
+
+    def content_digest(self) -> str:
+        return "sha256:" + self._sha256.hexdigest()
 
     def abort(self) -> None:
         if not self._fh.closed:

@@ -63,7 +63,8 @@ export const StatBlobsResponseSchema: GenMessage<StatBlobsResponse> = /*@__PURE_
  */
 export type UploadBlobHeader = Message<"docket.v1.UploadBlobHeader"> & {
   /**
-   * The digest the bytes must hash to; empty when a trailer names it.
+   * The digest the bytes must hash to; empty to name the blob after its bytes (or after
+   * the trailer).
    *
    * @generated from field: string digest = 1;
    */
@@ -113,8 +114,8 @@ export type UploadBlobRequest = Message<"docket.v1.UploadBlobRequest"> & {
     case: "chunk";
   } | {
     /**
-     * The digest, after the last chunk, when the header's digest is empty; the last message
-     * then, and only then.
+     * The digest, after the last chunk, when the header's digest is empty: optional, and
+     * the last message when sent.
      *
      * @generated from field: docket.v1.UploadBlobTrailer trailer = 3;
      */
@@ -131,7 +132,8 @@ export const UploadBlobRequestSchema: GenMessage<UploadBlobRequest> = /*@__PURE_
   messageDesc(file_docket_v1_image_service, 3);
 
 /**
- * The last message of an upload whose header left the digest empty.
+ * The last message of an upload whose header left the digest empty: the digest its bytes
+ * must hash to.
  *
  * @generated from message docket.v1.UploadBlobTrailer
  */
@@ -525,9 +527,10 @@ export const ImageService: GenService<{
    * hashes the bytes as it writes them and stores the blob under its digest only when the
    * bytes match both the digest and the size; otherwise nothing is kept. Uploading a blob the
    * server already has, or the same blob twice at once, succeeds. Once stored, the blob is
-   * seeded over BitTorrent. A client that learns the digest only by reading the bytes (a
+   * seeded over BitTorrent. A client that does not know the digest before the bytes (a
    * layer streamed from `docker save` of an engine before Docker 25) leaves the header's
-   * digest empty and names it in a trailer, the last message.
+   * digest empty: the blob is stored under the sha256 of its bytes, which the response
+   * names, unless a trailer (the last message) names a digest, which they must then match.
    * Errors: INVALID_ARGUMENT (UPLOAD_HEADER_MISSING, INVALID_DIGEST, DIGEST_MISMATCH,
    * SIZE_MISMATCH, UPLOAD_TRAILER_MISSING); RESOURCE_EXHAUSTED (INSUFFICIENT_STORAGE) when the blob cannot fit on disk;
    * CANCELLED when the client goes away (nothing is kept).
