@@ -661,7 +661,12 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> bool:
         return False
     ns = [r.n for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(ns, [r.docket_s for r in rows], "o-", label="Docket (BitTorrent)")
+    ax.plot(
+        ns,
+        [r.docket_s for r in rows],
+        "o-",
+        label="Docket (first pieces from the server, the rest between hosts)",
+    )
     if any(r.central for r in rows):
         ax.plot(ns, [r.central_s for r in rows], "s-", label="central registry (skopeo)")
     ax.plot(ns, [r.t_min for r in rows], "k--", label="lower bound T_min = F/r")
@@ -737,7 +742,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         "\nDocket s: `docketctl rollout` start to exit. central s: N parallel `skopeo copy` "
         "start to the last exit. T_min = F/r. server sent / size: the sum over hosts of the "
-        "bytes each got from the server's seed, over F."
+        "bytes each got from the server (first pieces over gRPC and its BitTorrent seed), "
+        "over F; h0's NIC counters below check it."
         + (
             " With --with-load, Docket's time includes `docker load` on every host; the "
             "central pulls still stop at skopeo's dir: copy."
