@@ -69,11 +69,14 @@ class OrderRunner:
         self.last: pb.ConnectRequest | None = None
         self.cached_bytes = 0
         self.task: asyncio.Task[None] | None = None
-        self.peers = [p.endpoint for p in order.peers]
-        # With first pieces from the server, its seed waits until they run out.
         self.claims = order.claim_first_pieces and manager.settings.claim_first_pieces
-        self.held = [p.endpoint for p in order.peers if p.name == SEED_NAME and self.claims]
-        self.peers = [p for p in self.peers if p not in self.held]
+        self.peers, self.held = self.split_peers(order)
+
+    def split_peers(self, order: agent_pb2.PullOrder) -> tuple[list[str], list[str]]:
+        """The peers to dial now, and those held back: with first pieces from the server, its
+        seed waits until they run out."""
+        held = [p.endpoint for p in order.peers if p.name == SEED_NAME and self.claims]
+        return [p.endpoint for p in order.peers if p.endpoint not in held], held
 
     def update(self, state: int, error: str = "", image_id: str = "") -> None:
         downloads = list(self.downloads.values())
@@ -308,11 +311,12 @@ class OrderManager:
             log.info("order already running: reporting where it stands", order=order.order_id)
             # Sent again after a reconnect: the peers may have come back (the server's seed
             # after a restart) or changed; dial them again.
-            endpoints = [p.endpoint for p in order.peers]
+            endpoints, held = runner.split_peers(order)
             runner.peers = list(dict.fromkeys([*runner.peers, *endpoints]))
             for download in runner.downloads.values():
                 if not download.finished.is_set():
                     self.fetcher.add_peers(download, endpoints)
+                    self.fetcher.hold(download, held)
             if runner.last is not None:
                 self.send(runner.last)
             runner._send_progress(full=True)

@@ -171,7 +171,7 @@ class BlobFetcher(TorrentSession):
         current = self._downloads.get(spec.digest)
         if current is not None:
             self.add_peers(current, peers)
-            self._hold(current, hold)
+            self.hold(current, hold)
             return current
         info = lt.torrent_info(spec.metainfo)
         save_path = self.partial_path(spec.digest).parent
@@ -187,11 +187,12 @@ class BlobFetcher(TorrentSession):
         download = BlobDownload(spec, handle, info.num_pieces(), info.piece_length())
         self._downloads[spec.digest] = download
         self.add_peers(download, peers)
-        self._hold(download, hold)
+        self.hold(download, hold)
         handle.resume()
         return download
 
-    def _hold(self, download: BlobDownload, peers: Iterable[str]) -> None:
+    def hold(self, download: BlobDownload, peers: Iterable[str]) -> None:
+        """Dials ``peers`` once the download's first pieces ran out (see ``follow``)."""
         if download.first_pieces is not None and download.first_pieces_ended is not None:
             self.add_peers(download, peers)  # first pieces already ran out
         else:
