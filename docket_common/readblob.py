@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
+from docket_common.errors import Reason, error_info
 from docket_common.fetch import BlobGoneError, FetchError, ReadRange
 from docket_common.pb import (
     agent_service_pb2,
@@ -51,8 +52,11 @@ def grpc_claim_first_pieces(
         try:
             response = await stub.ClaimFirstPieces(request, metadata=tuple(metadata), timeout=60)
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND:
+            reason, _ = error_info(e.trailing_metadata())
+            if reason == Reason.BLOB_NOT_FOUND:
                 raise BlobGoneError(f"blob {digest} is gone from the server: {e.details()}") from e
+            # Anything else (an order the server no longer knows, a server restarting, one
+            # without this call): BitTorrent carries on without first pieces.
             raise FetchError(f"ClaimFirstPieces {digest}: {e.code().name}: {e.details()}") from e
         return [(p.index, p.data) for p in response.pieces]
 

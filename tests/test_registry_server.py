@@ -15,7 +15,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from docket_common.bt import session_settings
 from docket_common.digest import hex_part
-from docket_common.pb import image_pb2
+from docket_common.pb import agent_service_pb2, agent_service_pb2_grpc, image_pb2
 from docket_common.pb import image_service_pb2 as pb
 from docket_common.pb import image_service_pb2_grpc as pb_grpc
 from tests.support.archives import layer_tar, random_bytes, sha256
@@ -484,3 +484,26 @@ def test_an_upload_without_a_digest_is_stored_under_its_own(
     assert stub.StatBlobs(pb.StatBlobsRequest(digests=[sha256(data)])).missing_digests == []
     again = stub.UploadBlob(trailed(digest, data), timeout=30)
     assert again.already_existed
+
+
+def test_first_pieces_go_to_orders_only(
+    server: ServerProcess, stub: pb_grpc.ImageServiceStub
+) -> None:
+    """ClaimFirstPieces without an order in progress, for a blob the server lacks, or with a
+    malformed digest, says so. (Claims within rollouts: test_pull.py, test_rollouts.py; the
+    hand-out logic: test_first_pieces.py.)"""
+    layer = layer_tar({"f": random_bytes(3 * CHUNK, 11)})
+    push(stub, "first/pieces:1", [layer])
+    with grpc.insecure_channel(server.address) as channel:
+        agents = agent_service_pb2_grpc.AgentServiceStub(channel)
+        for digest, order, code, reason in [
+            (sha256(layer), "", grpc.StatusCode.NOT_FOUND, "ORDER_NOT_FOUND"),
+            (sha256(layer), "no-such-order", grpc.StatusCode.NOT_FOUND, "ORDER_NOT_FOUND"),
+            (sha256(b"nothing"), "", grpc.StatusCode.NOT_FOUND, "BLOB_NOT_FOUND"),
+            ("sha256:xyz", "", grpc.StatusCode.INVALID_ARGUMENT, "INVALID_DIGEST"),
+        ]:
+            request = agent_service_pb2.ClaimFirstPiecesRequest(digest=digest, order_id=order)
+            with pytest.raises(grpc.RpcError) as caught:
+                agents.ClaimFirstPieces(request, timeout=30)
+            assert caught.value.code() == code  # type: ignore[attr-defined]
+            assert error_info(caught.value).reason == reason

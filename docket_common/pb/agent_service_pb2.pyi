@@ -31,7 +31,9 @@ class ClaimFirstPiecesRequest(_message.Message):
     digest: _builtins.str
     """The blob, "sha256:<64 hex>"."""
     order_id: _builtins.str
-    """The order the blob is fetched for: the server skips the pieces its host reported."""
+    """The order the blob is fetched for, which must be in progress: the server skips the
+    pieces its host reported.
+    """
     max_bytes: _builtins.int
     """How many bytes of pieces to hand out at most: at least one piece comes, and no more
     than 2 MiB of them, so that an answer fits gRPC's default 4 MiB message limit. A blob

@@ -74,8 +74,9 @@ class AgentServiceServicer:
         at a time) until the answer has no pieces: from then on peers, and then the server's
         seed, deliver what is missing. The agent hands each piece to libtorrent, which checks
         its hash.
-        Errors: INVALID_ARGUMENT (INVALID_DIGEST); NOT_FOUND (BLOB_NOT_FOUND) when the server
-        has no such blob, or it was deleted meanwhile.
+        Errors: INVALID_ARGUMENT (INVALID_DIGEST) for a malformed digest or a blob the order
+        does not fetch; NOT_FOUND (BLOB_NOT_FOUND) when the server has no such blob, or it was
+        deleted meanwhile; NOT_FOUND (ORDER_NOT_FOUND) when the order is unknown or over.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

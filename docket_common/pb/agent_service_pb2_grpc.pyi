@@ -52,8 +52,9 @@ class AgentServiceStub:
     at a time) until the answer has no pieces: from then on peers, and then the server's
     seed, deliver what is missing. The agent hands each piece to libtorrent, which checks
     its hash.
-    Errors: INVALID_ARGUMENT (INVALID_DIGEST); NOT_FOUND (BLOB_NOT_FOUND) when the server
-    has no such blob, or it was deleted meanwhile.
+    Errors: INVALID_ARGUMENT (INVALID_DIGEST) for a malformed digest or a blob the order
+    does not fetch; NOT_FOUND (BLOB_NOT_FOUND) when the server has no such blob, or it was
+    deleted meanwhile; NOT_FOUND (ORDER_NOT_FOUND) when the order is unknown or over.
     """
 
 @_typing.type_check_only
@@ -80,8 +81,9 @@ class AgentServiceAsyncStub(AgentServiceStub):
     at a time) until the answer has no pieces: from then on peers, and then the server's
     seed, deliver what is missing. The agent hands each piece to libtorrent, which checks
     its hash.
-    Errors: INVALID_ARGUMENT (INVALID_DIGEST); NOT_FOUND (BLOB_NOT_FOUND) when the server
-    has no such blob, or it was deleted meanwhile.
+    Errors: INVALID_ARGUMENT (INVALID_DIGEST) for a malformed digest or a blob the order
+    does not fetch; NOT_FOUND (BLOB_NOT_FOUND) when the server has no such blob, or it was
+    deleted meanwhile; NOT_FOUND (ORDER_NOT_FOUND) when the order is unknown or over.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -117,8 +119,9 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         at a time) until the answer has no pieces: from then on peers, and then the server's
         seed, deliver what is missing. The agent hands each piece to libtorrent, which checks
         its hash.
-        Errors: INVALID_ARGUMENT (INVALID_DIGEST); NOT_FOUND (BLOB_NOT_FOUND) when the server
-        has no such blob, or it was deleted meanwhile.
+        Errors: INVALID_ARGUMENT (INVALID_DIGEST) for a malformed digest or a blob the order
+        does not fetch; NOT_FOUND (BLOB_NOT_FOUND) when the server has no such blob, or it was
+        deleted meanwhile; NOT_FOUND (ORDER_NOT_FOUND) when the order is unknown or over.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -29,7 +29,7 @@ from docket_server.api.convert import (
     task_report_from_pb,
     timestamp,
 )
-from docket_server.domain.errors import InvalidArgument
+from docket_server.domain.errors import InvalidArgument, NotFound
 from docket_server.domain.first_pieces import FirstPieces
 from docket_server.domain.fleet import Fleet, Session
 from docket_server.domain.orders import OrderBook, PeerRef, Task
@@ -94,6 +94,20 @@ class AgentService(pb_grpc.AgentServiceServicer):
         self, request: pb.ClaimFirstPiecesRequest, context: Context
     ) -> pb.ClaimFirstPiecesResponse:
         torrent = await self.registry.get_torrent(request.digest)
+        task = self.orders.tasks.get(request.order_id)
+        if task is None or task.state.terminal:
+            raise NotFound(
+                Reason.ORDER_NOT_FOUND,
+                f"no order {request.order_id!r} in progress: first pieces go to orders only",
+                order_id=request.order_id,
+            )
+        if torrent.digest not in task.blobs:
+            raise InvalidArgument(
+                Reason.INVALID_DIGEST,
+                f"order {request.order_id} does not fetch blob {torrent.digest}",
+                order_id=request.order_id,
+                digest=torrent.digest,
+            )
         picked = self.first_pieces.claim(
             torrent.digest,
             torrent.piece_count,
@@ -101,18 +115,14 @@ class AgentService(pb_grpc.AgentServiceServicer):
             request.order_id,
             request.max_bytes,
         )
-        pieces: list[pb.FirstPiece] = []
         try:
-            for index in picked:
-                chunks = await self.registry.read_blob(
-                    torrent.digest, index * torrent.piece_length, torrent.piece_length
-                )
-                data = b"".join([chunk async for chunk in chunks])
-                pieces.append(pb.FirstPiece(index=index, data=data))
+            data = await self.registry.read_pieces(torrent, picked)
         except BaseException:  # deleted meanwhile, or the call was cancelled: hand them out again
             self.first_pieces.release(torrent.digest, picked)
             raise
-        return pb.ClaimFirstPiecesResponse(pieces=pieces)
+        return pb.ClaimFirstPiecesResponse(
+            pieces=[pb.FirstPiece(index=i, data=d) for i, d in zip(picked, data, strict=True)]
+        )
 
     async def Connect(
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: Context

@@ -28,7 +28,8 @@ export type ClaimFirstPiecesRequest = Message<"docket.v1.ClaimFirstPiecesRequest
   digest: string;
 
   /**
-   * The order the blob is fetched for: the server skips the pieces its host reported.
+   * The order the blob is fetched for, which must be in progress: the server skips the
+   * pieces its host reported.
    *
    * @generated from field: string order_id = 2;
    */
@@ -247,8 +248,9 @@ export const AgentService: GenService<{
    * at a time) until the answer has no pieces: from then on peers, and then the server's
    * seed, deliver what is missing. The agent hands each piece to libtorrent, which checks
    * its hash.
-   * Errors: INVALID_ARGUMENT (INVALID_DIGEST); NOT_FOUND (BLOB_NOT_FOUND) when the server
-   * has no such blob, or it was deleted meanwhile.
+   * Errors: INVALID_ARGUMENT (INVALID_DIGEST) for a malformed digest or a blob the order
+   * does not fetch; NOT_FOUND (BLOB_NOT_FOUND) when the server has no such blob, or it was
+   * deleted meanwhile; NOT_FOUND (ORDER_NOT_FOUND) when the order is unknown or over.
    *
    * @generated from rpc docket.v1.AgentService.ClaimFirstPieces
    */
