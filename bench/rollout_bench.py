@@ -269,7 +269,9 @@ class DocketSide:
         *,
         with_load: bool = False,
         docker_hosts: dict[int, str] | None = None,
+        server_args: Sequence[str] = (),
     ) -> None:
+        self.server_args = list(server_args)
         self.cluster = cluster
         self.n = n
         self.data = data
@@ -306,6 +308,7 @@ class DocketSide:
                     str(self.data / "server"),
                     "--log-level",
                     "info",
+                    *self.server_args,
                 ],
                 stdout=server_log,
                 stderr=subprocess.STDOUT,

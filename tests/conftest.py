@@ -12,7 +12,6 @@ are skipped, except under CI (the ``CI`` environment variable set), where that i
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,13 +19,8 @@ import pytest
 
 from tests.support.dockerd import DockerEngine, docker_unavailable_reason
 from tests.support.images import ImagePair, make_image_pair
+from tests.support.netns import running_under_ci
 from tests.support.server import ServerProcess
-
-
-def running_under_ci() -> bool:
-    """True when the CI environment variable is set (to anything but empty/0/false/no)."""
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
 
 # ---------------------------------------------------------------------------------------
 # 1. Docker engine
