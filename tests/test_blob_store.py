@@ -1,0 +1,76 @@
+"""The server's blob file writer (docket_server/store/blobs.py DirectFile): whatever the
+sizes of the writes, the file holds exactly the bytes, with O_DIRECT and without it."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from docket_server.store import blobs
+from docket_server.store.blobs import STAGE_BYTES, DirectFile
+from tests.support.archives import random_bytes
+
+SIZES = [0, 1, 4095, 4096, 4097, STAGE_BYTES, STAGE_BYTES + 1, 3 * STAGE_BYTES + 17]
+
+
+def write_in_pieces(path: Path, data: bytes, piece: int) -> DirectFile:
+    fd, name = tempfile.mkstemp(dir=path)
+    out = DirectFile(fd)
+    for i in range(0, len(data), piece):
+        out.write(data[i : i + piece])
+    out.finish()
+    out.close()
+    Path(name).replace(path / "blob")
+    return out
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("piece", [1000, 65536, STAGE_BYTES, 3 * STAGE_BYTES])
+def test_the_file_holds_exactly_what_was_written(tmp_path: Path, size: int, piece: int) -> None:
+    data = random_bytes(size, size % 97)
+    out = write_in_pieces(tmp_path, data, piece)
+    assert (tmp_path / "blob").read_bytes() == data
+    assert out.size == size
+
+
+def test_on_a_disk_that_takes_o_direct_it_is_used(tmp_path: Path) -> None:
+    fd, _ = tempfile.mkstemp(dir=tmp_path)
+    out = DirectFile(fd)
+    out.close()
+    # /tmp here is ext4 on a virtio disk; where it is not, this says so rather than passing.
+    if not out.direct:
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    assert out.direct
+
+
+def test_where_o_direct_is_refused_it_writes_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(blobs, "_set_direct", lambda fd, on: False)
+    data = random_bytes(STAGE_BYTES + 123, 5)
+    out = write_in_pieces(tmp_path, data, 70_000)
+    assert not out.direct
+    assert (tmp_path / "blob").read_bytes() == data
+
+
+def test_a_filesystem_that_takes_the_flag_but_not_the_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some filesystems accept O_DIRECT at open and fail the writes with EINVAL."""
+    real_write = os.write
+
+    def picky_write(fd: int, data: bytes) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(blobs.os, "write", picky_write)
+    data = random_bytes(2 * STAGE_BYTES + 5, 6)
+    out = write_in_pieces(tmp_path, data, 300_000)
+    assert not out.direct
+    assert (tmp_path / "blob").read_bytes() == data
