@@ -19,8 +19,13 @@ file (the Docker SDK's image.save(), streamed) and ``docketctl push`` of it from
 a docket-server (removed with ``docketctl rm`` between runs, so every push uploads it all).
 Medians; the target is push <= 1.3 x save.
 
+With --bittorrent-only, part 1's agent takes no first pieces from the server (it runs with a
+download limit too high to matter), so the whole image comes over BitTorrent: that is how most
+of an image reaches an agent among several, and what libtorrent's buffers cost.
+
     .venv/bin/python bench/resources_bench.py                  # 1 GiB, 3 runs
     .venv/bin/python bench/resources_bench.py --size-mib 256 --runs 1 --skip-push
+    .venv/bin/python bench/resources_bench.py --skip-push --bittorrent-only
 """
 
 from __future__ import annotations
@@ -205,7 +210,14 @@ def checked(result: subprocess.CompletedProcess[str], what: str) -> str:
 # -- part 1 ---------------------------------------------------------------------------------------
 
 
-def download_part(size_mib: float, tmp: Path, logs: Path) -> tuple[list[Usage], dict[str, Any]]:
+# An agent under a download limit takes no first pieces from the server: all of the image
+# comes over BitTorrent, which is how most of it reaches an agent among several.
+BITTORRENT_ONLY = ["--max-download-rate", str(100 * 1000**3)]
+
+
+def download_part(
+    size_mib: float, tmp: Path, logs: Path, *, bittorrent_only: bool = False
+) -> tuple[list[Usage], dict[str, Any]]:
     server = ServerProcess(data_dir=tmp / "server", extra_args=["--log-level", "info"])
     server.start()
     agent: subprocess.Popen[bytes] | None = None
@@ -229,6 +241,7 @@ def download_part(size_mib: float, tmp: Path, logs: Path) -> tuple[list[Usage], 
                 "--no-docker",
                 "--log-level",
                 "info",
+                *(BITTORRENT_ONLY if bittorrent_only else []),
             ],
             stdout=agent_log,
             stderr=subprocess.STDOUT,
@@ -423,6 +436,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="push vs save runs (medians)")
     parser.add_argument("--skip-download", action="store_true", help="skip part 1")
     parser.add_argument("--skip-push", action="store_true", help="skip part 2 (needs dockerd)")
+    parser.add_argument(
+        "--bittorrent-only",
+        action="store_true",
+        help="part 1's agent takes no first pieces from the server: all over BitTorrent",
+    )
     args = parser.parse_args(argv)
 
     logs = Path(tempfile.mkdtemp(prefix="docket-resources-bench-logs-"))
@@ -430,12 +448,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="docket-resources-bench-") as tmp_name:
         tmp = Path(tmp_name)
         if not args.skip_download:
-            usages, facts = download_part(args.size_mib, tmp, logs)
+            usages, facts = download_part(
+                args.size_mib, tmp, logs, bittorrent_only=args.bittorrent_only
+            )
             agent = next(u for u in usages if u.process == "docket-agent")
             anon_mb = agent.peak_anon_kb * 1024 / MB
             print(
                 f"\n## Memory and CPU: a {facts['image_bytes'] / MB:.0f} MB image "
-                f"(one layer) pushed over loopback, then fetched by one agent (--prefetch-only)\n"
+                f"(one layer) pushed over loopback, then fetched by one agent (--prefetch-only"
+                f"{'; over BitTorrent only' if args.bittorrent_only else ''})\n"
             )
             print(usage_table(usages))
             host = facts["host"]
