@@ -78,7 +78,10 @@ def main() -> None:
             wait_for_states(server.address, {a.name: "online" for a in agents})
             run(["docketctl", "agents"], env)
             run(["docketctl", "agents", "--hosts", "web"], env)
-            step("Rolling sample/web:1 out to group web: hosts fetch from the seed and each other")
+            step(
+                "Rolling sample/web:1 out to group web: each piece once from the server, "
+                "the rest between the hosts"
+            )
             run(["docketctl", "rollout", "sample/web:1", "--hosts", "web"], env)
             step("web1's own Docker engine now has the image")
             print(engines[0].client.images.get("sample/web:1").tags)
