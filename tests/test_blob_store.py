@@ -7,6 +7,7 @@ import errno
 import fcntl
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,34 @@ def test_a_filesystem_that_takes_the_flag_but_not_the_writes(
     out = write_in_pieces(tmp_path, data, 300_000)
     assert not out.direct
     assert (tmp_path / "blob").read_bytes() == data
+
+
+def test_closing_while_a_thread_writes_waits_for_it_to_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An aborted upload closes its file while the writer thread may be mid-write: the
+    descriptor must stay open until that write is done, or the number could be reused by
+    another file, which the late write would then corrupt."""
+    real_write = os.write
+    in_write, release = threading.Event(), threading.Event()
+
+    def slow_write(fd: int, data: bytes) -> int:
+        in_write.set()
+        assert release.wait(10)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(blobs.os, "write", slow_write)
+    fd, _ = tempfile.mkstemp(dir=tmp_path)
+    out = DirectFile(fd)
+    writer = threading.Thread(target=out.write, args=(random_bytes(STAGE_BYTES, 9),))
+    writer.start()
+    assert in_write.wait(10)
+    out.close()  # returns at once: the write is still going
+    os.fstat(fd)  # still open
+    release.set()
+    writer.join(10)
+    with pytest.raises(OSError, match="Bad file descriptor") as closed:
+        os.fstat(fd)
+    assert closed.value.errno == errno.EBADF
+    with pytest.raises(ValueError, match="closed"):
+        out.write(b"more")

@@ -10,6 +10,7 @@ both succeed: the first rename wins and the second finds the blob in place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -17,8 +18,9 @@ import mmap
 import os
 import shutil
 import tempfile
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from docket_common.digest import hex_part
@@ -205,8 +207,10 @@ class _FileBlobWriter(BlobWriter):
         return "sha256:" + self._sha256.hexdigest()
 
     def abort(self) -> None:
-        self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        try:
+            self._file.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
 
 
 class DirectFile:
@@ -225,9 +229,32 @@ class DirectFile:
         self.direct = _set_direct(fd, True)
         self._stage = mmap.mmap(-1, STAGE_BYTES) if self.direct else None
         self._filled = 0
+        # close() may come (an aborted upload) while a thread writes: the descriptor is then
+        # closed by that thread when it is done, never under it (its number could be reused
+        # by the next upload's file, which the late write would corrupt).
+        self._lock = threading.Lock()
+        self._busy = False
         self._closed = False
 
     def write(self, data: bytes) -> None:
+        with self._using():
+            self._write(data)
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        with self._lock:
+            if self._closed:
+                raise ValueError("write to a closed blob file")
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy = False
+                if self._closed:
+                    self._release()
+
+    def _write(self, data: bytes) -> None:
         view = memoryview(data)
         self.size += len(view)
         while view:
@@ -267,6 +294,10 @@ class DirectFile:
         read soon after its push (its first rollout): the kernel is asked to read it back
         into the page cache, by DMA, off this CPU (without it, the first rollout after a
         push took 0.1 s longer at N=8)."""
+        with self._using():
+            self._finish()
+
+    def _finish(self) -> None:
         if self._stage is not None and self._filled:
             padded = -(-self._filled // DIRECT_ALIGN) * DIRECT_ALIGN
             self._stage[self._filled : padded] = bytes(padded - self._filled)
@@ -277,9 +308,15 @@ class DirectFile:
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Closes the file now, or, if a thread is writing, as soon as it is done."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if not self._busy:
+                self._release()
+
+    def _release(self) -> None:
         os.close(self.fd)
         if self._stage is not None:
             self._stage.close()
