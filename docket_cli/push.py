@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -224,7 +225,7 @@ async def push_archive(
     image: ArchiveImage,
     ref: Reference,
     progress: Progress,
-    streamed: set[str] = frozenset(),  # type: ignore[assignment]
+    streamed: AbstractSet[str] = frozenset(),
 ) -> PushResult:
     """Uploads the image's blobs the server lacks and records the image. ``streamed``: blobs
     this push already uploaded (while exporting), reported as uploaded."""

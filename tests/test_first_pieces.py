@@ -42,7 +42,7 @@ class World:
         return SimpleNamespace(record=SimpleNamespace(info=SimpleNamespace(cached_digests=cached)))
 
     def claim(self, agent: str, max_bytes: int = PIECE) -> list[int]:
-        return self.first.claim(DIGEST, PIECES, PIECE, f"order-{agent}", max_bytes)
+        return self.first.claim(DIGEST, PIECES, PIECE, agent, max_bytes)
 
 
 def test_each_piece_goes_out_once_in_order_to_whoever_asks() -> None:
@@ -56,7 +56,7 @@ def test_each_piece_goes_out_once_in_order_to_whoever_asks() -> None:
 def test_a_claim_brings_at_least_one_piece_and_at_most_4_mib() -> None:
     w = World("a")
     assert w.claim("a", 0) == [0]
-    big = w.first.claim(DIGEST, 1000, PIECE, "order-a", 1 << 30)
+    big = w.first.claim(DIGEST, 1000, PIECE, "a", 1 << 30)
     assert len(big) == (2 << 20) // PIECE
 
 

@@ -112,7 +112,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             torrent.digest,
             torrent.piece_count,
             torrent.piece_length,
-            request.order_id,
+            task.agent,
             request.max_bytes,
         )
         try:

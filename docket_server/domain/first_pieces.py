@@ -44,19 +44,17 @@ class FirstPieces:
     _blobs: dict[str, _Handed] = field(default_factory=dict)
 
     def claim(
-        self, digest: str, piece_count: int, piece_length: int, order_id: str, max_bytes: int
+        self, digest: str, piece_count: int, piece_length: int, agent: str, max_bytes: int
     ) -> list[int]:
-        """Picks the next pieces of a blob for the host of ``order_id``: at most ``max_bytes``
-        of them (capped at 2 MiB), at least one; none when every piece is held by an online
-        host or was handed to one in the last CLAIM_SECONDS."""
+        """Picks the next pieces of a blob for ``agent`` (whose order fetches it): at most
+        ``max_bytes`` of them (capped at 2 MiB), at least one; none when every piece is held
+        by an online host or was handed to one in the last CLAIM_SECONDS."""
         now = self.clock()
         self._forget(now)
         handed = self._blobs.get(digest)
         if handed is None or len(handed.to) != piece_count:
             handed = self._blobs[digest] = _Handed([""] * piece_count, [0.0] * piece_count)
         handed.last_claim = now
-        task = self.orders.tasks.get(order_id)
-        asker = task.agent if task is not None else ""
         held = self._held(digest, piece_count)
         online = self.orders.fleet.sessions
         want = max(1, min(max_bytes, MAX_CLAIM_BYTES) // max(piece_length, 1))
@@ -64,12 +62,12 @@ class FirstPieces:
         for index in range(piece_count):
             if held is None or len(picked) >= want:
                 break
-            if held[index >> 3] & (1 << (index & 7)):
+            if held >> index & 1:
                 continue
             to = handed.to[index]
-            if to and now - handed.at[index] < CLAIM_SECONDS and (to == asker or to in online):
+            if to and now - handed.at[index] < CLAIM_SECONDS and (to == agent or to in online):
                 continue
-            handed.to[index], handed.at[index] = asker or "?", now
+            handed.to[index], handed.at[index] = agent, now
             picked.append(index)
         return picked
 
@@ -82,22 +80,23 @@ class FirstPieces:
             if 0 <= index < len(handed.to):
                 handed.to[index], handed.at[index] = "", 0.0
 
-    def _held(self, digest: str, piece_count: int) -> bytearray | None:
-        """The pieces online hosts hold (from their progress); None when one holds them all."""
+    def _held(self, digest: str, piece_count: int) -> int | None:
+        """The pieces online hosts hold (from their progress), as an int whose bit i is piece
+        i; None when one holds them all. Each claim asks, so the hosts' bitmaps are ORed as
+        big ints rather than byte by byte in Python."""
         online = self.orders.fleet.sessions
         for session in online.values():
             if digest in session.record.info.cached_digests:
                 return None
-        held = bytearray((piece_count + 7) // 8)
+        held, size = 0, (piece_count + 7) // 8
         for task in self.orders.tasks.values():
             if task.agent not in online or task.state in _GONE or digest not in task.blobs:
                 continue
             if task.state is TaskState.SUCCEEDED:
                 return None
             bits = task.pieces.get(digest)
-            if bits is not None and len(bits) == len(held):
-                for i, byte in enumerate(bits):
-                    held[i] |= byte
+            if bits is not None and len(bits) == size:
+                held |= int.from_bytes(bits, "little")
         return held
 
     def _forget(self, now: float) -> None:
