@@ -18,6 +18,7 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
 _HOST = rf"(?:{_LABEL}(?:\.{_LABEL})*(?::[0-9]+)?)"
 _REPOSITORY_RE = re.compile(rf"^(?:{_HOST}/)?{_COMPONENT}(?:/{_COMPONENT})*$")
+_NAME_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")  # a registry's repository: no host
 _TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
 _MAX_REPOSITORY = 255
 
@@ -86,3 +87,12 @@ def parse_tagged(text: str) -> Reference:
     if ref.digest is not None:
         raise InvalidReferenceError(f"invalid reference {text!r}: a push needs a tag, not a digest")
     return ref
+
+
+def is_repository(name: str) -> bool:
+    """Whether ``name`` is a repository name (``perl``, ``team/app``), as registries take it."""
+    return len(name) <= _MAX_REPOSITORY and bool(_NAME_RE.match(name))
+
+
+def is_tag(tag: str) -> bool:
+    return bool(_TAG_RE.fullmatch(tag))

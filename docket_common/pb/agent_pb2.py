@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64ocket/v1/agent.proto\x12\tdocket.v1\x1a\x15\x64ocket/v1/image.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xec\x03\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06groups\x18\x03 \x03(\t\x12,\n\x06labels\x18\x04 \x03(\x0b\x32\x1c.docket.v1.Agent.LabelsEntry\x12$\n\x05state\x18\x05 \x01(\x0e\x32\x15.docket.v1.AgentState\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x14\n\x0cpeer_address\x18\x07 \x01(\t\x12\x13\n\x0b\x62t_endpoint\x18\x08 \x01(\t\x12\x16\n\x0e\x64ocker_version\x18\t \x01(\t\x12\x14\n\x0c\x64ocker_error\x18\n \x01(\t\x12\x17\n\x0f\x64isk_free_bytes\x18\x0b \x01(\x03\x12\x16\n\x0e\x63\x61\x63hed_digests\x18\x0c \x03(\t\x12\x30\n\x0c\x63onnect_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x99\x02\n\x05Hello\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06groups\x18\x03 \x03(\t\x12,\n\x06labels\x18\x04 \x03(\x0b\x32\x1c.docket.v1.Hello.LabelsEntry\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x13\n\x0b\x62t_endpoint\x18\x06 \x01(\t\x12\x16\n\x0e\x64ocker_version\x18\x07 \x01(\t\x12\x14\n\x0c\x64ocker_error\x18\x08 \x01(\t\x12\x17\n\x0f\x64isk_free_bytes\x18\t \x01(\x03\x12\x16\n\x0e\x63\x61\x63hed_digests\x18\n \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"l\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0eserver_version\x18\x03 \x01(\t\"S\n\tHeartbeat\x12-\n\tsend_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x64isk_free_bytes\x18\x02 \x01(\x03\"U\n\tOrderBlob\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x12\n\nmedia_type\x18\x03 \x01(\t\x12\x10\n\x08metainfo\x18\x04 \x01(\x0c\"\x91\x02\n\tPullOrder\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x12\n\nimage_name\x18\x02 \x01(\t\x12\x14\n\x0cimage_digest\x18\x03 \x01(\t\x12$\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x14.docket.v1.OrderBlob\x12$\n\x06layers\x18\x05 \x03(\x0b\x32\x14.docket.v1.OrderBlob\x12\x1e\n\x05peers\x18\x06 \x03(\x0b\x32\x0f.docket.v1.Peer\x12\x0c\n\x04load\x18\x07 \x01(\x08\x12\x18\n\x0cstripe_index\x18\x08 \x01(\x05\x42\x02\x18\x01\x12\x18\n\x0cstripe_count\x18\t \x01(\x05\x42\x02\x18\x01\x12\x1a\n\x12\x63laim_first_pieces\x18\n \x01(\x08\"<\n\x08PeerHint\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x1e\n\x05peers\x18\x02 \x03(\x0b\x32\x0f.docket.v1.Peer\"/\n\x0b\x43\x61ncelOrder\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"q\n\x0c\x42lobProgress\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nnew_pieces\x18\x02 \x03(\x05\x12\x13\n\x0b\x64one_pieces\x18\x03 \x01(\x05\x12\x14\n\x0ctotal_pieces\x18\x04 \x01(\x05\x12\x12\n\ndone_bytes\x18\x05 \x01(\x03\"5\n\tPeerBytes\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x03\"\xb9\x01\n\rPieceProgress\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12&\n\x05\x62lobs\x18\x02 \x03(\x0b\x32\x17.docket.v1.BlobProgress\x12\x1d\n\x15rate_bytes_per_second\x18\x03 \x01(\x03\x12\x12\n\npeer_count\x18\x04 \x01(\x05\x12#\n\x05peers\x18\x05 \x03(\x0b\x32\x14.docket.v1.PeerBytes\x12\x16\n\x0e\x66\x61llback_bytes\x18\x06 \x01(\x03\"\xdd\x01\n\nTaskUpdate\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.docket.v1.TaskState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x10\n\x08image_id\x18\x04 \x01(\t\x12\x14\n\x0c\x63\x61\x63hed_bytes\x18\x05 \x01(\x03\x12\x18\n\x10\x62ittorrent_bytes\x18\x06 \x01(\x03\x12\x16\n\x0e\x66\x61llback_bytes\x18\x07 \x01(\x03\x12\x14\n\x0cserver_bytes\x18\x08 \x01(\x03\x12\x19\n\x11\x66irst_piece_bytes\x18\t \x01(\x03*q\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41GENT_STATE_ONLINE\x10\x01\x12\x15\n\x11\x41GENT_STATE_STALE\x10\x02\x12\x17\n\x13\x41GENT_STATE_OFFLINE\x10\x03*\x88\x02\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x17\n\x13TASK_STATE_ACCEPTED\x10\x02\x12\x1a\n\x16TASK_STATE_DOWNLOADING\x10\x03\x12\x18\n\x14TASK_STATE_VERIFYING\x10\x04\x12\x16\n\x12TASK_STATE_LOADING\x10\x05\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x06\x12\x15\n\x11TASK_STATE_FAILED\x10\x07\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x08\x12\x15\n\x11TASK_STATE_QUEUED\x10\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64ocket/v1/agent.proto\x12\tdocket.v1\x1a\x15\x64ocket/v1/image.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfe\x03\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06groups\x18\x03 \x03(\t\x12,\n\x06labels\x18\x04 \x03(\x0b\x32\x1c.docket.v1.Agent.LabelsEntry\x12$\n\x05state\x18\x05 \x01(\x0e\x32\x15.docket.v1.AgentState\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x14\n\x0cpeer_address\x18\x07 \x01(\t\x12\x13\n\x0b\x62t_endpoint\x18\x08 \x01(\t\x12\x16\n\x0e\x64ocker_version\x18\t \x01(\t\x12\x14\n\x0c\x64ocker_error\x18\n \x01(\t\x12\x17\n\x0f\x64isk_free_bytes\x18\x0b \x01(\x03\x12\x16\n\x0e\x63\x61\x63hed_digests\x18\x0c \x03(\t\x12\x30\n\x0c\x63onnect_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08platform\x18\x10 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xab\x02\n\x05Hello\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06groups\x18\x03 \x03(\t\x12,\n\x06labels\x18\x04 \x03(\x0b\x32\x1c.docket.v1.Hello.LabelsEntry\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x13\n\x0b\x62t_endpoint\x18\x06 \x01(\t\x12\x16\n\x0e\x64ocker_version\x18\x07 \x01(\t\x12\x14\n\x0c\x64ocker_error\x18\x08 \x01(\t\x12\x17\n\x0f\x64isk_free_bytes\x18\t \x01(\x03\x12\x16\n\x0e\x63\x61\x63hed_digests\x18\n \x03(\t\x12\x10\n\x08platform\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"l\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0eserver_version\x18\x03 \x01(\t\"S\n\tHeartbeat\x12-\n\tsend_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x64isk_free_bytes\x18\x02 \x01(\x03\"U\n\tOrderBlob\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x12\n\nmedia_type\x18\x03 \x01(\t\x12\x10\n\x08metainfo\x18\x04 \x01(\x0c\"\x91\x02\n\tPullOrder\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x12\n\nimage_name\x18\x02 \x01(\t\x12\x14\n\x0cimage_digest\x18\x03 \x01(\t\x12$\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x14.docket.v1.OrderBlob\x12$\n\x06layers\x18\x05 \x03(\x0b\x32\x14.docket.v1.OrderBlob\x12\x1e\n\x05peers\x18\x06 \x03(\x0b\x32\x0f.docket.v1.Peer\x12\x0c\n\x04load\x18\x07 \x01(\x08\x12\x18\n\x0cstripe_index\x18\x08 \x01(\x05\x42\x02\x18\x01\x12\x18\n\x0cstripe_count\x18\t \x01(\x05\x42\x02\x18\x01\x12\x1a\n\x12\x63laim_first_pieces\x18\n \x01(\x08\"<\n\x08PeerHint\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x1e\n\x05peers\x18\x02 \x03(\x0b\x32\x0f.docket.v1.Peer\"/\n\x0b\x43\x61ncelOrder\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"q\n\x0c\x42lobProgress\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nnew_pieces\x18\x02 \x03(\x05\x12\x13\n\x0b\x64one_pieces\x18\x03 \x01(\x05\x12\x14\n\x0ctotal_pieces\x18\x04 \x01(\x05\x12\x12\n\ndone_bytes\x18\x05 \x01(\x03\"5\n\tPeerBytes\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x03\"\xb9\x01\n\rPieceProgress\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12&\n\x05\x62lobs\x18\x02 \x03(\x0b\x32\x17.docket.v1.BlobProgress\x12\x1d\n\x15rate_bytes_per_second\x18\x03 \x01(\x03\x12\x12\n\npeer_count\x18\x04 \x01(\x05\x12#\n\x05peers\x18\x05 \x03(\x0b\x32\x14.docket.v1.PeerBytes\x12\x16\n\x0e\x66\x61llback_bytes\x18\x06 \x01(\x03\"\xdd\x01\n\nTaskUpdate\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.docket.v1.TaskState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x10\n\x08image_id\x18\x04 \x01(\t\x12\x14\n\x0c\x63\x61\x63hed_bytes\x18\x05 \x01(\x03\x12\x18\n\x10\x62ittorrent_bytes\x18\x06 \x01(\x03\x12\x16\n\x0e\x66\x61llback_bytes\x18\x07 \x01(\x03\x12\x14\n\x0cserver_bytes\x18\x08 \x01(\x03\x12\x19\n\x11\x66irst_piece_bytes\x18\t \x01(\x03*q\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41GENT_STATE_ONLINE\x10\x01\x12\x15\n\x11\x41GENT_STATE_STALE\x10\x02\x12\x17\n\x13\x41GENT_STATE_OFFLINE\x10\x03*\x88\x02\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x17\n\x13TASK_STATE_ACCEPTED\x10\x02\x12\x1a\n\x16TASK_STATE_DOWNLOADING\x10\x03\x12\x18\n\x14TASK_STATE_VERIFYING\x10\x04\x12\x16\n\x12TASK_STATE_LOADING\x10\x05\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x06\x12\x15\n\x11TASK_STATE_FAILED\x10\x07\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x08\x12\x15\n\x11TASK_STATE_QUEUED\x10\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,36 +42,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PULLORDER'].fields_by_name['stripe_index']._serialized_options = b'\030\001'
   _globals['_PULLORDER'].fields_by_name['stripe_count']._loaded_options = None
   _globals['_PULLORDER'].fields_by_name['stripe_count']._serialized_options = b'\030\001'
-  _globals['_AGENTSTATE']._serialized_start=2154
-  _globals['_AGENTSTATE']._serialized_end=2267
-  _globals['_TASKSTATE']._serialized_start=2270
-  _globals['_TASKSTATE']._serialized_end=2534
+  _globals['_AGENTSTATE']._serialized_start=2190
+  _globals['_AGENTSTATE']._serialized_end=2303
+  _globals['_TASKSTATE']._serialized_start=2306
+  _globals['_TASKSTATE']._serialized_end=2570
   _globals['_AGENT']._serialized_start=125
-  _globals['_AGENT']._serialized_end=617
-  _globals['_AGENT_LABELSENTRY']._serialized_start=572
-  _globals['_AGENT_LABELSENTRY']._serialized_end=617
-  _globals['_HELLO']._serialized_start=620
-  _globals['_HELLO']._serialized_end=901
-  _globals['_HELLO_LABELSENTRY']._serialized_start=572
-  _globals['_HELLO_LABELSENTRY']._serialized_end=617
-  _globals['_WELCOME']._serialized_start=903
-  _globals['_WELCOME']._serialized_end=1011
-  _globals['_HEARTBEAT']._serialized_start=1013
-  _globals['_HEARTBEAT']._serialized_end=1096
-  _globals['_ORDERBLOB']._serialized_start=1098
-  _globals['_ORDERBLOB']._serialized_end=1183
-  _globals['_PULLORDER']._serialized_start=1186
-  _globals['_PULLORDER']._serialized_end=1459
-  _globals['_PEERHINT']._serialized_start=1461
-  _globals['_PEERHINT']._serialized_end=1521
-  _globals['_CANCELORDER']._serialized_start=1523
-  _globals['_CANCELORDER']._serialized_end=1570
-  _globals['_BLOBPROGRESS']._serialized_start=1572
-  _globals['_BLOBPROGRESS']._serialized_end=1685
-  _globals['_PEERBYTES']._serialized_start=1687
-  _globals['_PEERBYTES']._serialized_end=1740
-  _globals['_PIECEPROGRESS']._serialized_start=1743
-  _globals['_PIECEPROGRESS']._serialized_end=1928
-  _globals['_TASKUPDATE']._serialized_start=1931
-  _globals['_TASKUPDATE']._serialized_end=2152
+  _globals['_AGENT']._serialized_end=635
+  _globals['_AGENT_LABELSENTRY']._serialized_start=590
+  _globals['_AGENT_LABELSENTRY']._serialized_end=635
+  _globals['_HELLO']._serialized_start=638
+  _globals['_HELLO']._serialized_end=937
+  _globals['_HELLO_LABELSENTRY']._serialized_start=590
+  _globals['_HELLO_LABELSENTRY']._serialized_end=635
+  _globals['_WELCOME']._serialized_start=939
+  _globals['_WELCOME']._serialized_end=1047
+  _globals['_HEARTBEAT']._serialized_start=1049
+  _globals['_HEARTBEAT']._serialized_end=1132
+  _globals['_ORDERBLOB']._serialized_start=1134
+  _globals['_ORDERBLOB']._serialized_end=1219
+  _globals['_PULLORDER']._serialized_start=1222
+  _globals['_PULLORDER']._serialized_end=1495
+  _globals['_PEERHINT']._serialized_start=1497
+  _globals['_PEERHINT']._serialized_end=1557
+  _globals['_CANCELORDER']._serialized_start=1559
+  _globals['_CANCELORDER']._serialized_end=1606
+  _globals['_BLOBPROGRESS']._serialized_start=1608
+  _globals['_BLOBPROGRESS']._serialized_end=1721
+  _globals['_PEERBYTES']._serialized_start=1723
+  _globals['_PEERBYTES']._serialized_end=1776
+  _globals['_PIECEPROGRESS']._serialized_start=1779
+  _globals['_PIECEPROGRESS']._serialized_end=1964
+  _globals['_TASKUPDATE']._serialized_start=1967
+  _globals['_TASKUPDATE']._serialized_end=2188
 # @@protoc_insertion_point(module_scope)

@@ -156,6 +156,7 @@ class Agent(_message.Message):
     CONNECT_TIME_FIELD_NUMBER: _builtins.int
     LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    PLATFORM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The agent's name, unique in the fleet; the host name by default."""
     agent_id: _builtins.str
@@ -174,6 +175,10 @@ class Agent(_message.Message):
     """Why the agent cannot use a Docker engine, when it cannot."""
     disk_free_bytes: _builtins.int
     """Free space where the agent keeps its blobs."""
+    platform: _builtins.str
+    """The platform the agent runs images for, "os/architecture[/variant]" (for example
+    "linux/amd64"); a rollout of a multi-platform index gives it this platform's image.
+    """
     @_builtins.property
     def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The groups the agent belongs to, which rollouts select hosts by."""
@@ -216,10 +221,11 @@ class Agent(_message.Message):
         connect_time: _timestamp_pb2.Timestamp | None = ...,
         last_seen_time: _timestamp_pb2.Timestamp | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        platform: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "create_time", b"create_time", "last_seen_time", b"last_seen_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "bt_endpoint", b"bt_endpoint", "cached_digests", b"cached_digests", "connect_time", b"connect_time", "create_time", b"create_time", "disk_free_bytes", b"disk_free_bytes", "docker_error", b"docker_error", "docker_version", b"docker_version", "groups", b"groups", "labels", b"labels", "last_seen_time", b"last_seen_time", "name", b"name", "peer_address", b"peer_address", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "bt_endpoint", b"bt_endpoint", "cached_digests", b"cached_digests", "connect_time", b"connect_time", "create_time", b"create_time", "disk_free_bytes", b"disk_free_bytes", "docker_error", b"docker_error", "docker_version", b"docker_version", "groups", b"groups", "labels", b"labels", "last_seen_time", b"last_seen_time", "name", b"name", "peer_address", b"peer_address", "platform", b"platform", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -261,6 +267,7 @@ class Hello(_message.Message):
     DOCKER_ERROR_FIELD_NUMBER: _builtins.int
     DISK_FREE_BYTES_FIELD_NUMBER: _builtins.int
     CACHED_DIGESTS_FIELD_NUMBER: _builtins.int
+    PLATFORM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The agent's name, unique in the fleet."""
     agent_id: _builtins.str
@@ -278,6 +285,11 @@ class Hello(_message.Message):
     """Why the agent cannot use a Docker engine, when it cannot."""
     disk_free_bytes: _builtins.int
     """Free space where the agent keeps its blobs."""
+    platform: _builtins.str
+    """The platform the agent runs images for, "os/architecture[/variant]" in OCI's names (for
+    example "linux/amd64" or "linux/arm64/v8"): its Docker engine's, or its host's. Empty is
+    taken as unknown: such an agent gets no image from a multi-platform index.
+    """
     @_builtins.property
     def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The groups the agent belongs to."""
@@ -303,10 +315,11 @@ class Hello(_message.Message):
         docker_error: _builtins.str = ...,
         disk_free_bytes: _builtins.int = ...,
         cached_digests: _abc.Iterable[_builtins.str] | None = ...,
+        platform: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "bt_endpoint", b"bt_endpoint", "cached_digests", b"cached_digests", "disk_free_bytes", b"disk_free_bytes", "docker_error", b"docker_error", "docker_version", b"docker_version", "groups", b"groups", "labels", b"labels", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "bt_endpoint", b"bt_endpoint", "cached_digests", b"cached_digests", "disk_free_bytes", b"disk_free_bytes", "docker_error", b"docker_error", "docker_version", b"docker_version", "groups", b"groups", "labels", b"labels", "name", b"name", "platform", b"platform", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64ocket/v1/image.proto\x12\tdocket.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"D\n\nDescriptor\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x12\n\nmedia_type\x18\x03 \x01(\t\"\xad\x02\n\x05Image\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12%\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x15.docket.v1.Descriptor\x12%\n\x06layers\x18\x06 \x03(\x0b\x32\x15.docket.v1.Descriptor\x12\x10\n\x08\x64iff_ids\x18\x07 \x03(\t\x12\x12\n\nsize_bytes\x18\x08 \x01(\x03\x12.\n\nbuild_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08platform\x18\x0b \x01(\t\"o\n\x07Torrent\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x10\n\x08metainfo\x18\x02 \x01(\x0c\x12\x11\n\tinfo_hash\x18\x03 \x01(\t\x12\x1a\n\x12piece_length_bytes\x18\x04 \x01(\x03\x12\x13\n\x0bpiece_count\x18\x05 \x01(\x05\"&\n\x04Peer\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64ocket/v1/image.proto\x12\tdocket.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"D\n\nDescriptor\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x12\n\nmedia_type\x18\x03 \x01(\t\"\xfd\x02\n\x05Image\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12%\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x15.docket.v1.Descriptor\x12%\n\x06layers\x18\x06 \x03(\x0b\x32\x15.docket.v1.Descriptor\x12\x10\n\x08\x64iff_ids\x18\x07 \x03(\t\x12\x12\n\nsize_bytes\x18\x08 \x01(\x03\x12.\n\nbuild_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08platform\x18\x0b \x01(\t\x12\x12\n\nmedia_type\x18\x0c \x01(\t\x12\x15\n\rartifact_type\x18\r \x01(\t\x12#\n\tmanifests\x18\x0e \x03(\x0b\x32\x10.docket.v1.Image\"o\n\x07Torrent\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x10\n\x08metainfo\x18\x02 \x01(\x0c\x12\x11\n\tinfo_hash\x18\x03 \x01(\t\x12\x1a\n\x12piece_length_bytes\x18\x04 \x01(\x03\x12\x13\n\x0bpiece_count\x18\x05 \x01(\x05\"&\n\x04Peer\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIPTOR']._serialized_start=69
   _globals['_DESCRIPTOR']._serialized_end=137
   _globals['_IMAGE']._serialized_start=140
-  _globals['_IMAGE']._serialized_end=441
-  _globals['_TORRENT']._serialized_start=443
-  _globals['_TORRENT']._serialized_end=554
-  _globals['_PEER']._serialized_start=556
-  _globals['_PEER']._serialized_end=594
+  _globals['_IMAGE']._serialized_end=521
+  _globals['_TORRENT']._serialized_start=523
+  _globals['_TORRENT']._serialized_end=634
+  _globals['_PEER']._serialized_start=636
+  _globals['_PEER']._serialized_end=674
 # @@protoc_insertion_point(module_scope)

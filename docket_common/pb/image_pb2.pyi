@@ -57,7 +57,12 @@ Global___Descriptor: _TypeAlias = Descriptor  # noqa: Y015
 
 @_typing.final
 class Image(_message.Message):
-    """An image the server holds, under one repository:tag name."""
+    """What a name on the server points at: an image (a manifest naming a config and layers), a
+    multi-platform index of images, or another OCI artifact (a signature, an SBOM).
+
+    Images pushed with `docketctl push` and with `docker push` (the registry HTTP face) are the
+    same kind of record.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -72,27 +77,45 @@ class Image(_message.Message):
     BUILD_TIME_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     PLATFORM_FIELD_NUMBER: _builtins.int
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    ARTIFACT_TYPE_FIELD_NUMBER: _builtins.int
+    MANIFESTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The full reference, "repository:tag", for example "perl:latest" or "team/app:1.4"."""
+    """The full reference, "repository:tag", for example "perl:latest" or "team/app:1.4"; for a
+    platform image of an index (in `manifests`), "repository@sha256:…".
+    """
     repository: _builtins.str
     """The repository part of the name, for example "team/app"."""
     tag: _builtins.str
-    """The tag part of the name, for example "1.4"."""
+    """The tag part of the name, for example "1.4"; empty for a platform image of an index."""
     digest: _builtins.str
-    """The sha256 digest of the image's OCI manifest, which names the config and the layers in
-    order. Two names with the same digest are the same image.
+    """The sha256 digest of the manifest's exact bytes, as pushed (what `docker push` prints
+    and `docker pull NAME@DIGEST` takes). Two names with the same digest are the same image.
     """
     size_bytes: _builtins.int
     """The total of the config's and the layers' sizes."""
     platform: _builtins.str
-    """The platform from the config, for example "linux/amd64"."""
+    """The platform, for example "linux/amd64": from the config, or for a platform image of an
+    index, from the index. Empty for an index and for artifacts that are not images.
+    """
+    media_type: _builtins.str
+    """The manifest's media type, for example "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json", or for an index
+    "application/vnd.oci.image.index.v1+json" or
+    "application/vnd.docker.distribution.manifest.list.v2+json".
+    """
+    artifact_type: _builtins.str
+    """What kind of artifact this is, as the OCI referrers API names it: the manifest's
+    artifactType, or else its config's media type ("application/vnd.oci.image.config.v1+json"
+    for an image). Empty for an index.
+    """
     @_builtins.property
     def config(self) -> Global___Descriptor:
-        """The image's config blob."""
+        """The image's config blob; unset for an index."""
 
     @_builtins.property
     def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Descriptor]:
-        """The image's layers, base layer first."""
+        """The image's layers, base layer first; empty for an index."""
 
     @_builtins.property
     def diff_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -108,6 +131,12 @@ class Image(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When this name was last pushed to the server."""
 
+    @_builtins.property
+    def manifests(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
+        """For an index: its platform images, in the index's order, each with its own digest,
+        config, layers and platform. Rollouts give every host the image for its platform.
+        """
+
     def __init__(
         self,
         *,
@@ -122,10 +151,13 @@ class Image(_message.Message):
         build_time: _timestamp_pb2.Timestamp | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         platform: _builtins.str = ...,
+        media_type: _builtins.str = ...,
+        artifact_type: _builtins.str = ...,
+        manifests: _abc.Iterable[Global___Image] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["build_time", b"build_time", "config", b"config", "create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_time", b"build_time", "config", b"config", "create_time", b"create_time", "diff_ids", b"diff_ids", "digest", b"digest", "layers", b"layers", "name", b"name", "platform", b"platform", "repository", b"repository", "size_bytes", b"size_bytes", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_type", b"artifact_type", "build_time", b"build_time", "config", b"config", "create_time", b"create_time", "diff_ids", b"diff_ids", "digest", b"digest", "layers", b"layers", "manifests", b"manifests", "media_type", b"media_type", "name", b"name", "platform", b"platform", "repository", b"repository", "size_bytes", b"size_bytes", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -329,7 +329,7 @@ class ListImagesResponse(_message.Message):
     """The token for the next page; empty when this is the last."""
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[_image_pb2.Image]:
-        """The images of this page, ordered by name."""
+        """The images of this page, ordered by name: every tag, with what it points at."""
 
     def __init__(
         self,

@@ -28,12 +28,14 @@ GRPC_VERSION: str
 
 class ImageServiceStub:
     """The registry: images as manifests over content-addressed blobs, and the torrents the
-    server seeds them with.
+    server seeds them with. The server also speaks the OCI Distribution API (the Docker
+    registry protocol) over HTTP, from the same store: an image pushed with `docker push` is
+    one of these images, and one recorded with PutImage can be pulled with `docker pull`.
 
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
     SIZE_MISMATCH, UPLOAD_HEADER_MISSING, UPLOAD_TRAILER_MISSING, INVALID_IMAGE,
-    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE. The ErrorInfo
+    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE, MANIFEST_IN_USE. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -60,8 +62,9 @@ class ImageServiceStub:
     CANCELLED when the client goes away (nothing is kept).
     """
     PutImage: _grpc.UnaryUnaryMultiCallable[_image_service_pb2.PutImageRequest, _image_service_pb2.PutImageResponse]
-    """Records an image under a repository:tag name, pointing at blobs the server holds. A name
-    that exists is moved to the new image, as `docker tag` does.
+    """Records an image under a repository:tag name, pointing at blobs the server holds: the
+    server writes an OCI image manifest for it (compact JSON, sorted keys), whose digest is
+    the image's. A name that exists is moved to the new image, as `docker tag` does.
     Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_DIGEST, INVALID_IMAGE);
     FAILED_PRECONDITION (BLOB_NOT_FOUND) when a named blob has not been uploaded.
     """
@@ -76,9 +79,13 @@ class ImageServiceStub:
     returned or the page size is negative.
     """
     DeleteImage: _grpc.UnaryUnaryMultiCallable[_image_service_pb2.DeleteImageRequest, _image_service_pb2.DeleteImageResponse]
-    """Removes one image name. Blobs no other image uses are deleted and stop being seeded;
-    blobs still used stay.
-    Errors: INVALID_ARGUMENT (INVALID_REFERENCE); NOT_FOUND (IMAGE_NOT_FOUND).
+    """Removes one image name, and the image itself when no other name (and no index) names
+    it; by digest, the image and every name of it in its repository (an index takes its
+    platform images that nothing else names). Blobs no image uses any more are deleted and
+    stop being seeded, except those a rollout in flight still fetches: they go once it is
+    done. Blobs still used stay.
+    Errors: INVALID_ARGUMENT (INVALID_REFERENCE); NOT_FOUND (IMAGE_NOT_FOUND);
+    FAILED_PRECONDITION (MANIFEST_IN_USE) for a digest that an index includes.
     """
     ReadBlob: _grpc.UnaryStreamMultiCallable[_image_service_pb2.ReadBlobRequest, _image_service_pb2.ReadBlobResponse]
     """Streams a blob's bytes, from an offset. The fallback when BitTorrent cannot deliver.
@@ -94,12 +101,14 @@ class ImageServiceStub:
 @_typing.type_check_only
 class ImageServiceAsyncStub(ImageServiceStub):
     """The registry: images as manifests over content-addressed blobs, and the torrents the
-    server seeds them with.
+    server seeds them with. The server also speaks the OCI Distribution API (the Docker
+    registry protocol) over HTTP, from the same store: an image pushed with `docker push` is
+    one of these images, and one recorded with PutImage can be pulled with `docker pull`.
 
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
     SIZE_MISMATCH, UPLOAD_HEADER_MISSING, UPLOAD_TRAILER_MISSING, INVALID_IMAGE,
-    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE. The ErrorInfo
+    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE, MANIFEST_IN_USE. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -123,8 +132,9 @@ class ImageServiceAsyncStub(ImageServiceStub):
     CANCELLED when the client goes away (nothing is kept).
     """
     PutImage: _aio.UnaryUnaryMultiCallable[_image_service_pb2.PutImageRequest, _image_service_pb2.PutImageResponse]  # type: ignore[assignment]
-    """Records an image under a repository:tag name, pointing at blobs the server holds. A name
-    that exists is moved to the new image, as `docker tag` does.
+    """Records an image under a repository:tag name, pointing at blobs the server holds: the
+    server writes an OCI image manifest for it (compact JSON, sorted keys), whose digest is
+    the image's. A name that exists is moved to the new image, as `docker tag` does.
     Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_DIGEST, INVALID_IMAGE);
     FAILED_PRECONDITION (BLOB_NOT_FOUND) when a named blob has not been uploaded.
     """
@@ -139,9 +149,13 @@ class ImageServiceAsyncStub(ImageServiceStub):
     returned or the page size is negative.
     """
     DeleteImage: _aio.UnaryUnaryMultiCallable[_image_service_pb2.DeleteImageRequest, _image_service_pb2.DeleteImageResponse]  # type: ignore[assignment]
-    """Removes one image name. Blobs no other image uses are deleted and stop being seeded;
-    blobs still used stay.
-    Errors: INVALID_ARGUMENT (INVALID_REFERENCE); NOT_FOUND (IMAGE_NOT_FOUND).
+    """Removes one image name, and the image itself when no other name (and no index) names
+    it; by digest, the image and every name of it in its repository (an index takes its
+    platform images that nothing else names). Blobs no image uses any more are deleted and
+    stop being seeded, except those a rollout in flight still fetches: they go once it is
+    done. Blobs still used stay.
+    Errors: INVALID_ARGUMENT (INVALID_REFERENCE); NOT_FOUND (IMAGE_NOT_FOUND);
+    FAILED_PRECONDITION (MANIFEST_IN_USE) for a digest that an index includes.
     """
     ReadBlob: _aio.UnaryStreamMultiCallable[_image_service_pb2.ReadBlobRequest, _image_service_pb2.ReadBlobResponse]  # type: ignore[assignment]
     """Streams a blob's bytes, from an offset. The fallback when BitTorrent cannot deliver.
@@ -156,12 +170,14 @@ class ImageServiceAsyncStub(ImageServiceStub):
 
 class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
     """The registry: images as manifests over content-addressed blobs, and the torrents the
-    server seeds them with.
+    server seeds them with. The server also speaks the OCI Distribution API (the Docker
+    registry protocol) over HTTP, from the same store: an image pushed with `docker push` is
+    one of these images, and one recorded with PutImage can be pulled with `docker pull`.
 
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
     SIZE_MISMATCH, UPLOAD_HEADER_MISSING, UPLOAD_TRAILER_MISSING, INVALID_IMAGE,
-    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE. The ErrorInfo
+    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE, MANIFEST_IN_USE. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -201,8 +217,9 @@ class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _image_service_pb2.PutImageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_image_service_pb2.PutImageResponse, _abc.Awaitable[_image_service_pb2.PutImageResponse]]:
-        """Records an image under a repository:tag name, pointing at blobs the server holds. A name
-        that exists is moved to the new image, as `docker tag` does.
+        """Records an image under a repository:tag name, pointing at blobs the server holds: the
+        server writes an OCI image manifest for it (compact JSON, sorted keys), whose digest is
+        the image's. A name that exists is moved to the new image, as `docker tag` does.
         Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_DIGEST, INVALID_IMAGE);
         FAILED_PRECONDITION (BLOB_NOT_FOUND) when a named blob has not been uploaded.
         """
@@ -235,9 +252,13 @@ class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _image_service_pb2.DeleteImageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_image_service_pb2.DeleteImageResponse, _abc.Awaitable[_image_service_pb2.DeleteImageResponse]]:
-        """Removes one image name. Blobs no other image uses are deleted and stop being seeded;
-        blobs still used stay.
-        Errors: INVALID_ARGUMENT (INVALID_REFERENCE); NOT_FOUND (IMAGE_NOT_FOUND).
+        """Removes one image name, and the image itself when no other name (and no index) names
+        it; by digest, the image and every name of it in its repository (an index takes its
+        platform images that nothing else names). Blobs no image uses any more are deleted and
+        stop being seeded, except those a rollout in flight still fetches: they go once it is
+        done. Blobs still used stay.
+        Errors: INVALID_ARGUMENT (INVALID_REFERENCE); NOT_FOUND (IMAGE_NOT_FOUND);
+        FAILED_PRECONDITION (MANIFEST_IN_USE) for a digest that an index includes.
         """
 
     @_abc_1.abstractmethod

@@ -81,6 +81,8 @@ class RolloutHost(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     FIRST_PIECE_BYTES_FIELD_NUMBER: _builtins.int
+    IMAGE_DIGEST_FIELD_NUMBER: _builtins.int
+    PLATFORM_FIELD_NUMBER: _builtins.int
     agent_name: _builtins.str
     """The agent's name."""
     order_id: _builtins.str
@@ -115,6 +117,12 @@ class RolloutHost(_message.Message):
     """Bytes of first pieces the server handed the host over gRPC (not part of
     bittorrent_bytes): with server_bytes, what the server sent it.
     """
+    image_digest: _builtins.str
+    """The digest of the image this host gets: the rollout's image, or for a multi-platform
+    index, the image for the host's platform.
+    """
+    platform: _builtins.str
+    """The platform of the image this host gets, for example "linux/arm64/v8"."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When the host was sent its order."""
@@ -144,10 +152,12 @@ class RolloutHost(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         first_piece_bytes: _builtins.int = ...,
+        image_digest: _builtins.str = ...,
+        platform: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "bittorrent_bytes", b"bittorrent_bytes", "cached_bytes", b"cached_bytes", "done_bytes", b"done_bytes", "done_pieces", b"done_pieces", "end_time", b"end_time", "error", b"error", "fallback_bytes", b"fallback_bytes", "first_piece_bytes", b"first_piece_bytes", "image_id", b"image_id", "order_id", b"order_id", "peer_count", b"peer_count", "rate_bytes_per_second", b"rate_bytes_per_second", "server_bytes", b"server_bytes", "start_time", b"start_time", "state", b"state", "total_bytes", b"total_bytes", "total_pieces", b"total_pieces"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "bittorrent_bytes", b"bittorrent_bytes", "cached_bytes", b"cached_bytes", "done_bytes", b"done_bytes", "done_pieces", b"done_pieces", "end_time", b"end_time", "error", b"error", "fallback_bytes", b"fallback_bytes", "first_piece_bytes", b"first_piece_bytes", "image_digest", b"image_digest", "image_id", b"image_id", "order_id", b"order_id", "peer_count", b"peer_count", "platform", b"platform", "rate_bytes_per_second", b"rate_bytes_per_second", "server_bytes", b"server_bytes", "start_time", b"start_time", "state", b"state", "total_bytes", b"total_bytes", "total_pieces", b"total_pieces"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -42,13 +42,17 @@ def image_to_pb(image: Image) -> image_pb2.Image:
         repository=image.repository,
         tag=image.tag,
         digest=image.digest,
-        config=descriptor_to_pb(image.config),
         layers=[descriptor_to_pb(layer) for layer in image.layers],
         diff_ids=list(image.diff_ids),
         size_bytes=image.size,
         create_time=timestamp(image.create_time),
         platform=image.platform,
+        media_type=image.media_type,
+        artifact_type=image.artifact_type,
+        manifests=[image_to_pb(m) for m in image.manifests],
     )
+    if image.config is not None:
+        msg.config.CopyFrom(descriptor_to_pb(image.config))
     if image.build_time is not None:
         msg.build_time.CopyFrom(timestamp(image.build_time))
     return msg
@@ -89,6 +93,7 @@ def agent_info_from_pb(hello: agent_pb2.Hello) -> AgentInfo:
         docker_error=hello.docker_error,
         disk_free_bytes=hello.disk_free_bytes,
         cached_digests=tuple(hello.cached_digests),
+        platform=hello.platform,
     )
 
 
@@ -107,6 +112,7 @@ def agent_to_pb(record: AgentRecord) -> agent_pb2.Agent:
         docker_error=info.docker_error,
         disk_free_bytes=info.disk_free_bytes,
         cached_digests=list(info.cached_digests),
+        platform=info.platform,
         connect_time=timestamp(record.connect_time),
         last_seen_time=timestamp(record.last_seen_time),
         create_time=timestamp(record.create_time),
@@ -151,6 +157,8 @@ def pull_order_to_pb(
     task: Task, peers: list[PeerRef], *, first_pieces: bool
 ) -> agent_pb2.PullOrder:
     image = task.image
+    if image.config is None:
+        raise ValueError(f"order {task.order_id}: {image.name} is not a runnable image")
     return agent_pb2.PullOrder(
         order_id=task.order_id,
         image_name=image.name,
@@ -218,6 +226,8 @@ def rollout_host_to_pb(task: Task) -> rollout_pb2.RolloutHost:
         server_bytes=task.server_bytes,
         fallback_bytes=task.fallback_bytes,
         first_piece_bytes=task.first_piece_bytes,
+        image_digest=task.image.digest,
+        platform=task.image.platform,
     )
     if task.start_time is not None:
         msg.start_time.CopyFrom(timestamp(task.start_time))

@@ -22,6 +22,7 @@ import structlog
 
 from docket_common.digest import is_digest
 from docket_common.errors import Reason
+from docket_common.manifest import Platform
 from docket_common.selector import InvalidSelectorError, Selector, is_label, is_name, parse_selector
 from docket_server.domain.errors import (
     AlreadyExists,
@@ -58,6 +59,7 @@ class AgentInfo:
     docker_error: str = ""
     disk_free_bytes: int = 0
     cached_digests: tuple[str, ...] = ()
+    platform: str = ""  # "linux/amd64": what an index's image is chosen by
 
 
 @dataclass(frozen=True)
@@ -341,3 +343,8 @@ def _validate(info: AgentInfo) -> None:
     for digest in info.cached_digests:
         if not is_digest(digest):
             raise bad(f"invalid cached digest {digest!r}")
+    if info.platform:
+        try:
+            Platform.parse(info.platform)
+        except ValueError as e:
+            raise bad(str(e)) from None

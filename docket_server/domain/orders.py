@@ -107,6 +107,9 @@ class Task:
     start_time: datetime | None = None
     end_time: datetime | None = None
     first_piece_bytes: int = 0
+    # When the rollout's image is an index: its digest (``image`` is then this host's
+    # platform's image from it).
+    index_digest: str = ""
 
     @property
     def total_bytes(self) -> int:
@@ -158,6 +161,10 @@ class OrderBook:
         self.sink: OrderSink | None = None
         self.tasks: dict[str, Task] = {}
         self._listeners: list[Callable[[Task], None]] = []
+
+    def blobs_in_flight(self) -> set[str]:
+        """The blobs of every task not done yet (queued ones too: they will fetch them)."""
+        return {d for t in self.tasks.values() if not t.state.terminal for d in t.blobs}
 
     def listen(self, callback: Callable[[Task], None]) -> None:
         self._listeners.append(callback)

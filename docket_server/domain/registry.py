@@ -15,26 +15,47 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Protocol
 
 import structlog
 
-from docket_common.digest import InvalidDigestError, check_digest
+from docket_common.digest import InvalidDigestError, check_digest, is_digest, sha256_digest
 from docket_common.errors import Reason
-from docket_common.reference import InvalidReferenceError, Reference, parse_reference
+from docket_common.manifest import (
+    IMAGE_CONFIG_TYPES,
+    OCI_CONFIG,
+    OCI_LAYER,
+    ManifestError,
+    ParsedManifest,
+    oci_manifest,
+    parse_manifest,
+)
+from docket_common.reference import (
+    InvalidReferenceError,
+    Reference,
+    is_repository,
+    is_tag,
+    parse_reference,
+)
 from docket_common.timefmt import parse_rfc3339
-from docket_common.torrent import TorrentInfo, make_torrent, piece_length_for
+from docket_common.torrent import TorrentInfo, make_torrent
 from docket_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
-from docket_server.domain.models import Blob, Descriptor, Image
-from docket_server.store.blobs import BlobStore
-from docket_server.store.metadata import MetadataStore, MissingBlobsError
+from docket_server.domain.models import Blob, Descriptor, Image, Manifest
+from docket_server.store.blobs import BlobStore, BlobWriter
+from docket_server.store.metadata import (
+    DeleteResult,
+    ManifestInUseError,
+    MetadataStore,
+    MissingBlobsError,
+    MissingManifestsError,
+)
 
 log = structlog.get_logger()
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 
 
 class BlobSeeder(Protocol):
@@ -85,6 +106,12 @@ class Registry:
         # Serialises what one process does to one digest: the commit of an upload against the
         # deletion of the same blob.
         self._blob_locks = _KeyedLocks()
+        # The blobs that rollouts in flight fetch (the order book says): not deleted under
+        # them when their last manifest goes, but once they are done.
+        self.needed_blobs: Callable[[], set[str]] = set
+        self._deferred: set[str] = set()
+        self._collecting = asyncio.Lock()
+        self._collector: asyncio.Future[None] | None = None
 
     async def reseed_all(self) -> int:
         """Seeds every stored blob again, as after a restart: no hashing up front."""
@@ -102,7 +129,7 @@ class Registry:
 
     async def stat_blobs(self, digests: Sequence[str]) -> list[str]:
         for d in digests:
-            _digest(d)
+            valid_digest(d)
         present = await self.metadata.present_digests(digests)
         return [d for d in dict.fromkeys(digests) if d not in present or not self.blobs.exists(d)]
 
@@ -117,32 +144,34 @@ class Registry:
         ``digest`` is taken from ``named_after()`` once the bytes are in; if that is empty
         too, the blob is stored under the sha256 of its bytes."""
         if digest or named_after is None:
-            _digest(digest)
+            valid_digest(digest)
         if size < 0:
             raise InvalidArgument(
                 Reason.SIZE_MISMATCH,
                 f"negative size {size} for blob {digest or '(named later)'}",
                 digest=digest,
             )
-        piece_length = piece_length_for(size)
-        writer = self.blobs.writer(digest, size, piece_length)
-        writing: asyncio.Future[None] | None = None
+        writer = self.blobs.writer(digest, size)
         try:
-            # Chunk n is hashed and written (in a thread) while chunk n + 1 comes in.
-            async for chunk in chunks:
-                if writing is not None:
-                    await writing
-                writing = asyncio.ensure_future(writer.write(chunk))
-            if writing is not None:
-                await writing
+            await write_chunks(writer, chunks)
             if not digest and named_after is not None:
                 digest = named_after()
-                digest = _digest(digest) if digest else writer.content_digest()
+                digest = valid_digest(digest) if digest else writer.content_digest()
+        except BaseException:
+            writer.abort()
+            raise
+        return await self.commit_blob(writer, digest)
+
+    async def commit_blob(self, writer: BlobWriter, digest: str) -> UploadResult:
+        """Stores what ``writer`` holds under ``digest`` if its bytes hash to it, records the
+        blob and seeds it; drops the bytes otherwise."""
+        try:
             async with self._blob_locks.hold(digest):
-                pieces = await writer.commit(digest)
+                piece_length, pieces = await writer.commit(digest)
                 existing = await self.metadata.get_blob(digest)
                 if existing is not None:
                     return UploadResult(existing, already_existed=True)
+                size = writer.written
                 torrent = (
                     make_torrent(digest, size, piece_length, pieces, self.announce_url)
                     if size > 0
@@ -151,16 +180,33 @@ class Registry:
                 blob = Blob(digest, size, datetime.now(UTC), torrent)
                 await self.metadata.add_blob(blob)
         except BaseException:
-            if writing is not None and not writing.done():
-                # Let the chunk in hand finish (its thread would run on anyway), then drop all.
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(writing)
             writer.abort()
             raise
         if torrent is not None:
             self.seeder.seed(blob)
         log.info("blob stored", digest=digest, size_bytes=size, pieces=len(pieces) // 20)
         return UploadResult(blob, already_existed=False)
+
+    async def mountable_blob(self, digest: str) -> str | None:
+        """The digest, when the server holds that blob: blobs are shared by every repository,
+        so a registry "mount" from another repository is a lookup."""
+        if not is_digest(digest):
+            return None
+        blob = await self.metadata.get_blob(digest)
+        return digest if blob is not None and self.blobs.exists(digest) else None
+
+    @staticmethod
+    def check_repository(name: str) -> str:
+        """``name`` when it is a repository name; else INVALID_ARGUMENT (INVALID_REFERENCE)."""
+        return _repository(name)
+
+    async def blob_file(self, digest: str) -> tuple[Blob, Path]:
+        """A stored blob and the file that holds it, for serving it as it is."""
+        blob = await self._blob(digest)
+        path = self.blobs.local_path(digest)
+        if not path.is_file():
+            raise NotFound(Reason.BLOB_NOT_FOUND, f"blob {digest} not found", digest=digest)
+        return blob, path
 
     async def read_blob(self, digest: str, offset: int, length: int) -> AsyncIterator[bytes]:
         blob = await self._blob(digest)
@@ -200,14 +246,268 @@ class Registry:
         return blob.torrent
 
     async def _blob(self, digest: str) -> Blob:
-        blob = await self.metadata.get_blob(_digest(digest))
+        blob = await self.metadata.get_blob(valid_digest(digest))
         if blob is None:
             raise NotFound(Reason.BLOB_NOT_FOUND, f"blob {digest} not found", digest=digest)
         return blob
 
-    # Images
+    # Manifests, as the registry protocol has them
+
+    async def put_manifest(
+        self, repository: str, reference: str, content: bytes, content_type: str = ""
+    ) -> Manifest:
+        """Stores a manifest (or index) as pushed, in ``repository``, under ``reference``: a
+        tag, which then points at it, or its digest. Everything it names must be stored:
+        blobs for an image manifest, manifests of the same repository for an index."""
+        _repository(repository)
+        tag = None
+        if is_digest(reference) or ":" in reference:
+            valid_digest(reference)
+        else:
+            tag = _tag(reference)
+        try:
+            parsed = parse_manifest(content, content_type)
+        except ManifestError as e:
+            raise InvalidArgument(Reason.INVALID_MANIFEST, str(e), name=repository) from e
+        digest = sha256_digest(content)
+        if tag is None and digest != reference:
+            raise InvalidArgument(
+                Reason.DIGEST_MISMATCH,
+                f"the manifest's bytes hash to {digest}, not {reference}",
+                expected=reference,
+                actual=digest,
+            )
+        manifest = await self._manifest_of(repository, digest, content, parsed)
+        return await self._record(manifest, tag)
+
+    async def _manifest_of(
+        self, repository: str, digest: str, content: bytes, parsed: ParsedManifest
+    ) -> Manifest:
+        diff_ids: tuple[str, ...] = ()
+        build_time = None
+        platform = ""
+        if parsed.config is not None:
+            await self._check_blob_sizes((parsed.config, *parsed.layers))
+            if parsed.config.media_type in IMAGE_CONFIG_TYPES:
+                config = await self._read_config(parsed.config)
+                rootfs = config.get("rootfs")
+                ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+                if not isinstance(ids, list) or len(ids) != len(parsed.layers):
+                    raise InvalidArgument(
+                        Reason.INVALID_IMAGE,
+                        f"the config lists {len(ids) if isinstance(ids, list) else 'no'} "
+                        f"layer diff_ids but the manifest names {len(parsed.layers)} layers",
+                        config=parsed.config.digest,
+                    )
+                diff_ids = tuple(str(d) for d in ids)
+                build_time = parse_rfc3339(config.get("created"))
+                platform = "/".join(
+                    str(config[k]) for k in ("os", "architecture", "variant") if config.get(k)
+                )
+        if parsed.manifests:
+            children = {
+                m.digest: m
+                for m in await self.metadata.get_manifests(
+                    repository, [c.digest for c in parsed.manifests]
+                )
+            }
+            missing = [c.digest for c in parsed.manifests if c.digest not in children]
+            if missing:
+                raise FailedPrecondition(
+                    Reason.IMAGE_NOT_FOUND,
+                    f"the index names manifests {repository} does not hold: {', '.join(missing)}",
+                    digests=",".join(missing),
+                )
+            for i, entry in enumerate(parsed.manifests):
+                child = children[entry.digest]
+                if entry.size != len(child.content) or entry.media_type != child.media_type:
+                    raise InvalidArgument(
+                        Reason.INVALID_MANIFEST,
+                        f"manifests[{i}] says {entry.media_type}, {entry.size} bytes, but "
+                        f"{entry.digest} is {child.media_type}, {len(child.content)} bytes",
+                        digest=entry.digest,
+                    )
+        return Manifest(
+            repository=repository,
+            digest=digest,
+            media_type=parsed.media_type,
+            content=content,
+            config=parsed.config,
+            layers=parsed.layers,
+            children=parsed.manifests,
+            subject=parsed.subject,
+            artifact_type=parsed.referrer_type,
+            diff_ids=diff_ids,
+            build_time=build_time,
+            platform=platform,
+            create_time=datetime.now(UTC),
+        )
+
+    async def _record(self, manifest: Manifest, tag: str | None) -> Manifest:
+        try:
+            await self.metadata.put_manifest(manifest, tag)
+        except MissingBlobsError as e:
+            raise FailedPrecondition(
+                Reason.BLOB_NOT_FOUND,
+                f"the manifest names blobs the server does not hold: {', '.join(e.digests)}",
+                digests=",".join(e.digests),
+            ) from e
+        except MissingManifestsError as e:
+            raise FailedPrecondition(
+                Reason.IMAGE_NOT_FOUND,
+                f"the index names manifests {manifest.repository} does not hold: "
+                f"{', '.join(e.digests)}",
+                digests=",".join(e.digests),
+            ) from e
+        log.info(
+            "manifest recorded",
+            repository=manifest.repository,
+            tag=tag,
+            digest=manifest.digest,
+            media_type=manifest.media_type,
+        )
+        return manifest
+
+    async def get_manifest(self, repository: str, reference: str) -> Manifest:
+        """A manifest of ``repository`` by tag or by digest."""
+        _repository(repository)
+        if is_digest(reference) or ":" in reference:
+            found = await self.metadata.get_manifest(repository, valid_digest(reference))
+        else:
+            found = await self.metadata.resolve_tag(repository, _tag(reference))
+        if found is None:
+            raise NotFound(
+                Reason.IMAGE_NOT_FOUND,
+                f"manifest {reference} not found in {repository}",
+                name=f"{repository}{'@' if ':' in reference else ':'}{reference}",
+            )
+        return found
+
+    async def list_tags(self, repository: str, limit: int, last: str) -> tuple[list[str], bool]:
+        """A page of a repository's tags in lexical order, after ``last``; whether there are
+        more."""
+        _repository(repository)
+        limit = _page_size(limit)
+        found = await self.metadata.list_tags(repository, last or None, limit + 1)
+        if not found and not last and not await self.metadata.repository_exists(repository):
+            raise NotFound(
+                Reason.REPOSITORY_NOT_FOUND,
+                f"repository {repository} not found",
+                name=repository,
+            )
+        return found[:limit], len(found) > limit
+
+    async def list_repositories(self, limit: int, last: str) -> tuple[list[str], bool]:
+        limit = _page_size(limit)
+        found = await self.metadata.list_repositories(last or None, limit + 1)
+        return found[:limit], len(found) > limit
+
+    async def referrers(
+        self, repository: str, digest: str, artifact_type: str = ""
+    ) -> list[Manifest]:
+        """The manifests of a repository whose subject is ``digest`` (signatures, SBOMs), of
+        one artifact type when one is given; the subject need not exist."""
+        _repository(repository)
+        found = await self.metadata.referrers(repository, valid_digest(digest))
+        return [m for m in found if not artifact_type or m.artifact_type == artifact_type]
+
+    async def delete_tag(self, repository: str, tag: str) -> None:
+        """Removes a tag; its manifest stays, by digest (the registry protocol's meaning)."""
+        _repository(repository)
+        if not await self.metadata.delete_tag(repository, _tag(tag)):
+            raise NotFound(
+                Reason.IMAGE_NOT_FOUND,
+                f"tag {repository}:{tag} not found",
+                name=f"{repository}:{tag}",
+            )
+        log.info("tag deleted", repository=repository, tag=tag)
+
+    async def delete_manifest(self, repository: str, digest: str) -> DeleteResult:
+        """Removes a manifest and its tags (an index takes its untagged platform manifests
+        with it); then the blobs nothing uses any more, once no rollout needs them."""
+        _repository(repository)
+        try:
+            result = await self.metadata.delete_manifest(repository, valid_digest(digest))
+        except ManifestInUseError as e:
+            raise FailedPrecondition(
+                Reason.MANIFEST_IN_USE,
+                f"{repository}@{digest} is part of the index {', '.join(e.parents)}: delete "
+                "the index first",
+                digest=digest,
+                parents=",".join(e.parents),
+            ) from e
+        if result is None:
+            raise NotFound(
+                Reason.IMAGE_NOT_FOUND,
+                f"manifest {digest} not found in {repository}",
+                name=f"{repository}@{digest}",
+            )
+        deleted = await self._delete_orphans(result.orphaned_digests)
+        log.info(
+            "manifest deleted",
+            repository=repository,
+            digest=digest,
+            tags=result.names,
+            manifests=len(result.manifests),
+            blobs_deleted=len(deleted),
+        )
+        return DeleteResult(result.names, result.manifests, deleted)
+
+    # Orphaned blobs
+
+    async def _delete_orphans(self, digests: Sequence[str]) -> list[str]:
+        """Deletes the blobs no manifest uses, but not those a rollout in flight still
+        fetches: they are remembered and deleted once it is done (collect_deferred)."""
+        needed = self.needed_blobs()
+        later = sorted(d for d in digests if d in needed)
+        if later:
+            await self.metadata.defer_blob_deletes(later)
+            self._deferred.update(later)
+            log.info("blobs kept while rollouts need them", digests=later)
+        deleted = []
+        for digest in await self.metadata.delete_unused_blobs(
+            [d for d in digests if d not in needed]
+        ):
+            async with self._blob_locks.hold(digest):
+                if await self.metadata.get_blob(digest) is not None:
+                    continue  # uploaded again meanwhile: keep it
+                self.seeder.unseed(digest)
+                await self.blobs.delete(digest)
+                deleted.append(digest)
+        return deleted
+
+    async def collect_deferred(self) -> list[str]:
+        """Deletes the deferred blobs that nothing needs now (run when a rollout's host is
+        done, and at start-up); a blob a manifest uses again is kept and forgotten."""
+        async with self._collecting:
+            deferred = await self.metadata.deferred_blob_deletes()
+            self._deferred = set(deferred)
+            needed = self.needed_blobs()
+            ready = [d for d in deferred if d not in needed]
+            if not ready:
+                return []
+            deleted = await self._delete_orphans(ready)
+            await self.metadata.forget_blob_deletes(ready)
+            self._deferred.difference_update(ready)
+            if deleted:
+                log.info("deferred blobs deleted", digests=deleted)
+            return deleted
+
+    def schedule_collect(self) -> None:
+        """Runs collect_deferred soon, when any blob waits for it."""
+        if self._deferred and (self._collector is None or self._collector.done()):
+            self._collector = asyncio.ensure_future(self._collect_logged())
+
+    async def _collect_logged(self) -> None:
+        try:
+            await self.collect_deferred()
+        except Exception:
+            log.exception("cannot delete deferred blobs")
+
+    # Images, as the gRPC API and docketctl show them
 
     async def put_image(self, name: str, config: Descriptor, layers: Sequence[Descriptor]) -> Image:
+        """Records the image under a tag with the OCI manifest Docket writes for it."""
         ref = _reference(name)
         if ref.digest is not None or ref.tag is None:
             raise InvalidArgument(
@@ -216,40 +516,119 @@ class Registry:
                 name=name,
             )
         for d in (config, *layers):
-            _digest(d.digest)
-        parsed = await self._read_config(config)
-        rootfs = parsed.get("rootfs")
-        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-        if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
-            raise InvalidArgument(
-                Reason.INVALID_IMAGE,
-                f"the config lists {len(diff_ids) if isinstance(diff_ids, list) else 'no'} "
-                f"layer diff_ids but the image names {len(layers)} layers",
-                config=config.digest,
+            valid_digest(d.digest)
+        config = Descriptor(config.digest, config.size, config.media_type or OCI_CONFIG)
+        layers = [Descriptor(d.digest, d.size, d.media_type or OCI_LAYER) for d in layers]
+        content = oci_manifest(config, layers)
+        try:
+            parsed = parse_manifest(content)
+        except ManifestError as e:
+            raise InvalidArgument(Reason.INVALID_IMAGE, str(e), name=name) from e
+        await self._read_config(config)  # a missing config is BLOB_NOT_FOUND before the rest
+        manifest = await self._manifest_of(ref.repository, sha256_digest(content), content, parsed)
+        await self._record(manifest, ref.tag)
+        return self._image(manifest, ref.tag, [])
+
+    async def get_image(self, name: str) -> Image:
+        return (await self._images(name))[0]
+
+    async def _images(self, name: str) -> list[Image]:
+        """The images a name means: one for a tag; for a digest, the manifest under each of
+        its tags (or once, by digest, when it has none)."""
+        ref = _reference(name)
+        if ref.digest is not None:
+            manifest = await self.metadata.get_manifest(ref.repository, ref.digest)
+            tags = await self.metadata.tags_of(ref.repository, ref.digest) if manifest else []
+        else:
+            manifest = await self.metadata.resolve_tag(ref.repository, ref.tag or "latest")
+            tags = [ref.tag or "latest"]
+        if manifest is None:
+            raise NotFound(Reason.IMAGE_NOT_FOUND, f"image {ref.name} not found", name=ref.name)
+        children = await self._children(manifest)
+        return [self._image(manifest, tag, children) for tag in tags or [""]]
+
+    async def _children(self, manifest: Manifest) -> list[Manifest]:
+        if not manifest.children:
+            return []
+        found = {
+            m.digest: m
+            for m in await self.metadata.get_manifests(
+                manifest.repository, [c.digest for c in manifest.children]
             )
-        image = Image(
-            repository=ref.repository,
-            tag=ref.tag,
-            config=Descriptor(config.digest, config.size, config.media_type or OCI_CONFIG),
-            layers=tuple(layers),
-            diff_ids=tuple(str(d) for d in diff_ids),
-            build_time=parse_rfc3339(parsed.get("created")),
-            create_time=datetime.now(UTC),
-            platform="/".join(
-                str(parsed[k]) for k in ("os", "architecture", "variant") if parsed.get(k)
+        }
+        return [found[c.digest] for c in manifest.children if c.digest in found]
+
+    def _image(self, manifest: Manifest, tag: str, children: Sequence[Manifest]) -> Image:
+        platforms = {c.digest: c.platform for c in manifest.children}
+        return Image(
+            repository=manifest.repository,
+            tag=tag,
+            config=manifest.config,
+            layers=manifest.layers,
+            diff_ids=manifest.diff_ids,
+            build_time=manifest.build_time,
+            create_time=manifest.create_time,
+            platform=manifest.platform,
+            digest=manifest.digest,
+            media_type=manifest.media_type,
+            artifact_type=manifest.artifact_type,
+            manifests=tuple(
+                Image(
+                    repository=child.repository,
+                    tag="",
+                    config=child.config,
+                    layers=child.layers,
+                    diff_ids=child.diff_ids,
+                    build_time=child.build_time,
+                    create_time=child.create_time,
+                    platform=str(platforms.get(child.digest) or child.platform),
+                    digest=child.digest,
+                    media_type=child.media_type,
+                    artifact_type=child.artifact_type,
+                )
+                for child in children
             ),
         )
-        await self._check_sizes(image)
+
+    async def list_images(self, page_size: int, page_token: str) -> tuple[list[Image], str]:
+        if page_size < 0:
+            raise InvalidArgument(Reason.INVALID_PAGE_TOKEN, f"negative page_size {page_size}")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = _decode_token(page_token) if page_token else None
+        found = await self.metadata.list_tagged(after, size + 1)
+        page = [
+            self._image(t.manifest, t.tag, await self._children(t.manifest)) for t in found[:size]
+        ]
+        next_token = _encode_token(page[-1]) if len(found) > size else ""
+        return page, next_token
+
+    async def delete_image(self, name: str) -> tuple[list[str], list[str]]:
+        """`docketctl rm`: a tag goes, and its manifest with it when no other tag names it (and
+        no index includes it); a digest takes the manifest and all its tags. Returns the names
+        removed and the blobs deleted."""
+        ref = _reference(name)
+        if ref.digest is None:
+            tag = ref.tag or "latest"
+            manifest = await self.metadata.resolve_tag(ref.repository, tag)
+            if manifest is None:
+                raise NotFound(Reason.IMAGE_NOT_FOUND, f"image {ref.name} not found", name=ref.name)
+            others = [t for t in await self.metadata.tags_of(ref.repository, manifest.digest)]
+            if others != [tag]:
+                await self.delete_tag(ref.repository, tag)
+                return [ref.name], []
+            try:
+                result = await self.delete_manifest(ref.repository, manifest.digest)
+            except FailedPrecondition:  # part of an index: only the name goes
+                await self.delete_tag(ref.repository, tag)
+                return [ref.name], []
+            return result.names, result.orphaned_digests
         try:
-            await self.metadata.put_image(image)
-        except MissingBlobsError as e:
-            raise FailedPrecondition(
-                Reason.BLOB_NOT_FOUND,
-                f"image {image.name} names blobs the server does not hold: {', '.join(e.digests)}",
-                digests=",".join(e.digests),
-            ) from e
-        log.info("image recorded", image=image.name, digest=image.digest, size_bytes=image.size)
-        return image
+            result = await self.delete_manifest(ref.repository, ref.digest)
+        except NotFound:
+            raise NotFound(
+                Reason.IMAGE_NOT_FOUND, f"image {ref.name} not found", name=ref.name
+            ) from None
+        return result.names or [ref.name], result.orphaned_digests
 
     async def _read_config(self, config: Descriptor) -> dict[str, object]:
         blob = await self.metadata.get_blob(config.digest)
@@ -282,10 +661,14 @@ class Registry:
             )
         return parsed
 
-    async def _check_sizes(self, image: Image) -> None:
-        for d in (image.config, *image.layers):
+    async def _check_blob_sizes(self, descriptors: Sequence[Descriptor]) -> None:
+        present = {}
+        for d in descriptors:
             blob = await self.metadata.get_blob(d.digest)
-            if blob is not None and blob.size != d.size:
+            if blob is None:
+                continue  # named in the error the store raises, with every other one missing
+            present[d.digest] = blob
+            if blob.size != d.size:
                 raise InvalidArgument(
                     Reason.SIZE_MISMATCH,
                     f"blob {d.digest} is {blob.size} bytes, not {d.size}",
@@ -293,45 +676,66 @@ class Registry:
                     expected=blob.size,
                     actual=d.size,
                 )
-
-    async def get_image(self, name: str) -> Image:
-        return (await self._images(name))[0]
-
-    async def _images(self, name: str) -> list[Image]:
-        ref = _reference(name)
-        if ref.digest is not None:
-            found = await self.metadata.find_images_by_digest(ref.repository, ref.digest)
-        else:
-            image = await self.metadata.get_image(ref.repository, ref.tag or "latest")
-            found = [image] if image else []
-        if not found:
-            raise NotFound(Reason.IMAGE_NOT_FOUND, f"image {ref.name} not found", name=ref.name)
-        return found
-
-    async def list_images(self, page_size: int, page_token: str) -> tuple[list[Image], str]:
-        if page_size < 0:
-            raise InvalidArgument(Reason.INVALID_PAGE_TOKEN, f"negative page_size {page_size}")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = _decode_token(page_token) if page_token else None
-        found = await self.metadata.list_images(after, size + 1)
-        page = found[:size]
-        next_token = _encode_token(page[-1]) if len(found) > size else ""
-        return page, next_token
-
-    async def delete_image(self, name: str) -> tuple[list[str], list[str]]:
-        images = await self._images(name)
-        result = await self.metadata.delete_images([(i.repository, i.tag) for i in images])
-        for digest in result.orphaned_digests:
-            async with self._blob_locks.hold(digest):
-                if await self.metadata.get_blob(digest) is not None:
-                    continue  # uploaded again meanwhile: keep it
-                self.seeder.unseed(digest)
-                await self.blobs.delete(digest)
-        log.info("image deleted", names=result.names, blobs_deleted=len(result.orphaned_digests))
-        return result.names, result.orphaned_digests
+        missing = [d.digest for d in descriptors if d.digest not in present]
+        if missing:
+            raise FailedPrecondition(
+                Reason.BLOB_NOT_FOUND,
+                f"the manifest names blobs the server does not hold: "
+                f"{', '.join(dict.fromkeys(missing))}",
+                digests=",".join(dict.fromkeys(missing)),
+            )
 
 
-def _digest(value: str) -> str:
+async def write_chunks(writer: BlobWriter, chunks: AsyncIterator[bytes]) -> None:
+    """Writes chunks as they come: chunk n is hashed and written (in threads) while chunk
+    n + 1 arrives. On an error the chunk in hand is let finish (its thread would run on
+    anyway); the caller aborts the writer."""
+    writing: asyncio.Future[None] | None = None
+    try:
+        async for chunk in chunks:
+            if writing is not None:
+                await writing
+            writing = asyncio.ensure_future(writer.write(chunk))
+        if writing is not None:
+            await writing
+    except BaseException:
+        if writing is not None and not writing.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(writing)
+        raise
+
+
+def _repository(name: str) -> str:
+    if not is_repository(name):
+        raise InvalidArgument(
+            Reason.INVALID_REFERENCE,
+            f"invalid repository name {name!r}: lowercase letters, digits and separators "
+            "(. _ - /), like 'perl' or 'team/app'",
+            name=name,
+            part="repository",
+        )
+    return name
+
+
+def _tag(tag: str) -> str:
+    if not is_tag(tag):
+        raise InvalidArgument(
+            Reason.INVALID_REFERENCE,
+            f"invalid tag {tag!r}: 1-128 of [A-Za-z0-9_.-], not starting with . or -",
+            name=tag,
+            part="tag",
+        )
+    return tag
+
+
+def _page_size(limit: int) -> int:
+    if limit < 0:
+        raise InvalidArgument(Reason.INVALID_PAGE_TOKEN, f"negative page size {limit}")
+    return min(limit or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def valid_digest(value: str) -> str:
+    """``value`` when it is a well-formed digest; else INVALID_ARGUMENT (INVALID_DIGEST)."""
     try:
         return check_digest(value)
     except InvalidDigestError as e:

@@ -25,6 +25,7 @@ from typing import Protocol
 import structlog
 
 from docket_common.errors import Reason
+from docket_common.manifest import Descriptor, Platform, select_platform
 from docket_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from docket_server.domain.fleet import Fleet
 from docket_server.domain.models import Blob, Image
@@ -140,15 +141,17 @@ class Rollouts:
             rollout = await self.store.load_rollout(rollout_id)
             if rollout is None:
                 continue
-            blobs = await self._blobs(rollout.image, missing_ok=True)
             self.rollouts[rollout.id] = rollout
+            gone = False
             for task in rollout.tasks.values():
-                task.blobs = blobs
+                task.blobs = await self._blobs(task.image, missing_ok=True)
+                if not task.state.terminal and len(task.blobs) < len(set(task.image.blob_digests)):
+                    gone = True
                 self._recorded[task.order_id] = task.state
                 self.orders.add(task)
             log.info("rollout resumed", rollout=rollout.id, image=rollout.image.name)
             self._arm_deadline(rollout)
-            if len(blobs) < len(set(rollout.image.blob_digests)):
+            if gone:
                 self._stop(rollout, "the image's blobs are gone from the server")
             self._advance(rollout)
 
@@ -189,12 +192,22 @@ class Rollouts:
                 Reason.INVALID_ROLLOUT, f"the timeout must be between 0 and {MAX_TIMEOUT}"
             )
         image = await self.registry.get_image(image_name)
+        if not image.is_index and not image.runnable:
+            raise InvalidArgument(
+                Reason.INVALID_IMAGE,
+                f"{image.name} is not an image a Docker engine runs "
+                f"({image.artifact_type or image.media_type})",
+                name=image.name,
+            )
         agents = await self.fleet.list(selector)
         if not agents:
             raise FailedPrecondition(
                 Reason.NO_HOSTS, f"no host matches {selector!r}", selector=selector
             )
-        blobs = await self._blobs(image)
+        blobs: dict[str, dict[str, Blob]] = {}
+        for candidate in image.manifests if image.is_index else (image,):
+            if candidate.runnable:
+                blobs[candidate.digest] = await self._blobs(candidate)
         now = datetime.now(UTC)
         rollout = Rollout(
             id=uuid.uuid4().hex[:12],
@@ -209,14 +222,20 @@ class Rollouts:
             create_time=now,
         )
         for agent in agents:
+            host_image, why = platform_image(image, agent.info.platform)
             task = Task(
                 order_id=uuid.uuid4().hex[:16],
                 rollout_id=rollout.id,
                 agent=agent.name,
-                image=image,
-                blobs=blobs,
+                image=host_image or image,
+                blobs=blobs[host_image.digest] if host_image else {},
                 load=not prefetch_only,
+                index_digest=image.digest if image.is_index else "",
             )
+            if host_image is None:
+                task.state = TaskState.FAILED
+                task.error = why
+                task.end_time = now
             rollout.tasks[agent.name] = task
             self.orders.add(task)
             self._recorded[task.order_id] = task.state
@@ -236,6 +255,11 @@ class Rollouts:
                 + (f"; offline for now: {', '.join(offline)}" if offline else ""),
             ),
         )
+        for task in rollout.tasks.values():
+            if task.state is TaskState.FAILED:  # no image for its platform
+                await self.store.add_record(
+                    rollout.id, RolloutRecord(now, task.agent, task.state, None, task.error)
+                )
         log.info(
             "rollout started",
             rollout=rollout.id,
@@ -449,3 +473,31 @@ class Rollouts:
                 raise NotFound(Reason.BLOB_NOT_FOUND, f"blob {digest} is gone", digest=digest)
             blobs[digest] = blob
         return blobs
+
+
+def platform_image(image: Image, platform: str) -> tuple[Image | None, str]:
+    """The image a host of ``platform`` gets from ``image``: the image itself, or from an
+    index the image for that platform (named as the index is); else None and why."""
+    if not image.is_index:
+        return image, ""
+    if not platform:
+        return None, f"{image.name} is a multi-platform index and the host did not say its platform"
+    want = Platform.parse(platform)
+    entries = [
+        Descriptor(m.digest, m.size, m.media_type, parsed)
+        for m in image.manifests
+        if m.runnable and (parsed := parse_platform(m.platform)) is not None
+    ]
+    chosen = select_platform(entries, want)
+    if chosen is None:
+        offered = ", ".join(m.platform for m in image.manifests if m.platform) or "none"
+        return None, f"{image.name} has no image for {want} (it has {offered})"
+    child = next(m for m in image.manifests if m.digest == chosen.digest)
+    return child.with_name(image.repository, image.tag), ""
+
+
+def parse_platform(text: str) -> Platform | None:
+    try:
+        return Platform.parse(text)
+    except ValueError:
+        return None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from docket_common.digest import hex_part
 from docket_common.errors import Reason
-from docket_common.torrent import PieceHasher
+from docket_common.torrent import PieceHasher, piece_length_for
 from docket_server.domain.errors import InvalidArgument, ResourceExhausted
 
 READ_CHUNK = 1024 * 1024
@@ -40,13 +40,19 @@ class BlobWriter(ABC):
     async def write(self, chunk: bytes) -> None: ...
 
     @abstractmethod
-    async def commit(self, digest: str) -> bytes:
+    async def commit(self, digest: str) -> tuple[int, bytes]:
         """Checks size and digest (the one given, or the one the writer was made with when
-        that was empty), stores the blob; returns its torrent piece hashes."""
+        that was empty), stores the blob; returns its torrent's piece length and piece
+        hashes."""
 
     @abstractmethod
     def content_digest(self) -> str:
         """The sha256 digest of the bytes written so far."""
+
+    @property
+    @abstractmethod
+    def written(self) -> int:
+        """How many bytes were written so far."""
 
     @abstractmethod
     def abort(self) -> None:
@@ -64,8 +70,10 @@ class BlobStore(ABC):
         """A local file holding the blob, which the seeder shares over BitTorrent."""
 
     @abstractmethod
-    def writer(self, digest: str, size: int, piece_length: int) -> BlobWriter:
-        """A writer for a blob of ``size`` bytes; ``digest`` may be "" until the commit."""
+    def writer(self, digest: str, size: int, size_hint: int = 0) -> BlobWriter:
+        """A writer for a blob of ``size`` bytes (-1: not known until the commit, as in a
+        chunked registry upload, where ``size_hint`` may guess it); ``digest`` may be ""
+        until the commit."""
 
     @abstractmethod
     def read(self, digest: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]: ...
@@ -97,18 +105,18 @@ class FilesystemBlobStore(BlobStore):
     def exists(self, digest: str) -> bool:
         return self.local_path(digest).is_file()
 
-    def writer(self, digest: str, size: int, piece_length: int) -> BlobWriter:
+    def writer(self, digest: str, size: int, size_hint: int = 0) -> BlobWriter:
         free = shutil.disk_usage(self.tmp_dir).free
-        if size > free:
+        if max(size, size_hint) > free:
             raise ResourceExhausted(
                 Reason.INSUFFICIENT_STORAGE,
-                f"blob {digest or '(named later)'} is {size} bytes but the server has only "
-                f"{free} bytes free",
+                f"blob {digest or '(named later)'} is {max(size, size_hint)} bytes but the "
+                f"server has only {free} bytes free",
                 digest=digest,
-                size_bytes=size,
+                size_bytes=max(size, size_hint),
                 free_bytes=free,
             )
-        return _FileBlobWriter(self, digest, size, piece_length)
+        return _FileBlobWriter(self, digest, size, size_hint)
 
     async def read(self, digest: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]:
         path = self.local_path(digest)
@@ -132,23 +140,37 @@ class FilesystemBlobStore(BlobStore):
 
 
 class _FileBlobWriter(BlobWriter):
-    def __init__(self, store: FilesystemBlobStore, digest: str, size: int, piece_length: int):
+    """Hashes (sha256, and SHA-1 per torrent piece) in the same pass as it writes.
+
+    When the size is not known up front (a chunked registry upload), the pieces are hashed
+    at the piece length of the size hint; if the blob's size turns out to want another piece
+    length, the piece hashes are made again from the file at the commit, one more read of
+    the blob.
+    """
+
+    def __init__(self, store: FilesystemBlobStore, digest: str, size: int, size_hint: int = 0):
         self._store = store
         self._digest = digest
         self._size = size
         self._written = 0
         self._sha256 = hashlib.sha256()
-        self._pieces = PieceHasher(piece_length)
+        self._pieces = PieceHasher(piece_length_for(size if size >= 0 else size_hint))
+        self._pieces_valid = True
         fd, name = _mkstemp(store.tmp_dir, hex_part(digest) if digest else "upload")
         self._tmp = Path(name)
         self._file = DirectFile(fd)
 
+    @property
+    def written(self) -> int:
+        return self._written
+
     def _hash_sync(self, chunk: bytes) -> None:
         self._sha256.update(chunk)
-        self._pieces.update(chunk)
+        if self._pieces_valid:
+            self._pieces.update(chunk)
 
     async def write(self, chunk: bytes) -> None:
-        if self._written + len(chunk) > self._size:
+        if self._size >= 0 and self._written + len(chunk) > self._size:
             raise InvalidArgument(
                 Reason.SIZE_MISMATCH,
                 f"blob {self._digest or '(named later)'} is longer than the {self._size} bytes "
@@ -158,21 +180,36 @@ class _FileBlobWriter(BlobWriter):
                 actual=f">{self._written + len(chunk) - 1}",
             )
         self._written += len(chunk)
+        if self._pieces_valid and piece_length_for(self._written) > self._pieces.piece_length:
+            self._pieces_valid = False  # outgrown: hashed again at the commit
         # hashlib and file writes release the GIL: off the event loop, in two threads, the
         # hashing and the write of a chunk run at once.
-        await asyncio.gather(
-            asyncio.to_thread(self._file.write, chunk), asyncio.to_thread(self._hash_sync, chunk)
-        )
+        try:
+            await asyncio.gather(
+                asyncio.to_thread(self._file.write, chunk),
+                asyncio.to_thread(self._hash_sync, chunk),
+            )
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise ResourceExhausted(
+                    Reason.INSUFFICIENT_STORAGE,
+                    f"the server's disk is full after {self._written} bytes of blob "
+                    f"{self._digest or '(named later)'}",
+                    digest=self._digest,
+                ) from e
+            raise
 
-    def _commit_sync(self) -> None:
+    def _commit_sync(self) -> bytes:
         self._file.finish()
         self._file.close()
+        valid = self._pieces_valid and self._pieces.piece_length == piece_length_for(self._written)
+        pieces = self._pieces.pieces() if valid else self._hash_pieces_again()
         final = self._store.local_path(self._digest)
         if final.exists():
             # A concurrent upload of the same bytes got there first; its copy may already be
             # seeding, so keep that file rather than swapping the inode under the seeder.
             self._tmp.unlink()
-            return
+            return pieces
         final.parent.mkdir(parents=True, exist_ok=True)
         self._tmp.replace(final)
         dir_fd = os.open(final.parent, os.O_RDONLY)
@@ -180,10 +217,18 @@ class _FileBlobWriter(BlobWriter):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        return pieces
 
-    async def commit(self, digest: str) -> bytes:
+    def _hash_pieces_again(self) -> bytes:
+        hasher = PieceHasher(piece_length_for(self._written))
+        with self._tmp.open("rb") as fh:
+            while chunk := fh.read(READ_CHUNK * 4):
+                hasher.update(chunk)
+        return hasher.pieces()
+
+    async def commit(self, digest: str) -> tuple[int, bytes]:
         self._digest = digest or self._digest
-        if self._written != self._size:
+        if self._size >= 0 and self._written != self._size:
             raise InvalidArgument(
                 Reason.SIZE_MISMATCH,
                 f"blob {self._digest} ended after {self._written} of the {self._size} bytes "
@@ -200,8 +245,8 @@ class _FileBlobWriter(BlobWriter):
                 expected=self._digest,
                 actual=actual,
             )
-        await asyncio.to_thread(self._commit_sync)
-        return self._pieces.pieces()
+        pieces = await asyncio.to_thread(self._commit_sync)
+        return piece_length_for(self._written), pieces
 
     def content_digest(self) -> str:
         return "sha256:" + self._sha256.hexdigest()

@@ -1,4 +1,8 @@
-"""The metadata store interface: what the registry needs to remember about blobs and images."""
+"""The metadata store interface: what the registry remembers about blobs, manifests and tags.
+
+A repository holds manifests (keyed by digest) and tags (names pointing at one manifest each).
+Blobs are shared by every repository: they are stored once, by digest.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +10,49 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from docket_server.domain.models import Blob, Image
+from docket_server.domain.models import Blob, Manifest
 
 
 class MissingBlobsError(Exception):
-    """An image names blobs the store does not hold."""
+    """A manifest names blobs the store does not hold."""
 
     def __init__(self, digests: Sequence[str]) -> None:
         super().__init__(", ".join(digests))
         self.digests = list(digests)
 
 
+class MissingManifestsError(Exception):
+    """An index names manifests its repository does not hold."""
+
+    def __init__(self, digests: Sequence[str]) -> None:
+        super().__init__(", ".join(digests))
+        self.digests = list(digests)
+
+
+class ManifestInUseError(Exception):
+    """A manifest that an index of its repository still names cannot be deleted."""
+
+    def __init__(self, parents: Sequence[str]) -> None:
+        super().__init__(", ".join(parents))
+        self.parents = list(parents)
+
+
 @dataclass(frozen=True)
 class DeleteResult:
-    names: list[str]
-    orphaned_digests: list[str]
+    names: list[str]  # "repository:tag" of the tags removed
+    manifests: list[str]  # digests of the manifests removed
+    orphaned_digests: list[str]  # blobs the removed manifests used and no manifest uses now
+
+
+@dataclass(frozen=True)
+class Tagged:
+    repository: str
+    tag: str
+    manifest: Manifest
 
 
 class MetadataStore(ABC):
-    """Blobs and images. SQLite is the implementation today; PostgreSQL is the same code."""
+    """SQLite is the implementation today; PostgreSQL is the same code."""
 
     @abstractmethod
     async def open(self) -> None:
@@ -32,6 +60,8 @@ class MetadataStore(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    # Blobs
 
     @abstractmethod
     async def add_blob(self, blob: Blob) -> None:
@@ -47,22 +77,69 @@ class MetadataStore(ABC):
     async def list_blobs(self) -> list[Blob]: ...
 
     @abstractmethod
-    async def put_image(self, image: Image) -> None:
-        """Records the image under its name, replacing what the name pointed at.
+    async def delete_unused_blobs(self, digests: Sequence[str]) -> list[str]:
+        """Deletes the records of those blobs that no manifest uses, atomically; returns them."""
 
-        Raises MissingBlobsError, and records nothing, when a blob it names is not recorded.
+    @abstractmethod
+    async def defer_blob_deletes(self, digests: Sequence[str]) -> None:
+        """Remembers blobs to delete once nothing needs them (a rollout in flight)."""
+
+    @abstractmethod
+    async def deferred_blob_deletes(self) -> list[str]: ...
+
+    @abstractmethod
+    async def forget_blob_deletes(self, digests: Sequence[str]) -> None: ...
+
+    # Manifests and tags
+
+    @abstractmethod
+    async def put_manifest(self, manifest: Manifest, tag: str | None) -> None:
+        """Records the manifest in its repository (once: it is keyed by digest), and points
+        ``tag`` at it, replacing what the tag pointed at.
+
+        Raises MissingBlobsError or MissingManifestsError, and records nothing, when a blob or
+        (for an index) a child manifest it names is not recorded.
         """
 
     @abstractmethod
-    async def get_image(self, repository: str, tag: str) -> Image | None: ...
+    async def get_manifest(self, repository: str, digest: str) -> Manifest | None: ...
 
     @abstractmethod
-    async def find_images_by_digest(self, repository: str, digest: str) -> list[Image]: ...
+    async def get_manifests(self, repository: str, digests: Sequence[str]) -> list[Manifest]:
+        """The ones of those manifests the repository holds."""
 
     @abstractmethod
-    async def list_images(self, after: tuple[str, str] | None, limit: int) -> list[Image]:
-        """Images ordered by (repository, tag), starting after ``after``."""
+    async def resolve_tag(self, repository: str, tag: str) -> Manifest | None: ...
 
     @abstractmethod
-    async def delete_images(self, names: Sequence[tuple[str, str]]) -> DeleteResult:
-        """Deletes the named images and then every blob no remaining image uses, atomically."""
+    async def tags_of(self, repository: str, digest: str) -> list[str]:
+        """The tags pointing at a manifest, sorted."""
+
+    @abstractmethod
+    async def list_tags(self, repository: str, after: str | None, limit: int) -> list[str]:
+        """A repository's tags in lexical order, starting after ``after``."""
+
+    @abstractmethod
+    async def repository_exists(self, repository: str) -> bool:
+        """Whether the repository holds a manifest."""
+
+    @abstractmethod
+    async def list_repositories(self, after: str | None, limit: int) -> list[str]: ...
+
+    @abstractmethod
+    async def referrers(self, repository: str, subject: str) -> list[Manifest]:
+        """The manifests of a repository whose subject is ``subject``, oldest first."""
+
+    @abstractmethod
+    async def list_tagged(self, after: tuple[str, str] | None, limit: int) -> list[Tagged]:
+        """Every tag with its manifest, ordered by (repository, tag), starting after ``after``."""
+
+    @abstractmethod
+    async def delete_tag(self, repository: str, tag: str) -> bool:
+        """Removes a tag (not its manifest); whether it existed."""
+
+    @abstractmethod
+    async def delete_manifest(self, repository: str, digest: str) -> DeleteResult | None:
+        """Removes a manifest and every tag pointing at it, atomically. For an index, the
+        child manifests that no tag and no other index names go with it. None when the
+        repository does not hold the manifest; ManifestInUseError when an index names it."""

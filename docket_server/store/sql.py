@@ -14,12 +14,27 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from docket_common.digest import sha256_digest
+from docket_common.manifest import OCI_MANIFEST, Platform, oci_manifest
 from docket_common.torrent import TorrentInfo
 from docket_server.domain.fleet import AgentInfo, AgentRecord, AgentState, FleetStore
-from docket_server.domain.models import Blob, Descriptor, Image, image_from_dict, image_to_dict
+from docket_server.domain.models import (
+    Blob,
+    Descriptor,
+    Manifest,
+    image_from_dict,
+    image_to_dict,
+)
 from docket_server.domain.orders import Task, TaskState
 from docket_server.domain.rollouts import Rollout, RolloutRecord, RolloutState, RolloutStore
-from docket_server.store.metadata import DeleteResult, MetadataStore, MissingBlobsError
+from docket_server.store.metadata import (
+    DeleteResult,
+    ManifestInUseError,
+    MetadataStore,
+    MissingBlobsError,
+    MissingManifestsError,
+    Tagged,
+)
 
 meta = sa.MetaData()
 
@@ -42,14 +57,17 @@ blobs = sa.Table(
     sa.Column("piece_count", sa.Integer, nullable=True),
 )
 
-images = sa.Table(
+# Before migration 5 an image was a tag and its config and layers; it is now a tag pointing at a
+# manifest. These two tables are what migration 1 made and migration 5 reads and drops.
+_legacy = sa.MetaData()
+legacy_images = sa.Table(
     "images",
-    meta,
+    _legacy,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("repository", sa.String(255), nullable=False),
     sa.Column("tag", sa.String(128), nullable=False),
     sa.Column("digest", sa.String(71), nullable=False, index=True),
-    sa.Column("config_digest", sa.String(71), sa.ForeignKey("blobs.digest"), nullable=False),
+    sa.Column("config_digest", sa.String(71), nullable=False),
     sa.Column("config_size_bytes", sa.BigInteger, nullable=False),
     sa.Column("config_media_type", sa.String(255), nullable=False),
     sa.Column("diff_ids", sa.Text, nullable=False),
@@ -58,17 +76,91 @@ images = sa.Table(
     sa.Column("platform", sa.String(64), nullable=False),
     sa.UniqueConstraint("repository", "tag", name="uq_images_name"),
 )
-
-image_layers = sa.Table(
+legacy_image_layers = sa.Table(
     "image_layers",
+    _legacy,
+    sa.Column("image_id", sa.Integer, primary_key=True),
+    sa.Column("position", sa.Integer, primary_key=True),
+    sa.Column("digest", sa.String(71), nullable=False, index=True),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("media_type", sa.String(255), nullable=False),
+)
+
+# A manifest, stored in one repository: its exact bytes and what the registry read from them.
+manifests = sa.Table(
+    "manifests",
+    meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("repository", sa.String(255), nullable=False),
+    sa.Column("digest", sa.String(71), nullable=False),
+    sa.Column("media_type", sa.String(255), nullable=False),
+    sa.Column("content", sa.LargeBinary, nullable=False),
+    sa.Column("config_digest", sa.String(71), sa.ForeignKey("blobs.digest"), nullable=True),
+    sa.Column("config_size_bytes", sa.BigInteger, nullable=True),
+    sa.Column("config_media_type", sa.String(255), nullable=True),
+    sa.Column("diff_ids", sa.Text, nullable=False),
+    sa.Column("build_time", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("platform", sa.String(128), nullable=False),
+    sa.Column("artifact_type", sa.String(255), nullable=False),
+    sa.Column("subject_digest", sa.String(71), nullable=True),
+    sa.Column("subject_size_bytes", sa.BigInteger, nullable=True),
+    sa.Column("subject_media_type", sa.String(255), nullable=True),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("repository", "digest", name="uq_manifests_digest"),
+    sa.Index("ix_manifests_subject", "repository", "subject_digest"),
+    sa.Index("ix_manifests_config", "config_digest"),
+)
+
+manifest_layers = sa.Table(
+    "manifest_layers",
     meta,
     sa.Column(
-        "image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+        "manifest_id",
+        sa.Integer,
+        sa.ForeignKey("manifests.id", ondelete="CASCADE"),
+        primary_key=True,
     ),
     sa.Column("position", sa.Integer, primary_key=True),
     sa.Column("digest", sa.String(71), sa.ForeignKey("blobs.digest"), nullable=False, index=True),
     sa.Column("size_bytes", sa.BigInteger, nullable=False),
     sa.Column("media_type", sa.String(255), nullable=False),
+)
+
+# An index's entries: each names a manifest of the same repository (which must exist first).
+manifest_children = sa.Table(
+    "manifest_children",
+    meta,
+    sa.Column(
+        "manifest_id",
+        sa.Integer,
+        sa.ForeignKey("manifests.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("position", sa.Integer, primary_key=True),
+    sa.Column("child_id", sa.Integer, sa.ForeignKey("manifests.id"), nullable=False, index=True),
+    sa.Column("digest", sa.String(71), nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("media_type", sa.String(255), nullable=False),
+    sa.Column("platform", sa.String(128), nullable=True),
+    sa.Column("artifact_type", sa.String(255), nullable=False),
+)
+
+tags = sa.Table(
+    "tags",
+    meta,
+    sa.Column("repository", sa.String(255), primary_key=True),
+    sa.Column("tag", sa.String(128), primary_key=True),
+    sa.Column("manifest_id", sa.Integer, sa.ForeignKey("manifests.id"), nullable=False, index=True),
+    sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Blobs no manifest uses any more but that a rollout in flight still fetched when their last
+# manifest went: deleted once nothing needs them.
+deferred_blob_deletes = sa.Table(
+    "deferred_blob_deletes",
+    meta,
+    sa.Column("digest", sa.String(71), primary_key=True),
+    sa.Column("defer_time", sa.DateTime(timezone=True), nullable=False),
 )
 
 
@@ -90,6 +182,8 @@ agents = sa.Table(
     sa.Column("connect_time", sa.DateTime(timezone=True), nullable=False),
     sa.Column("last_seen_time", sa.DateTime(timezone=True), nullable=False),
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    # Added by migration 5.
+    sa.Column("platform", sa.String(128), nullable=False, server_default=""),
 )
 
 
@@ -131,6 +225,9 @@ rollout_tasks = sa.Table(
     # Added by migration 4.
     sa.Column("first_piece_bytes", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("end_time", sa.DateTime(timezone=True), nullable=True),
+    # Added by migration 5: the image this host gets when it is not the rollout's own (the
+    # platform's image of a multi-platform index), as JSON.
+    sa.Column("image", sa.Text, nullable=True),
 )
 
 rollout_records = sa.Table(
@@ -149,7 +246,11 @@ rollout_records = sa.Table(
 
 
 async def _migration_1(conn: AsyncConnection) -> None:
-    await conn.run_sync(lambda sync: meta.create_all(sync, tables=[blobs, images, image_layers]))
+    def create(sync: sa.Connection) -> None:
+        meta.create_all(sync, tables=[blobs])
+        _legacy.create_all(sync, tables=[legacy_images, legacy_image_layers])
+
+    await conn.run_sync(create)
 
 
 async def _migration_2(conn: AsyncConnection) -> None:
@@ -178,8 +279,133 @@ async def _migration_4(conn: AsyncConnection) -> None:
     await conn.run_sync(add)
 
 
+def _add_column(sync: sa.Connection, table: str, column: str, ddl: str) -> None:
+    if column not in {c["name"] for c in sa.inspect(sync).get_columns(table)}:
+        sync.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
+
+
+async def _migration_5(conn: AsyncConnection) -> None:
+    """Manifests: every image becomes the manifest Docket wrote for it (the same bytes, so the
+    same digest) and a tag; agents get a platform, rollout tasks an image of their own."""
+
+    def migrate(sync: sa.Connection) -> None:
+        meta.create_all(
+            sync,
+            tables=[manifests, manifest_layers, manifest_children, tags, deferred_blob_deletes],
+        )
+        _add_column(sync, "agents", "platform", "VARCHAR(128) NOT NULL DEFAULT ''")
+        _add_column(sync, "rollout_tasks", "image", "TEXT")
+        if not sa.inspect(sync).has_table("images"):
+            return
+        layer_rows: dict[int, list[Descriptor]] = {}
+        for lr in sync.execute(
+            legacy_image_layers.select().order_by(
+                legacy_image_layers.c.image_id, legacy_image_layers.c.position
+            )
+        ):
+            layer_rows.setdefault(lr.image_id, []).append(
+                Descriptor(lr.digest, lr.size_bytes, lr.media_type)
+            )
+        ids: dict[tuple[str, str], int] = {}
+        for row in sync.execute(legacy_images.select().order_by(legacy_images.c.id)):
+            config = Descriptor(row.config_digest, row.config_size_bytes, row.config_media_type)
+            layers = layer_rows.get(row.id, [])
+            content = oci_manifest(config, layers)
+            digest = sha256_digest(content)
+            key = (row.repository, digest)
+            if key not in ids:
+                ids[key] = _insert_manifest(
+                    sync,
+                    Manifest(
+                        repository=row.repository,
+                        digest=digest,
+                        media_type=OCI_MANIFEST,
+                        content=content,
+                        config=config,
+                        layers=tuple(layers),
+                        children=(),
+                        subject=None,
+                        artifact_type=config.media_type,
+                        diff_ids=tuple(json.loads(row.diff_ids)),
+                        build_time=row.build_time,
+                        platform=row.platform,
+                        create_time=row.create_time,
+                    ),
+                    {},
+                )
+            sync.execute(
+                tags.insert().values(
+                    repository=row.repository,
+                    tag=row.tag,
+                    manifest_id=ids[key],
+                    update_time=row.create_time,
+                )
+            )
+        legacy_image_layers.drop(sync)
+        legacy_images.drop(sync)
+
+    await conn.run_sync(migrate)
+
+
 Migration = Callable[[AsyncConnection], Awaitable[None]]
-MIGRATIONS: list[Migration] = [_migration_1, _migration_2, _migration_3, _migration_4]
+MIGRATIONS: list[Migration] = [_migration_1, _migration_2, _migration_3, _migration_4, _migration_5]
+
+
+def _insert_manifest(sync: sa.Connection, m: Manifest, child_ids: dict[str, int]) -> int:
+    """Inserts a manifest's rows; returns its id. ``child_ids`` maps an index's children's
+    digests to their ids."""
+    result = sync.execute(
+        manifests.insert().values(
+            repository=m.repository,
+            digest=m.digest,
+            media_type=m.media_type,
+            content=m.content,
+            config_digest=m.config.digest if m.config else None,
+            config_size_bytes=m.config.size if m.config else None,
+            config_media_type=m.config.media_type if m.config else None,
+            diff_ids=json.dumps(list(m.diff_ids)),
+            build_time=m.build_time,
+            platform=m.platform,
+            artifact_type=m.artifact_type,
+            subject_digest=m.subject.digest if m.subject else None,
+            subject_size_bytes=m.subject.size if m.subject else None,
+            subject_media_type=m.subject.media_type if m.subject else None,
+            create_time=m.create_time,
+        )
+    )
+    manifest_id = int(result.inserted_primary_key[0])  # type: ignore[index]
+    if m.layers:
+        sync.execute(
+            manifest_layers.insert(),
+            [
+                {
+                    "manifest_id": manifest_id,
+                    "position": i,
+                    "digest": layer.digest,
+                    "size_bytes": layer.size,
+                    "media_type": layer.media_type,
+                }
+                for i, layer in enumerate(m.layers)
+            ],
+        )
+    if m.children:
+        sync.execute(
+            manifest_children.insert(),
+            [
+                {
+                    "manifest_id": manifest_id,
+                    "position": i,
+                    "child_id": child_ids[child.digest],
+                    "digest": child.digest,
+                    "size_bytes": child.size,
+                    "media_type": child.media_type,
+                    "platform": str(child.platform) if child.platform else None,
+                    "artifact_type": child.artifact_type,
+                }
+                for i, child in enumerate(m.children)
+            ],
+        )
+    return manifest_id
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -267,154 +493,277 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore):
         if not digests:
             return set()
         async with self.engine.connect() as conn:
-            rows = await conn.execute(
-                sa.select(blobs.c.digest).where(blobs.c.digest.in_(list(set(digests))))
-            )
-            return {r.digest for r in rows}
+            return await _present(conn, digests)
 
     async def list_blobs(self) -> list[Blob]:
         async with self.engine.connect() as conn:
             rows = await conn.execute(blobs.select().order_by(blobs.c.digest))
             return [_blob_from_row(r) for r in rows]
 
-    # Images
-
-    async def put_image(self, image: Image) -> None:
+    async def delete_unused_blobs(self, digests: Sequence[str]) -> list[str]:
+        if not digests:
+            return []
         async with self.engine.begin() as conn:
-            wanted = image.blob_digests
-            present = {
+            used = await _used_digests(conn, set(digests))
+            unused = sorted(set(digests) - used)
+            if unused:
+                await conn.execute(blobs.delete().where(blobs.c.digest.in_(unused)))
+            return unused
+
+    async def defer_blob_deletes(self, digests: Sequence[str]) -> None:
+        async with self.engine.begin() as conn:
+            known = {
                 r.digest
                 for r in await conn.execute(
-                    sa.select(blobs.c.digest).where(blobs.c.digest.in_(set(wanted)))
+                    sa.select(deferred_blob_deletes.c.digest).where(
+                        deferred_blob_deletes.c.digest.in_(set(digests))
+                    )
                 )
             }
-            missing = [d for d in dict.fromkeys(wanted) if d not in present]
-            if missing:
-                raise MissingBlobsError(missing)
-            await conn.execute(
-                images.delete().where(
-                    (images.c.repository == image.repository) & (images.c.tag == image.tag)
-                )
-            )
-            result = await conn.execute(
-                images.insert().values(
-                    repository=image.repository,
-                    tag=image.tag,
-                    digest=image.digest,
-                    config_digest=image.config.digest,
-                    config_size_bytes=image.config.size,
-                    config_media_type=image.config.media_type,
-                    diff_ids=json.dumps(list(image.diff_ids)),
-                    build_time=image.build_time,
-                    create_time=image.create_time,
-                    platform=image.platform,
-                )
-            )
-            image_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
-            if image.layers:
+            new = sorted(set(digests) - known)
+            if new:
                 await conn.execute(
-                    image_layers.insert(),
-                    [
-                        {
-                            "image_id": image_id,
-                            "position": i,
-                            "digest": layer.digest,
-                            "size_bytes": layer.size,
-                            "media_type": layer.media_type,
-                        }
-                        for i, layer in enumerate(image.layers)
-                    ],
+                    deferred_blob_deletes.insert(),
+                    [{"digest": d, "defer_time": _now()} for d in new],
                 )
 
-    async def get_image(self, repository: str, tag: str) -> Image | None:
-        found = await self._select_images(
-            (images.c.repository == repository) & (images.c.tag == tag), limit=1
-        )
+    async def deferred_blob_deletes(self) -> list[str]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(deferred_blob_deletes.c.digest).order_by(deferred_blob_deletes.c.digest)
+            )
+            return [r.digest for r in rows]
+
+    async def forget_blob_deletes(self, digests: Sequence[str]) -> None:
+        if digests:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    deferred_blob_deletes.delete().where(
+                        deferred_blob_deletes.c.digest.in_(set(digests))
+                    )
+                )
+
+    # Manifests and tags
+
+    async def put_manifest(self, manifest: Manifest, tag: str | None) -> None:
+        async with self.engine.begin() as conn:
+            wanted = manifest.blob_digests
+            if wanted:
+                present = await _present(conn, wanted)
+                missing = [d for d in dict.fromkeys(wanted) if d not in present]
+                if missing:
+                    raise MissingBlobsError(missing)
+            child_ids: dict[str, int] = {}
+            if manifest.children:
+                child_ids = {
+                    r.digest: r.id
+                    for r in await conn.execute(
+                        sa.select(manifests.c.id, manifests.c.digest).where(
+                            (manifests.c.repository == manifest.repository)
+                            & manifests.c.digest.in_({c.digest for c in manifest.children})
+                        )
+                    )
+                }
+                missing = [
+                    d
+                    for d in dict.fromkeys(c.digest for c in manifest.children)
+                    if d not in child_ids
+                ]
+                if missing:
+                    raise MissingManifestsError(missing)
+            row = (
+                await conn.execute(
+                    sa.select(manifests.c.id).where(
+                        (manifests.c.repository == manifest.repository)
+                        & (manifests.c.digest == manifest.digest)
+                    )
+                )
+            ).first()
+            if row is not None:
+                manifest_id = row.id
+            else:
+                manifest_id = await conn.run_sync(
+                    lambda sync: _insert_manifest(sync, manifest, child_ids)
+                )
+            if tag is not None:
+                values = {"manifest_id": manifest_id, "update_time": _now()}
+                updated = await conn.execute(
+                    tags.update()
+                    .where((tags.c.repository == manifest.repository) & (tags.c.tag == tag))
+                    .values(**values)
+                )
+                if not updated.rowcount:
+                    await conn.execute(
+                        tags.insert().values(repository=manifest.repository, tag=tag, **values)
+                    )
+
+    async def get_manifest(self, repository: str, digest: str) -> Manifest | None:
+        found = await self.get_manifests(repository, [digest])
         return found[0] if found else None
 
-    async def find_images_by_digest(self, repository: str, digest: str) -> list[Image]:
-        return await self._select_images(
-            (images.c.repository == repository) & (images.c.digest == digest)
-        )
-
-    async def list_images(self, after: tuple[str, str] | None, limit: int) -> list[Image]:
-        where: sa.ColumnElement[bool] = sa.true()
-        if after is not None:
-            where = sa.tuple_(images.c.repository, images.c.tag) > sa.tuple_(*after)
-        return await self._select_images(where, limit=limit)
-
-    async def _select_images(
-        self, where: sa.ColumnElement[bool], limit: int | None = None
-    ) -> list[Image]:
-        query = images.select().where(where).order_by(images.c.repository, images.c.tag)
-        if limit is not None:
-            query = query.limit(limit)
+    async def get_manifests(self, repository: str, digests: Sequence[str]) -> list[Manifest]:
+        if not digests:
+            return []
         async with self.engine.connect() as conn:
-            rows = list(await conn.execute(query))
-            if not rows:
-                return []
-            layer_rows = await conn.execute(
-                image_layers.select()
-                .where(image_layers.c.image_id.in_([r.id for r in rows]))
-                .order_by(image_layers.c.image_id, image_layers.c.position)
+            return await _select_manifests(
+                conn,
+                (manifests.c.repository == repository) & manifests.c.digest.in_(set(digests)),
             )
-        layers: dict[int, list[Descriptor]] = {}
-        for lr in layer_rows:
-            layers.setdefault(lr.image_id, []).append(
-                Descriptor(lr.digest, lr.size_bytes, lr.media_type)
-            )
-        return [
-            Image(
-                repository=r.repository,
-                tag=r.tag,
-                config=Descriptor(r.config_digest, r.config_size_bytes, r.config_media_type),
-                layers=tuple(layers.get(r.id, [])),
-                diff_ids=tuple(json.loads(r.diff_ids)),
-                build_time=_utc(r.build_time),
-                create_time=_utc(r.create_time) or _now(),
-                platform=r.platform,
-            )
-            for r in rows
-        ]
 
-    async def delete_images(self, names: Sequence[tuple[str, str]]) -> DeleteResult:
-        deleted: list[str] = []
-        candidates: set[str] = set()
+    async def resolve_tag(self, repository: str, tag: str) -> Manifest | None:
+        async with self.engine.connect() as conn:
+            found = await _select_manifests(
+                conn,
+                manifests.c.id.in_(
+                    sa.select(tags.c.manifest_id).where(
+                        (tags.c.repository == repository) & (tags.c.tag == tag)
+                    )
+                ),
+            )
+        return found[0] if found else None
+
+    async def tags_of(self, repository: str, digest: str) -> list[str]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(tags.c.tag)
+                .join(manifests, manifests.c.id == tags.c.manifest_id)
+                .where((tags.c.repository == repository) & (manifests.c.digest == digest))
+                .order_by(tags.c.tag)
+            )
+            return [r.tag for r in rows]
+
+    async def list_tags(self, repository: str, after: str | None, limit: int) -> list[str]:
+        query = sa.select(tags.c.tag).where(tags.c.repository == repository)
+        if after is not None:
+            query = query.where(tags.c.tag > after)
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(query.order_by(tags.c.tag).limit(limit))
+            return [r.tag for r in rows]
+
+    async def repository_exists(self, repository: str) -> bool:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(manifests.c.id).where(manifests.c.repository == repository).limit(1)
+                )
+            ).first()
+            return row is not None
+
+    async def list_repositories(self, after: str | None, limit: int) -> list[str]:
+        query = sa.select(manifests.c.repository).distinct()
+        if after is not None:
+            query = query.where(manifests.c.repository > after)
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(query.order_by(manifests.c.repository).limit(limit))
+            return [r.repository for r in rows]
+
+    async def referrers(self, repository: str, subject: str) -> list[Manifest]:
+        async with self.engine.connect() as conn:
+            return await _select_manifests(
+                conn,
+                (manifests.c.repository == repository) & (manifests.c.subject_digest == subject),
+            )
+
+    async def list_tagged(self, after: tuple[str, str] | None, limit: int) -> list[Tagged]:
+        query = sa.select(tags.c.repository, tags.c.tag, tags.c.manifest_id)
+        if after is not None:
+            query = query.where(sa.tuple_(tags.c.repository, tags.c.tag) > sa.tuple_(*after))
+        async with self.engine.connect() as conn:
+            rows = list(
+                await conn.execute(query.order_by(tags.c.repository, tags.c.tag).limit(limit))
+            )
+            by_id = await _manifests_by_id(conn, manifests.c.id.in_({r.manifest_id for r in rows}))
+        return [Tagged(r.repository, r.tag, by_id[r.manifest_id]) for r in rows]
+
+    async def delete_tag(self, repository: str, tag: str) -> bool:
         async with self.engine.begin() as conn:
-            for repository, tag in names:
-                name_match = (images.c.repository == repository) & (images.c.tag == tag)
-                row = (await conn.execute(images.select().where(name_match))).first()
-                if row is None:
-                    continue
-                candidates.add(row.config_digest)
+            result = await conn.execute(
+                tags.delete().where((tags.c.repository == repository) & (tags.c.tag == tag))
+            )
+            return bool(result.rowcount)
+
+    async def delete_manifest(self, repository: str, digest: str) -> DeleteResult | None:
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(manifests.c.id).where(
+                        (manifests.c.repository == repository) & (manifests.c.digest == digest)
+                    )
+                )
+            ).first()
+            if row is None:
+                return None
+            parents = [
+                r.digest
+                for r in await conn.execute(
+                    sa.select(manifests.c.digest)
+                    .join(manifest_children, manifest_children.c.manifest_id == manifests.c.id)
+                    .where(manifest_children.c.child_id == row.id)
+                    .order_by(manifests.c.digest)
+                )
+            ]
+            if parents:
+                raise ManifestInUseError(parents)
+            names: list[str] = []
+            removed: list[str] = []
+            candidates: set[str] = set()
+            pending = [row.id]
+            while pending:
+                manifest_id = pending.pop()
+                names += [
+                    f"{repository}:{r.tag}"
+                    for r in await conn.execute(
+                        sa.select(tags.c.tag).where(tags.c.manifest_id == manifest_id)
+                    )
+                ]
+                await conn.execute(tags.delete().where(tags.c.manifest_id == manifest_id))
+                current = (
+                    await conn.execute(
+                        sa.select(manifests.c.digest, manifests.c.config_digest).where(
+                            manifests.c.id == manifest_id
+                        )
+                    )
+                ).one()
+                removed.append(current.digest)
+                if current.config_digest:
+                    candidates.add(current.config_digest)
                 candidates.update(
                     r.digest
                     for r in await conn.execute(
-                        sa.select(image_layers.c.digest).where(image_layers.c.image_id == row.id)
+                        sa.select(manifest_layers.c.digest).where(
+                            manifest_layers.c.manifest_id == manifest_id
+                        )
                     )
                 )
-                await conn.execute(image_layers.delete().where(image_layers.c.image_id == row.id))
-                await conn.execute(images.delete().where(images.c.id == row.id))
-                deleted.append(f"{repository}:{tag}")
-            # Only blobs the deleted images used are candidates: a blob uploaded for a push
-            # that has not recorded its image yet must not vanish under it.
-            still_used = {
-                r.digest
-                for r in await conn.execute(
-                    sa.union(
-                        sa.select(images.c.config_digest.label("digest")).where(
-                            images.c.config_digest.in_(candidates)
-                        ),
-                        sa.select(image_layers.c.digest.label("digest")).where(
-                            image_layers.c.digest.in_(candidates)
-                        ),
+                children = [
+                    r.child_id
+                    for r in await conn.execute(
+                        sa.select(manifest_children.c.child_id).where(
+                            manifest_children.c.manifest_id == manifest_id
+                        )
                     )
-                )
-            }
-            orphans = sorted(candidates - still_used)
-            if orphans:
-                await conn.execute(blobs.delete().where(blobs.c.digest.in_(orphans)))
-        return DeleteResult(names=deleted, orphaned_digests=orphans)
+                ]
+                await conn.execute(manifests.delete().where(manifests.c.id == manifest_id))
+                # Children go too, unless a tag or another index still names them.
+                for child in dict.fromkeys(children):
+                    tagged = (
+                        await conn.execute(
+                            sa.select(tags.c.tag).where(tags.c.manifest_id == child).limit(1)
+                        )
+                    ).first()
+                    other = (
+                        await conn.execute(
+                            sa.select(manifest_children.c.manifest_id)
+                            .where(manifest_children.c.child_id == child)
+                            .limit(1)
+                        )
+                    ).first()
+                    if tagged is None and other is None:
+                        pending.append(child)
+            # Only blobs the removed manifests used are candidates: a blob uploaded for a push
+            # that has not put its manifest yet must not vanish under it.
+            orphans = sorted(candidates - await _used_digests(conn, candidates))
+        return DeleteResult(names=sorted(names), manifests=removed, orphaned_digests=orphans)
 
     # Agents
 
@@ -432,6 +781,7 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore):
             "docker_error": info.docker_error,
             "disk_free_bytes": info.disk_free_bytes,
             "cached_digests": json.dumps(list(info.cached_digests)),
+            "platform": info.platform,
             "connect_time": record.connect_time,
             "last_seen_time": record.last_seen_time,
             "create_time": record.create_time,
@@ -500,6 +850,7 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore):
             "first_piece_bytes": task.first_piece_bytes,
             "start_time": task.start_time,
             "end_time": task.end_time,
+            "image": json.dumps(image_to_dict(task.image)) if task.index_digest else None,
         }
         await self._upsert(rollout_tasks.c.order_id, task.order_id, values)
 
@@ -550,7 +901,8 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore):
                 order_id=t.order_id,
                 rollout_id=rollout_id,
                 agent=t.agent,
-                image=image,
+                image=image_from_dict(json.loads(t.image)) if t.image else image,
+                index_digest=image.digest if t.image else "",
                 blobs={},
                 load=t.load,
                 state=TaskState(t.state),
@@ -603,6 +955,92 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore):
             return [r.id for r in rows]
 
 
+async def _present(conn: AsyncConnection, digests: Sequence[str]) -> set[str]:
+    rows = await conn.execute(sa.select(blobs.c.digest).where(blobs.c.digest.in_(set(digests))))
+    return {r.digest for r in rows}
+
+
+async def _used_digests(conn: AsyncConnection, digests: set[str]) -> set[str]:
+    """Those of the blobs that some manifest uses, as its config or a layer."""
+    if not digests:
+        return set()
+    rows = await conn.execute(
+        sa.union(
+            sa.select(manifests.c.config_digest.label("digest")).where(
+                manifests.c.config_digest.in_(digests)
+            ),
+            sa.select(manifest_layers.c.digest.label("digest")).where(
+                manifest_layers.c.digest.in_(digests)
+            ),
+        )
+    )
+    return {r.digest for r in rows}
+
+
+async def _select_manifests(conn: AsyncConnection, where: sa.ColumnElement[bool]) -> list[Manifest]:
+    return list((await _manifests_by_id(conn, where)).values())
+
+
+async def _manifests_by_id(
+    conn: AsyncConnection, where: sa.ColumnElement[bool]
+) -> dict[int, Manifest]:
+    """The manifests matching ``where`` with their layers and children, by id (oldest first)."""
+    rows = list(await conn.execute(manifests.select().where(where).order_by(manifests.c.id)))
+    if not rows:
+        return {}
+    ids = [r.id for r in rows]
+    layers: dict[int, list[Descriptor]] = {}
+    for lr in await conn.execute(
+        manifest_layers.select()
+        .where(manifest_layers.c.manifest_id.in_(ids))
+        .order_by(manifest_layers.c.manifest_id, manifest_layers.c.position)
+    ):
+        layers.setdefault(lr.manifest_id, []).append(
+            Descriptor(lr.digest, lr.size_bytes, lr.media_type)
+        )
+    children: dict[int, list[Descriptor]] = {}
+    for cr in await conn.execute(
+        manifest_children.select()
+        .where(manifest_children.c.manifest_id.in_(ids))
+        .order_by(manifest_children.c.manifest_id, manifest_children.c.position)
+    ):
+        children.setdefault(cr.manifest_id, []).append(
+            Descriptor(
+                cr.digest,
+                cr.size_bytes,
+                cr.media_type,
+                Platform.parse(cr.platform) if cr.platform else None,
+                cr.artifact_type,
+            )
+        )
+    return {
+        r.id: Manifest(
+            repository=r.repository,
+            digest=r.digest,
+            media_type=r.media_type,
+            content=r.content,
+            config=(
+                Descriptor(r.config_digest, r.config_size_bytes, r.config_media_type)
+                if r.config_digest
+                else None
+            ),
+            layers=tuple(layers.get(r.id, [])),
+            children=tuple(children.get(r.id, [])),
+            subject=(
+                Descriptor(r.subject_digest, r.subject_size_bytes or 0, r.subject_media_type or "")
+                if r.subject_digest
+                else None
+            ),
+            artifact_type=r.artifact_type,
+            diff_ids=tuple(json.loads(r.diff_ids)),
+            build_time=_utc(r.build_time),
+            platform=r.platform,
+            create_time=_utc(r.create_time) or _now(),
+        )
+        for r in rows
+    }
+
+
 def _agent_from_row(row: Any) -> AgentRecord:
     return AgentRecord(
         info=AgentInfo(
@@ -616,6 +1054,7 @@ def _agent_from_row(row: Any) -> AgentRecord:
             docker_error=row.docker_error,
             disk_free_bytes=row.disk_free_bytes,
             cached_digests=tuple(json.loads(row.cached_digests)),
+            platform=row.platform,
         ),
         state=AgentState(row.state),
         peer_address=row.peer_address,

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file docket/v1/image.proto.
  */
 export const file_docket_v1_image: GenFile = /*@__PURE__*/
-  fileDesc("ChVkb2NrZXQvdjEvaW1hZ2UucHJvdG8SCWRvY2tldC52MSJECgpEZXNjcmlwdG9yEg4KBmRpZ2VzdBgBIAEoCRISCgpzaXplX2J5dGVzGAIgASgDEhIKCm1lZGlhX3R5cGUYAyABKAkirQIKBUltYWdlEgwKBG5hbWUYASABKAkSEgoKcmVwb3NpdG9yeRgCIAEoCRILCgN0YWcYAyABKAkSDgoGZGlnZXN0GAQgASgJEiUKBmNvbmZpZxgFIAEoCzIVLmRvY2tldC52MS5EZXNjcmlwdG9yEiUKBmxheWVycxgGIAMoCzIVLmRvY2tldC52MS5EZXNjcmlwdG9yEhAKCGRpZmZfaWRzGAcgAygJEhIKCnNpemVfYnl0ZXMYCCABKAMSLgoKYnVpbGRfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLY3JlYXRlX3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHBsYXRmb3JtGAsgASgJIm8KB1RvcnJlbnQSDgoGZGlnZXN0GAEgASgJEhAKCG1ldGFpbmZvGAIgASgMEhEKCWluZm9faGFzaBgDIAEoCRIaChJwaWVjZV9sZW5ndGhfYnl0ZXMYBCABKAMSEwoLcGllY2VfY291bnQYBSABKAUiJgoEUGVlchIQCghlbmRwb2ludBgBIAEoCRIMCgRuYW1lGAIgASgJYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("ChVkb2NrZXQvdjEvaW1hZ2UucHJvdG8SCWRvY2tldC52MSJECgpEZXNjcmlwdG9yEg4KBmRpZ2VzdBgBIAEoCRISCgpzaXplX2J5dGVzGAIgASgDEhIKCm1lZGlhX3R5cGUYAyABKAki/QIKBUltYWdlEgwKBG5hbWUYASABKAkSEgoKcmVwb3NpdG9yeRgCIAEoCRILCgN0YWcYAyABKAkSDgoGZGlnZXN0GAQgASgJEiUKBmNvbmZpZxgFIAEoCzIVLmRvY2tldC52MS5EZXNjcmlwdG9yEiUKBmxheWVycxgGIAMoCzIVLmRvY2tldC52MS5EZXNjcmlwdG9yEhAKCGRpZmZfaWRzGAcgAygJEhIKCnNpemVfYnl0ZXMYCCABKAMSLgoKYnVpbGRfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLY3JlYXRlX3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHBsYXRmb3JtGAsgASgJEhIKCm1lZGlhX3R5cGUYDCABKAkSFQoNYXJ0aWZhY3RfdHlwZRgNIAEoCRIjCgltYW5pZmVzdHMYDiADKAsyEC5kb2NrZXQudjEuSW1hZ2UibwoHVG9ycmVudBIOCgZkaWdlc3QYASABKAkSEAoIbWV0YWluZm8YAiABKAwSEQoJaW5mb19oYXNoGAMgASgJEhoKEnBpZWNlX2xlbmd0aF9ieXRlcxgEIAEoAxITCgtwaWVjZV9jb3VudBgFIAEoBSImCgRQZWVyEhAKCGVuZHBvaW50GAEgASgJEgwKBG5hbWUYAiABKAliBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * A content-addressed piece of an image: its config or one of its layers.
@@ -54,13 +54,18 @@ export const DescriptorSchema: GenMessage<Descriptor> = /*@__PURE__*/
   messageDesc(file_docket_v1_image, 0);
 
 /**
- * An image the server holds, under one repository:tag name.
+ * What a name on the server points at: an image (a manifest naming a config and layers), a
+ * multi-platform index of images, or another OCI artifact (a signature, an SBOM).
+ *
+ * Images pushed with `docketctl push` and with `docker push` (the registry HTTP face) are the
+ * same kind of record.
  *
  * @generated from message docket.v1.Image
  */
 export type Image = Message<"docket.v1.Image"> & {
   /**
-   * The full reference, "repository:tag", for example "perl:latest" or "team/app:1.4".
+   * The full reference, "repository:tag", for example "perl:latest" or "team/app:1.4"; for a
+   * platform image of an index (in `manifests`), "repository@sha256:…".
    *
    * @generated from field: string name = 1;
    */
@@ -74,29 +79,29 @@ export type Image = Message<"docket.v1.Image"> & {
   repository: string;
 
   /**
-   * The tag part of the name, for example "1.4".
+   * The tag part of the name, for example "1.4"; empty for a platform image of an index.
    *
    * @generated from field: string tag = 3;
    */
   tag: string;
 
   /**
-   * The sha256 digest of the image's OCI manifest, which names the config and the layers in
-   * order. Two names with the same digest are the same image.
+   * The sha256 digest of the manifest's exact bytes, as pushed (what `docker push` prints
+   * and `docker pull NAME@DIGEST` takes). Two names with the same digest are the same image.
    *
    * @generated from field: string digest = 4;
    */
   digest: string;
 
   /**
-   * The image's config blob.
+   * The image's config blob; unset for an index.
    *
    * @generated from field: docket.v1.Descriptor config = 5;
    */
   config?: Descriptor;
 
   /**
-   * The image's layers, base layer first.
+   * The image's layers, base layer first; empty for an index.
    *
    * @generated from field: repeated docket.v1.Descriptor layers = 6;
    */
@@ -132,11 +137,39 @@ export type Image = Message<"docket.v1.Image"> & {
   createTime?: Timestamp;
 
   /**
-   * The platform from the config, for example "linux/amd64".
+   * The platform, for example "linux/amd64": from the config, or for a platform image of an
+   * index, from the index. Empty for an index and for artifacts that are not images.
    *
    * @generated from field: string platform = 11;
    */
   platform: string;
+
+  /**
+   * The manifest's media type, for example "application/vnd.oci.image.manifest.v1+json",
+   * "application/vnd.docker.distribution.manifest.v2+json", or for an index
+   * "application/vnd.oci.image.index.v1+json" or
+   * "application/vnd.docker.distribution.manifest.list.v2+json".
+   *
+   * @generated from field: string media_type = 12;
+   */
+  mediaType: string;
+
+  /**
+   * What kind of artifact this is, as the OCI referrers API names it: the manifest's
+   * artifactType, or else its config's media type ("application/vnd.oci.image.config.v1+json"
+   * for an image). Empty for an index.
+   *
+   * @generated from field: string artifact_type = 13;
+   */
+  artifactType: string;
+
+  /**
+   * For an index: its platform images, in the index's order, each with its own digest,
+   * config, layers and platform. Rollouts give every host the image for its platform.
+   *
+   * @generated from field: repeated docket.v1.Image manifests = 14;
+   */
+  manifests: Image[];
 };
 
 /**

@@ -321,7 +321,7 @@ export const ListImagesRequestSchema: GenMessage<ListImagesRequest> = /*@__PURE_
  */
 export type ListImagesResponse = Message<"docket.v1.ListImagesResponse"> & {
   /**
-   * The images of this page, ordered by name.
+   * The images of this page, ordered by name: every tag, with what it points at.
    *
    * @generated from field: repeated docket.v1.Image images = 1;
    */
@@ -499,12 +499,14 @@ export const GetTorrentResponseSchema: GenMessage<GetTorrentResponse> = /*@__PUR
 
 /**
  * The registry: images as manifests over content-addressed blobs, and the torrents the
- * server seeds them with.
+ * server seeds them with. The server also speaks the OCI Distribution API (the Docker
+ * registry protocol) over HTTP, from the same store: an image pushed with `docker push` is
+ * one of these images, and one recorded with PutImage can be pulled with `docker pull`.
  *
  * Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
  * of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
  * SIZE_MISMATCH, UPLOAD_HEADER_MISSING, UPLOAD_TRAILER_MISSING, INVALID_IMAGE,
- * INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE. The ErrorInfo
+ * INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE, MANIFEST_IN_USE. The ErrorInfo
  * domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
  * "expected", "actual", "name").
  *
@@ -543,8 +545,9 @@ export const ImageService: GenService<{
     output: typeof UploadBlobResponseSchema;
   },
   /**
-   * Records an image under a repository:tag name, pointing at blobs the server holds. A name
-   * that exists is moved to the new image, as `docker tag` does.
+   * Records an image under a repository:tag name, pointing at blobs the server holds: the
+   * server writes an OCI image manifest for it (compact JSON, sorted keys), whose digest is
+   * the image's. A name that exists is moved to the new image, as `docker tag` does.
    * Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_DIGEST, INVALID_IMAGE);
    * FAILED_PRECONDITION (BLOB_NOT_FOUND) when a named blob has not been uploaded.
    *
@@ -580,9 +583,13 @@ export const ImageService: GenService<{
     output: typeof ListImagesResponseSchema;
   },
   /**
-   * Removes one image name. Blobs no other image uses are deleted and stop being seeded;
-   * blobs still used stay.
-   * Errors: INVALID_ARGUMENT (INVALID_REFERENCE); NOT_FOUND (IMAGE_NOT_FOUND).
+   * Removes one image name, and the image itself when no other name (and no index) names
+   * it; by digest, the image and every name of it in its repository (an index takes its
+   * platform images that nothing else names). Blobs no image uses any more are deleted and
+   * stop being seeded, except those a rollout in flight still fetches: they go once it is
+   * done. Blobs still used stay.
+   * Errors: INVALID_ARGUMENT (INVALID_REFERENCE); NOT_FOUND (IMAGE_NOT_FOUND);
+   * FAILED_PRECONDITION (MANIFEST_IN_USE) for a digest that an index includes.
    *
    * @generated from rpc docket.v1.ImageService.DeleteImage
    */
