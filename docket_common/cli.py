@@ -31,6 +31,13 @@ def host_port(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     return value
 
 
+def host_port_or_off(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A click callback: HOST:PORT, checked, or "off" (None): a listener turned off."""
+    if value is None or value == "off":
+        return None
+    return host_port(ctx, param, value)
+
+
 def logging_options(func: F) -> F:
     """--log-level and --log-json, as every long-running command takes them."""
     func = click.option(

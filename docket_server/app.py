@@ -39,11 +39,13 @@ from docket_server.api.interceptors import (
     AuthInterceptor,
     ErrorsAndAccessLog,
 )
+from docket_server.api.registry_http import RegistryApp, RegistryHttpServer
 from docket_server.api.rollout_service import RolloutService
 from docket_server.domain.fleet import Fleet
 from docket_server.domain.orders import OrderBook, PeerSource
 from docket_server.domain.registry import Registry
 from docket_server.domain.rollouts import Rollouts
+from docket_server.domain.uploads import Uploads
 from docket_server.seeder import Seeder
 from docket_server.store.blobs import FilesystemBlobStore
 from docket_server.store.sql import SqlMetadataStore
@@ -75,6 +77,7 @@ class ServerConfig:
     bt_advertise: str | None = None  # the seed's endpoint as agents dial it
     peer_source: PeerSource | None = None  # default: server, or both with a tracker
     max_upload_rate: int = 0  # the seed's upload limit, bytes a second
+    registry_listen: str | None = None  # the registry HTTP face, HOST:PORT; None: off
 
 
 class DocketServer:
@@ -94,10 +97,16 @@ class DocketServer:
         self.orders = OrderBook(self.fleet, config.bt_advertise or "", peer_source)
         self.orders.sink = StreamOrderSink()
         self.rollouts = Rollouts(self.registry, self.fleet, self.orders, self.metadata)
+        # Blobs whose last image goes while a rollout fetches them are deleted once it is done.
+        self.registry.needed_blobs = self.orders.blobs_in_flight
+        self.orders.listen(lambda task: self.registry.schedule_collect())
+        self.uploads = Uploads(self.registry)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._http: RegistryHttpServer | None = None
         self.port = 0
         self.bt_port = 0
+        self.registry_port = 0
 
     async def start(self) -> None:
         removed = self.blobs.clean_temporary()
@@ -113,6 +122,7 @@ class DocketServer:
         seeded = await self.registry.reseed_all()
         await self.fleet.start()
         await self.rollouts.start()
+        await self.registry.collect_deferred()
         server = grpc.aio.server(
             interceptors=[
                 AuthInterceptor(self.config.authenticator or AllowAll()),
@@ -156,6 +166,16 @@ class DocketServer:
             raise OSError(f"cannot listen on {self.config.listen}")
         await server.start()
         self._server = server
+        if self.config.registry_listen:
+            host, port = split_host_port(self.config.registry_listen)
+            http = RegistryHttpServer(
+                RegistryApp(self.registry, self.uploads, self.config.authenticator or AllowAll()),
+                host,
+                port,
+            )
+            self.registry_port = await http.start()
+            self._http = http
+            self.uploads.start_sweeping()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("docket.v1.ImageService", health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -163,6 +183,7 @@ class DocketServer:
             listen=self.config.listen,
             port=self.port,
             bt_port=self.bt_port,
+            registry_port=self.registry_port or None,
             data_dir=str(self.config.data_dir),
             blobs_seeded=seeded,
         )
@@ -176,8 +197,12 @@ class DocketServer:
             await asyncio.sleep(0)
             await self.fleet.stop()
             await self.rollouts.stop()
+            if self._http is not None:
+                await self._http.stop(self.config.shutdown_grace_seconds)
+                self._http = None
             await stopping
             self._server = None
+        await self.uploads.close()
         self.seeder.close()
         await self.metadata.close()
         log.info("docket-server stopped")

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from docket_common.bt import TorrentSessionError
-from docket_common.cli import host_port, logging_options, xdg_dir
+from docket_common.cli import host_port, host_port_or_off, logging_options, xdg_dir
 from docket_common.logs import configure_logging
 from docket_server.api.interceptors import StaticTokens
 from docket_server.app import DocketServer, ServerConfig
@@ -34,6 +34,14 @@ def default_data_dir() -> Path:
     default=default_data_dir,
     show_default="$XDG_DATA_HOME/docket/server",
     help="Where the database (docket.db) and the blobs (blobs/sha256/…) live.",
+)
+@click.option(
+    "--registry-listen",
+    default="127.0.0.1:5000",
+    show_default=True,
+    callback=host_port_or_off,
+    help="Address of the registry HTTP face (the OCI Distribution API that docker push and "
+    "pull, skopeo and containerd speak), HOST:PORT; 'off' to serve none.",
 )
 @click.option(
     "--bt-listen",
@@ -99,6 +107,7 @@ def default_data_dir() -> Path:
 def main(
     listen: str,
     data_dir: Path,
+    registry_listen: str | None,
     bt_listen: str,
     bt_advertise: str | None,
     peer_source: str | None,
@@ -125,6 +134,7 @@ def main(
         bt_advertise=bt_advertise,
         peer_source=PeerSource(peer_source) if peer_source else None,
         max_upload_rate=max_upload_rate,
+        registry_listen=registry_listen,
         authenticator=StaticTokens.from_file(auth_token_file) if auth_token_file else None,
         heartbeat_interval=heartbeat_interval,
         hello_timeout=hello_timeout,

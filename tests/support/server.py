@@ -32,12 +32,27 @@ class ServerProcess:
     data_dir: Path
     port: int = field(default_factory=free_port)
     bt_port: int = field(default_factory=free_port)
+    registry_port: int = field(default_factory=free_port)
     extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def registry(self) -> str:
+        """The registry HTTP face, HOST:PORT (what `docker push` names)."""
+        return f"127.0.0.1:{self.registry_port}"
+
+    @property
+    def registry_url(self) -> str:
+        return f"http://{self.registry}"
+
+    def blob_path(self, digest: str) -> Path:
+        """Where the server keeps a blob's bytes."""
+        hexd = digest.split(":", 1)[1]
+        return self.data_dir / "blobs" / "sha256" / hexd[:2] / hexd
 
     @property
     def log_path(self) -> Path:
@@ -52,6 +67,8 @@ class ServerProcess:
                 self.address,
                 "--bt-listen",
                 f"127.0.0.1:{self.bt_port}",
+                "--registry-listen",
+                self.registry,
                 "--data-dir",
                 str(self.data_dir),
                 "--log-level",

@@ -1,0 +1,609 @@
+"""The registry HTTP face: the OCI Distribution API (the Docker registry protocol, v2) over
+the same registry, blob store and metadata as the gRPC API.
+
+`docker push`, `docker pull`, skopeo, containerd and crane talk to it. Handlers are thin:
+they decode the request, call the registry (or the uploads), and encode the answer; every
+domain error becomes the spec's JSON error in one place (registry_errors.py). Blob bodies go
+out with sendfile(2), from the blob file straight to the socket.
+
+Routes (NAME is a repository, "perl" or "team/app"; REF a tag or a digest)::
+
+    GET|HEAD              /v2/                         API version check
+    GET                   /v2/_catalog?n=&last=        repositories
+    GET                   /v2/NAME/tags/list?n=&last=  tags
+    GET|HEAD|PUT|DELETE   /v2/NAME/manifests/REF       manifests and indexes
+    GET|HEAD              /v2/NAME/blobs/DIGEST        blobs, with Range
+    POST                  /v2/NAME/blobs/uploads/      start an upload (?digest=, ?mount=&from=)
+    GET|PATCH|PUT|DELETE  /v2/NAME/blobs/uploads/ID    status, chunk, commit (?digest=), cancel
+    GET                   /v2/NAME/referrers/DIGEST    OCI 1.1 referrers (?artifactType=)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+import structlog
+from aiohttp import web
+from aiohttp.client_exceptions import ClientError
+
+from docket_common.manifest import (
+    DOCKER_MANIFEST,
+    INDEX_TYPES,
+    OCI_INDEX,
+    Platform,
+    select_platform,
+)
+from docket_server.api.interceptors import Authenticator
+from docket_server.api.registry_errors import (
+    Code,
+    Face,
+    HttpError,
+    domain_error_response,
+    error_response,
+)
+from docket_server.domain.errors import DocketError
+from docket_server.domain.models import Manifest
+from docket_server.domain.registry import Registry
+from docket_server.domain.uploads import Uploads
+
+log = structlog.get_logger()
+
+API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+CHUNK = 1024 * 1024  # body bytes gathered before each write to the blob file
+MAX_MANIFEST_BODY = 4 * 1024 * 1024
+DEFAULT_PLATFORM = Platform("linux", "amd64")  # for clients that cannot read an index
+REALM = "docket"
+
+Handler = Callable[[web.Request, "re.Match[str]"], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str  # for logs, metrics and the authorization table
+    pattern: re.Pattern[str]
+    face: Face
+    methods: dict[str, Handler]
+
+
+class RegistryApp:
+    """The aiohttp application of the registry HTTP face."""
+
+    def __init__(self, registry: Registry, uploads: Uploads, authenticator: Authenticator):
+        self.registry = registry
+        self.uploads = uploads
+        self.authenticator = authenticator
+        self.routes = [
+            Route("base", re.compile(r"^$"), Face.OTHER, {"GET": self.base, "HEAD": self.base}),
+            Route("catalog", re.compile(r"^_catalog$"), Face.OTHER, {"GET": self.catalog}),
+            Route(
+                "tags",
+                re.compile(r"^(?P<name>.+)/tags/list$"),
+                Face.OTHER,
+                {"GET": self.tags},
+            ),
+            Route(
+                "manifest",
+                re.compile(r"^(?P<name>.+)/manifests/(?P<reference>[^/]+)$"),
+                Face.MANIFESTS,
+                {
+                    "GET": self.get_manifest,
+                    "HEAD": self.get_manifest,
+                    "PUT": self.put_manifest,
+                    "DELETE": self.delete_manifest,
+                },
+            ),
+            Route(
+                "uploads",
+                re.compile(r"^(?P<name>.+)/blobs/uploads/?$"),
+                Face.UPLOADS,
+                {"POST": self.start_upload},
+            ),
+            Route(
+                "upload",
+                re.compile(r"^(?P<name>.+)/blobs/uploads/(?P<upload>[^/]+)$"),
+                Face.UPLOADS,
+                {
+                    "GET": self.upload_status,
+                    "HEAD": self.upload_status,
+                    "PATCH": self.patch_upload,
+                    "PUT": self.finish_upload,
+                    "DELETE": self.cancel_upload,
+                },
+            ),
+            Route(
+                "blob",
+                re.compile(r"^(?P<name>.+)/blobs/(?P<digest>[^/]+)$"),
+                Face.BLOBS,
+                {"GET": self.get_blob, "HEAD": self.get_blob, "DELETE": self.delete_blob},
+            ),
+            Route(
+                "referrers",
+                re.compile(r"^(?P<name>.+)/referrers/(?P<digest>[^/]+)$"),
+                Face.OTHER,
+                {"GET": self.referrers},
+            ),
+        ]
+
+    def application(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware])
+        app.router.add_route("*", "/v2", self._dispatch)
+        app.router.add_route("*", "/v2/{tail:.*}", self._dispatch)
+        return app
+
+    # Dispatch, errors, authentication, logs
+
+    def _route(self, request: web.Request) -> tuple[Route, re.Match[str]] | None:
+        tail = request.match_info.get("tail", "")
+        for route in self.routes:
+            match = route.pattern.match(tail)
+            if match is not None:
+                return route, match
+        return None
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        found = self._route(request)
+        if found is None:
+            raise HttpError(404, Code.NAME_UNKNOWN, f"no registry endpoint at {request.path}")
+        route, match = found
+        handler = route.methods.get(request.method)
+        if handler is None:
+            raise HttpError(
+                405,
+                Code.UNSUPPORTED,
+                f"{request.method} is not supported on {request.path}",
+                {"Allow": ", ".join(route.methods)},
+            )
+        return await handler(request, match)
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        start = time.monotonic()
+        found = self._route(request) if request.path.startswith("/v2") else None
+        face = found[0].face if found else Face.OTHER
+        try:
+            if not self._authenticated(request):
+                response: web.StreamResponse = error_response(
+                    401,
+                    Code.UNAUTHORIZED,
+                    "authentication required: log in with a Docket token as the password "
+                    "(docker login), or send it as a bearer token",
+                    headers={"WWW-Authenticate": f'Basic realm="{REALM}"'},
+                )
+            else:
+                response = await handler(request)
+        except DocketError as e:
+            response = domain_error_response(e, face)
+        except HttpError as e:
+            response = error_response(e.status, e.code, e.message, headers=e.headers)
+        except web.HTTPException as e:  # aiohttp's own (a path outside /v2/)
+            response = error_response(e.status, Code.UNSUPPORTED, e.reason)
+        except (ClientError, ConnectionError, asyncio.IncompleteReadError) as e:
+            log.info("registry request broken off", method=request.method, path=request.path)
+            response = error_response(400, Code.BLOB_UPLOAD_INVALID, f"the request broke off: {e}")
+        except Exception:
+            log.exception("registry request failed", method=request.method, path=request.path)
+            response = error_response(500, Code.UNKNOWN, "internal error in the server")
+        if not response.prepared:
+            response.headers[API_VERSION[0]] = API_VERSION[1]
+        log.debug(
+            "registry request",
+            method=request.method,
+            path=request.path,
+            route=found[0].name if found else None,
+            status=response.status,
+            ms=round((time.monotonic() - start) * 1000, 1),
+        )
+        return response
+
+    def _authenticated(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        token = value.strip()
+        if scheme.lower() == "basic":
+            try:
+                _user, _, token = base64.b64decode(token, validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                token = ""
+        metadata = [("authorization", f"Bearer {token}")] if token else []
+        return self.authenticator.authenticate(metadata) is not None
+
+    # /v2/, catalog, tags
+
+    async def base(self, request: web.Request, match: re.Match[str]) -> web.StreamResponse:
+        return web.json_response({})
+
+    async def catalog(self, request: web.Request, match: re.Match[str]) -> web.StreamResponse:
+        n, last = _pagination(request)
+        repositories, more = await self.registry.list_repositories(n or 0, last)
+        if n == 0:
+            repositories, more = [], False
+        response = web.json_response({"repositories": repositories})
+        if more:
+            response.headers["Link"] = _next_link("/v2/_catalog", n, repositories[-1])
+        return response
+
+    async def tags(self, request: web.Request, match: re.Match[str]) -> web.StreamResponse:
+        name = match["name"]
+        n, last = _pagination(request)
+        found, more = await self.registry.list_tags(name, n or 0, last)
+        if n == 0:
+            found, more = [], False
+        response = web.json_response({"name": name, "tags": found})
+        if more:
+            response.headers["Link"] = _next_link(f"/v2/{name}/tags/list", n, found[-1])
+        return response
+
+    # Manifests
+
+    async def get_manifest(self, request: web.Request, match: re.Match[str]) -> web.StreamResponse:
+        name, reference = match["name"], match["reference"]
+        manifest = await self.registry.get_manifest(name, reference)
+        accepted = _accepted(request)
+        if accepted is not None and not _serves(manifest.media_type, accepted):
+            manifest = await self._negotiate(manifest, reference, accepted)
+        headers = {
+            "Docker-Content-Digest": manifest.digest,
+            "ETag": f'"{manifest.digest}"',
+        }
+        if _etag_matches(request, manifest.digest):
+            return web.Response(status=304, headers=headers)
+        return web.Response(
+            body=manifest.content, headers={**headers, "Content-Type": manifest.media_type}
+        )
+
+    async def _negotiate(self, manifest: Manifest, reference: str, accepted: set[str]) -> Manifest:
+        """For a client that cannot read what is stored: an index asked for by tag gives its
+        linux/amd64 image, as the CNCF registry does; anything else is not found for it."""
+        if manifest.media_type in INDEX_TYPES and ":" not in reference:
+            entry = select_platform(manifest.children, DEFAULT_PLATFORM)
+            if entry is not None and _serves(entry.media_type, accepted):
+                return await self.registry.get_manifest(manifest.repository, entry.digest)
+        raise HttpError(
+            404,
+            Code.MANIFEST_UNKNOWN,
+            f"{manifest.repository}:{reference} is {manifest.media_type}, which the client's "
+            f"Accept header ({', '.join(sorted(accepted))}) does not take",
+        )
+
+    async def put_manifest(self, request: web.Request, match: re.Match[str]) -> web.StreamResponse:
+        name, reference = match["name"], match["reference"]
+        if request.content_length is not None and request.content_length > MAX_MANIFEST_BODY:
+            raise HttpError(
+                400,
+                Code.MANIFEST_INVALID,
+                f"the manifest is {request.content_length} bytes, over {MAX_MANIFEST_BODY}",
+            )
+        content = await request.content.read(MAX_MANIFEST_BODY + 1)
+        if len(content) > MAX_MANIFEST_BODY or not request.content.at_eof():
+            raise HttpError(
+                400, Code.MANIFEST_INVALID, f"the manifest is over {MAX_MANIFEST_BODY} bytes"
+            )
+        manifest = await self.registry.put_manifest(
+            name, reference, content, request.headers.get("Content-Type", "")
+        )
+        headers = {
+            "Location": f"/v2/{name}/manifests/{manifest.digest}",
+            "Docker-Content-Digest": manifest.digest,
+        }
+        if manifest.subject is not None:
+            headers["OCI-Subject"] = manifest.subject.digest
+        return web.Response(status=201, headers=headers)
+
+    async def delete_manifest(
+        self, request: web.Request, match: re.Match[str]
+    ) -> web.StreamResponse:
+        name, reference = match["name"], match["reference"]
+        if ":" in reference:
+            await self.registry.delete_manifest(name, reference)
+        else:
+            await self.registry.delete_tag(name, reference)
+        return web.Response(status=202)
+
+    # Blobs
+
+    async def get_blob(self, request: web.Request, match: re.Match[str]) -> web.StreamResponse:
+        self.registry.check_repository(match["name"])
+        blob, path = await self.registry.blob_file(match["digest"])
+        headers = {
+            "Docker-Content-Digest": blob.digest,
+            "ETag": f'"{blob.digest}"',
+            "Accept-Ranges": "bytes",
+            "Cache-Control": "max-age=31536000",
+            "Content-Type": "application/octet-stream",
+        }
+        if _etag_matches(request, blob.digest):
+            return web.Response(status=304, headers=headers)
+        offset, count, status = 0, blob.size, 200
+        wanted = _byte_range(request.headers.get("Range", ""), blob.size)
+        if wanted is not None:
+            offset, count = wanted
+            status = 206
+            headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{blob.size}"
+        return await _send_file(request, path, offset, count, status, headers)
+
+    async def delete_blob(self, request: web.Request, match: re.Match[str]) -> web.StreamResponse:
+        raise HttpError(
+            405,
+            Code.UNSUPPORTED,
+            "blobs are shared by every repository and go with the last manifest that uses "
+            "them: delete manifests instead",
+        )
+
+    # Uploads
+
+    async def start_upload(self, request: web.Request, match: re.Match[str]) -> web.StreamResponse:
+        name = match["name"]
+        self.registry.check_repository(name)
+        mount, digest = request.query.get("mount"), request.query.get("digest")
+        if mount:
+            mounted = await self.registry.mountable_blob(mount)
+            if mounted is not None:
+                return _blob_created(name, mounted)
+        upload = self.uploads.start(name)
+        if digest is not None:  # the whole blob in this one request
+            result = await self.uploads.finish(
+                upload, digest, _body_chunks(request), request.content_length
+            )
+            return _blob_created(name, result.blob.digest)
+        return _upload_response(202, name, upload.id, 0)
+
+    async def upload_status(self, request: web.Request, match: re.Match[str]) -> web.StreamResponse:
+        upload = self.uploads.get(match["name"], match["upload"])
+        return _upload_response(204, upload.repository, upload.id, upload.offset)
+
+    async def patch_upload(self, request: web.Request, match: re.Match[str]) -> web.StreamResponse:
+        upload = self.uploads.get(match["name"], match["upload"])
+        start, length = None, request.content_length
+        header = request.headers.get("Content-Range")
+        if header:
+            first, last = _content_range(header)
+            start = first
+            if length is not None and length != last - first + 1:
+                raise HttpError(
+                    400,
+                    Code.SIZE_INVALID,
+                    f"Content-Range {header} is {last - first + 1} bytes but Content-Length "
+                    f"says {length}",
+                )
+            length = last - first + 1
+        await self.uploads.append(upload, _body_chunks(request), start=start, length=length)
+        return _upload_response(202, upload.repository, upload.id, upload.offset)
+
+    async def finish_upload(self, request: web.Request, match: re.Match[str]) -> web.StreamResponse:
+        upload = self.uploads.get(match["name"], match["upload"])
+        digest = request.query.get("digest", "")
+        if not digest:
+            raise HttpError(400, Code.DIGEST_INVALID, "the upload's PUT must name ?digest=")
+        result = await self.uploads.finish(
+            upload, digest, _body_chunks(request), request.content_length
+        )
+        return _blob_created(upload.repository, result.blob.digest)
+
+    async def cancel_upload(self, request: web.Request, match: re.Match[str]) -> web.StreamResponse:
+        upload = self.uploads.get(match["name"], match["upload"])
+        self.uploads.cancel(upload)
+        return web.Response(status=204, headers={"Docker-Upload-UUID": upload.id})
+
+    # Referrers
+
+    async def referrers(self, request: web.Request, match: re.Match[str]) -> web.StreamResponse:
+        artifact_type = request.query.get("artifactType", "")
+        found = await self.registry.referrers(match["name"], match["digest"], artifact_type)
+        entries = []
+        for m in found:
+            entry: dict[str, object] = {
+                "mediaType": m.media_type,
+                "digest": m.digest,
+                "size": len(m.content),
+            }
+            if m.artifact_type:
+                entry["artifactType"] = m.artifact_type
+            annotations = _annotations(m.content)
+            if annotations:
+                entry["annotations"] = annotations
+            entries.append(entry)
+        body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
+        headers = {"OCI-Filters-Applied": "artifactType"} if artifact_type else {}
+        return web.Response(body=json.dumps(body).encode(), content_type=OCI_INDEX, headers=headers)
+
+
+# Helpers
+
+
+async def _body_chunks(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body in chunks of about CHUNK bytes, as it arrives."""
+    buffer = bytearray()
+    async for data in request.content.iter_any():
+        buffer += data
+        if len(buffer) >= CHUNK:
+            yield bytes(buffer)
+            buffer.clear()
+    if buffer:
+        yield bytes(buffer)
+
+
+def _upload_response(status: int, name: str, upload_id: str, offset: int) -> web.Response:
+    return web.Response(
+        status=status,
+        headers={
+            "Location": f"/v2/{name}/blobs/uploads/{upload_id}",
+            "Range": f"0-{max(offset - 1, 0)}",
+            "Docker-Upload-UUID": upload_id,
+        },
+    )
+
+
+def _blob_created(name: str, digest: str) -> web.Response:
+    return web.Response(
+        status=201,
+        headers={"Location": f"/v2/{name}/blobs/{digest}", "Docker-Content-Digest": digest},
+    )
+
+
+_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
+
+
+def _content_range(header: str) -> tuple[int, int]:
+    """The first and last byte of an upload chunk's Content-Range ("0-1023"; "bytes 0-1023"
+    and "bytes=0-1023/2048" are taken too)."""
+    match = _CONTENT_RANGE.match(header.strip())
+    if match is None or int(match[1]) > int(match[2]):
+        raise HttpError(
+            416, Code.RANGE_INVALID, f"Content-Range {header!r} is not FIRST-LAST in bytes"
+        )
+    return int(match[1]), int(match[2])
+
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def _byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """The (offset, count) a GET's Range asks for; None for the whole blob (no Range, or one
+    this server ignores, as RFC 9110 allows: several ranges, or a malformed one). A range
+    that starts past the end is 416."""
+    match = _RANGE.match(header.strip())
+    if match is None or (not match[1] and not match[2]):
+        return None
+    if not match[1]:  # the last N bytes
+        suffix = int(match[2])
+        if suffix == 0 or size == 0:
+            raise _unsatisfiable(header, size)
+        return max(size - suffix, 0), min(suffix, size)
+    first = int(match[1])
+    last = int(match[2]) if match[2] else size - 1
+    if match[2] and last < first:
+        return None
+    if first >= size:
+        raise _unsatisfiable(header, size)
+    last = min(last, size - 1)
+    return first, last - first + 1
+
+
+def _unsatisfiable(header: str, size: int) -> HttpError:
+    return HttpError(
+        416,
+        Code.RANGE_INVALID,
+        f"Range {header!r} is past the end of the {size}-byte blob",
+        {"Content-Range": f"bytes */{size}"},
+    )
+
+
+async def _send_file(
+    request: web.Request, path: Path, offset: int, count: int, status: int, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Sends ``count`` bytes of a file from ``offset``: with sendfile(2) from the page cache
+    to the socket, or (TLS) through the transport."""
+    try:
+        fobj = await asyncio.to_thread(path.open, "rb")
+    except FileNotFoundError:
+        raise HttpError(404, Code.BLOB_UNKNOWN, "the blob was deleted") from None
+    try:
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = count
+        response.headers[API_VERSION[0]] = API_VERSION[1]
+        await response.prepare(request)
+        if request.method == "HEAD" or count == 0:
+            await response.write_eof()
+            return response
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("the client went away")
+        await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)
+        await response.write_eof()
+        return response
+    finally:
+        fobj.close()
+
+
+def _accepted(request: web.Request) -> set[str] | None:
+    """The media types the client's Accept headers name; None when it takes anything."""
+    types: set[str] = set()
+    for header in request.headers.getall("Accept", []):
+        for item in header.split(","):
+            media_type = item.split(";", 1)[0].strip().lower()
+            if media_type in ("*/*", "application/*"):
+                return None
+            if media_type:
+                types.add(media_type)
+    return types or None
+
+
+def _serves(media_type: str, accepted: set[str]) -> bool:
+    # Docker schema 2 goes to every client, as the CNCF registry does (clients too old to
+    # name it in Accept read it anyway).
+    return media_type in accepted or media_type == DOCKER_MANIFEST
+
+
+def _etag_matches(request: web.Request, digest: str) -> bool:
+    header = request.headers.get("If-None-Match", "")
+    return any(tag.strip().strip('"') == digest for tag in header.split(",") if tag.strip())
+
+
+def _pagination(request: web.Request) -> tuple[int | None, str]:
+    text = request.query.get("n")
+    n = None
+    if text is not None:
+        if not text.isdigit():
+            raise HttpError(
+                400, Code.PAGINATION_NUMBER_INVALID, f"n={text!r} is not a number of results"
+            )
+        n = int(text)
+    return n, request.query.get("last", "")
+
+
+def _next_link(path: str, n: int | None, last: str) -> str:
+    query = urlencode({**({"n": str(n)} if n else {}), "last": last}, quote_via=quote)
+    return f'<{path}?{query}>; rel="next"'
+
+
+def _annotations(content: bytes) -> dict[str, str]:
+    try:
+        doc = json.loads(content)
+    except ValueError:
+        return {}
+    annotations = doc.get("annotations") if isinstance(doc, dict) else None
+    if not isinstance(annotations, dict):
+        return {}
+    return {str(k): str(v) for k, v in annotations.items()}
+
+
+class RegistryHttpServer:
+    """Runs the registry face on a TCP address inside the server's event loop."""
+
+    def __init__(self, app: RegistryApp, host: str, port: int) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> int:
+        runner = web.AppRunner(self.app.application(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        for address in runner.addresses:  # the port it got, when asked for port 0
+            self.port = int(address[1])
+            break
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        if self._runner is not None:
+            await self._runner.shutdown()
+            await asyncio.wait_for(self._runner.cleanup(), timeout=grace + 1)
+            self._runner = None
