@@ -16,6 +16,7 @@ from docket_agent.stream import StreamClient, agent_channel
 from docket_common.bt import split_host_port
 from docket_common.fetch import BlobFetcher
 from docket_common.loadable import LoadableImage, load_from_env
+from docket_common.manifest import Platform, this_platform
 from docket_common.pb import agent_pb2, agent_service_pb2_grpc, image_service_pb2_grpc
 from docket_common.readblob import grpc_claim_first_pieces, grpc_read_range
 from docket_common.version import VERSION
@@ -38,6 +39,7 @@ class AgentConfig:
     fallback_after: float = 30.0
     max_download_rate: int = 0
     max_upload_rate: int = 0
+    platform: Platform | None = None  # None: the engine's, or this machine's
 
 
 def outbound_address(server: str) -> str:
@@ -155,4 +157,5 @@ class Agent:
             docker_error=docker.error,
             disk_free_bytes=await asyncio.to_thread(disk_free, cfg.data_dir),
             cached_digests=sorted(b.digest for b in blobs),
+            platform=str(cfg.platform or docker.platform or this_platform()),
         )

@@ -9,6 +9,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from docket_common.manifest import Platform, normalize_platform
+
 ID_FILE = "agent-id"
 LOCK_FILE = "agent.lock"
 
@@ -56,6 +58,7 @@ def load_agent_id(data_dir: Path) -> str:
 class DockerStatus:
     version: str = ""
     error: str = ""
+    platform: Platform | None = None  # what the engine runs
 
 
 def probe_docker(enabled: bool) -> DockerStatus:
@@ -70,7 +73,11 @@ def probe_docker(enabled: bool) -> DockerStatus:
     except DockerException as e:
         return DockerStatus(error=f"no Docker engine: {e}")
     try:
-        return DockerStatus(version=str(client.version().get("Version", "")))
+        version = client.version()
+        platform = None
+        if version.get("Os") and version.get("Arch"):
+            platform = normalize_platform(str(version["Os"]), str(version["Arch"]))
+        return DockerStatus(version=str(version.get("Version", "")), platform=platform)
     except (DockerException, OSError) as e:
         return DockerStatus(error=f"Docker engine not answering: {e}")
     finally:

@@ -18,6 +18,7 @@ from docket_agent.stream import AgentRefusedError
 from docket_common.bt import TorrentSessionError
 from docket_common.cli import host_port, logging_options, xdg_dir
 from docket_common.logs import configure_logging
+from docket_common.manifest import Platform, normalize_platform
 from docket_common.selector import is_label, is_name
 
 
@@ -48,6 +49,16 @@ def _labels(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
             raise click.BadParameter(f"{item!r}: want KEY=VALUE")
         labels[key] = val
     return labels
+
+
+def _platform(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Platform | None:
+    if value is None:
+        return None
+    try:
+        parsed = Platform.parse(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    return normalize_platform(parsed.os, parsed.architecture, parsed.variant)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -135,6 +146,15 @@ def _labels(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
     show_default="no limit",
     help="BitTorrent upload limit (what this host seeds to others), bytes a second.",
 )
+@click.option(
+    "--platform",
+    "platform",
+    default=None,
+    callback=_platform,
+    help="The platform this host runs images for, OS/ARCH[/VARIANT] (default: the Docker "
+    "engine's, or this machine's): a rollout of a multi-platform image gives the host the "
+    "image for it.",
+)
 @click.option("--token", envvar="DOCKET_TOKEN", default=None, help="Bearer token for the server.")
 @logging_options
 def main(
@@ -150,6 +170,7 @@ def main(
     fallback_after: float,
     max_download_rate: int,
     max_upload_rate: int,
+    platform: Platform | None,
     token: str | None,
     log_level: str,
     log_json: bool | None,
@@ -179,6 +200,7 @@ def main(
         fallback_after=fallback_after,
         max_download_rate=max_download_rate,
         max_upload_rate=max_upload_rate,
+        platform=platform,
     )
     try:
         asyncio.run(_run(Agent(config)))

@@ -55,18 +55,28 @@ async def inspect_cmd(conn: Connection, ref: str, output: str) -> None:
 
 @click.command("rm")
 @click.argument("refs", nargs=-1, required=True)
+@output_option
 @with_connection
-async def rm_cmd(conn: Connection, refs: tuple[str, ...]) -> None:
-    """Remove images. Blobs no other image uses are deleted and stop being seeded.
+async def rm_cmd(conn: Connection, refs: tuple[str, ...], output: str) -> None:
+    """Remove images by name. An image goes with its last name (and is kept while another
+    name or a multi-platform index still includes it); blobs no image uses any more are
+    deleted and stop being seeded, once no rollout in flight still fetches them.
 
-    REF@sha256:… removes every tag of that repository pointing at that image.
+    REF@sha256:… removes the image and every name of it in its repository.
     """
     names = [parse_reference(r).name for r in refs]  # all checked before any is removed
+    untagged: list[str] = []
+    deleted: list[str] = []
     for name in names:
         response = await conn.images.DeleteImage(
             pb.DeleteImageRequest(name=name), metadata=conn.metadata
         )
-        for deleted in response.deleted_names:
-            click.echo(f"Untagged: {deleted}")
-        for digest in response.deleted_digests:
-            click.echo(f"Deleted: {digest}")
+        untagged += response.deleted_names
+        deleted += response.deleted_digests
+        if output != "json":
+            for removed in response.deleted_names:
+                click.echo(f"Untagged: {removed}")
+            for digest in response.deleted_digests:
+                click.echo(f"Deleted: {digest}")
+    if output == "json":
+        print_json({"deleted_names": untagged, "deleted_digests": deleted})

@@ -12,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 
 from docket_common.digest import short
+from docket_common.manifest import IMAGE_CONFIG_TYPES
 from docket_common.pb import image_pb2
 
 stderr = Console(stderr=True, highlight=False)
@@ -53,14 +54,23 @@ def image_json(image: image_pb2.Image) -> dict[str, Any]:
         "repository": image.repository,
         "tag": image.tag,
         "digest": image.digest,
+        "media_type": image.media_type,
+        "artifact_type": image.artifact_type,
         "size_bytes": image.size_bytes,
         "layers": [desc(layer) for layer in image.layers],
-        "config": desc(image.config),
+        "config": desc(image.config) if image.HasField("config") else None,
         "diff_ids": list(image.diff_ids),
         "platform": image.platform,
+        "manifests": [image_json(m) for m in image.manifests],
         "build_time": ts_iso(image.build_time),
         "create_time": ts_iso(image.create_time),
     }
+
+
+def _platforms(image: image_pb2.Image) -> str:
+    if image.manifests:
+        return ",".join(m.platform for m in image.manifests if m.platform) or "-"
+    return image.platform or "-"
 
 
 def print_json(value: Any) -> None:
@@ -82,9 +92,9 @@ def images_table(images: Sequence[image_pb2.Image]) -> str:
         [
             image.name,
             short(image.digest),
-            str(len(image.layers)),
+            str(len(image.layers)) if image.HasField("config") else "-",
             human_size(image.size_bytes),
-            image.platform or "-",
+            _platforms(image),
             ago(image.create_time),
         ]
         for image in images
@@ -96,12 +106,23 @@ def image_details(image: image_pb2.Image) -> str:
     rows = [
         ["Name", image.name],
         ["Digest", image.digest],
+        ["Type", image.media_type],
         ["Size", f"{human_size(image.size_bytes)} ({image.size_bytes} bytes)"],
-        ["Platform", image.platform or "-"],
+        ["Platform", _platforms(image)],
         ["Built", ts_iso(image.build_time) or "-"],
         ["Pushed", ts_iso(image.create_time) or "-"],
-        ["Config", f"{image.config.digest}  {human_size(image.config.size_bytes)}"],
     ]
+    if image.artifact_type and image.artifact_type not in IMAGE_CONFIG_TYPES:
+        rows.append(["Artifact", image.artifact_type])
+    rows += [
+        [
+            "Platforms" if i == 0 else "",
+            f"{m.digest}  {human_size(m.size_bytes):>7}  {m.platform or '-'}",
+        ]
+        for i, m in enumerate(image.manifests)
+    ]
+    if image.HasField("config"):
+        rows.append(["Config", f"{image.config.digest}  {human_size(image.config.size_bytes)}"])
     rows += [
         [
             "Layers" if i == 0 else "",

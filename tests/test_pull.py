@@ -296,12 +296,17 @@ def test_a_killed_agent_resumes_without_fetching_its_pieces_again(
         server.stop()
 
 
-def test_an_image_deleted_mid_pull_fails_clearly(tmp_path: Path, agents: StartAgent) -> None:
+def test_an_image_deleted_mid_rollout_keeps_its_blobs_until_the_rollout_is_done(
+    tmp_path: Path, agents: StartAgent
+) -> None:
+    """`docketctl rm` while a rollout fetches the image: the name goes at once, the blobs
+    only once no host fetches them, so the rollout still succeeds."""
     server = make_server(tmp_path, "--bt-advertise", f"127.0.0.1:{free_port()}")
     try:
-        push_archive(server, tmp_path, "doomed:1", [layer_tar({"d": random_bytes(2 * MiB, 5)})])
+        layer = layer_tar({"d": random_bytes(2 * MiB, 5)})
+        push_archive(server, tmp_path, "doomed:1", [layer])
         # A download limit keeps the agent off the server's first pieces: the seed's port is
-        # closed, so nothing arrives until the fallback, which finds the blob gone.
+        # closed, so nothing arrives until the fallback, 3 s in, from the server's store.
         limit = ["--max-download-rate", str(100 * MiB)]
         agents(server, "d1", groups=["d"], extra_args=["--fallback-after", "3", *limit])
         wait_for_states(server.address, {"d1": "online"})
@@ -310,12 +315,24 @@ def test_an_image_deleted_mid_pull_fails_clearly(tmp_path: Path, agents: StartAg
             for line in proc.stdout:  # the host has its order
                 if json.loads(line).get("type") == "host":
                     break
-            assert docketctl("rm", "doomed:1", server=server.address).returncode == 0
+            removed = docketctl("rm", "doomed:1", "-o", "json", server=server.address)
+            assert removed.returncode == 0, removed.stderr
+            assert json.loads(removed.stdout)["deleted_digests"] == []  # kept for the rollout
+            assert docketctl("inspect", "doomed:1", server=server.address).returncode == 1
+            assert server.blob_path(sha256(layer)).exists()
             out, _ = proc.communicate(timeout=60)
         host = json.loads(out.splitlines()[-1])["summary"]["hosts"][0]
-        assert proc.returncode == 3  # the rollout failed
-        assert host["state"] == "failed"
-        assert "gone from the server" in host["error"]
+        assert proc.returncode == 0, host
+        assert host["state"] == "succeeded"
+        assert host["fallback_bytes"] > 0
+        deadline = time.monotonic() + 10
+        while server.blob_path(sha256(layer)).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not server.blob_path(sha256(layer)).exists()
+        with grpc.insecure_channel(server.address) as channel:
+            stub = image_grpc.ImageServiceStub(channel)
+            missing = stub.StatBlobs(image_pb.StatBlobsRequest(digests=[sha256(layer)]))
+        assert list(missing.missing_digests) == [sha256(layer)]
     finally:
         server.stop()
 
