@@ -61,6 +61,8 @@ def host_json(host: rollout_pb2.RolloutHost) -> dict[str, Any]:
         "state": state_name(host),
         "error": host.error or None,
         "image_id": host.image_id or None,
+        "image_digest": host.image_digest or None,
+        "platform": host.platform or None,
         "total_bytes": host.total_bytes,
         "done_bytes": host.done_bytes,
         "total_pieces": host.total_pieces,

@@ -5,6 +5,8 @@ Sections (append new fixtures to the section they belong to, or add a section):
 1. Docker engine: a private dockerd started once per test session (`docker_engine`).
 2. Test images: a busybox base and two images sharing it, made once (`test_images`).
 3. Docket server: a real docket-server process per test (`server`).
+4. Agents: agents started by a test (`agents`), and three engines for agent hosts
+   (`agent_engines`, once per session).
 
 Tests that use these must be marked ``@pytest.mark.docker``. Without dockerd (or root) they
 are skipped, except under CI (the ``CI`` environment variable set), where that is an error.
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.support.agents import AgentProcess, StartAgent
 from tests.support.dockerd import DockerEngine, docker_unavailable_reason
 from tests.support.images import ImagePair, make_image_pair
 from tests.support.netns import running_under_ci
@@ -65,3 +69,36 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
     code = proc.stop()
     # A clean exit on SIGTERM is part of what every test checks.
     assert code == 0, f"docket-server exited {code}:\n{proc.log_tail()}"
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Agents
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def agent_engines(docker_engine: DockerEngine) -> Iterator[list[DockerEngine]]:
+    """Three more private Docker engines, one per agent host, for the whole session: tests
+    give their images names of their own."""
+    engines = [DockerEngine().start() for _ in range(3)]
+    yield engines
+    for engine in engines:
+        engine.stop()
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[StartAgent]:
+    """Starts agents (``agents(server, name, groups=[...], docker_host=...)``); each is
+    stopped when the test ends."""
+    started: list[AgentProcess] = []
+
+    def start(server: ServerProcess, name: str, **kwargs: Any) -> AgentProcess:
+        agent = AgentProcess(
+            server=server.address, data_dir=tmp_path / name, name=name, **kwargs
+        ).start()
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()

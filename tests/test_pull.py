@@ -8,7 +8,6 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from docket_common.archive import ImageArchive
 from docket_common.pb import agent_service_pb2_grpc
 from docket_common.pb import image_service_pb2 as image_pb
 from docket_common.pb import image_service_pb2_grpc as image_grpc
-from tests.support.agents import AgentProcess, SimulatedAgent, wait_for_states
+from tests.support.agents import SimulatedAgent, StartAgent, wait_for_states
 from tests.support.archives import layer_tar, random_bytes, sha256, write_legacy_archive
 from tests.support.corrupt_peer import CorruptPeer
 from tests.support.dockerd import DockerEngine
@@ -29,53 +28,16 @@ from tests.support.server import (
     background_rollout,
     docketctl,
     free_port,
+    rollout,
 )
 from tests.support.tracker import Tracker
 
 FAST = ["--heartbeat-interval", "0.5", "--hello-timeout", "2"]
 MiB = 1024 * 1024
 
-StartAgent = Callable[..., AgentProcess]
-
-
-@pytest.fixture(scope="module")
-def agent_engines() -> Iterator[list[DockerEngine]]:
-    """Three private Docker engines, one per agent host."""
-    engines = [DockerEngine().start() for _ in range(3)]
-    yield engines
-    for engine in engines:
-        engine.stop()
-
 
 def make_server(tmp_path: Path, *args: str) -> ServerProcess:
     return ServerProcess(data_dir=tmp_path / "server", extra_args=[*FAST, *args]).start()
-
-
-@pytest.fixture
-def agents(tmp_path: Path) -> Iterator[StartAgent]:
-    started: list[AgentProcess] = []
-
-    def start(server: ServerProcess, name: str, **kwargs: Any) -> AgentProcess:
-        agent = AgentProcess(
-            server=server.address, data_dir=tmp_path / name, name=name, **kwargs
-        ).start()
-        started.append(agent)
-        return agent
-
-    yield start
-    for agent in started:
-        agent.stop()
-
-
-def rollout(
-    server: ServerProcess, ref: str, *args: str, timeout: float = 180
-) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
-    """Runs `docketctl rollout -o json`; returns the exit code, the events and the summary."""
-    result = docketctl("rollout", ref, *args, "-o", "json", server=server.address, timeout=timeout)
-    lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
-    assert lines, result.stderr
-    summary = lines[-1]["summary"]
-    return result.returncode, lines[:-1], {h["host"]: h for h in summary["hosts"]}
 
 
 def push_archive(server: ServerProcess, tmp_path: Path, name: str, layers: list[bytes]) -> Any:

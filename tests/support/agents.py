@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -195,3 +195,8 @@ class SimulatedAgent:
             self.ended = e
         finally:
             self.welcomed.set()  # wake waiters also when refused
+
+
+StartAgent = Callable[..., AgentProcess]
+"""The `agents` fixture: ``agents(server, name, **AgentProcess fields)`` starts one agent,
+stopped when the test ends."""

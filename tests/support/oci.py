@@ -3,6 +3,7 @@ bytes, pushed with plain HTTP requests, and OCI layouts on disk for skopeo."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -68,20 +69,28 @@ def build_image(
     variant: str = "",
     media_type: str = OCI_MANIFEST,
     indent: int | None = None,
+    compress: bool = False,
 ) -> BuiltImage:
-    """An image of uncompressed tar layers; ``indent`` makes the manifest's JSON unlike the
-    compact form Docket writes itself (to show it is kept byte for byte)."""
+    """An image of tar layers, gzip-compressed with ``compress`` (as registries mostly hold
+    them, and as skopeo copies without recompressing); ``indent`` makes the manifest's JSON
+    unlike the compact form Docket writes itself (to show it is kept byte for byte)."""
     config_doc: dict[str, Any] = {
         "architecture": architecture,
         "os": "linux",
         "config": {"Cmd": ["/bin/sh"]},
         "rootfs": {"type": "layers", "diff_ids": [sha256(x) for x in layers]},
     }
+    if compress:
+        layers = [gzip.compress(x, mtime=0) for x in layers]
     if variant:
         config_doc["variant"] = variant
     config = json.dumps(config_doc).encode()
     docker = media_type == DOCKER_MANIFEST
     layer_type = "application/vnd.docker.image.rootfs.diff.tar" if docker else OCI_LAYER
+    if compress:
+        layer_type = (
+            "application/vnd.docker.image.rootfs.diff.tar.gzip" if docker else OCI_LAYER_GZIP
+        )
     config_type = "application/vnd.docker.container.image.v1+json" if docker else OCI_CONFIG
     manifest = json.dumps(
         {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -143,6 +145,18 @@ def docketctl(
         input=None if input_bytes is None else input_bytes.decode(),
         check=False,
     )
+
+
+def rollout(
+    server: ServerProcess, ref: str, *args: str, timeout: float = 180
+) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
+    """Runs `docketctl rollout -o json`; returns the exit code, the events and the summary's
+    hosts by name."""
+    result = docketctl("rollout", ref, *args, "-o", "json", server=server.address, timeout=timeout)
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert lines, result.stderr
+    summary = lines[-1]["summary"]
+    return result.returncode, lines[:-1], {h["host"]: h for h in summary["hosts"]}
 
 
 @contextmanager
