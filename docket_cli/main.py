@@ -13,7 +13,7 @@ import click
 from docket_cli.agents import agents_cmd
 from docket_cli.client import DEFAULT_SERVER, ServerError
 from docket_cli.images import images_cmd, inspect_cmd, rm_cmd
-from docket_cli.pull import pull_cmd
+from docket_cli.pull import PullError, pull_cmd
 from docket_cli.push import PushError, push_cmd
 from docket_cli.rollout import rollout_cmd, rollouts_group
 from docket_common.archive import ArchiveError
@@ -78,6 +78,7 @@ def main() -> None:
         InvalidReferenceError,
         InvalidSelectorError,
         PushError,
+        PullError,
         FetchError,
         LoadError,
         TorrentSessionError,

@@ -20,6 +20,8 @@ from docket_common.cli import host_port, xdg_dir
 from docket_common.digest import short
 from docket_common.fetch import BlobFetcher, BlobSpec, follow
 from docket_common.loadable import LoadableImage, load_from_env, write_archive
+from docket_common.manifest import Descriptor, Platform, select_platform, this_platform
+from docket_common.pb import image_pb2
 from docket_common.pb import image_service_pb2 as pb
 from docket_common.readblob import grpc_read_range
 from docket_common.reference import parse_reference
@@ -59,6 +61,12 @@ def default_cache_dir() -> Path:
     show_default=True,
     help="Seconds without a new byte before the missing pieces come over gRPC.",
 )
+@click.option(
+    "--platform",
+    default=None,
+    help="For a multi-platform image: the platform to pull, OS/ARCH[/VARIANT] (default: "
+    "this machine's).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress, only the result.")
 @with_connection
 async def pull_cmd(
@@ -68,14 +76,22 @@ async def pull_cmd(
     cache_dir: Path,
     bt_listen: str,
     fallback_after: float,
+    platform: str | None,
     quiet: bool,
 ) -> None:
     """Pull an image from the server over BitTorrent into the local Docker engine
     ($DOCKER_HOST), or with --output into an archive for `docker load`."""
     name = parse_reference(ref).name
-    image = (
+    want = this_platform()
+    if platform is not None:
+        try:
+            want = Platform.parse(platform)
+        except ValueError as e:
+            raise PullError(str(e)) from None
+    found = (
         await conn.images.GetImage(pb.GetImageRequest(name=name), metadata=conn.metadata)
     ).image
+    image = platform_image(found, want)
     blobs = [image.config, *image.layers]
     fetcher = BlobFetcher(bt_listen, cache_dir, user_agent=f"docketctl/{VERSION}")
     await fetcher.start()
@@ -128,7 +144,7 @@ async def pull_cmd(
     finally:
         fetcher.close()
     loadable = LoadableImage(
-        name=image.name,
+        name=found.name,
         config_path=fetcher.blob_path(image.config.digest),
         config_digest=image.config.digest,
         layer_paths=tuple(fetcher.blob_path(layer.digest) for layer in image.layers),
@@ -139,7 +155,29 @@ async def pull_cmd(
     )
     if output is not None:
         await asyncio.to_thread(write_archive, loadable, output)
-        click.echo(f"Pulled {image.name} {image.digest} into {output} ({how})")
+        click.echo(f"Pulled {found.name} {image.digest} into {output} ({how})")
         return
     image_id = await asyncio.to_thread(load_from_env, loadable)
-    click.echo(f"Pulled {image.name} {image.digest}: loaded as {image_id} ({how})")
+    click.echo(f"Pulled {found.name} {image.digest}: loaded as {image_id} ({how})")
+
+
+class PullError(Exception):
+    """The image cannot be pulled as asked; str() says why, in one line."""
+
+
+def platform_image(image: image_pb2.Image, want: Platform) -> image_pb2.Image:
+    """The image itself, or from a multi-platform index the one for ``want``."""
+    if image.manifests:
+        entries = [
+            Descriptor(m.digest, m.size_bytes, m.media_type, Platform.parse(m.platform))
+            for m in image.manifests
+            if m.platform and m.HasField("config")
+        ]
+        chosen = select_platform(entries, want)
+        if chosen is None:
+            offered = ", ".join(m.platform for m in image.manifests if m.platform) or "none"
+            raise PullError(f"{image.name} has no image for {want} (it has {offered})")
+        return next(m for m in image.manifests if m.digest == chosen.digest)
+    if not image.HasField("config"):
+        raise PullError(f"{image.name} is not an image ({image.artifact_type or image.media_type})")
+    return image

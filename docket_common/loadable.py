@@ -57,7 +57,7 @@ _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 class LoadableImage:
     """An image held as blob files, ready to be turned into a ``docker load`` archive."""
 
-    name: str  # "repo:tag", becomes the RepoTags entry
+    name: str  # "repo:tag", becomes the RepoTags entry; "repo@sha256:…" loads it untagged
     config_path: Path
     config_digest: str  # "sha256:<hex>"
     layer_paths: tuple[Path, ...]  # base first
@@ -148,7 +148,8 @@ def _plan(image: LoadableImage) -> list[_Member]:
             size = _zstd_size(path)
         members.append(_Member(_header(f"{directory}/", 0, directory=True), 0))
         members.append(_Member(_header(name, size), size, path, zstd=expand))
-    manifest = [{"Config": config_name, "RepoTags": [image.name], "Layers": layer_names}]
+    tags = [] if "@" in image.name else [image.name]  # engines tag no digest references
+    manifest = [{"Config": config_name, "RepoTags": tags, "Layers": layer_names}]
     data = json.dumps(manifest, separators=(",", ":")).encode()
     members.append(_Member(_header("manifest.json", len(data)), len(data), data=data))
     return members
@@ -422,7 +423,7 @@ def _check_loaded(client: docker.DockerClient, image: LoadableImage, engine: str
     import requests.exceptions
 
     try:
-        loaded = client.images.get(image.name)
+        loaded = client.images.get(image.config_digest if "@" in image.name else image.name)
     except docker.errors.ImageNotFound as e:
         raise LoadError(
             f"the Docker engine at {engine} accepted {image.name} but does not list it "

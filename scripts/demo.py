@@ -1,5 +1,5 @@
 """The README's first command: a local Docket server, sample images pushed with live progress,
-and three agents in two groups.
+three agents in two groups, a live rollout, and a `docker pull` from the server's registry face.
 
 Starts a private Docker engine (nothing system-wide), makes sample images in it, starts
 docket-server and the agents under .demo/, and runs docketctl as a user would. On a terminal
@@ -29,8 +29,9 @@ def step(text: str) -> None:
 
 
 def run(args: list[str], env: dict[str, str]) -> None:
-    print(f"$ {shlex.join(['docketctl', *args[1:]])}", flush=True)
-    subprocess.run([str(BIN / "docketctl"), *args[1:]], env=env, check=True)
+    print(f"$ {shlex.join(args)}", flush=True)
+    program = str(BIN / "docketctl") if args[0] == "docketctl" else args[0]
+    subprocess.run([program, *args[1:]], env=env, check=True)
 
 
 def main() -> None:
@@ -47,7 +48,10 @@ def main() -> None:
         step("Starting docket-server")
         server = ServerProcess(data_dir=demo_dir / "server")
         server.start()
-        print(f"listening on {server.address}, seeding on 127.0.0.1:{server.bt_port}")
+        print(
+            f"gRPC API on {server.address}, registry (docker push/pull) on {server.registry}, "
+            f"seeding on 127.0.0.1:{server.bt_port}"
+        )
         print(f"data in {server.data_dir}, log in {server.log_path}")
         env = engine.env() | {"DOCKET_SERVER": server.address}
         # Each agent host gets a Docker engine of its own, as real hosts have.
@@ -85,11 +89,17 @@ def main() -> None:
             run(["docketctl", "rollout", "sample/web:1", "--hosts", "web"], env)
             step("web1's own Docker engine now has the image")
             print(engines[0].client.images.get("sample/web:1").tags)
+            step(f"Any Docker engine can pull from the server's registry face ({server.registry})")
+            run(["docker", "pull", f"{server.registry}/sample/worker:1"], engines[2].env())
             if sys.stdin.isatty():
                 step("The server stays up until Ctrl-C. From another shell:")
                 print(f"  export DOCKET_SERVER={server.address} DOCKER_HOST={engine.host}")
                 print(f"  export PATH={BIN}:$PATH")
                 print("  docketctl images; docketctl agents --hosts db; docketctl rm sample/web:1")
+                print(f"  docker tag sample/base:1 {server.registry}/mine:1")
+                print(
+                    f"  docker push {server.registry}/mine:1; docketctl rollout mine:1 --hosts db"
+                )
                 try:
                     server.proc.wait() if server.proc else None
                 except KeyboardInterrupt:

@@ -3,8 +3,10 @@ sizes of the writes, the file holds exactly the bytes, with O_DIRECT and without
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
+import hashlib
 import os
 import tempfile
 import threading
@@ -12,9 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from docket_common.torrent import PieceHasher, piece_length_for
 from docket_server.store import blobs
-from docket_server.store.blobs import STAGE_BYTES, DirectFile
+from docket_server.store.blobs import STAGE_BYTES, DirectFile, FilesystemBlobStore
 from tests.support.archives import random_bytes
+
+MiB = 1024 * 1024
 
 SIZES = [0, 1, 4095, 4096, 4097, STAGE_BYTES, STAGE_BYTES + 1, 3 * STAGE_BYTES + 17]
 
@@ -106,3 +111,54 @@ def test_closing_while_a_thread_writes_waits_for_it_to_finish(
     assert closed.value.errno == errno.EBADF
     with pytest.raises(ValueError, match="closed"):
         out.write(b"more")
+
+
+# Sizes around the piece lengths' limits: 64 MiB is the last with 64 KiB pieces, 256 MiB the
+# first that a follower started at 64 MiB (for four times that) covers exactly.
+UNKNOWN_SIZES = [0, 1, 64 * MiB, 64 * MiB + 1, 100 * MiB, 256 * MiB + 1]
+
+
+@pytest.mark.parametrize("size", UNKNOWN_SIZES)
+def test_pieces_of_a_blob_of_unknown_size_are_those_of_its_final_size(
+    tmp_path: Path, size: int
+) -> None:
+    """A chunked registry upload: the writer learns the size only at the commit, and its
+    torrent's pieces must still be the SHA-1s at the piece length for that size."""
+    store = FilesystemBlobStore(tmp_path)
+    writer = store.writer("", -1)
+    block = random_bytes(3 * MiB + 5, 11)
+    digest = hashlib.sha256()
+    expected = PieceHasher(piece_length_for(size))
+
+    async def write() -> tuple[int, bytes]:
+        left = size
+        while left > 0:
+            chunk = block[: min(len(block), left)]
+            left -= len(chunk)
+            digest.update(chunk)
+            expected.update(chunk)
+            await writer.write(chunk)
+        return await writer.commit("sha256:" + digest.hexdigest())
+
+    length, pieces = asyncio.run(write())
+    assert length == piece_length_for(size)
+    assert pieces == expected.pieces()
+    assert store.local_path("sha256:" + digest.hexdigest()).stat().st_size == size
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_an_aborted_upload_of_unknown_size_stops_its_follower(tmp_path: Path) -> None:
+    store = FilesystemBlobStore(tmp_path)
+    writer = store.writer("", -1)
+    chunk = random_bytes(4 * MiB, 12)
+
+    async def write() -> None:
+        for _ in range(20):  # 80 MiB: past 64 MiB, so a follower hashes behind the writes
+            await writer.write(chunk)
+
+    before = {t.name for t in threading.enumerate()}
+    asyncio.run(write())
+    assert any(t.name == "piece-follower" for t in threading.enumerate())
+    writer.abort()
+    assert list(store.tmp_dir.iterdir()) == []
+    assert {t.name for t in threading.enumerate()} <= before

@@ -25,6 +25,7 @@ from typing import IO, Any
 
 import docker
 import pytest
+import zstandard
 
 from docket_common.archive import ImageArchive
 from docket_common.loadable import (
@@ -32,6 +33,7 @@ from docket_common.loadable import (
     LoadError,
     archive_chunks,
     archive_size,
+    engine_reads_zstd,
     load_into_docker,
     write_archive,
 )
@@ -267,6 +269,61 @@ def test_gzip_compressed_layer_loads(app1: Extracted, target: DockerEngine, tmp_
     assert rootfs_layers(target.client, "loaded/app1:1") == list(app1.diff_ids)
     run = target.client.containers.run
     assert run("loaded/app1:1", ["ls", "/layers"], remove=True) == APP1_LAYERS
+
+
+def zstd_file(src: Path, dest_dir: Path) -> tuple[Path, str]:
+    """zstd `src` into dest_dir, named by the compressed bytes' digest."""
+    temp = dest_dir / "compressing.tmp"
+    with src.open("rb") as raw, temp.open("wb") as packed:
+        zstandard.ZstdCompressor(level=1).copy_stream(raw, packed)
+    digest = file_digest(temp)
+    final = blob_path(dest_dir, digest)
+    temp.rename(final)
+    return final, digest
+
+
+@pytest.mark.docker
+def test_a_zstd_layer_is_expanded_for_an_engine_before_docker_23(
+    app1: Extracted, target: DockerEngine, tmp_path: Path
+) -> None:
+    image = app1.image
+    packed_dir = tmp_path / "packed"
+    packed_dir.mkdir()
+    packed, packed_digest = zstd_file(image.layer_paths[1], packed_dir)
+    image = replace(
+        image,
+        layer_paths=(image.layer_paths[0], packed, *image.layer_paths[2:]),
+        layer_digests=(image.layer_digests[0], packed_digest, *image.layer_digests[2:]),
+    )
+    # Expanded, the member is the plain tar, byte for byte, under the zstd blob's name.
+    expanded = replace(image, expand_zstd=True)
+    with tarfile.open(fileobj=io.BytesIO(all_bytes(expanded, 4096))) as tar:
+        member = tar.extractfile(f"{packed_digest.split(':')[1]}/layer.tar")
+        assert member is not None
+        assert member.read() == app1.image.layer_paths[1].read_bytes()
+    assert archive_size(expanded) == len(all_bytes(expanded))
+    # Not expanded, the archive carries the zstd bytes as they are.
+    with tarfile.open(fileobj=io.BytesIO(all_bytes(image))) as tar:
+        assert (
+            tar.getmember(f"{packed_digest.split(':')[1]}/layer.tar").size == packed.stat().st_size
+        )
+
+    version = target.client.version()
+    assert not engine_reads_zstd(version), version["ApiVersion"]  # Debian's dockerd 20.10
+    assert engine_reads_zstd({"ApiVersion": "1.43"})
+    assert load_into_docker(target.client, image) == image.config_digest
+    assert rootfs_layers(target.client, "loaded/app1:1") == list(app1.diff_ids)
+    run = target.client.containers.run
+    assert run("loaded/app1:1", ["ls", "/layers"], remove=True) == APP1_LAYERS
+
+
+@pytest.mark.docker
+def test_an_image_named_by_digest_loads_untagged(app1: Extracted, target: DockerEngine) -> None:
+    name = "loaded/app1@sha256:" + "0" * 64
+    assert load_into_docker(target.client, replace(app1.image, name=name)) == (
+        app1.image.config_digest
+    )
+    assert target.client.images.get(app1.image.config_digest).tags == []
 
 
 @pytest.mark.docker

@@ -128,6 +128,11 @@ def test_docketctl_push_then_docker_pull_into_a_fresh_engine(
         assert listed.split() == ["app2-0.bin"]
         by_digest = docker(fresh, "pull", f"{docket.registry}/docket-test/app2@{digest}")
         assert digest in by_digest
+    # skopeo reads Docket's own manifest too, and sees its digest.
+    inspected = json.loads(
+        skopeo_ok("inspect", PLAIN, f"docker://{docket.registry}/docket-test/app2:1")
+    )
+    assert inspected["Digest"] == digest
 
 
 def test_skopeo_copies_both_ways_inspects_lists_and_deletes(

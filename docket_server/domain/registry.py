@@ -612,7 +612,7 @@ class Registry:
             manifest = await self.metadata.resolve_tag(ref.repository, tag)
             if manifest is None:
                 raise NotFound(Reason.IMAGE_NOT_FOUND, f"image {ref.name} not found", name=ref.name)
-            others = [t for t in await self.metadata.tags_of(ref.repository, manifest.digest)]
+            others = await self.metadata.tags_of(ref.repository, manifest.digest)
             if others != [tag]:
                 await self.delete_tag(ref.repository, tag)
                 return [ref.name], []

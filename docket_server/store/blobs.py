@@ -142,10 +142,12 @@ class FilesystemBlobStore(BlobStore):
 class _FileBlobWriter(BlobWriter):
     """Hashes (sha256, and SHA-1 per torrent piece) in the same pass as it writes.
 
-    When the size is not known up front (a chunked registry upload), the pieces are hashed
-    at the piece length of the size hint; if the blob's size turns out to want another piece
-    length, the piece hashes are made again from the file at the commit, one more read of
-    the blob.
+    When the size is not known up front (a chunked registry upload, as `docker push` sends
+    layers), the pieces are hashed at the piece length of the size hint. A blob that outgrows
+    it has its pieces hashed by a follower thread at a longer piece length (that of four
+    times the bytes so far, so that few restarts are needed), from the file's start and then
+    behind the writes, so that little is left to hash at the commit. Only when the final size
+    wants yet another piece length are the pieces hashed again at the commit.
     """
 
     def __init__(self, store: FilesystemBlobStore, digest: str, size: int, size_hint: int = 0):
@@ -159,6 +161,7 @@ class _FileBlobWriter(BlobWriter):
         fd, name = _mkstemp(store.tmp_dir, hex_part(digest) if digest else "upload")
         self._tmp = Path(name)
         self._file = DirectFile(fd)
+        self._follower: _PieceFollower | None = None
 
     @property
     def written(self) -> int:
@@ -181,7 +184,7 @@ class _FileBlobWriter(BlobWriter):
             )
         self._written += len(chunk)
         if self._pieces_valid and piece_length_for(self._written) > self._pieces.piece_length:
-            self._pieces_valid = False  # outgrown: hashed again at the commit
+            self._pieces_valid = False  # outgrown: the follower takes over
         # hashlib and file writes release the GIL: off the event loop, in two threads, the
         # hashing and the write of a chunk run at once.
         try:
@@ -189,6 +192,8 @@ class _FileBlobWriter(BlobWriter):
                 asyncio.to_thread(self._file.write, chunk),
                 asyncio.to_thread(self._hash_sync, chunk),
             )
+            if not self._pieces_valid:
+                await self._follow()
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise ResourceExhausted(
@@ -199,11 +204,28 @@ class _FileBlobWriter(BlobWriter):
                 ) from e
             raise
 
+    async def _follow(self) -> None:
+        follower = self._follower
+        if follower is None or piece_length_for(self._written) > follower.piece_length:
+            if follower is not None:
+                await asyncio.to_thread(follower.stop)
+            follower = _PieceFollower(self._tmp, piece_length_for(4 * self._written))
+            self._follower = follower
+        follower.advance(self._file.flushed)
+
     def _commit_sync(self) -> bytes:
         self._file.finish()
         self._file.close()
-        valid = self._pieces_valid and self._pieces.piece_length == piece_length_for(self._written)
-        pieces = self._pieces.pieces() if valid else self._hash_pieces_again()
+        length = piece_length_for(self._written)
+        follower, self._follower = self._follower, None
+        if self._pieces_valid and self._pieces.piece_length == length:
+            pieces = self._pieces.pieces()
+        elif follower is not None and follower.piece_length == length:
+            pieces = follower.finish(self._written)
+        else:
+            pieces = self._hash_pieces_again()
+        if follower is not None:
+            follower.stop()
         final = self._store.local_path(self._digest)
         if final.exists():
             # A concurrent upload of the same bytes got there first; its copy may already be
@@ -253,9 +275,72 @@ class _FileBlobWriter(BlobWriter):
 
     def abort(self) -> None:
         try:
+            if self._follower is not None:
+                self._follower.stop()
+                self._follower = None
             self._file.close()
         finally:
             self._tmp.unlink(missing_ok=True)
+
+
+class _PieceFollower:
+    """A thread hashing a growing file's torrent pieces from its start, reading only as far
+    as the file has been written (``advance``)."""
+
+    def __init__(self, path: Path, piece_length: int) -> None:
+        self.piece_length = piece_length
+        self._hasher = PieceHasher(piece_length)
+        self._fd = os.open(path, os.O_RDONLY)
+        self._done = 0
+        self._limit = 0
+        self._final = False
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="piece-follower", daemon=True)
+        self._thread.start()
+
+    def advance(self, limit: int) -> None:
+        with self._cond:
+            if limit > self._limit:
+                self._limit = limit
+                self._cond.notify()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while self._done >= self._limit and not (self._final or self._stopped):
+                        self._cond.wait()
+                    if self._stopped or self._done >= self._limit:
+                        return
+                    limit = self._limit
+                chunk = _read_at(self._fd, min(READ_CHUNK * 4, limit - self._done), self._done)
+                self._hasher.update(chunk)
+                self._done += len(chunk)
+        except BaseException as e:  # handed to finish()
+            self._error = e
+        finally:
+            os.close(self._fd)
+
+    def finish(self, size: int) -> bytes:
+        """The piece hashes of the whole file of ``size`` bytes (blocking)."""
+        with self._cond:
+            self._limit = size
+            self._final = True
+            self._cond.notify()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._done != size:
+            raise OSError(f"hashed {self._done} of {size} bytes")
+        return self._hasher.pieces()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join()
 
 
 class DirectFile:
@@ -271,6 +356,7 @@ class DirectFile:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.size = 0
+        self.flushed = 0  # bytes of data in the file so far (not in the staging buffer)
         self.direct = _set_direct(fd, True)
         self._stage = mmap.mmap(-1, STAGE_BYTES) if self.direct else None
         self._filled = 0
@@ -304,7 +390,9 @@ class DirectFile:
         self.size += len(view)
         while view:
             if self._stage is None:
-                view = view[os.write(self.fd, view) :]
+                written = os.write(self.fd, view)
+                view = view[written:]
+                self.flushed += written
                 continue
             n = min(len(view), STAGE_BYTES - self._filled)
             self._stage[self._filled : self._filled + n] = view[:n]
@@ -328,6 +416,7 @@ class DirectFile:
             self._buffered()  # the filesystem took the flag but not the writes
             while out:
                 out = out[os.write(self.fd, out) :]
+        self.flushed = min(self.flushed + length, self.size)
         self._filled = 0
 
     def _buffered(self) -> None:
@@ -365,6 +454,13 @@ class DirectFile:
         os.close(self.fd)
         if self._stage is not None:
             self._stage.close()
+
+
+def _read_at(fd: int, length: int, offset: int) -> bytes:
+    chunk = os.pread(fd, length, offset)
+    if not chunk:
+        raise OSError(f"the blob file ended at {offset} bytes, before the bytes written")
+    return chunk
 
 
 def _set_direct(fd: int, on: bool) -> bool:
