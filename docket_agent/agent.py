@@ -12,11 +12,13 @@ import structlog
 from docket_agent.cache import BlobCache
 from docket_agent.hostinfo import disk_free, load_agent_id, lock_data_dir, probe_docker
 from docket_agent.orders import OrderManager, OrderSettings
+from docket_agent.registry_face import AgentRegistry, ManifestCache
 from docket_agent.stream import StreamClient, agent_channel
 from docket_common.bt import split_host_port
 from docket_common.fetch import BlobFetcher
 from docket_common.loadable import LoadableImage, load_from_env
 from docket_common.manifest import Platform, this_platform
+from docket_common.oci_http import HttpFace
 from docket_common.pb import agent_pb2, agent_service_pb2_grpc, image_service_pb2_grpc
 from docket_common.readblob import grpc_claim_first_pieces, grpc_read_range
 from docket_common.version import VERSION
@@ -32,6 +34,7 @@ class AgentConfig:
     groups: tuple[str, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)
     bt_listen: str = "0.0.0.0:6881"
+    registry_listen: str | None = None  # the registry face, HOST:PORT; None: off
     advertise_host: str | None = None
     docker: bool = True
     token: str | None = None
@@ -70,6 +73,7 @@ class Agent:
         )
         self.agent_id = ""
         self.bt_endpoint = ""
+        self.registry_port = 0
         self.stream: StreamClient | None = None
         self.orders: OrderManager | None = None
 
@@ -114,16 +118,34 @@ class Agent:
             self.settings,
         )
         seeded = self.orders.seed_cache()
+        face: HttpFace | None = None
+        if cfg.registry_listen:
+            registry = AgentRegistry(
+                cfg.name,
+                images,
+                agent_service_pb2_grpc.AgentServiceStub(channel),
+                metadata,
+                self.orders,
+                self.fetcher,
+                self.cache,
+                ManifestCache(cfg.data_dir / "manifests"),
+            )
+            host, registry_port = split_host_port(cfg.registry_listen)
+            face = HttpFace(registry.application(), host, registry_port)
+            self.registry_port = await face.start()
         log.info(
             "agent starting",
             server=cfg.server,
             bt_endpoint=self.bt_endpoint,
+            registry_port=self.registry_port or None,
             id=self.agent_id,
             cached_blobs_seeded=seeded,
         )
         try:
             await self.stream.run()
         finally:
+            if face is not None:
+                await face.stop(5)
             await self.orders.close()
             self.fetcher.close()
 

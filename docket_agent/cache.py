@@ -16,9 +16,11 @@ from pathlib import Path
 
 import structlog
 
-from docket_common.digest import hex_part
+from docket_common.digest import hex_part, sha256_digest
 
 log = structlog.get_logger()
+
+EMPTY_DIGEST = sha256_digest(b"")
 
 
 class CacheFullError(Exception):
@@ -54,6 +56,14 @@ class BlobCache:
         except FileNotFoundError:
             return False
         return size is None or st.st_size == size
+
+    def put_empty(self, digest: str) -> None:
+        """Caches the empty blob, which has no torrent to fetch it with."""
+        if digest != EMPTY_DIGEST:
+            raise ValueError(f"{digest} is not the digest of no bytes")
+        path = self.path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
 
     def touch(self, digest: str) -> None:
         with contextlib.suppress(FileNotFoundError):

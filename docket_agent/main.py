@@ -16,7 +16,7 @@ from docket_agent.agent import Agent, AgentConfig
 from docket_agent.hostinfo import DataDirInUseError
 from docket_agent.stream import AgentRefusedError
 from docket_common.bt import TorrentSessionError
-from docket_common.cli import host_port, logging_options, xdg_dir
+from docket_common.cli import host_port, host_port_or_off, logging_options, xdg_dir
 from docket_common.logs import configure_logging
 from docket_common.manifest import Platform, normalize_platform
 from docket_common.selector import is_label, is_name
@@ -61,7 +61,10 @@ def _platform(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     return normalize_platform(parsed.os, parsed.architecture, parsed.variant)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.option(
     "--server",
     envvar="DOCKET_SERVER",
@@ -97,6 +100,14 @@ def _platform(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     multiple=True,
     callback=_labels,
     help="A KEY=VALUE label (repeat for several); selectors can match it.",
+)
+@click.option(
+    "--registry-listen",
+    default="127.0.0.1:5001",
+    show_default=True,
+    callback=host_port_or_off,
+    help="Address of the agent's registry face, HOST:PORT ('off' for none): dockerd and "
+    "containerd on this host pull images through it, over the swarm.",
 )
 @click.option(
     "--bt-listen",
@@ -157,12 +168,15 @@ def _platform(_ctx: click.Context, _param: click.Parameter, value: str | None) -
 )
 @click.option("--token", envvar="DOCKET_TOKEN", default=None, help="Bearer token for the server.")
 @logging_options
+@click.pass_context
 def main(
+    ctx: click.Context,
     server: str,
     data_dir: Path,
     name: str,
     groups: tuple[str, ...],
     labels: dict[str, str],
+    registry_listen: str | None,
     bt_listen: str,
     advertise_host: str | None,
     no_docker: bool,
@@ -184,7 +198,13 @@ def main(
     loads the image into the Docker engine at $DOCKER_HOST, and keeps seeding its cache.
     When the server goes away it reconnects by itself, with backoff. A second agent under a
     name that is online is refused, unless it is the same install (same data dir).
+
+    On --registry-listen it serves the pull half of the registry protocol: `docker pull
+    127.0.0.1:5001/IMAGE`, or containerd with the file `docket-agent containerd-config`
+    prints, pull through it; layers come over the swarm and the server records every pull.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     configure_logging(log_level, json=log_json)
     config = AgentConfig(
         server=server,
@@ -192,6 +212,7 @@ def main(
         name=name,
         groups=tuple(dict.fromkeys(groups)),
         labels=labels,
+        registry_listen=registry_listen,
         bt_listen=bt_listen,
         advertise_host=advertise_host,
         docker=not no_docker,
@@ -210,6 +231,44 @@ def main(
     except (TorrentSessionError, DataDirInUseError, OSError) as e:
         click.echo(f"docket-agent: error: {e}", err=True)
         sys.exit(1)
+
+
+@main.command("containerd-config")
+@click.argument("server_registry", callback=host_port)
+@click.option(
+    "--agent",
+    "agent_url",
+    default="http://127.0.0.1:5001",
+    show_default=True,
+    help="The agent's registry face, as containerd on this host reaches it.",
+)
+@click.option(
+    "--server-scheme",
+    type=click.Choice(["http", "https"]),
+    default="http",
+    show_default=True,
+    help="How containerd reaches the server when the agent is down.",
+)
+def containerd_config(server_registry: str, agent_url: str, server_scheme: str) -> None:
+    """Print the hosts.toml that makes containerd pull images named after the server's
+    registry (SERVER_REGISTRY, HOST:PORT, as in SERVER_REGISTRY/perl:5.40) through this
+    host's agent, and straight from the server when the agent is down.
+
+    Write it to <config_path>/SERVER_REGISTRY/hosts.toml: /etc/containerd/certs.d by default
+    for ctr --hosts-dir; for Kubernetes, the CRI plugin's registry config_path.
+    """
+    click.echo(containerd_hosts_toml(server_registry, agent_url, server_scheme), nl=False)
+
+
+def containerd_hosts_toml(server_registry: str, agent_url: str, server_scheme: str) -> str:
+    return (
+        f"# {server_registry}: pulls go through the Docket agent on this host, and to the\n"
+        "# server itself when the agent does not answer.\n"
+        f'server = "{server_scheme}://{server_registry}"\n'
+        "\n"
+        f'[host."{agent_url}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+    )
 
 
 async def _run(agent: Agent) -> None:

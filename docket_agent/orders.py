@@ -63,7 +63,8 @@ class OrderRunner:
         self.m = manager
         self.order = order
         self.id = order.order_id
-        self.blobs = [order.config, *order.layers]
+        # A pull of blobs alone (an agent's registry face asked for them) has no config.
+        self.blobs = [*([order.config] if order.HasField("config") else []), *order.layers]
         self.unique = list({b.digest: b for b in self.blobs}.values())
         self.downloads: dict[str, BlobDownload] = {}
         self.last: pb.ConnectRequest | None = None
@@ -135,13 +136,17 @@ class OrderRunner:
         self.update(agent_pb2.TASK_STATE_FAILED, error)
 
     async def _run(self) -> None:
+        for blob in self.unique:
+            if blob.size_bytes == 0 and not self.m.cache.has(blob.digest, 0):
+                self.m.cache.put_empty(blob.digest)  # no torrent for no bytes
         missing = [b for b in self.unique if not self.m.cache.has(b.digest, b.size_bytes)]
         self.cached_bytes = sum(b.size_bytes for b in self.unique if b not in missing)
         for blob in self.unique:
             if blob not in missing:
                 self.m.cache.touch(blob.digest)
-                self.m.fetcher.seed(_spec(blob))
-                self.m.keep_torrent(_spec(blob))
+                if blob.size_bytes:  # the empty blob has no torrent
+                    self.m.fetcher.seed(_spec(blob))
+                    self.m.keep_torrent(_spec(blob))
         self.update(agent_pb2.TASK_STATE_ACCEPTED)
         if missing:
             for digest in self.m.cache.make_room(sum(b.size_bytes for b in missing)):
@@ -300,12 +305,14 @@ class OrderManager:
                 self.cancel_reasons[runner.id] = message.cancel_order.reason or "cancelled"
                 runner.task.cancel()
 
-    def pull(self, order: agent_pb2.PullOrder) -> None:
+    def pull(self, order: agent_pb2.PullOrder) -> OrderRunner | None:
+        """Carries out an order once: starts it, or (sent again) says where it stands. The
+        order's runner; None for an order already done."""
         done = self.recalled(order.order_id)
         if done is not None:
             log.info("order already done: reporting its result again", order=order.order_id)
             self.send(done)
-            return
+            return None
         runner = self.runners.get(order.order_id)
         if runner is not None:
             log.info("order already running: reporting where it stands", order=order.order_id)
@@ -320,11 +327,12 @@ class OrderManager:
             if runner.last is not None:
                 self.send(runner.last)
             runner._send_progress(full=True)
-            return
+            return runner
         runner = OrderRunner(self, order)
         self.runners[order.order_id] = runner
         runner.task = asyncio.create_task(runner.run(), name=f"order-{order.order_id}")
         runner.task.add_done_callback(lambda task: self._ended(order.order_id, task))
+        return runner
 
     def _ended(self, order_id: str, task: asyncio.Task[None]) -> None:
         self.runners.pop(order_id, None)

@@ -10,6 +10,7 @@ from docket_common.errors import error_info
 from docket_common.pb import (
     agent_admin_service_pb2_grpc,
     image_service_pb2_grpc,
+    pull_service_pb2_grpc,
     rollout_service_pb2_grpc,
 )
 
@@ -59,6 +60,7 @@ class Connection:
         self.images = image_service_pb2_grpc.ImageServiceStub(self.channel)
         self.agents = agent_admin_service_pb2_grpc.AgentAdminServiceStub(self.channel)
         self.rollouts = rollout_service_pb2_grpc.RolloutServiceStub(self.channel)
+        self.pulls = pull_service_pb2_grpc.PullServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -14,6 +14,7 @@ from docket_cli.agents import agents_cmd
 from docket_cli.client import DEFAULT_SERVER, ServerError
 from docket_cli.images import images_cmd, inspect_cmd, rm_cmd
 from docket_cli.pull import PullError, pull_cmd
+from docket_cli.pulls import pulls_cmd
 from docket_cli.push import PushError, push_cmd
 from docket_cli.rollout import rollout_cmd, rollouts_group
 from docket_common.archive import ArchiveError
@@ -57,6 +58,7 @@ cli.add_command(agents_cmd)
 cli.add_command(rollout_cmd)
 cli.add_command(rollouts_group)
 cli.add_command(pull_cmd)
+cli.add_command(pulls_cmd)
 
 
 def main() -> None:

@@ -34,6 +34,8 @@ log = structlog.get_logger()
 
 SERVER_CLIENT = "docket-server"
 SEED_AFTER = 1.0  # seconds without a piece, once first pieces ran out, before dialling the seed
+READ_RETRY = 5.0  # seconds before a piece read libtorrent has not answered is asked again
+READ_ATTEMPTS = 12
 CLAIM_WORKERS = 2  # ClaimFirstPieces calls in flight per blob
 CLAIM_SECONDS = 0.1  # aim for claims that take this long: small enough to pass pieces on soon
 MIN_CLAIM_BYTES = 64 << 10
@@ -83,6 +85,9 @@ class BlobDownload:
     last_piece_time: float = field(default_factory=time.monotonic)
     # Peers dialled only once first pieces ran out and peers stopped delivering: the seed.
     held_peers: list[str] = field(default_factory=list)
+    # Set (and replaced) whenever a piece arrives or the download ends: what readers of its
+    # pieces wait on (wait_for_piece).
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
     _status: Any = None
 
     def __post_init__(self) -> None:
@@ -97,6 +102,10 @@ class BlobDownload:
         if self.handle.is_valid():
             self._status = self.handle.status()
         return self._status
+
+    def notify(self) -> None:
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
 
     def missing_pieces(self) -> list[int]:
         return [i for i in range(self.piece_count) if not self.handle.have_piece(i)]
@@ -153,6 +162,62 @@ class BlobFetcher(TorrentSession):
         self._seeding: dict[str, Any] = {}
         self._moves: dict[str, asyncio.Future[None]] = {}
         self._flushes: dict[str, asyncio.Future[None]] = {}
+        self._reads: dict[tuple[str, int], list[asyncio.Future[bytes]]] = {}
+
+    def in_flight(self, digest: str) -> BlobDownload | None:
+        """The download of a blob, while it is being fetched (not once it is cached)."""
+        return self._downloads.get(digest)
+
+    async def wait_for_piece(self, download: BlobDownload, index: int) -> None:
+        """Waits until libtorrent holds the piece, checked against its SHA-1; FetchError when
+        the download ends without it (failed, cancelled, dropped)."""
+        while not (download.handle.is_valid() and download.handle.have_piece(index)):
+            if download.error is not None:
+                raise FetchError(f"blob {download.spec.digest}: {download.error}")
+            stopped = download.finished.is_set() and download.spec.digest not in self._downloads
+            if stopped and (download.completion is None or not download.completion.done()):
+                raise FetchError(f"blob {download.spec.digest}: the download stopped")
+            changed = download.changed
+            if download.handle.is_valid() and download.handle.have_piece(index):
+                return
+            await changed.wait()
+
+    def prioritize(self, download: BlobDownload, first: int, count: int) -> None:
+        """Asks libtorrent for pieces first..first+count-1 before any other, in that order
+        (deadlines 50 ms apart): what a reader streaming the blob needs next."""
+        if not download.handle.is_valid():
+            return
+        for offset, index in enumerate(range(first, min(first + count, download.piece_count))):
+            if not download.handle.have_piece(index):
+                download.handle.set_piece_deadline(index, 50 * offset)
+
+    async def read_piece(self, download: BlobDownload, index: int) -> bytes:
+        """A piece's bytes, once libtorrent holds it (checked): from its cache or the file.
+
+        A read that libtorrent drops (one under way when the finished blob is moved into the
+        cache) is asked for again, after READ_RETRY seconds at the latest."""
+        await self.wait_for_piece(download, index)
+        key = (hex_part(download.spec.digest), index)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        waiting = self._reads.setdefault(key, [])
+        waiting.append(future)
+        try:
+            if len(waiting) == 1:
+                download.handle.read_piece(index)
+            for _attempt in range(READ_ATTEMPTS):
+                try:
+                    async with asyncio.timeout(READ_RETRY):
+                        return await asyncio.shield(future)
+                except TimeoutError:
+                    if download.handle.is_valid():
+                        download.handle.read_piece(index)
+            raise FetchError(f"libtorrent did not read piece {index} of {download.spec.digest}")
+        finally:
+            if future in waiting:
+                waiting.remove(future)
+            # The list may be an answered one: a later read of the piece has its own.
+            if not waiting and self._reads.get(key) is waiting:
+                del self._reads[key]
 
     def blob_path(self, digest: str) -> Path:
         hexd = hex_part(digest)
@@ -328,6 +393,7 @@ class BlobFetcher(TorrentSession):
         if isinstance(handle, BlobDownload):
             handle.error = handle.error or "dropped"
             handle.finished.set()
+            handle.notify()
             if handle.first_pieces is not None:
                 handle.first_pieces.cancel()
             handle = handle.handle
@@ -362,9 +428,13 @@ class BlobFetcher(TorrentSession):
             if download is not None:
                 download.new_pieces.append(int(alert.piece_index))
                 download.last_piece_time = time.monotonic()
+                download.notify()
+        elif isinstance(alert, lt.read_piece_alert):
+            self._piece_read(name, alert)
         elif isinstance(alert, lt.torrent_finished_alert):
             if download is not None:
                 download.finished.set()
+                download.notify()
         elif isinstance(alert, lt.hash_failed_alert):
             if download is not None:
                 download.hash_failures += 1
@@ -377,6 +447,13 @@ class BlobFetcher(TorrentSession):
             future = self._moves.get(name)
             if future is not None and not future.done():
                 future.set_result(None)
+            # Reads under way when the file moved may have been dropped: ask again.
+            handle = (
+                download.handle if download is not None else self._seeding.get(f"sha256:{name}")
+            )
+            for read_name, index in list(self._reads):
+                if read_name == name and handle is not None and handle.is_valid():
+                    handle.read_piece(index)
         elif isinstance(alert, lt.storage_moved_failed_alert):
             future = self._moves.get(name)
             if future is not None and not future.done():
@@ -385,7 +462,22 @@ class BlobFetcher(TorrentSession):
             if download is not None:
                 download.error = alert.message()
                 download.finished.set()
+                download.notify()
             log.error("torrent failed", blob=name, error=alert.message())
+
+    def _piece_read(self, name: str, alert: Any) -> None:
+        waiting = self._reads.pop((name, int(alert.piece)), [])
+        error = alert.error
+        failed = bool(error.value()) if hasattr(error, "value") else bool(error)
+        for future in waiting:
+            if future.done():
+                continue
+            if failed:
+                future.set_exception(
+                    FetchError(f"cannot read piece {alert.piece} of blob {name}: {error.message()}")
+                )
+            else:
+                future.set_result(bytes(alert.buffer))
 
 
 def _sha256_file(path: Path) -> str:

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from docket_common.bt import split_host_port
+from docket_common.oci_http import HttpFace
 from docket_common.pb import (
     agent_admin_service_pb2,
     agent_admin_service_pb2_grpc,
@@ -22,6 +23,8 @@ from docket_common.pb import (
     agent_service_pb2_grpc,
     image_service_pb2,
     image_service_pb2_grpc,
+    pull_service_pb2,
+    pull_service_pb2_grpc,
     rollout_service_pb2,
     rollout_service_pb2_grpc,
 )
@@ -39,10 +42,12 @@ from docket_server.api.interceptors import (
     AuthInterceptor,
     ErrorsAndAccessLog,
 )
-from docket_server.api.registry_http import RegistryApp, RegistryHttpServer
+from docket_server.api.pull_service import PullService
+from docket_server.api.registry_http import RegistryApp
 from docket_server.api.rollout_service import RolloutService
 from docket_server.domain.fleet import Fleet
 from docket_server.domain.orders import OrderBook, PeerSource
+from docket_server.domain.pulls import Pulls
 from docket_server.domain.registry import Registry
 from docket_server.domain.rollouts import Rollouts
 from docket_server.domain.uploads import Uploads
@@ -60,6 +65,7 @@ SERVICE_NAMES = (
     agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
     agent_admin_service_pb2.DESCRIPTOR.services_by_name["AgentAdminService"].full_name,
     rollout_service_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
+    pull_service_pb2.DESCRIPTOR.services_by_name["PullService"].full_name,
 )
 
 
@@ -100,10 +106,11 @@ class DocketServer:
         # Blobs whose last image goes while a rollout fetches them are deleted once it is done.
         self.registry.needed_blobs = self.orders.blobs_in_flight
         self.orders.listen(lambda task: self.registry.schedule_collect())
+        self.pulls = Pulls(self.registry, self.fleet, self.orders, self.metadata)
         self.uploads = Uploads(self.registry)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
-        self._http: RegistryHttpServer | None = None
+        self._http: HttpFace | None = None
         self.port = 0
         self.bt_port = 0
         self.registry_port = 0
@@ -122,6 +129,7 @@ class DocketServer:
         seeded = await self.registry.reseed_all()
         await self.fleet.start()
         await self.rollouts.start()
+        await self.pulls.start()
         await self.registry.collect_deferred()
         server = grpc.aio.server(
             interceptors=[
@@ -142,10 +150,16 @@ class DocketServer:
         )
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentService(
-                self.fleet, self.orders, self.registry, self.config.hello_timeout, VERSION
+                self.fleet,
+                self.orders,
+                self.registry,
+                self.config.hello_timeout,
+                VERSION,
+                self.pulls,
             ),
             server,
         )
+        pull_service_pb2_grpc.add_PullServiceServicer_to_server(PullService(self.pulls), server)
         rollout_service_pb2_grpc.add_RolloutServiceServicer_to_server(
             RolloutService(self.rollouts), server
         )
@@ -168,8 +182,10 @@ class DocketServer:
         self._server = server
         if self.config.registry_listen:
             host, port = split_host_port(self.config.registry_listen)
-            http = RegistryHttpServer(
-                RegistryApp(self.registry, self.uploads, self.config.authenticator or AllowAll()),
+            http = HttpFace(
+                RegistryApp(
+                    self.registry, self.uploads, self.config.authenticator or AllowAll()
+                ).application(),
                 host,
                 port,
             )
@@ -197,6 +213,7 @@ class DocketServer:
             await asyncio.sleep(0)
             await self.fleet.stop()
             await self.rollouts.stop()
+            await self.pulls.stop()
             if self._http is not None:
                 await self._http.stop(self.config.shutdown_grace_seconds)
                 self._http = None

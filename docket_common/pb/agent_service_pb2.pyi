@@ -20,6 +20,75 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class StartPullRequest(_message.Message):
+    """What a runtime asked an agent's registry face for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_NAME_FIELD_NUMBER: _builtins.int
+    IMAGE_NAME_FIELD_NUMBER: _builtins.int
+    REPOSITORY_FIELD_NUMBER: _builtins.int
+    BLOB_DIGESTS_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    agent_name: _builtins.str
+    """The agent, which must be connected."""
+    image_name: _builtins.str
+    """The image, "repository:tag" or "repository@sha256:…" (an image manifest, not an index:
+    a runtime picks its platform's image from an index first). Its config and layers are
+    pulled. Empty when only blob_digests are.
+    """
+    repository: _builtins.str
+    """The repository the blobs were asked for in, when image_name is empty."""
+    display_name: _builtins.str
+    """How the runtime named the image, for the pull's record (a runtime that resolved a tag
+    asks for the manifest by digest next); image_name when empty.
+    """
+    @_builtins.property
+    def blob_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Blobs to pull, when the runtime asked for them without their manifest."""
+
+    def __init__(
+        self,
+        *,
+        agent_name: _builtins.str = ...,
+        image_name: _builtins.str = ...,
+        repository: _builtins.str = ...,
+        blob_digests: _abc.Iterable[_builtins.str] | None = ...,
+        display_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "blob_digests", b"blob_digests", "display_name", b"display_name", "image_name", b"image_name", "repository", b"repository"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartPullRequest: _TypeAlias = StartPullRequest  # noqa: Y015
+
+@_typing.final
+class StartPullResponse(_message.Message):
+    """The pull's order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def order(self) -> _agent_pb2.PullOrder:
+        """The order: not to be loaded (load is false); its id is the pull's id."""
+
+    def __init__(
+        self,
+        *,
+        order: _agent_pb2.PullOrder | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["order", b"order"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["order", b"order"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartPullResponse: _TypeAlias = StartPullResponse  # noqa: Y015
+
+@_typing.final
 class ClaimFirstPiecesRequest(_message.Message):
     """Which blob's first pieces an agent wants, and how many."""
 

@@ -45,6 +45,11 @@ class AgentServiceStub:
                 request_serializer=docket_dot_v1_dot_agent__service__pb2.ClaimFirstPiecesRequest.SerializeToString,
                 response_deserializer=docket_dot_v1_dot_agent__service__pb2.ClaimFirstPiecesResponse.FromString,
                 _registered_method=True)
+        self.StartPull = channel.unary_unary(
+                '/docket.v1.AgentService/StartPull',
+                request_serializer=docket_dot_v1_dot_agent__service__pb2.StartPullRequest.SerializeToString,
+                response_deserializer=docket_dot_v1_dot_agent__service__pb2.StartPullResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -82,6 +87,23 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartPull(self, request, context):
+        """Starts a pull for the agent's registry face: a runtime on its host (dockerd,
+        containerd) asked the agent for an image, or a blob, that the agent does not hold. The
+        server records the pull (PullService lists and watches pulls) and answers with an order
+        for its blobs, scheduled as a rollout's: first pieces from the server (each piece about
+        once, however many hosts pull the image at once), peers that hold or fetch the same
+        blobs. The agent carries the order out like one that came down its stream: it caches
+        and seeds the blobs, and loads nothing (the runtime does). A pull of the same blobs by
+        the same agent still in progress is answered with that pull's order.
+        Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_DIGEST, INVALID_IMAGE for an index
+        or an artifact that is not an image); NOT_FOUND (IMAGE_NOT_FOUND, BLOB_NOT_FOUND);
+        FAILED_PRECONDITION (AGENT_NOT_FOUND) when the agent has no stream open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +116,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ClaimFirstPieces,
                     request_deserializer=docket_dot_v1_dot_agent__service__pb2.ClaimFirstPiecesRequest.FromString,
                     response_serializer=docket_dot_v1_dot_agent__service__pb2.ClaimFirstPiecesResponse.SerializeToString,
+            ),
+            'StartPull': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartPull,
+                    request_deserializer=docket_dot_v1_dot_agent__service__pb2.StartPullRequest.FromString,
+                    response_serializer=docket_dot_v1_dot_agent__service__pb2.StartPullResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -151,6 +178,33 @@ class AgentService:
             '/docket.v1.AgentService/ClaimFirstPieces',
             docket_dot_v1_dot_agent__service__pb2.ClaimFirstPiecesRequest.SerializeToString,
             docket_dot_v1_dot_agent__service__pb2.ClaimFirstPiecesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartPull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/docket.v1.AgentService/StartPull',
+            docket_dot_v1_dot_agent__service__pb2.StartPullRequest.SerializeToString,
+            docket_dot_v1_dot_agent__service__pb2.StartPullResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,19 @@ class AgentServiceStub:
     does not fetch; NOT_FOUND (BLOB_NOT_FOUND) when the server has no such blob, or it was
     deleted meanwhile; NOT_FOUND (ORDER_NOT_FOUND) when the order is unknown or over.
     """
+    StartPull: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.StartPullRequest, _agent_service_pb2.StartPullResponse]
+    """Starts a pull for the agent's registry face: a runtime on its host (dockerd,
+    containerd) asked the agent for an image, or a blob, that the agent does not hold. The
+    server records the pull (PullService lists and watches pulls) and answers with an order
+    for its blobs, scheduled as a rollout's: first pieces from the server (each piece about
+    once, however many hosts pull the image at once), peers that hold or fetch the same
+    blobs. The agent carries the order out like one that came down its stream: it caches
+    and seeds the blobs, and loads nothing (the runtime does). A pull of the same blobs by
+    the same agent still in progress is answered with that pull's order.
+    Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_DIGEST, INVALID_IMAGE for an index
+    or an artifact that is not an image); NOT_FOUND (IMAGE_NOT_FOUND, BLOB_NOT_FOUND);
+    FAILED_PRECONDITION (AGENT_NOT_FOUND) when the agent has no stream open.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -84,6 +97,19 @@ class AgentServiceAsyncStub(AgentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_DIGEST) for a malformed digest or a blob the order
     does not fetch; NOT_FOUND (BLOB_NOT_FOUND) when the server has no such blob, or it was
     deleted meanwhile; NOT_FOUND (ORDER_NOT_FOUND) when the order is unknown or over.
+    """
+    StartPull: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.StartPullRequest, _agent_service_pb2.StartPullResponse]  # type: ignore[assignment]
+    """Starts a pull for the agent's registry face: a runtime on its host (dockerd,
+    containerd) asked the agent for an image, or a blob, that the agent does not hold. The
+    server records the pull (PullService lists and watches pulls) and answers with an order
+    for its blobs, scheduled as a rollout's: first pieces from the server (each piece about
+    once, however many hosts pull the image at once), peers that hold or fetch the same
+    blobs. The agent carries the order out like one that came down its stream: it caches
+    and seeds the blobs, and loads nothing (the runtime does). A pull of the same blobs by
+    the same agent still in progress is answered with that pull's order.
+    Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_DIGEST, INVALID_IMAGE for an index
+    or an artifact that is not an image); NOT_FOUND (IMAGE_NOT_FOUND, BLOB_NOT_FOUND);
+    FAILED_PRECONDITION (AGENT_NOT_FOUND) when the agent has no stream open.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -122,6 +148,25 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_DIGEST) for a malformed digest or a blob the order
         does not fetch; NOT_FOUND (BLOB_NOT_FOUND) when the server has no such blob, or it was
         deleted meanwhile; NOT_FOUND (ORDER_NOT_FOUND) when the order is unknown or over.
+        """
+
+    @_abc_1.abstractmethod
+    def StartPull(
+        self,
+        request: _agent_service_pb2.StartPullRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.StartPullResponse, _abc.Awaitable[_agent_service_pb2.StartPullResponse]]:
+        """Starts a pull for the agent's registry face: a runtime on its host (dockerd,
+        containerd) asked the agent for an image, or a blob, that the agent does not hold. The
+        server records the pull (PullService lists and watches pulls) and answers with an order
+        for its blobs, scheduled as a rollout's: first pieces from the server (each piece about
+        once, however many hosts pull the image at once), peers that hold or fetch the same
+        blobs. The agent carries the order out like one that came down its stream: it caches
+        and seeds the blobs, and loads nothing (the runtime does). A pull of the same blobs by
+        the same agent still in progress is answered with that pull's order.
+        Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_DIGEST, INVALID_IMAGE for an index
+        or an artifact that is not an image); NOT_FOUND (IMAGE_NOT_FOUND, BLOB_NOT_FOUND);
+        FAILED_PRECONDITION (AGENT_NOT_FOUND) when the agent has no stream open.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

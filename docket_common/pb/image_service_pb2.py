@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from docket_common.pb import image_pb2 as docket_dot_v1_dot_image__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ocket/v1/image_service.proto\x12\tdocket.v1\x1a\x15\x64ocket/v1/image.proto\"#\n\x10StatBlobsRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\",\n\x11StatBlobsResponse\x12\x17\n\x0fmissing_digests\x18\x01 \x03(\t\"6\n\x10UploadBlobHeader\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"\x8f\x01\n\x11UploadBlobRequest\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.docket.v1.UploadBlobHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12/\n\x07trailer\x18\x03 \x01(\x0b\x32\x1c.docket.v1.UploadBlobTrailerH\x00\x42\t\n\x07\x63ontent\"#\n\x11UploadBlobTrailer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"Q\n\x12UploadBlobResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x17\n\x0f\x61lready_existed\x18\x03 \x01(\x08\"m\n\x0fPutImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x15.docket.v1.Descriptor\x12%\n\x06layers\x18\x03 \x03(\x0b\x32\x15.docket.v1.Descriptor\"3\n\x10PutImageResponse\x12\x1f\n\x05image\x18\x01 \x01(\x0b\x32\x10.docket.v1.Image\"\x1f\n\x0fGetImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"3\n\x10GetImageResponse\x12\x1f\n\x05image\x18\x01 \x01(\x0b\x32\x10.docket.v1.Image\":\n\x11ListImagesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x12ListImagesResponse\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.docket.v1.Image\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x12\x44\x65leteImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x13\x44\x65leteImageResponse\x12\x15\n\rdeleted_names\x18\x01 \x03(\t\x12\x17\n\x0f\x64\x65leted_digests\x18\x02 \x03(\t\"M\n\x0fReadBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x14\n\x0coffset_bytes\x18\x02 \x01(\x03\x12\x14\n\x0clength_bytes\x18\x03 \x01(\x03\"!\n\x10ReadBlobResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\"#\n\x11GetTorrentRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"Y\n\x12GetTorrentResponse\x12#\n\x07torrent\x18\x01 \x01(\x0b\x32\x12.docket.v1.Torrent\x12\x1e\n\x05peers\x18\x02 \x03(\x0b\x32\x0f.docket.v1.Peer2\xd8\x04\n\x0cImageService\x12\x46\n\tStatBlobs\x12\x1b.docket.v1.StatBlobsRequest\x1a\x1c.docket.v1.StatBlobsResponse\x12K\n\nUploadBlob\x12\x1c.docket.v1.UploadBlobRequest\x1a\x1d.docket.v1.UploadBlobResponse(\x01\x12\x43\n\x08PutImage\x12\x1a.docket.v1.PutImageRequest\x1a\x1b.docket.v1.PutImageResponse\x12\x43\n\x08GetImage\x12\x1a.docket.v1.GetImageRequest\x1a\x1b.docket.v1.GetImageResponse\x12I\n\nListImages\x12\x1c.docket.v1.ListImagesRequest\x1a\x1d.docket.v1.ListImagesResponse\x12L\n\x0b\x44\x65leteImage\x12\x1d.docket.v1.DeleteImageRequest\x1a\x1e.docket.v1.DeleteImageResponse\x12\x45\n\x08ReadBlob\x12\x1a.docket.v1.ReadBlobRequest\x1a\x1b.docket.v1.ReadBlobResponse0\x01\x12I\n\nGetTorrent\x12\x1c.docket.v1.GetTorrentRequest\x1a\x1d.docket.v1.GetTorrentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ocket/v1/image_service.proto\x12\tdocket.v1\x1a\x15\x64ocket/v1/image.proto\"#\n\x10StatBlobsRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\",\n\x11StatBlobsResponse\x12\x17\n\x0fmissing_digests\x18\x01 \x03(\t\"6\n\x10UploadBlobHeader\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"\x8f\x01\n\x11UploadBlobRequest\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.docket.v1.UploadBlobHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12/\n\x07trailer\x18\x03 \x01(\x0b\x32\x1c.docket.v1.UploadBlobTrailerH\x00\x42\t\n\x07\x63ontent\"#\n\x11UploadBlobTrailer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"Q\n\x12UploadBlobResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x17\n\x0f\x61lready_existed\x18\x03 \x01(\x08\"m\n\x0fPutImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x15.docket.v1.Descriptor\x12%\n\x06layers\x18\x03 \x03(\x0b\x32\x15.docket.v1.Descriptor\"3\n\x10PutImageResponse\x12\x1f\n\x05image\x18\x01 \x01(\x0b\x32\x10.docket.v1.Image\"\x1f\n\x0fGetImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"3\n\x10GetImageResponse\x12\x1f\n\x05image\x18\x01 \x01(\x0b\x32\x10.docket.v1.Image\";\n\x12GetManifestRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\"J\n\x13GetManifestResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\"L\n\x0fListTagsRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"9\n\x10ListTagsResponse\x12\x0c\n\x04tags\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x11ListImagesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x12ListImagesResponse\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.docket.v1.Image\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x12\x44\x65leteImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x13\x44\x65leteImageResponse\x12\x15\n\rdeleted_names\x18\x01 \x03(\t\x12\x17\n\x0f\x64\x65leted_digests\x18\x02 \x03(\t\"M\n\x0fReadBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x14\n\x0coffset_bytes\x18\x02 \x01(\x03\x12\x14\n\x0clength_bytes\x18\x03 \x01(\x03\"!\n\x10ReadBlobResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\"#\n\x11GetTorrentRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"Y\n\x12GetTorrentResponse\x12#\n\x07torrent\x18\x01 \x01(\x0b\x32\x12.docket.v1.Torrent\x12\x1e\n\x05peers\x18\x02 \x03(\x0b\x32\x0f.docket.v1.Peer2\xeb\x05\n\x0cImageService\x12\x46\n\tStatBlobs\x12\x1b.docket.v1.StatBlobsRequest\x1a\x1c.docket.v1.StatBlobsResponse\x12K\n\nUploadBlob\x12\x1c.docket.v1.UploadBlobRequest\x1a\x1d.docket.v1.UploadBlobResponse(\x01\x12\x43\n\x08PutImage\x12\x1a.docket.v1.PutImageRequest\x1a\x1b.docket.v1.PutImageResponse\x12\x43\n\x08GetImage\x12\x1a.docket.v1.GetImageRequest\x1a\x1b.docket.v1.GetImageResponse\x12L\n\x0bGetManifest\x12\x1d.docket.v1.GetManifestRequest\x1a\x1e.docket.v1.GetManifestResponse\x12\x43\n\x08ListTags\x12\x1a.docket.v1.ListTagsRequest\x1a\x1b.docket.v1.ListTagsResponse\x12I\n\nListImages\x12\x1c.docket.v1.ListImagesRequest\x1a\x1d.docket.v1.ListImagesResponse\x12L\n\x0b\x44\x65leteImage\x12\x1d.docket.v1.DeleteImageRequest\x1a\x1e.docket.v1.DeleteImageResponse\x12\x45\n\x08ReadBlob\x12\x1a.docket.v1.ReadBlobRequest\x1a\x1b.docket.v1.ReadBlobResponse0\x01\x12I\n\nGetTorrent\x12\x1c.docket.v1.GetTorrentRequest\x1a\x1d.docket.v1.GetTorrentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,22 +52,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETIMAGEREQUEST']._serialized_end=667
   _globals['_GETIMAGERESPONSE']._serialized_start=669
   _globals['_GETIMAGERESPONSE']._serialized_end=720
-  _globals['_LISTIMAGESREQUEST']._serialized_start=722
-  _globals['_LISTIMAGESREQUEST']._serialized_end=780
-  _globals['_LISTIMAGESRESPONSE']._serialized_start=782
-  _globals['_LISTIMAGESRESPONSE']._serialized_end=861
-  _globals['_DELETEIMAGEREQUEST']._serialized_start=863
-  _globals['_DELETEIMAGEREQUEST']._serialized_end=897
-  _globals['_DELETEIMAGERESPONSE']._serialized_start=899
-  _globals['_DELETEIMAGERESPONSE']._serialized_end=968
-  _globals['_READBLOBREQUEST']._serialized_start=970
-  _globals['_READBLOBREQUEST']._serialized_end=1047
-  _globals['_READBLOBRESPONSE']._serialized_start=1049
-  _globals['_READBLOBRESPONSE']._serialized_end=1082
-  _globals['_GETTORRENTREQUEST']._serialized_start=1084
-  _globals['_GETTORRENTREQUEST']._serialized_end=1119
-  _globals['_GETTORRENTRESPONSE']._serialized_start=1121
-  _globals['_GETTORRENTRESPONSE']._serialized_end=1210
-  _globals['_IMAGESERVICE']._serialized_start=1213
-  _globals['_IMAGESERVICE']._serialized_end=1813
+  _globals['_GETMANIFESTREQUEST']._serialized_start=722
+  _globals['_GETMANIFESTREQUEST']._serialized_end=781
+  _globals['_GETMANIFESTRESPONSE']._serialized_start=783
+  _globals['_GETMANIFESTRESPONSE']._serialized_end=857
+  _globals['_LISTTAGSREQUEST']._serialized_start=859
+  _globals['_LISTTAGSREQUEST']._serialized_end=935
+  _globals['_LISTTAGSRESPONSE']._serialized_start=937
+  _globals['_LISTTAGSRESPONSE']._serialized_end=994
+  _globals['_LISTIMAGESREQUEST']._serialized_start=996
+  _globals['_LISTIMAGESREQUEST']._serialized_end=1054
+  _globals['_LISTIMAGESRESPONSE']._serialized_start=1056
+  _globals['_LISTIMAGESRESPONSE']._serialized_end=1135
+  _globals['_DELETEIMAGEREQUEST']._serialized_start=1137
+  _globals['_DELETEIMAGEREQUEST']._serialized_end=1171
+  _globals['_DELETEIMAGERESPONSE']._serialized_start=1173
+  _globals['_DELETEIMAGERESPONSE']._serialized_end=1242
+  _globals['_READBLOBREQUEST']._serialized_start=1244
+  _globals['_READBLOBREQUEST']._serialized_end=1321
+  _globals['_READBLOBRESPONSE']._serialized_start=1323
+  _globals['_READBLOBRESPONSE']._serialized_end=1356
+  _globals['_GETTORRENTREQUEST']._serialized_start=1358
+  _globals['_GETTORRENTREQUEST']._serialized_end=1393
+  _globals['_GETTORRENTRESPONSE']._serialized_start=1395
+  _globals['_GETTORRENTRESPONSE']._serialized_end=1484
+  _globals['_IMAGESERVICE']._serialized_start=1487
+  _globals['_IMAGESERVICE']._serialized_end=2234
 # @@protoc_insertion_point(module_scope)

@@ -65,6 +65,16 @@ class ImageServiceStub:
                 request_serializer=docket_dot_v1_dot_image__service__pb2.GetImageRequest.SerializeToString,
                 response_deserializer=docket_dot_v1_dot_image__service__pb2.GetImageResponse.FromString,
                 _registered_method=True)
+        self.GetManifest = channel.unary_unary(
+                '/docket.v1.ImageService/GetManifest',
+                request_serializer=docket_dot_v1_dot_image__service__pb2.GetManifestRequest.SerializeToString,
+                response_deserializer=docket_dot_v1_dot_image__service__pb2.GetManifestResponse.FromString,
+                _registered_method=True)
+        self.ListTags = channel.unary_unary(
+                '/docket.v1.ImageService/ListTags',
+                request_serializer=docket_dot_v1_dot_image__service__pb2.ListTagsRequest.SerializeToString,
+                response_deserializer=docket_dot_v1_dot_image__service__pb2.ListTagsResponse.FromString,
+                _registered_method=True)
         self.ListImages = channel.unary_unary(
                 '/docket.v1.ImageService/ListImages',
                 request_serializer=docket_dot_v1_dot_image__service__pb2.ListImagesRequest.SerializeToString,
@@ -146,6 +156,25 @@ class ImageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetManifest(self, request, context):
+        """Returns a manifest as it was pushed: its exact bytes, digest and media type, by tag or
+        by digest. What a registry client gets from the HTTP face, for programs (and agents)
+        that speak gRPC.
+        Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_DIGEST); NOT_FOUND (IMAGE_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTags(self, request, context):
+        """Lists a repository's tags in lexical order (what the registry face's tags/list gives).
+        Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_PAGE_TOKEN); NOT_FOUND
+        (REPOSITORY_NOT_FOUND) for a repository that holds no manifest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListImages(self, request, context):
         """Lists images, ordered by name.
         Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN) when the page token is not one this RPC
@@ -208,6 +237,16 @@ def add_ImageServiceServicer_to_server(servicer, server):
                     servicer.GetImage,
                     request_deserializer=docket_dot_v1_dot_image__service__pb2.GetImageRequest.FromString,
                     response_serializer=docket_dot_v1_dot_image__service__pb2.GetImageResponse.SerializeToString,
+            ),
+            'GetManifest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetManifest,
+                    request_deserializer=docket_dot_v1_dot_image__service__pb2.GetManifestRequest.FromString,
+                    response_serializer=docket_dot_v1_dot_image__service__pb2.GetManifestResponse.SerializeToString,
+            ),
+            'ListTags': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTags,
+                    request_deserializer=docket_dot_v1_dot_image__service__pb2.ListTagsRequest.FromString,
+                    response_serializer=docket_dot_v1_dot_image__service__pb2.ListTagsResponse.SerializeToString,
             ),
             'ListImages': grpc.unary_unary_rpc_method_handler(
                     servicer.ListImages,
@@ -349,6 +388,60 @@ class ImageService:
             '/docket.v1.ImageService/GetImage',
             docket_dot_v1_dot_image__service__pb2.GetImageRequest.SerializeToString,
             docket_dot_v1_dot_image__service__pb2.GetImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetManifest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/docket.v1.ImageService/GetManifest',
+            docket_dot_v1_dot_image__service__pb2.GetManifestRequest.SerializeToString,
+            docket_dot_v1_dot_image__service__pb2.GetManifestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTags(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/docket.v1.ImageService/ListTags',
+            docket_dot_v1_dot_image__service__pb2.ListTagsRequest.SerializeToString,
+            docket_dot_v1_dot_image__service__pb2.ListTagsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,17 @@ class ImageServiceStub:
     "repo@sha256:…".
     Errors: INVALID_ARGUMENT (INVALID_REFERENCE); NOT_FOUND (IMAGE_NOT_FOUND).
     """
+    GetManifest: _grpc.UnaryUnaryMultiCallable[_image_service_pb2.GetManifestRequest, _image_service_pb2.GetManifestResponse]
+    """Returns a manifest as it was pushed: its exact bytes, digest and media type, by tag or
+    by digest. What a registry client gets from the HTTP face, for programs (and agents)
+    that speak gRPC.
+    Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_DIGEST); NOT_FOUND (IMAGE_NOT_FOUND).
+    """
+    ListTags: _grpc.UnaryUnaryMultiCallable[_image_service_pb2.ListTagsRequest, _image_service_pb2.ListTagsResponse]
+    """Lists a repository's tags in lexical order (what the registry face's tags/list gives).
+    Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_PAGE_TOKEN); NOT_FOUND
+    (REPOSITORY_NOT_FOUND) for a repository that holds no manifest.
+    """
     ListImages: _grpc.UnaryUnaryMultiCallable[_image_service_pb2.ListImagesRequest, _image_service_pb2.ListImagesResponse]
     """Lists images, ordered by name.
     Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN) when the page token is not one this RPC
@@ -142,6 +153,17 @@ class ImageServiceAsyncStub(ImageServiceStub):
     """Returns one image by name ("repo:tag"; a name without a tag means ":latest") or by
     "repo@sha256:…".
     Errors: INVALID_ARGUMENT (INVALID_REFERENCE); NOT_FOUND (IMAGE_NOT_FOUND).
+    """
+    GetManifest: _aio.UnaryUnaryMultiCallable[_image_service_pb2.GetManifestRequest, _image_service_pb2.GetManifestResponse]  # type: ignore[assignment]
+    """Returns a manifest as it was pushed: its exact bytes, digest and media type, by tag or
+    by digest. What a registry client gets from the HTTP face, for programs (and agents)
+    that speak gRPC.
+    Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_DIGEST); NOT_FOUND (IMAGE_NOT_FOUND).
+    """
+    ListTags: _aio.UnaryUnaryMultiCallable[_image_service_pb2.ListTagsRequest, _image_service_pb2.ListTagsResponse]  # type: ignore[assignment]
+    """Lists a repository's tags in lexical order (what the registry face's tags/list gives).
+    Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_PAGE_TOKEN); NOT_FOUND
+    (REPOSITORY_NOT_FOUND) for a repository that holds no manifest.
     """
     ListImages: _aio.UnaryUnaryMultiCallable[_image_service_pb2.ListImagesRequest, _image_service_pb2.ListImagesResponse]  # type: ignore[assignment]
     """Lists images, ordered by name.
@@ -233,6 +255,29 @@ class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns one image by name ("repo:tag"; a name without a tag means ":latest") or by
         "repo@sha256:…".
         Errors: INVALID_ARGUMENT (INVALID_REFERENCE); NOT_FOUND (IMAGE_NOT_FOUND).
+        """
+
+    @_abc_1.abstractmethod
+    def GetManifest(
+        self,
+        request: _image_service_pb2.GetManifestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_image_service_pb2.GetManifestResponse, _abc.Awaitable[_image_service_pb2.GetManifestResponse]]:
+        """Returns a manifest as it was pushed: its exact bytes, digest and media type, by tag or
+        by digest. What a registry client gets from the HTTP face, for programs (and agents)
+        that speak gRPC.
+        Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_DIGEST); NOT_FOUND (IMAGE_NOT_FOUND).
+        """
+
+    @_abc_1.abstractmethod
+    def ListTags(
+        self,
+        request: _image_service_pb2.ListTagsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_image_service_pb2.ListTagsResponse, _abc.Awaitable[_image_service_pb2.ListTagsResponse]]:
+        """Lists a repository's tags in lexical order (what the registry face's tags/list gives).
+        Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_PAGE_TOKEN); NOT_FOUND
+        (REPOSITORY_NOT_FOUND) for a repository that holds no manifest.
         """
 
     @_abc_1.abstractmethod

@@ -33,6 +33,7 @@ from docket_server.domain.errors import InvalidArgument, NotFound
 from docket_server.domain.first_pieces import FirstPieces
 from docket_server.domain.fleet import Fleet, Session
 from docket_server.domain.orders import OrderBook, PeerRef, Task
+from docket_server.domain.pulls import Pulls
 from docket_server.domain.registry import Registry
 
 log = structlog.get_logger()
@@ -82,10 +83,12 @@ class AgentService(pb_grpc.AgentServiceServicer):
         registry: Registry,
         hello_timeout: float,
         server_version: str,
+        pulls: Pulls,
     ) -> None:
         self.fleet = fleet
         self.orders = orders
         self.registry = registry
+        self.pulls = pulls
         self.first_pieces = FirstPieces(orders)
         self.hello_timeout = hello_timeout
         self.server_version = server_version
@@ -122,6 +125,21 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise
         return pb.ClaimFirstPiecesResponse(
             pieces=[pb.FirstPiece(index=i, data=d) for i, d in zip(picked, data, strict=True)]
+        )
+
+    async def StartPull(
+        self, request: pb.StartPullRequest, context: Context
+    ) -> pb.StartPullResponse:
+        pull = await self.pulls.create(
+            request.agent_name,
+            request.image_name,
+            request.repository,
+            request.blob_digests,
+            request.display_name,
+        )
+        peers, first_pieces = self.orders.order_for(pull.task)
+        return pb.StartPullResponse(
+            order=pull_order_to_pb(pull.task, peers, first_pieces=first_pieces)
         )
 
     async def Connect(

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from docket_common.pb import agent_pb2, image_pb2, rollout_pb2
+from docket_common.pb import agent_pb2, image_pb2, pull_service_pb2, rollout_pb2
 from docket_common.torrent import TorrentInfo
 from docket_server.domain.fleet import AgentInfo, AgentRecord, AgentState
 from docket_server.domain.models import Blob, Descriptor, Image
@@ -19,6 +19,7 @@ from docket_server.domain.orders import (
     TaskReport,
     TaskState,
 )
+from docket_server.domain.pulls import Pull
 from docket_server.domain.rollouts import Rollout, RolloutEvent, RolloutRecord, RolloutState
 
 
@@ -157,18 +158,18 @@ def pull_order_to_pb(
     task: Task, peers: list[PeerRef], *, first_pieces: bool
 ) -> agent_pb2.PullOrder:
     image = task.image
-    if image.config is None:
-        raise ValueError(f"order {task.order_id}: {image.name} is not a runnable image")
-    return agent_pb2.PullOrder(
+    order = agent_pb2.PullOrder(
         order_id=task.order_id,
         image_name=image.name,
         image_digest=image.digest,
-        config=_order_blob(task.blobs[image.config.digest], image.config.media_type),
         layers=[_order_blob(task.blobs[d.digest], d.media_type) for d in image.layers],
         peers=[peer_to_pb(p) for p in peers],
         load=task.load,
         claim_first_pieces=first_pieces,
     )
+    if image.config is not None:  # blobs pulled alone have none (and are not loaded)
+        order.config.CopyFrom(_order_blob(task.blobs[image.config.digest], image.config.media_type))
+    return order
 
 
 def progress_from_pb(msg: agent_pb2.PieceProgress) -> ProgressReport:
@@ -278,3 +279,14 @@ def rollout_record_to_pb(record: RolloutRecord) -> rollout_pb2.RolloutRecord:
     if record.rollout_state is not None:
         msg.rollout_state = _ROLLOUT_STATES[record.rollout_state]
     return msg
+
+
+def pull_to_pb(pull: Pull) -> pull_service_pb2.Pull:
+    return pull_service_pb2.Pull(
+        id=pull.id,
+        image_name=pull.image_name,
+        image_digest=pull.image_digest,
+        blob_digests=pull.blob_digests,
+        host=rollout_host_to_pb(pull.task),
+        create_time=timestamp(pull.create_time),
+    )

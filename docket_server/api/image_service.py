@@ -88,6 +88,20 @@ class ImageService(pb_grpc.ImageServiceServicer):
     async def GetImage(self, request: pb.GetImageRequest, context: Context) -> pb.GetImageResponse:
         return pb.GetImageResponse(image=image_to_pb(await self.registry.get_image(request.name)))
 
+    async def GetManifest(
+        self, request: pb.GetManifestRequest, context: Context
+    ) -> pb.GetManifestResponse:
+        manifest = await self.registry.get_manifest(request.repository, request.reference)
+        return pb.GetManifestResponse(
+            digest=manifest.digest, media_type=manifest.media_type, content=manifest.content
+        )
+
+    async def ListTags(self, request: pb.ListTagsRequest, context: Context) -> pb.ListTagsResponse:
+        tags, more = await self.registry.list_tags(
+            request.repository, request.page_size, request.page_token
+        )
+        return pb.ListTagsResponse(tags=tags, next_page_token=tags[-1] if more and tags else "")
+
     async def ListImages(
         self, request: pb.ListImagesRequest, context: Context
     ) -> pb.ListImagesResponse:

@@ -9,39 +9,18 @@ registry's TAG_INVALID, RANGE_INVALID and PAGINATION_NUMBER_INVALID).
 
 from __future__ import annotations
 
-import json
 from enum import StrEnum
 
 from aiohttp import web
 
 from docket_common.errors import Reason
+from docket_common.oci_http import Code, error_response
 from docket_server.domain.errors import (
     DocketError,
     FailedPrecondition,
     NotFound,
     ResourceExhausted,
 )
-
-
-class Code(StrEnum):
-    BLOB_UNKNOWN = "BLOB_UNKNOWN"
-    BLOB_UPLOAD_INVALID = "BLOB_UPLOAD_INVALID"
-    BLOB_UPLOAD_UNKNOWN = "BLOB_UPLOAD_UNKNOWN"
-    DIGEST_INVALID = "DIGEST_INVALID"
-    MANIFEST_BLOB_UNKNOWN = "MANIFEST_BLOB_UNKNOWN"
-    MANIFEST_INVALID = "MANIFEST_INVALID"
-    MANIFEST_UNKNOWN = "MANIFEST_UNKNOWN"
-    NAME_INVALID = "NAME_INVALID"
-    NAME_UNKNOWN = "NAME_UNKNOWN"
-    SIZE_INVALID = "SIZE_INVALID"
-    UNAUTHORIZED = "UNAUTHORIZED"
-    DENIED = "DENIED"
-    UNSUPPORTED = "UNSUPPORTED"
-    TOOMANYREQUESTS = "TOOMANYREQUESTS"
-    TAG_INVALID = "TAG_INVALID"
-    RANGE_INVALID = "RANGE_INVALID"
-    PAGINATION_NUMBER_INVALID = "PAGINATION_NUMBER_INVALID"
-    UNKNOWN = "UNKNOWN"
 
 
 class Face(StrEnum):
@@ -52,19 +31,6 @@ class Face(StrEnum):
     UPLOADS = "uploads"
     MANIFESTS = "manifests"
     OTHER = "other"
-
-
-class HttpError(Exception):
-    """An error the HTTP face answers with as it is (raised by the handlers themselves)."""
-
-    def __init__(
-        self, status: int, code: Code, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
 
 
 def _status_code(error: DocketError, face: Face) -> tuple[int, Code]:
@@ -113,22 +79,6 @@ def _status_code(error: DocketError, face: Face) -> tuple[int, Code]:
     if isinstance(error, ResourceExhausted):
         return 429, Code.TOOMANYREQUESTS
     return 400, Code.UNSUPPORTED
-
-
-def error_response(
-    status: int,
-    code: Code,
-    message: str,
-    detail: dict[str, str] | None = None,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    body = {"errors": [{"code": str(code), "message": message, "detail": detail or {}}]}
-    return web.Response(
-        status=status,
-        body=json.dumps(body).encode(),
-        content_type="application/json",
-        headers=headers,
-    )
 
 
 def domain_error_response(error: DocketError, face: Face) -> web.Response:

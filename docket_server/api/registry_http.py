@@ -28,28 +28,27 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import quote, urlencode
 
 import structlog
 from aiohttp import web
 from aiohttp.client_exceptions import ClientError
 
-from docket_common.manifest import (
-    DOCKER_MANIFEST,
-    INDEX_TYPES,
-    OCI_INDEX,
-    Platform,
-    select_platform,
+from docket_common.manifest import OCI_INDEX
+from docket_common.oci_http import (
+    API_VERSION,
+    Code,
+    HttpError,
+    accepted_types,
+    byte_range,
+    error_response,
+    etag_matches,
+    index_fallback,
+    send_file,
+    serves,
 )
 from docket_server.api.interceptors import Authenticator
-from docket_server.api.registry_errors import (
-    Code,
-    Face,
-    HttpError,
-    domain_error_response,
-    error_response,
-)
+from docket_server.api.registry_errors import Face, domain_error_response
 from docket_server.domain.errors import DocketError
 from docket_server.domain.models import Manifest
 from docket_server.domain.registry import Registry
@@ -57,10 +56,8 @@ from docket_server.domain.uploads import Uploads
 
 log = structlog.get_logger()
 
-API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 CHUNK = 1024 * 1024  # body bytes gathered before each write to the blob file
 MAX_MANIFEST_BODY = 4 * 1024 * 1024
-DEFAULT_PLATFORM = Platform("linux", "amd64")  # for clients that cannot read an index
 REALM = "docket"
 
 Handler = Callable[[web.Request, "re.Match[str]"], Awaitable[web.StreamResponse]]
@@ -249,32 +246,22 @@ class RegistryApp:
     async def get_manifest(self, request: web.Request, match: re.Match[str]) -> web.StreamResponse:
         name, reference = match["name"], match["reference"]
         manifest = await self.registry.get_manifest(name, reference)
-        accepted = _accepted(request)
-        if accepted is not None and not _serves(manifest.media_type, accepted):
+        accepted = accepted_types(request)
+        if accepted is not None and not serves(manifest.media_type, accepted):
             manifest = await self._negotiate(manifest, reference, accepted)
         headers = {
             "Docker-Content-Digest": manifest.digest,
             "ETag": f'"{manifest.digest}"',
         }
-        if _etag_matches(request, manifest.digest):
+        if etag_matches(request, manifest.digest):
             return web.Response(status=304, headers=headers)
         return web.Response(
             body=manifest.content, headers={**headers, "Content-Type": manifest.media_type}
         )
 
     async def _negotiate(self, manifest: Manifest, reference: str, accepted: set[str]) -> Manifest:
-        """For a client that cannot read what is stored: an index asked for by tag gives its
-        linux/amd64 image, as the CNCF registry does; anything else is not found for it."""
-        if manifest.media_type in INDEX_TYPES and ":" not in reference:
-            entry = select_platform(manifest.children, DEFAULT_PLATFORM)
-            if entry is not None and _serves(entry.media_type, accepted):
-                return await self.registry.get_manifest(manifest.repository, entry.digest)
-        raise HttpError(
-            404,
-            Code.MANIFEST_UNKNOWN,
-            f"{manifest.repository}:{reference} is {manifest.media_type}, which the client's "
-            f"Accept header ({', '.join(sorted(accepted))}) does not take",
-        )
+        entry = index_fallback(manifest.media_type, manifest.children, reference, accepted)
+        return await self.registry.get_manifest(manifest.repository, entry.digest)
 
     async def put_manifest(self, request: web.Request, match: re.Match[str]) -> web.StreamResponse:
         name, reference = match["name"], match["reference"]
@@ -322,15 +309,15 @@ class RegistryApp:
             "Cache-Control": "max-age=31536000",
             "Content-Type": "application/octet-stream",
         }
-        if _etag_matches(request, blob.digest):
+        if etag_matches(request, blob.digest):
             return web.Response(status=304, headers=headers)
         offset, count, status = 0, blob.size, 200
-        wanted = _byte_range(request.headers.get("Range", ""), blob.size)
+        wanted = byte_range(request.headers.get("Range", ""), blob.size)
         if wanted is not None:
             offset, count = wanted
             status = 206
             headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{blob.size}"
-        return await _send_file(request, path, offset, count, status, headers)
+        return await send_file(request, path, offset, count, status, headers)
 
     async def delete_blob(self, request: web.Request, match: re.Match[str]) -> web.StreamResponse:
         raise HttpError(
@@ -465,91 +452,6 @@ def _content_range(header: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-
-
-def _byte_range(header: str, size: int) -> tuple[int, int] | None:
-    """The (offset, count) a GET's Range asks for; None for the whole blob (no Range, or one
-    this server ignores, as RFC 9110 allows: several ranges, or a malformed one). A range
-    that starts past the end is 416."""
-    match = _RANGE.match(header.strip())
-    if match is None or (not match[1] and not match[2]):
-        return None
-    if not match[1]:  # the last N bytes
-        suffix = int(match[2])
-        if suffix == 0 or size == 0:
-            raise _unsatisfiable(header, size)
-        return max(size - suffix, 0), min(suffix, size)
-    first = int(match[1])
-    last = int(match[2]) if match[2] else size - 1
-    if match[2] and last < first:
-        return None
-    if first >= size:
-        raise _unsatisfiable(header, size)
-    last = min(last, size - 1)
-    return first, last - first + 1
-
-
-def _unsatisfiable(header: str, size: int) -> HttpError:
-    return HttpError(
-        416,
-        Code.RANGE_INVALID,
-        f"Range {header!r} is past the end of the {size}-byte blob",
-        {"Content-Range": f"bytes */{size}"},
-    )
-
-
-async def _send_file(
-    request: web.Request, path: Path, offset: int, count: int, status: int, headers: dict[str, str]
-) -> web.StreamResponse:
-    """Sends ``count`` bytes of a file from ``offset``: with sendfile(2) from the page cache
-    to the socket, or (TLS) through the transport."""
-    try:
-        fobj = await asyncio.to_thread(path.open, "rb")
-    except FileNotFoundError:
-        raise HttpError(404, Code.BLOB_UNKNOWN, "the blob was deleted") from None
-    try:
-        response = web.StreamResponse(status=status, headers=headers)
-        response.content_length = count
-        response.headers[API_VERSION[0]] = API_VERSION[1]
-        await response.prepare(request)
-        if request.method == "HEAD" or count == 0:
-            await response.write_eof()
-            return response
-        transport = request.transport
-        if transport is None:
-            raise ConnectionResetError("the client went away")
-        await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)
-        await response.write_eof()
-        return response
-    finally:
-        fobj.close()
-
-
-def _accepted(request: web.Request) -> set[str] | None:
-    """The media types the client's Accept headers name; None when it takes anything."""
-    types: set[str] = set()
-    for header in request.headers.getall("Accept", []):
-        for item in header.split(","):
-            media_type = item.split(";", 1)[0].strip().lower()
-            if media_type in ("*/*", "application/*"):
-                return None
-            if media_type:
-                types.add(media_type)
-    return types or None
-
-
-def _serves(media_type: str, accepted: set[str]) -> bool:
-    # Docker schema 2 goes to every client, as the CNCF registry does (clients too old to
-    # name it in Accept read it anyway).
-    return media_type in accepted or media_type == DOCKER_MANIFEST
-
-
-def _etag_matches(request: web.Request, digest: str) -> bool:
-    header = request.headers.get("If-None-Match", "")
-    return any(tag.strip().strip('"') == digest for tag in header.split(",") if tag.strip())
-
-
 def _pagination(request: web.Request) -> tuple[int | None, str]:
     text = request.query.get("n")
     n = None
@@ -576,34 +478,3 @@ def _annotations(content: bytes) -> dict[str, str]:
     if not isinstance(annotations, dict):
         return {}
     return {str(k): str(v) for k, v in annotations.items()}
-
-
-class RegistryHttpServer:
-    """Runs the registry face on a TCP address inside the server's event loop."""
-
-    def __init__(self, app: RegistryApp, host: str, port: int) -> None:
-        self.app = app
-        self.host = host
-        self.port = port
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> int:
-        runner = web.AppRunner(self.app.application(), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True)
-        try:
-            await site.start()
-        except OSError:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        for address in runner.addresses:  # the port it got, when asked for port 0
-            self.port = int(address[1])
-            break
-        return self.port
-
-    async def stop(self, grace: float) -> None:
-        if self._runner is not None:
-            await self._runner.shutdown()
-            await asyncio.wait_for(self._runner.cleanup(), timeout=grace + 1)
-            self._runner = None

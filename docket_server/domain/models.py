@@ -77,16 +77,14 @@ class Image:
     manifests: tuple[Image, ...] = field(default=())  # an index's images, in its order
 
     def __post_init__(self) -> None:
-        if not self.digest:
-            if self.config is None:
-                raise ValueError("an image without a config needs its manifest's digest")
+        if not self.digest and self.config is not None:
             content = oci_manifest(self.config, self.layers)
             object.__setattr__(self, "digest", "sha256:" + hashlib.sha256(content).hexdigest())
 
     @property
     def name(self) -> str:
         if not self.tag:
-            return f"{self.repository}@{self.digest}"
+            return f"{self.repository}@{self.digest}" if self.digest else self.repository
         return f"{self.repository}:{self.tag}"
 
     @property
@@ -110,9 +108,10 @@ class Image:
 
     @property
     def blob_digests(self) -> list[str]:
-        if self.config is None:
-            return []
-        return [self.config.digest, *(layer.digest for layer in self.layers)]
+        """The config's and the layers' digests (an index has none; blobs pulled alone, as
+        an agent's registry face may, are layers without a config)."""
+        config = [self.config.digest] if self.config is not None else []
+        return [*config, *(layer.digest for layer in self.layers)]
 
     def with_name(self, repository: str, tag: str) -> Image:
         """The same image under another name: an index's platform image, shown as the

@@ -110,6 +110,7 @@ class Task:
     # When the rollout's image is an index: its digest (``image`` is then this host's
     # platform's image from it).
     index_digest: str = ""
+    pull: bool = False  # a pull a host's registry face asked for (pulls.py), not a rollout's
 
     @property
     def total_bytes(self) -> int:
@@ -177,15 +178,16 @@ class OrderBook:
         """Takes a task (queued, or in flight after a server restart) into the book."""
         self.tasks[task.order_id] = task
 
-    def start(self, task: Task) -> None:
-        """Sends a queued task's order now, or when its host connects."""
+    def start(self, task: Task, *, send: bool = True) -> None:
+        """Sends a queued task's order now, or when its host connects; with ``send`` False
+        the caller hands the agent the order (order_for) and only peers are told."""
         if task.state is not TaskState.QUEUED:
             return
         task.state = TaskState.PENDING
         task.start_time = datetime.now(UTC)
         session = self.fleet.sessions.get(task.agent)
         if session is not None:
-            self._send(session, task)
+            self._send(session, task, send_order=send)
         log.info(
             "order sent" if session else "order waits for its host",
             order=task.order_id,
@@ -194,15 +196,18 @@ class OrderBook:
         )
         self._changed(task)
 
-    def _send(self, session: Session, task: Task) -> None:
+    def order_for(self, task: Task) -> tuple[list[PeerRef], bool]:
+        """A task's order's peers, and whether its agent claims first pieces: where the
+        server hands out peers, it also hands out the first copies of the pieces
+        (first_pieces.py); a tracker's peers include the seed, which would send more."""
+        return self.peers_for(task), self.peer_source is PeerSource.SERVER
+
+    def _send(self, session: Session, task: Task, *, send_order: bool = True) -> None:
         if self.sink is None:
             return
-        peers = self.peers_for(task)
-        # Where the server hands out peers, it also hands out the first copies of the pieces
-        # (first_pieces.py); a tracker's peers include the seed, which would send more.
-        self.sink.send_order(
-            session, task, peers, first_pieces=self.peer_source is PeerSource.SERVER
-        )
+        if send_order:
+            peers, first_pieces = self.order_for(task)
+            self.sink.send_order(session, task, peers, first_pieces=first_pieces)
         # Tell the others fetching the same blobs about this host.
         me = self._agent_peer(task.agent)
         if me is None or self.peer_source is PeerSource.TRACKER:

@@ -26,6 +26,7 @@ from docket_server.domain.models import (
     image_to_dict,
 )
 from docket_server.domain.orders import Task, TaskState
+from docket_server.domain.pulls import Pull, PullStore
 from docket_server.domain.rollouts import Rollout, RolloutRecord, RolloutState, RolloutStore
 from docket_server.store.metadata import (
     DeleteResult,
@@ -245,6 +246,27 @@ rollout_records = sa.Table(
 )
 
 
+# Added by migration 6: pulls through the agents' registry faces (domain/pulls.py).
+pulls = sa.Table(
+    "pulls",
+    meta,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("agent", sa.String(64), nullable=False, index=True),
+    sa.Column("image_name", sa.Text, nullable=False),
+    sa.Column("image", sa.Text, nullable=False),  # the image pulled (JSON): digests and sizes
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Column("cached_bytes", sa.BigInteger, nullable=False),
+    sa.Column("bittorrent_bytes", sa.BigInteger, nullable=False),
+    sa.Column("server_bytes", sa.BigInteger, nullable=False),
+    sa.Column("first_piece_bytes", sa.BigInteger, nullable=False),
+    sa.Column("fallback_bytes", sa.BigInteger, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("start_time", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("end_time", sa.DateTime(timezone=True), nullable=True),
+)
+
+
 async def _migration_1(conn: AsyncConnection) -> None:
     def create(sync: sa.Connection) -> None:
         meta.create_all(sync, tables=[blobs])
@@ -347,8 +369,19 @@ async def _migration_5(conn: AsyncConnection) -> None:
     await conn.run_sync(migrate)
 
 
+async def _migration_6(conn: AsyncConnection) -> None:
+    await conn.run_sync(lambda sync: meta.create_all(sync, tables=[pulls]))
+
+
 Migration = Callable[[AsyncConnection], Awaitable[None]]
-MIGRATIONS: list[Migration] = [_migration_1, _migration_2, _migration_3, _migration_4, _migration_5]
+MIGRATIONS: list[Migration] = [
+    _migration_1,
+    _migration_2,
+    _migration_3,
+    _migration_4,
+    _migration_5,
+    _migration_6,
+]
 
 
 def _insert_manifest(sync: sa.Connection, m: Manifest, child_ids: dict[str, int]) -> int:
@@ -415,7 +448,7 @@ def _utc(value: datetime | None) -> datetime | None:
     return value
 
 
-class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore):
+class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore):
     def __init__(self, url: str) -> None:
         self.url = url
         self._engine: AsyncEngine | None = None
@@ -765,6 +798,45 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore):
             orphans = sorted(candidates - await _used_digests(conn, candidates))
         return DeleteResult(names=sorted(names), manifests=removed, orphaned_digests=orphans)
 
+    # Pulls
+
+    async def save_pull(self, pull: Pull) -> None:
+        task = pull.task
+        values = {
+            "agent": task.agent,
+            "image_name": pull.image_name,
+            "image": json.dumps(image_to_dict(task.image)),
+            "state": str(task.state),
+            "error": task.error,
+            "cached_bytes": task.cached_bytes,
+            "bittorrent_bytes": task.bittorrent_bytes,
+            "server_bytes": task.server_bytes,
+            "first_piece_bytes": task.first_piece_bytes,
+            "fallback_bytes": task.fallback_bytes,
+            "create_time": pull.create_time,
+            "start_time": task.start_time,
+            "end_time": task.end_time,
+        }
+        await self._upsert(pulls.c.id, pull.id, values)
+
+    async def list_pulls(self, agents: Sequence[str] | None, offset: int, limit: int) -> list[Pull]:
+        query = pulls.select()
+        if agents is not None:
+            query = query.where(pulls.c.agent.in_(list(agents)))
+        query = query.order_by(pulls.c.create_time.desc(), pulls.c.id).offset(offset).limit(limit)
+        async with self.engine.connect() as conn:
+            return [_pull_from_row(r) for r in await conn.execute(query)]
+
+    async def fail_unfinished_pulls(self, reason: str) -> int:
+        done = [str(s) for s in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)]
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                pulls.update()
+                .where(pulls.c.state.not_in(done))
+                .values(state=str(TaskState.FAILED), error=reason, end_time=_now())
+            )
+            return int(result.rowcount or 0)
+
     # Agents
 
     async def upsert_agent(self, record: AgentRecord) -> None:
@@ -1039,6 +1111,33 @@ async def _manifests_by_id(
         )
         for r in rows
     }
+
+
+def _pull_from_row(row: Any) -> Pull:
+    image = image_from_dict(json.loads(row.image))
+    # The blobs as far as the record tells them (no torrents: the pull is over, or its
+    # record is read for a list).
+    when = _utc(row.create_time) or _now()
+    descriptors = [*([image.config] if image.config else []), *image.layers]
+    task = Task(
+        order_id=row.id,
+        rollout_id="",
+        agent=row.agent,
+        image=image,
+        blobs={d.digest: Blob(d.digest, d.size, when, None) for d in descriptors},
+        load=False,
+        state=TaskState(row.state),
+        error=row.error,
+        cached_bytes=row.cached_bytes,
+        bittorrent_bytes=row.bittorrent_bytes,
+        server_bytes=row.server_bytes,
+        fallback_bytes=row.fallback_bytes,
+        first_piece_bytes=row.first_piece_bytes,
+        start_time=_utc(row.start_time),
+        end_time=_utc(row.end_time),
+        pull=True,
+    )
+    return Pull(row.id, row.image_name, task, when)
 
 
 def _agent_from_row(row: Any) -> AgentRecord:

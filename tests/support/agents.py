@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from docket_common.pb import agent_pb2
 from docket_common.pb import agent_service_pb2 as pb
 from docket_common.pb import agent_service_pb2_grpc as pb_grpc
-from tests.support.server import BIN, docketctl
+from tests.support.server import BIN, docketctl, free_port
 
 
 @dataclass
@@ -35,7 +35,13 @@ class AgentProcess:
     labels: dict[str, str] = field(default_factory=dict)
     docker_host: str | None = None
     extra_args: list[str] = field(default_factory=list)
+    registry_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def registry(self) -> str:
+        """The agent's registry face, HOST:PORT (what `docker pull` names)."""
+        return f"127.0.0.1:{self.registry_port}"
 
     @property
     def log_path(self) -> Path:
@@ -52,6 +58,8 @@ class AgentProcess:
             self.name,
             "--bt-listen",
             "127.0.0.1:0",
+            "--registry-listen",
+            self.registry,
             "--log-json",
         ]
         for group in self.groups:

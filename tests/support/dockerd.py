@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import json
 import os
 import shutil
 import signal
@@ -214,6 +215,8 @@ class DockerEngine:
         start_timeout: float = 60.0,
         stop_timeout: float = 20.0,
         log_level: str = "warn",
+        daemon_config: dict[str, Any] | None = None,
+        netns: str | None = None,
     ) -> None:
         self.dockerd = dockerd or find_dockerd() or "dockerd"
         if storage_drivers is None:
@@ -223,6 +226,11 @@ class DockerEngine:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.log_level = log_level
+        #: What goes into daemon.json (registry-mirrors, insecure-registries...).
+        self.daemon_config = daemon_config or {}
+        #: A network namespace to run dockerd in (a benchmark cluster's host), so that its
+        #: pulls go over that host's link; its socket is reachable from anywhere.
+        self.netns = netns
         #: The storage driver in use once started.
         self.storage_driver: str | None = None
         #: Seconds the last successful start took.
@@ -353,7 +361,7 @@ class DockerEngine:
 
     def _start_with(self, storage_driver: str) -> None:
         d = self.dir
-        (d / "daemon.json").write_text("{}\n")
+        (d / "daemon.json").write_text(json.dumps(self.daemon_config) + "\n")
         env = dict(os.environ)
         for name in ("DOCKER_HOST", "DOCKER_CONTEXT", "NOTIFY_SOCKET"):
             env.pop(name, None)
@@ -362,8 +370,9 @@ class DockerEngine:
         self._log = self.log_path.open("ab")
         self._log.write(f"=== {' '.join(self.command(storage_driver))}\n".encode())
         self._log.flush()
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self._proc = subprocess.Popen(
-            self.command(storage_driver),
+            [*prefix, *self.command(storage_driver)],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

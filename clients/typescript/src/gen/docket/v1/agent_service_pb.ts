@@ -12,7 +12,80 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file docket/v1/agent_service.proto.
  */
 export const file_docket_v1_agent_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch1kb2NrZXQvdjEvYWdlbnRfc2VydmljZS5wcm90bxIJZG9ja2V0LnYxIk4KF0NsYWltRmlyc3RQaWVjZXNSZXF1ZXN0Eg4KBmRpZ2VzdBgBIAEoCRIQCghvcmRlcl9pZBgCIAEoCRIRCgltYXhfYnl0ZXMYAyABKAMiQQoYQ2xhaW1GaXJzdFBpZWNlc1Jlc3BvbnNlEiUKBnBpZWNlcxgBIAMoCzIVLmRvY2tldC52MS5GaXJzdFBpZWNlIikKCkZpcnN0UGllY2USDQoFaW5kZXgYASABKAUSDAoEZGF0YRgCIAEoDCLIAQoOQ29ubmVjdFJlcXVlc3QSIQoFaGVsbG8YASABKAsyEC5kb2NrZXQudjEuSGVsbG9IABIpCgloZWFydGJlYXQYAiABKAsyFC5kb2NrZXQudjEuSGVhcnRiZWF0SAASMgoOcGllY2VfcHJvZ3Jlc3MYAyABKAsyGC5kb2NrZXQudjEuUGllY2VQcm9ncmVzc0gAEiwKC3Rhc2tfdXBkYXRlGAQgASgLMhUuZG9ja2V0LnYxLlRhc2tVcGRhdGVIAEIGCgRib2R5IvEBCg9Db25uZWN0UmVzcG9uc2USJQoHd2VsY29tZRgBIAEoCzISLmRvY2tldC52MS5XZWxjb21lSAASKQoJaGVhcnRiZWF0GAIgASgLMhQuZG9ja2V0LnYxLkhlYXJ0YmVhdEgAEioKCnB1bGxfb3JkZXIYAyABKAsyFC5kb2NrZXQudjEuUHVsbE9yZGVySAASKAoJcGVlcl9oaW50GAQgASgLMhMuZG9ja2V0LnYxLlBlZXJIaW50SAASLgoMY2FuY2VsX29yZGVyGAUgASgLMhYuZG9ja2V0LnYxLkNhbmNlbE9yZGVySABCBgoEYm9keTKxAQoMQWdlbnRTZXJ2aWNlEkQKB0Nvbm5lY3QSGS5kb2NrZXQudjEuQ29ubmVjdFJlcXVlc3QaGi5kb2NrZXQudjEuQ29ubmVjdFJlc3BvbnNlKAEwARJbChBDbGFpbUZpcnN0UGllY2VzEiIuZG9ja2V0LnYxLkNsYWltRmlyc3RQaWVjZXNSZXF1ZXN0GiMuZG9ja2V0LnYxLkNsYWltRmlyc3RQaWVjZXNSZXNwb25zZWIGcHJvdG8z", [file_docket_v1_agent]);
+  fileDesc("Ch1kb2NrZXQvdjEvYWdlbnRfc2VydmljZS5wcm90bxIJZG9ja2V0LnYxInoKEFN0YXJ0UHVsbFJlcXVlc3QSEgoKYWdlbnRfbmFtZRgBIAEoCRISCgppbWFnZV9uYW1lGAIgASgJEhIKCnJlcG9zaXRvcnkYAyABKAkSFAoMYmxvYl9kaWdlc3RzGAQgAygJEhQKDGRpc3BsYXlfbmFtZRgFIAEoCSI4ChFTdGFydFB1bGxSZXNwb25zZRIjCgVvcmRlchgBIAEoCzIULmRvY2tldC52MS5QdWxsT3JkZXIiTgoXQ2xhaW1GaXJzdFBpZWNlc1JlcXVlc3QSDgoGZGlnZXN0GAEgASgJEhAKCG9yZGVyX2lkGAIgASgJEhEKCW1heF9ieXRlcxgDIAEoAyJBChhDbGFpbUZpcnN0UGllY2VzUmVzcG9uc2USJQoGcGllY2VzGAEgAygLMhUuZG9ja2V0LnYxLkZpcnN0UGllY2UiKQoKRmlyc3RQaWVjZRINCgVpbmRleBgBIAEoBRIMCgRkYXRhGAIgASgMIsgBCg5Db25uZWN0UmVxdWVzdBIhCgVoZWxsbxgBIAEoCzIQLmRvY2tldC52MS5IZWxsb0gAEikKCWhlYXJ0YmVhdBgCIAEoCzIULmRvY2tldC52MS5IZWFydGJlYXRIABIyCg5waWVjZV9wcm9ncmVzcxgDIAEoCzIYLmRvY2tldC52MS5QaWVjZVByb2dyZXNzSAASLAoLdGFza191cGRhdGUYBCABKAsyFS5kb2NrZXQudjEuVGFza1VwZGF0ZUgAQgYKBGJvZHki8QEKD0Nvbm5lY3RSZXNwb25zZRIlCgd3ZWxjb21lGAEgASgLMhIuZG9ja2V0LnYxLldlbGNvbWVIABIpCgloZWFydGJlYXQYAiABKAsyFC5kb2NrZXQudjEuSGVhcnRiZWF0SAASKgoKcHVsbF9vcmRlchgDIAEoCzIULmRvY2tldC52MS5QdWxsT3JkZXJIABIoCglwZWVyX2hpbnQYBCABKAsyEy5kb2NrZXQudjEuUGVlckhpbnRIABIuCgxjYW5jZWxfb3JkZXIYBSABKAsyFi5kb2NrZXQudjEuQ2FuY2VsT3JkZXJIAEIGCgRib2R5MvkBCgxBZ2VudFNlcnZpY2USRAoHQ29ubmVjdBIZLmRvY2tldC52MS5Db25uZWN0UmVxdWVzdBoaLmRvY2tldC52MS5Db25uZWN0UmVzcG9uc2UoATABElsKEENsYWltRmlyc3RQaWVjZXMSIi5kb2NrZXQudjEuQ2xhaW1GaXJzdFBpZWNlc1JlcXVlc3QaIy5kb2NrZXQudjEuQ2xhaW1GaXJzdFBpZWNlc1Jlc3BvbnNlEkYKCVN0YXJ0UHVsbBIbLmRvY2tldC52MS5TdGFydFB1bGxSZXF1ZXN0GhwuZG9ja2V0LnYxLlN0YXJ0UHVsbFJlc3BvbnNlYgZwcm90bzM", [file_docket_v1_agent]);
+
+/**
+ * What a runtime asked an agent's registry face for.
+ *
+ * @generated from message docket.v1.StartPullRequest
+ */
+export type StartPullRequest = Message<"docket.v1.StartPullRequest"> & {
+  /**
+   * The agent, which must be connected.
+   *
+   * @generated from field: string agent_name = 1;
+   */
+  agentName: string;
+
+  /**
+   * The image, "repository:tag" or "repository@sha256:…" (an image manifest, not an index:
+   * a runtime picks its platform's image from an index first). Its config and layers are
+   * pulled. Empty when only blob_digests are.
+   *
+   * @generated from field: string image_name = 2;
+   */
+  imageName: string;
+
+  /**
+   * The repository the blobs were asked for in, when image_name is empty.
+   *
+   * @generated from field: string repository = 3;
+   */
+  repository: string;
+
+  /**
+   * Blobs to pull, when the runtime asked for them without their manifest.
+   *
+   * @generated from field: repeated string blob_digests = 4;
+   */
+  blobDigests: string[];
+
+  /**
+   * How the runtime named the image, for the pull's record (a runtime that resolved a tag
+   * asks for the manifest by digest next); image_name when empty.
+   *
+   * @generated from field: string display_name = 5;
+   */
+  displayName: string;
+};
+
+/**
+ * Describes the message docket.v1.StartPullRequest.
+ * Use `create(StartPullRequestSchema)` to create a new message.
+ */
+export const StartPullRequestSchema: GenMessage<StartPullRequest> = /*@__PURE__*/
+  messageDesc(file_docket_v1_agent_service, 0);
+
+/**
+ * The pull's order.
+ *
+ * @generated from message docket.v1.StartPullResponse
+ */
+export type StartPullResponse = Message<"docket.v1.StartPullResponse"> & {
+  /**
+   * The order: not to be loaded (load is false); its id is the pull's id.
+   *
+   * @generated from field: docket.v1.PullOrder order = 1;
+   */
+  order?: PullOrder;
+};
+
+/**
+ * Describes the message docket.v1.StartPullResponse.
+ * Use `create(StartPullResponseSchema)` to create a new message.
+ */
+export const StartPullResponseSchema: GenMessage<StartPullResponse> = /*@__PURE__*/
+  messageDesc(file_docket_v1_agent_service, 1);
 
 /**
  * Which blob's first pieces an agent wants, and how many.
@@ -51,7 +124,7 @@ export type ClaimFirstPiecesRequest = Message<"docket.v1.ClaimFirstPiecesRequest
  * Use `create(ClaimFirstPiecesRequestSchema)` to create a new message.
  */
 export const ClaimFirstPiecesRequestSchema: GenMessage<ClaimFirstPiecesRequest> = /*@__PURE__*/
-  messageDesc(file_docket_v1_agent_service, 0);
+  messageDesc(file_docket_v1_agent_service, 2);
 
 /**
  * First copies of pieces for one agent.
@@ -72,7 +145,7 @@ export type ClaimFirstPiecesResponse = Message<"docket.v1.ClaimFirstPiecesRespon
  * Use `create(ClaimFirstPiecesResponseSchema)` to create a new message.
  */
 export const ClaimFirstPiecesResponseSchema: GenMessage<ClaimFirstPiecesResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_agent_service, 1);
+  messageDesc(file_docket_v1_agent_service, 3);
 
 /**
  * One piece of a blob.
@@ -100,7 +173,7 @@ export type FirstPiece = Message<"docket.v1.FirstPiece"> & {
  * Use `create(FirstPieceSchema)` to create a new message.
  */
 export const FirstPieceSchema: GenMessage<FirstPiece> = /*@__PURE__*/
-  messageDesc(file_docket_v1_agent_service, 2);
+  messageDesc(file_docket_v1_agent_service, 4);
 
 /**
  * One message from an agent on its stream: the agent-to-server envelope.
@@ -153,7 +226,7 @@ export type ConnectRequest = Message<"docket.v1.ConnectRequest"> & {
  * Use `create(ConnectRequestSchema)` to create a new message.
  */
 export const ConnectRequestSchema: GenMessage<ConnectRequest> = /*@__PURE__*/
-  messageDesc(file_docket_v1_agent_service, 3);
+  messageDesc(file_docket_v1_agent_service, 5);
 
 /**
  * One message from the server on an agent's stream: the server-to-agent envelope.
@@ -214,7 +287,7 @@ export type ConnectResponse = Message<"docket.v1.ConnectResponse"> & {
  * Use `create(ConnectResponseSchema)` to create a new message.
  */
 export const ConnectResponseSchema: GenMessage<ConnectResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_agent_service, 4);
+  messageDesc(file_docket_v1_agent_service, 6);
 
 /**
  * The stream every docket-agent holds to the server for its whole life.
@@ -258,6 +331,26 @@ export const AgentService: GenService<{
     methodKind: "unary";
     input: typeof ClaimFirstPiecesRequestSchema;
     output: typeof ClaimFirstPiecesResponseSchema;
+  },
+  /**
+   * Starts a pull for the agent's registry face: a runtime on its host (dockerd,
+   * containerd) asked the agent for an image, or a blob, that the agent does not hold. The
+   * server records the pull (PullService lists and watches pulls) and answers with an order
+   * for its blobs, scheduled as a rollout's: first pieces from the server (each piece about
+   * once, however many hosts pull the image at once), peers that hold or fetch the same
+   * blobs. The agent carries the order out like one that came down its stream: it caches
+   * and seeds the blobs, and loads nothing (the runtime does). A pull of the same blobs by
+   * the same agent still in progress is answered with that pull's order.
+   * Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_DIGEST, INVALID_IMAGE for an index
+   * or an artifact that is not an image); NOT_FOUND (IMAGE_NOT_FOUND, BLOB_NOT_FOUND);
+   * FAILED_PRECONDITION (AGENT_NOT_FOUND) when the agent has no stream open.
+   *
+   * @generated from rpc docket.v1.AgentService.StartPull
+   */
+  startPull: {
+    methodKind: "unary";
+    input: typeof StartPullRequestSchema;
+    output: typeof StartPullResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_docket_v1_agent_service, 0);

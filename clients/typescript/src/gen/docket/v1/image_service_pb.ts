@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file docket/v1/image_service.proto.
  */
 export const file_docket_v1_image_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch1kb2NrZXQvdjEvaW1hZ2Vfc2VydmljZS5wcm90bxIJZG9ja2V0LnYxIiMKEFN0YXRCbG9ic1JlcXVlc3QSDwoHZGlnZXN0cxgBIAMoCSIsChFTdGF0QmxvYnNSZXNwb25zZRIXCg9taXNzaW5nX2RpZ2VzdHMYASADKAkiNgoQVXBsb2FkQmxvYkhlYWRlchIOCgZkaWdlc3QYASABKAkSEgoKc2l6ZV9ieXRlcxgCIAEoAyKPAQoRVXBsb2FkQmxvYlJlcXVlc3QSLQoGaGVhZGVyGAEgASgLMhsuZG9ja2V0LnYxLlVwbG9hZEJsb2JIZWFkZXJIABIPCgVjaHVuaxgCIAEoDEgAEi8KB3RyYWlsZXIYAyABKAsyHC5kb2NrZXQudjEuVXBsb2FkQmxvYlRyYWlsZXJIAEIJCgdjb250ZW50IiMKEVVwbG9hZEJsb2JUcmFpbGVyEg4KBmRpZ2VzdBgBIAEoCSJRChJVcGxvYWRCbG9iUmVzcG9uc2USDgoGZGlnZXN0GAEgASgJEhIKCnNpemVfYnl0ZXMYAiABKAMSFwoPYWxyZWFkeV9leGlzdGVkGAMgASgIIm0KD1B1dEltYWdlUmVxdWVzdBIMCgRuYW1lGAEgASgJEiUKBmNvbmZpZxgCIAEoCzIVLmRvY2tldC52MS5EZXNjcmlwdG9yEiUKBmxheWVycxgDIAMoCzIVLmRvY2tldC52MS5EZXNjcmlwdG9yIjMKEFB1dEltYWdlUmVzcG9uc2USHwoFaW1hZ2UYASABKAsyEC5kb2NrZXQudjEuSW1hZ2UiHwoPR2V0SW1hZ2VSZXF1ZXN0EgwKBG5hbWUYASABKAkiMwoQR2V0SW1hZ2VSZXNwb25zZRIfCgVpbWFnZRgBIAEoCzIQLmRvY2tldC52MS5JbWFnZSI6ChFMaXN0SW1hZ2VzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJPChJMaXN0SW1hZ2VzUmVzcG9uc2USIAoGaW1hZ2VzGAEgAygLMhAuZG9ja2V0LnYxLkltYWdlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIiChJEZWxldGVJbWFnZVJlcXVlc3QSDAoEbmFtZRgBIAEoCSJFChNEZWxldGVJbWFnZVJlc3BvbnNlEhUKDWRlbGV0ZWRfbmFtZXMYASADKAkSFwoPZGVsZXRlZF9kaWdlc3RzGAIgAygJIk0KD1JlYWRCbG9iUmVxdWVzdBIOCgZkaWdlc3QYASABKAkSFAoMb2Zmc2V0X2J5dGVzGAIgASgDEhQKDGxlbmd0aF9ieXRlcxgDIAEoAyIhChBSZWFkQmxvYlJlc3BvbnNlEg0KBWNodW5rGAEgASgMIiMKEUdldFRvcnJlbnRSZXF1ZXN0Eg4KBmRpZ2VzdBgBIAEoCSJZChJHZXRUb3JyZW50UmVzcG9uc2USIwoHdG9ycmVudBgBIAEoCzISLmRvY2tldC52MS5Ub3JyZW50Eh4KBXBlZXJzGAIgAygLMg8uZG9ja2V0LnYxLlBlZXIy2AQKDEltYWdlU2VydmljZRJGCglTdGF0QmxvYnMSGy5kb2NrZXQudjEuU3RhdEJsb2JzUmVxdWVzdBocLmRvY2tldC52MS5TdGF0QmxvYnNSZXNwb25zZRJLCgpVcGxvYWRCbG9iEhwuZG9ja2V0LnYxLlVwbG9hZEJsb2JSZXF1ZXN0Gh0uZG9ja2V0LnYxLlVwbG9hZEJsb2JSZXNwb25zZSgBEkMKCFB1dEltYWdlEhouZG9ja2V0LnYxLlB1dEltYWdlUmVxdWVzdBobLmRvY2tldC52MS5QdXRJbWFnZVJlc3BvbnNlEkMKCEdldEltYWdlEhouZG9ja2V0LnYxLkdldEltYWdlUmVxdWVzdBobLmRvY2tldC52MS5HZXRJbWFnZVJlc3BvbnNlEkkKCkxpc3RJbWFnZXMSHC5kb2NrZXQudjEuTGlzdEltYWdlc1JlcXVlc3QaHS5kb2NrZXQudjEuTGlzdEltYWdlc1Jlc3BvbnNlEkwKC0RlbGV0ZUltYWdlEh0uZG9ja2V0LnYxLkRlbGV0ZUltYWdlUmVxdWVzdBoeLmRvY2tldC52MS5EZWxldGVJbWFnZVJlc3BvbnNlEkUKCFJlYWRCbG9iEhouZG9ja2V0LnYxLlJlYWRCbG9iUmVxdWVzdBobLmRvY2tldC52MS5SZWFkQmxvYlJlc3BvbnNlMAESSQoKR2V0VG9ycmVudBIcLmRvY2tldC52MS5HZXRUb3JyZW50UmVxdWVzdBodLmRvY2tldC52MS5HZXRUb3JyZW50UmVzcG9uc2ViBnByb3RvMw", [file_docket_v1_image]);
+  fileDesc("Ch1kb2NrZXQvdjEvaW1hZ2Vfc2VydmljZS5wcm90bxIJZG9ja2V0LnYxIiMKEFN0YXRCbG9ic1JlcXVlc3QSDwoHZGlnZXN0cxgBIAMoCSIsChFTdGF0QmxvYnNSZXNwb25zZRIXCg9taXNzaW5nX2RpZ2VzdHMYASADKAkiNgoQVXBsb2FkQmxvYkhlYWRlchIOCgZkaWdlc3QYASABKAkSEgoKc2l6ZV9ieXRlcxgCIAEoAyKPAQoRVXBsb2FkQmxvYlJlcXVlc3QSLQoGaGVhZGVyGAEgASgLMhsuZG9ja2V0LnYxLlVwbG9hZEJsb2JIZWFkZXJIABIPCgVjaHVuaxgCIAEoDEgAEi8KB3RyYWlsZXIYAyABKAsyHC5kb2NrZXQudjEuVXBsb2FkQmxvYlRyYWlsZXJIAEIJCgdjb250ZW50IiMKEVVwbG9hZEJsb2JUcmFpbGVyEg4KBmRpZ2VzdBgBIAEoCSJRChJVcGxvYWRCbG9iUmVzcG9uc2USDgoGZGlnZXN0GAEgASgJEhIKCnNpemVfYnl0ZXMYAiABKAMSFwoPYWxyZWFkeV9leGlzdGVkGAMgASgIIm0KD1B1dEltYWdlUmVxdWVzdBIMCgRuYW1lGAEgASgJEiUKBmNvbmZpZxgCIAEoCzIVLmRvY2tldC52MS5EZXNjcmlwdG9yEiUKBmxheWVycxgDIAMoCzIVLmRvY2tldC52MS5EZXNjcmlwdG9yIjMKEFB1dEltYWdlUmVzcG9uc2USHwoFaW1hZ2UYASABKAsyEC5kb2NrZXQudjEuSW1hZ2UiHwoPR2V0SW1hZ2VSZXF1ZXN0EgwKBG5hbWUYASABKAkiMwoQR2V0SW1hZ2VSZXNwb25zZRIfCgVpbWFnZRgBIAEoCzIQLmRvY2tldC52MS5JbWFnZSI7ChJHZXRNYW5pZmVzdFJlcXVlc3QSEgoKcmVwb3NpdG9yeRgBIAEoCRIRCglyZWZlcmVuY2UYAiABKAkiSgoTR2V0TWFuaWZlc3RSZXNwb25zZRIOCgZkaWdlc3QYASABKAkSEgoKbWVkaWFfdHlwZRgCIAEoCRIPCgdjb250ZW50GAMgASgMIkwKD0xpc3RUYWdzUmVxdWVzdBISCgpyZXBvc2l0b3J5GAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIjkKEExpc3RUYWdzUmVzcG9uc2USDAoEdGFncxgBIAMoCRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiOgoRTGlzdEltYWdlc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiTwoSTGlzdEltYWdlc1Jlc3BvbnNlEiAKBmltYWdlcxgBIAMoCzIQLmRvY2tldC52MS5JbWFnZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiIgoSRGVsZXRlSW1hZ2VSZXF1ZXN0EgwKBG5hbWUYASABKAkiRQoTRGVsZXRlSW1hZ2VSZXNwb25zZRIVCg1kZWxldGVkX25hbWVzGAEgAygJEhcKD2RlbGV0ZWRfZGlnZXN0cxgCIAMoCSJNCg9SZWFkQmxvYlJlcXVlc3QSDgoGZGlnZXN0GAEgASgJEhQKDG9mZnNldF9ieXRlcxgCIAEoAxIUCgxsZW5ndGhfYnl0ZXMYAyABKAMiIQoQUmVhZEJsb2JSZXNwb25zZRINCgVjaHVuaxgBIAEoDCIjChFHZXRUb3JyZW50UmVxdWVzdBIOCgZkaWdlc3QYASABKAkiWQoSR2V0VG9ycmVudFJlc3BvbnNlEiMKB3RvcnJlbnQYASABKAsyEi5kb2NrZXQudjEuVG9ycmVudBIeCgVwZWVycxgCIAMoCzIPLmRvY2tldC52MS5QZWVyMusFCgxJbWFnZVNlcnZpY2USRgoJU3RhdEJsb2JzEhsuZG9ja2V0LnYxLlN0YXRCbG9ic1JlcXVlc3QaHC5kb2NrZXQudjEuU3RhdEJsb2JzUmVzcG9uc2USSwoKVXBsb2FkQmxvYhIcLmRvY2tldC52MS5VcGxvYWRCbG9iUmVxdWVzdBodLmRvY2tldC52MS5VcGxvYWRCbG9iUmVzcG9uc2UoARJDCghQdXRJbWFnZRIaLmRvY2tldC52MS5QdXRJbWFnZVJlcXVlc3QaGy5kb2NrZXQudjEuUHV0SW1hZ2VSZXNwb25zZRJDCghHZXRJbWFnZRIaLmRvY2tldC52MS5HZXRJbWFnZVJlcXVlc3QaGy5kb2NrZXQudjEuR2V0SW1hZ2VSZXNwb25zZRJMCgtHZXRNYW5pZmVzdBIdLmRvY2tldC52MS5HZXRNYW5pZmVzdFJlcXVlc3QaHi5kb2NrZXQudjEuR2V0TWFuaWZlc3RSZXNwb25zZRJDCghMaXN0VGFncxIaLmRvY2tldC52MS5MaXN0VGFnc1JlcXVlc3QaGy5kb2NrZXQudjEuTGlzdFRhZ3NSZXNwb25zZRJJCgpMaXN0SW1hZ2VzEhwuZG9ja2V0LnYxLkxpc3RJbWFnZXNSZXF1ZXN0Gh0uZG9ja2V0LnYxLkxpc3RJbWFnZXNSZXNwb25zZRJMCgtEZWxldGVJbWFnZRIdLmRvY2tldC52MS5EZWxldGVJbWFnZVJlcXVlc3QaHi5kb2NrZXQudjEuRGVsZXRlSW1hZ2VSZXNwb25zZRJFCghSZWFkQmxvYhIaLmRvY2tldC52MS5SZWFkQmxvYlJlcXVlc3QaGy5kb2NrZXQudjEuUmVhZEJsb2JSZXNwb25zZTABEkkKCkdldFRvcnJlbnQSHC5kb2NrZXQudjEuR2V0VG9ycmVudFJlcXVlc3QaHS5kb2NrZXQudjEuR2V0VG9ycmVudFJlc3BvbnNlYgZwcm90bzM", [file_docket_v1_image]);
 
 /**
  * The request of StatBlobs.
@@ -287,6 +287,132 @@ export const GetImageResponseSchema: GenMessage<GetImageResponse> = /*@__PURE__*
   messageDesc(file_docket_v1_image_service, 9);
 
 /**
+ * The request of GetManifest.
+ *
+ * @generated from message docket.v1.GetManifestRequest
+ */
+export type GetManifestRequest = Message<"docket.v1.GetManifestRequest"> & {
+  /**
+   * The repository, for example "team/app".
+   *
+   * @generated from field: string repository = 1;
+   */
+  repository: string;
+
+  /**
+   * A tag ("1.4") or a digest ("sha256:…").
+   *
+   * @generated from field: string reference = 2;
+   */
+  reference: string;
+};
+
+/**
+ * Describes the message docket.v1.GetManifestRequest.
+ * Use `create(GetManifestRequestSchema)` to create a new message.
+ */
+export const GetManifestRequestSchema: GenMessage<GetManifestRequest> = /*@__PURE__*/
+  messageDesc(file_docket_v1_image_service, 10);
+
+/**
+ * The response of GetManifest.
+ *
+ * @generated from message docket.v1.GetManifestResponse
+ */
+export type GetManifestResponse = Message<"docket.v1.GetManifestResponse"> & {
+  /**
+   * The sha256 digest of the bytes.
+   *
+   * @generated from field: string digest = 1;
+   */
+  digest: string;
+
+  /**
+   * The media type, for example "application/vnd.oci.image.index.v1+json".
+   *
+   * @generated from field: string media_type = 2;
+   */
+  mediaType: string;
+
+  /**
+   * The manifest, byte for byte as pushed.
+   *
+   * @generated from field: bytes content = 3;
+   */
+  content: Uint8Array;
+};
+
+/**
+ * Describes the message docket.v1.GetManifestResponse.
+ * Use `create(GetManifestResponseSchema)` to create a new message.
+ */
+export const GetManifestResponseSchema: GenMessage<GetManifestResponse> = /*@__PURE__*/
+  messageDesc(file_docket_v1_image_service, 11);
+
+/**
+ * The request of ListTags.
+ *
+ * @generated from message docket.v1.ListTagsRequest
+ */
+export type ListTagsRequest = Message<"docket.v1.ListTagsRequest"> & {
+  /**
+   * The repository, for example "team/app".
+   *
+   * @generated from field: string repository = 1;
+   */
+  repository: string;
+
+  /**
+   * The most tags to return; the server caps it at 1000 and uses 100 when it is 0.
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * The next_page_token of a previous response, to continue after it; empty to start.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message docket.v1.ListTagsRequest.
+ * Use `create(ListTagsRequestSchema)` to create a new message.
+ */
+export const ListTagsRequestSchema: GenMessage<ListTagsRequest> = /*@__PURE__*/
+  messageDesc(file_docket_v1_image_service, 12);
+
+/**
+ * The response of ListTags.
+ *
+ * @generated from message docket.v1.ListTagsResponse
+ */
+export type ListTagsResponse = Message<"docket.v1.ListTagsResponse"> & {
+  /**
+   * The tags of this page, in lexical order.
+   *
+   * @generated from field: repeated string tags = 1;
+   */
+  tags: string[];
+
+  /**
+   * The token for the next page; empty when this is the last.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message docket.v1.ListTagsResponse.
+ * Use `create(ListTagsResponseSchema)` to create a new message.
+ */
+export const ListTagsResponseSchema: GenMessage<ListTagsResponse> = /*@__PURE__*/
+  messageDesc(file_docket_v1_image_service, 13);
+
+/**
  * The request of ListImages.
  *
  * @generated from message docket.v1.ListImagesRequest
@@ -312,7 +438,7 @@ export type ListImagesRequest = Message<"docket.v1.ListImagesRequest"> & {
  * Use `create(ListImagesRequestSchema)` to create a new message.
  */
 export const ListImagesRequestSchema: GenMessage<ListImagesRequest> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 10);
+  messageDesc(file_docket_v1_image_service, 14);
 
 /**
  * The response of ListImages.
@@ -340,7 +466,7 @@ export type ListImagesResponse = Message<"docket.v1.ListImagesResponse"> & {
  * Use `create(ListImagesResponseSchema)` to create a new message.
  */
 export const ListImagesResponseSchema: GenMessage<ListImagesResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 11);
+  messageDesc(file_docket_v1_image_service, 15);
 
 /**
  * The request of DeleteImage.
@@ -362,7 +488,7 @@ export type DeleteImageRequest = Message<"docket.v1.DeleteImageRequest"> & {
  * Use `create(DeleteImageRequestSchema)` to create a new message.
  */
 export const DeleteImageRequestSchema: GenMessage<DeleteImageRequest> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 12);
+  messageDesc(file_docket_v1_image_service, 16);
 
 /**
  * The response of DeleteImage.
@@ -390,7 +516,7 @@ export type DeleteImageResponse = Message<"docket.v1.DeleteImageResponse"> & {
  * Use `create(DeleteImageResponseSchema)` to create a new message.
  */
 export const DeleteImageResponseSchema: GenMessage<DeleteImageResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 13);
+  messageDesc(file_docket_v1_image_service, 17);
 
 /**
  * The request of ReadBlob.
@@ -425,7 +551,7 @@ export type ReadBlobRequest = Message<"docket.v1.ReadBlobRequest"> & {
  * Use `create(ReadBlobRequestSchema)` to create a new message.
  */
 export const ReadBlobRequestSchema: GenMessage<ReadBlobRequest> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 14);
+  messageDesc(file_docket_v1_image_service, 18);
 
 /**
  * One message of ReadBlob's stream.
@@ -446,7 +572,7 @@ export type ReadBlobResponse = Message<"docket.v1.ReadBlobResponse"> & {
  * Use `create(ReadBlobResponseSchema)` to create a new message.
  */
 export const ReadBlobResponseSchema: GenMessage<ReadBlobResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 15);
+  messageDesc(file_docket_v1_image_service, 19);
 
 /**
  * The request of GetTorrent.
@@ -467,7 +593,7 @@ export type GetTorrentRequest = Message<"docket.v1.GetTorrentRequest"> & {
  * Use `create(GetTorrentRequestSchema)` to create a new message.
  */
 export const GetTorrentRequestSchema: GenMessage<GetTorrentRequest> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 16);
+  messageDesc(file_docket_v1_image_service, 20);
 
 /**
  * The response of GetTorrent.
@@ -495,7 +621,7 @@ export type GetTorrentResponse = Message<"docket.v1.GetTorrentResponse"> & {
  * Use `create(GetTorrentResponseSchema)` to create a new message.
  */
 export const GetTorrentResponseSchema: GenMessage<GetTorrentResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_image_service, 17);
+  messageDesc(file_docket_v1_image_service, 21);
 
 /**
  * The registry: images as manifests over content-addressed blobs, and the torrents the
@@ -569,6 +695,31 @@ export const ImageService: GenService<{
     methodKind: "unary";
     input: typeof GetImageRequestSchema;
     output: typeof GetImageResponseSchema;
+  },
+  /**
+   * Returns a manifest as it was pushed: its exact bytes, digest and media type, by tag or
+   * by digest. What a registry client gets from the HTTP face, for programs (and agents)
+   * that speak gRPC.
+   * Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_DIGEST); NOT_FOUND (IMAGE_NOT_FOUND).
+   *
+   * @generated from rpc docket.v1.ImageService.GetManifest
+   */
+  getManifest: {
+    methodKind: "unary";
+    input: typeof GetManifestRequestSchema;
+    output: typeof GetManifestResponseSchema;
+  },
+  /**
+   * Lists a repository's tags in lexical order (what the registry face's tags/list gives).
+   * Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_PAGE_TOKEN); NOT_FOUND
+   * (REPOSITORY_NOT_FOUND) for a repository that holds no manifest.
+   *
+   * @generated from rpc docket.v1.ImageService.ListTags
+   */
+  listTags: {
+    methodKind: "unary";
+    input: typeof ListTagsRequestSchema;
+    output: typeof ListTagsResponseSchema;
   },
   /**
    * Lists images, ordered by name.

@@ -1,0 +1,208 @@
+"""What both registry HTTP faces share (the server's, the full OCI Distribution API, and each
+agent's, its pull half): the spec's error codes and JSON errors, byte ranges, blobs sent with
+sendfile(2), Accept negotiation, and running an aiohttp application in the caller's loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from enum import StrEnum
+from pathlib import Path
+
+from aiohttp import web
+
+from docket_common.manifest import (
+    DOCKER_MANIFEST,
+    INDEX_TYPES,
+    Descriptor,
+    Platform,
+    select_platform,
+)
+
+API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+DEFAULT_PLATFORM = Platform("linux", "amd64")  # for clients that cannot read an index
+
+
+class Code(StrEnum):
+    BLOB_UNKNOWN = "BLOB_UNKNOWN"
+    BLOB_UPLOAD_INVALID = "BLOB_UPLOAD_INVALID"
+    BLOB_UPLOAD_UNKNOWN = "BLOB_UPLOAD_UNKNOWN"
+    DIGEST_INVALID = "DIGEST_INVALID"
+    MANIFEST_BLOB_UNKNOWN = "MANIFEST_BLOB_UNKNOWN"
+    MANIFEST_INVALID = "MANIFEST_INVALID"
+    MANIFEST_UNKNOWN = "MANIFEST_UNKNOWN"
+    NAME_INVALID = "NAME_INVALID"
+    NAME_UNKNOWN = "NAME_UNKNOWN"
+    SIZE_INVALID = "SIZE_INVALID"
+    UNAUTHORIZED = "UNAUTHORIZED"
+    DENIED = "DENIED"
+    UNSUPPORTED = "UNSUPPORTED"
+    TOOMANYREQUESTS = "TOOMANYREQUESTS"
+    UNAVAILABLE = "UNAVAILABLE"
+    TAG_INVALID = "TAG_INVALID"
+    RANGE_INVALID = "RANGE_INVALID"
+    PAGINATION_NUMBER_INVALID = "PAGINATION_NUMBER_INVALID"
+    UNKNOWN = "UNKNOWN"
+
+
+class HttpError(Exception):
+    """An error the HTTP face answers with as it is (raised by the handlers themselves)."""
+
+    def __init__(
+        self, status: int, code: Code, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_response(
+    status: int,
+    code: Code,
+    message: str,
+    detail: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = {"errors": [{"code": str(code), "message": message, "detail": detail or {}}]}
+    return web.Response(
+        status=status,
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """The (offset, count) a GET's Range asks for; None for the whole blob (no Range, or one
+    this server ignores, as RFC 9110 allows: several ranges, or a malformed one). A range
+    that starts past the end is 416."""
+    match = _RANGE.match(header.strip())
+    if match is None or (not match[1] and not match[2]):
+        return None
+    if not match[1]:  # the last N bytes
+        suffix = int(match[2])
+        if suffix == 0 or size == 0:
+            raise unsatisfiable(header, size)
+        return max(size - suffix, 0), min(suffix, size)
+    first = int(match[1])
+    last = int(match[2]) if match[2] else size - 1
+    if match[2] and last < first:
+        return None
+    if first >= size:
+        raise unsatisfiable(header, size)
+    last = min(last, size - 1)
+    return first, last - first + 1
+
+
+def unsatisfiable(header: str, size: int) -> HttpError:
+    return HttpError(
+        416,
+        Code.RANGE_INVALID,
+        f"Range {header!r} is past the end of the {size}-byte blob",
+        {"Content-Range": f"bytes */{size}"},
+    )
+
+
+async def send_file(
+    request: web.Request, path: Path, offset: int, count: int, status: int, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Sends ``count`` bytes of a file from ``offset``: with sendfile(2) from the page cache
+    to the socket, or (TLS) through the transport."""
+    try:
+        fobj = await asyncio.to_thread(path.open, "rb")
+    except FileNotFoundError:
+        raise HttpError(404, Code.BLOB_UNKNOWN, "the blob was deleted") from None
+    try:
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = count
+        response.headers[API_VERSION[0]] = API_VERSION[1]
+        await response.prepare(request)
+        if request.method == "HEAD" or count == 0:
+            await response.write_eof()
+            return response
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("the client went away")
+        await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)
+        await response.write_eof()
+        return response
+    finally:
+        fobj.close()
+
+
+def accepted_types(request: web.Request) -> set[str] | None:
+    """The media types the client's Accept headers name; None when it takes anything."""
+    types: set[str] = set()
+    for header in request.headers.getall("Accept", []):
+        for item in header.split(","):
+            media_type = item.split(";", 1)[0].strip().lower()
+            if media_type in ("*/*", "application/*"):
+                return None
+            if media_type:
+                types.add(media_type)
+    return types or None
+
+
+def serves(media_type: str, accepted: set[str]) -> bool:
+    # Docker schema 2 goes to every client, as the CNCF registry does (clients too old to
+    # name it in Accept read it anyway).
+    return media_type in accepted or media_type == DOCKER_MANIFEST
+
+
+def etag_matches(request: web.Request, digest: str) -> bool:
+    header = request.headers.get("If-None-Match", "")
+    return any(tag.strip().strip('"') == digest for tag in header.split(",") if tag.strip())
+
+
+def index_fallback(
+    media_type: str, children: tuple[Descriptor, ...], reference: str, accepted: set[str]
+) -> Descriptor:
+    """For a client whose Accept takes no index: the linux/amd64 image of an index asked for
+    by tag, as the CNCF registry gives; anything else it cannot read is not found for it."""
+    if media_type in INDEX_TYPES and ":" not in reference:
+        entry = select_platform(children, DEFAULT_PLATFORM)
+        if entry is not None and serves(entry.media_type, accepted):
+            return entry
+    raise HttpError(
+        404,
+        Code.MANIFEST_UNKNOWN,
+        f"{reference} is {media_type}, which the client's Accept header "
+        f"({', '.join(sorted(accepted))}) does not take",
+    )
+
+
+class HttpFace:
+    """Runs an aiohttp application on a TCP address inside the caller's event loop."""
+
+    def __init__(self, app: web.Application, host: str, port: int) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> int:
+        runner = web.AppRunner(self.app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        for address in runner.addresses:  # the port it got, when asked for port 0
+            self.port = int(address[1])
+            break
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        if self._runner is not None:
+            await self._runner.shutdown()
+            await asyncio.wait_for(self._runner.cleanup(), timeout=grace + 1)
+            self._runner = None
