@@ -35,6 +35,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -69,6 +70,19 @@ class Run:
     seconds: float
     server_bytes: int = 0  # what the pulls' records say the server sent
     server_wire_bytes: int = 0  # h0's link counter
+    cpu_busy: float = 0.0  # the machine's CPUs, busy share while the pulls ran
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_since(before: tuple[int, int]) -> float:
+    busy, total = cpu_times()
+    return (busy - before[0]) / max(total - before[1], 1)
 
 
 @dataclass
@@ -92,16 +106,19 @@ def med(values: Sequence[float]) -> float:
 def results_table(rows: Sequence[Row]) -> str:
     lines = [
         "| N | size MiB | rate Mbit/s | Docket s | central s | T_min s | Docket/T_min | "
-        "central/Docket | server sent / size |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "central/Docket | server sent / size | CPU busy, Docket / central |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         docket = med([x.seconds for x in r.docket])
         central = med([x.seconds for x in r.central])
         sent = med([x.server_bytes / r.image_bytes for x in r.docket]) if r.image_bytes else 0
+        busy = med([x.cpu_busy for x in r.docket]) * 100
+        busy_central = med([x.cpu_busy for x in r.central]) * 100
         lines.append(
             f"| {r.n} | {r.size_mib:g} | {r.rate_mbit:g} | {docket:.2f} | {central:.2f} | "
-            f"{r.t_min:.2f} | {docket / r.t_min:.2f} | {central / docket:.2f} | {sent:.2f} |"
+            f"{r.t_min:.2f} | {docket / r.t_min:.2f} | {central / docket:.2f} | {sent:.2f} | "
+            f"{busy:.0f}% / {busy_central:.0f}% |"
         )
     return "\n".join(lines)
 
@@ -182,6 +199,13 @@ def pull_everywhere(engines: Sequence[Any], refs: Sequence[str], logs: Path, tag
     return seconds
 
 
+def remove_everywhere(engines: Sequence[Any], ref: str) -> None:
+    """`docker rmi` of an image on every engine, with its layers: the next pull fetches
+    everything again."""
+    for engine in engines:
+        subprocess.run(["docker", "rmi", "-f", ref], env=engine.env(), capture_output=True)
+
+
 def bench_one(n: int, args: argparse.Namespace, logs: Path, work: Path) -> Row:
     row = Row(n=n, size_mib=args.size_mib, rate_mbit=args.rate)
     with contextlib.ExitStack() as stack:
@@ -201,7 +225,6 @@ def bench_one(n: int, args: argparse.Namespace, logs: Path, work: Path) -> Row:
         docket.start()
         for run in range(args.runs):
             tag = f"bench/p{int(args.size_mib)}m:n{n}-run{run}-{secrets.token_hex(4)}"
-            repository, _, version = tag.partition(":")
             image = write_random_image(data / f"image-{run}.tar", tag, int(args.size_mib * MiB))
             row.image_bytes = image.size_bytes
             docket.push(image)
@@ -219,32 +242,34 @@ def bench_one(n: int, args: argparse.Namespace, logs: Path, work: Path) -> Row:
             image.path.unlink()
             ordered = [engines[h.index] for h in hosts]
             before = h0.link_counters()["tx_bytes"]
+            cpu = cpu_times()
             seconds = pull_everywhere(
                 ordered, [f"{AGENT_REGISTRY}/{tag}"] * n, logs, f"N{n}-run{run}-docket"
             )
+            busy = busy_since(cpu)
             wire = h0.link_counters()["tx_bytes"] - before
             pulls = json.loads(
                 docket.docketctl("pulls", "-o", "json", "--limit", "200").stdout or "[]"
             )
-            mine = [p for p in pulls if p["image"].split("@")[0].split(":")[0] == repository]
+            mine = [p for p in pulls if p["image"] == tag]
             sent = sum(p["server_bytes"] + p["fallback_bytes"] for p in mine)
-            row.docket.append(Run(seconds, sent, wire))
+            row.docket.append(Run(seconds, sent, wire, busy))
             log(
                 f"N={n} run {run + 1}: docker pull through agents {seconds:.2f}s "
                 f"(server sent {sent / image.size_bytes:.2f}x)"
             )
+            remove_everywhere(ordered, f"{AGENT_REGISTRY}/{tag}")  # its layers too
+            if args.skip_central:
+                continue
             before = h0.link_counters()["tx_bytes"]
+            cpu = cpu_times()
             seconds = pull_everywhere(
                 ordered, [f"{central.registry}/{tag}"] * n, logs, f"N{n}-run{run}-central"
             )
-            row.central.append(Run(seconds, 0, h0.link_counters()["tx_bytes"] - before))
+            wire = h0.link_counters()["tx_bytes"] - before
+            row.central.append(Run(seconds, 0, wire, busy_since(cpu)))
             log(f"N={n} run {run + 1}: docker pull from docker-registry {seconds:.2f}s")
-            for engine in ordered:
-                for ref in (f"{AGENT_REGISTRY}/{tag}", f"{central.registry}/{tag}"):
-                    subprocess.run(
-                        ["docker", "rmi", "-f", ref], env=engine.env(), capture_output=True
-                    )
-            del version
+            remove_everywhere(ordered, f"{central.registry}/{tag}")
     return row
 
 
@@ -361,10 +386,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prefix", default="dkp")
     parser.add_argument("--plot", type=Path, default=BENCH / "pull.png")
     parser.add_argument("--skip-cluster", action="store_true")
+    parser.add_argument("--skip-central", action="store_true", help="Docket's pulls only")
     parser.add_argument("--skip-ttfb", action="store_true")
     parser.add_argument("--ttfb-mib", type=int, default=256)
     parser.add_argument("--ttfb-runs", type=int, default=5)
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like an error: the cluster and every process in it are torn down.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
     logs = Path(tempfile.mkdtemp(prefix="docket-pull-bench-logs-"))
     log(f"logs: {logs}")
     with tempfile.TemporaryDirectory(prefix="docket-pull-bench-") as tmp_name:

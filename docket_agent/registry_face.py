@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,8 @@ log = structlog.get_logger()
 
 TAG_SECONDS = 5.0  # how long a tag's resolution at the server is trusted
 PULL_START_SECONDS = 30.0  # how long a blob request waits for its download to begin
-AHEAD = 16  # pieces asked for ahead of the one a stream sends
+AHEAD = 16  # pieces asked of the swarm ahead of the one a stream sends
+READ_AHEAD = 8  # pieces read from libtorrent ahead of the one a stream sends
 EMPTY_DIGEST = sha256_digest(b"")
 UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 FAILED = agent_pb2.TASK_STATE_FAILED
@@ -228,7 +230,12 @@ class AgentRegistry:
     async def manifest(self, request: web.Request, name: str, reference: str) -> web.StreamResponse:
         found = await self._resolve(name, reference)
         if not is_digest(reference):
+            # Remembered for the pull's record: the runtime asks by digest next (for an
+            # index, for its platform's image).
             self._named[(found.repository, found.digest)] = reference
+            with contextlib.suppress(ManifestError):
+                for child in parse_manifest(found.content, found.media_type).manifests:
+                    self._named[(found.repository, child.digest)] = reference
         accepted = accepted_types(request)
         if accepted is not None and not serves(found.media_type, accepted):
             children = parse_manifest(found.content).manifests
@@ -500,28 +507,42 @@ class AgentRegistry:
         sha256 = hashlib.sha256() if whole else None
         length = download.piece_length
         first, last = offset // length, (offset + count - 1) // length
-        for index in range(first, last + 1):
-            self.fetcher.prioritize(download, index, AHEAD)
-            try:
-                data = await self.fetcher.read_piece(download, index)
-            except (FetchError, TimeoutError) as e:
-                log.warning(
-                    "stream broken off: the blob's download failed", blob=digest, error=str(e)
-                )
-                _cut(request)
-                return response
-            begin = max(offset - index * length, 0)
-            part = data[begin : min(offset + count - index * length, len(data))]
-            if sha256 is not None:
-                await asyncio.to_thread(sha256.update, part)
-                if index == last and "sha256:" + sha256.hexdigest() != digest:
-                    log.error(
-                        "blob failed its sha256: stream broken off, blob dropped", blob=digest
+        # Reads of the next pieces are under way while one is sent: each read is a round
+        # trip through libtorrent's disk thread.
+        reads: deque[asyncio.Future[bytes]] = deque()
+        ahead = first
+        try:
+            for index in range(first, last + 1):
+                self.fetcher.prioritize(download, index, AHEAD)
+                while ahead <= min(last, index + READ_AHEAD - 1):
+                    reads.append(asyncio.ensure_future(self.fetcher.read_piece(download, ahead)))
+                    ahead += 1
+                try:
+                    data = await reads.popleft()
+                except (FetchError, TimeoutError) as e:
+                    log.warning(
+                        "stream broken off: the blob's download failed", blob=digest, error=str(e)
                     )
-                    self.fetcher.drop(digest, delete_files=True)
                     _cut(request)
                     return response
-            await response.write(part)
+                begin = max(offset - index * length, 0)
+                part = data[begin : min(offset + count - index * length, len(data))]
+                if sha256 is not None:
+                    if len(part) >= 1 << 20:
+                        await asyncio.to_thread(sha256.update, part)
+                    else:
+                        sha256.update(part)
+                    if index == last and "sha256:" + sha256.hexdigest() != digest:
+                        log.error(
+                            "blob failed its sha256: stream broken off, blob dropped", blob=digest
+                        )
+                        self.fetcher.drop(digest, delete_files=True)
+                        _cut(request)
+                        return response
+                await response.write(part)
+        finally:
+            for read in reads:
+                read.cancel()
         await response.write_eof()
         return response
 

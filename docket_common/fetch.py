@@ -88,6 +88,10 @@ class BlobDownload:
     # Set (and replaced) whenever a piece arrives or the download ends: what readers of its
     # pieces wait on (wait_for_piece).
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Pieces known held (from piece_finished alerts, or asked of libtorrent once): asking
+    # libtorrent is a round trip to its network thread.
+    held: set[int] = field(default_factory=set)
+    deadlines: set[int] = field(default_factory=set)  # pieces given a deadline (prioritize)
     _status: Any = None
 
     def __post_init__(self) -> None:
@@ -171,6 +175,8 @@ class BlobFetcher(TorrentSession):
     async def wait_for_piece(self, download: BlobDownload, index: int) -> None:
         """Waits until libtorrent holds the piece, checked against its SHA-1; FetchError when
         the download ends without it (failed, cancelled, dropped)."""
+        if index in download.held:
+            return
         while not (download.handle.is_valid() and download.handle.have_piece(index)):
             if download.error is not None:
                 raise FetchError(f"blob {download.spec.digest}: {download.error}")
@@ -178,9 +184,12 @@ class BlobFetcher(TorrentSession):
             if stopped and (download.completion is None or not download.completion.done()):
                 raise FetchError(f"blob {download.spec.digest}: the download stopped")
             changed = download.changed
-            if download.handle.is_valid() and download.handle.have_piece(index):
+            if index in download.held:
                 return
             await changed.wait()
+            if index in download.held:
+                return
+        download.held.add(index)
 
     def prioritize(self, download: BlobDownload, first: int, count: int) -> None:
         """Asks libtorrent for pieces first..first+count-1 before any other, in that order
@@ -188,7 +197,8 @@ class BlobFetcher(TorrentSession):
         if not download.handle.is_valid():
             return
         for offset, index in enumerate(range(first, min(first + count, download.piece_count))):
-            if not download.handle.have_piece(index):
+            if index not in download.held and index not in download.deadlines:
+                download.deadlines.add(index)
                 download.handle.set_piece_deadline(index, 50 * offset)
 
     async def read_piece(self, download: BlobDownload, index: int) -> bytes:
@@ -427,6 +437,7 @@ class BlobFetcher(TorrentSession):
         if isinstance(alert, lt.piece_finished_alert):
             if download is not None:
                 download.new_pieces.append(int(alert.piece_index))
+                download.held.add(int(alert.piece_index))
                 download.last_piece_time = time.monotonic()
                 download.notify()
         elif isinstance(alert, lt.read_piece_alert):

@@ -24,6 +24,7 @@ from tests.support.netns import CLUSTER, ROOT, cluster_prefix, down, namespaces
 
 prefix = pytest.fixture(cluster_prefix)
 ROLLOUT_BENCH = ROOT / "bench" / "rollout_bench.py"
+PULL_BENCH = ROOT / "bench" / "pull_bench.py"
 COLUMNS = [
     "N",
     "size MiB",
@@ -115,3 +116,23 @@ def test_cluster_shaping_and_rollout_bench(prefix: str, tmp_path: Path) -> None:
     except ImportError:
         return
     assert plot.stat().st_size > 0
+
+
+@pytest.mark.timeout(240)
+def test_pull_bench(prefix: str, tmp_path: Path) -> None:
+    """bench/pull_bench.py once, 4 MiB to 2 hosts: docker pull through the agents (dockerd
+    inside each host) and from the central registry both work, and the table has its row."""
+    sizes = ["--hosts", "2", "--size-mib", "4", "--runs", "1", "--rate", "100"]
+    argv = [str(PULL_BENCH), *sizes, "--prefix", prefix, "--plot", str(tmp_path / "pull.png")]
+    bench = _run_bench([*argv, "--skip-ttfb"], timeout=200)
+    assert bench.returncode == 0, f"{bench.stdout}\n{bench.stderr[-4000:]}"
+    assert namespaces(prefix) == [], "pull_bench left namespaces behind"
+    lines = bench.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| N | size MiB"))
+    row = lines[lines.index(header) + 2]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == ["2", "4", "100"], row
+    docket_s, central_s, t_min = (float(c) for c in cells[3:6])
+    assert 0 < t_min < docket_s < 60, row
+    assert 0 < central_s < 60, row
+    assert float(cells[8]) >= 0.9  # the server sent (about) one copy, and said so

@@ -10,6 +10,7 @@ import base64
 import binascii
 import contextlib
 import json
+import os
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -224,18 +225,15 @@ class Registry:
         """The bytes of some of a blob's pieces, given its torrent (from ``get_torrent``):
         straight from the store, without asking the database again for every piece."""
         length = torrent.piece_length
-        out: list[bytes] = []
+        path = self.blobs.local_path(torrent.digest)
         try:
-            for index in pieces:
-                chunks = self.blobs.read(torrent.digest, index * length, length)
-                out.append(b"".join([chunk async for chunk in chunks]))
+            return await asyncio.to_thread(_read_pieces, path, length, list(pieces))
         except FileNotFoundError as e:
             raise NotFound(
                 Reason.BLOB_NOT_FOUND,
                 f"blob {torrent.digest} was deleted",
                 digest=torrent.digest,
             ) from e
-        return out
 
     async def get_torrent(self, digest: str) -> TorrentInfo:
         blob = await self._blob(digest)
@@ -684,6 +682,22 @@ class Registry:
                 f"{', '.join(dict.fromkeys(missing))}",
                 digests=",".join(dict.fromkeys(missing)),
             )
+
+
+def _read_pieces(path: Path, length: int, pieces: list[int]) -> list[bytes]:
+    """Pieces of a blob file, each run of consecutive pieces in one read (claims hand out
+    runs): one thread hop for a claim, not three for every piece."""
+    out: list[bytes] = []
+    with path.open("rb", buffering=0) as fh:
+        i = 0
+        while i < len(pieces):
+            j = i
+            while j + 1 < len(pieces) and pieces[j + 1] == pieces[j] + 1:
+                j += 1
+            data = os.pread(fh.fileno(), (j - i + 1) * length, pieces[i] * length)
+            out += [data[k * length : (k + 1) * length] for k in range(j - i + 1)]
+            i = j + 1
+    return out
 
 
 async def write_chunks(writer: BlobWriter, chunks: AsyncIterator[bytes]) -> None:

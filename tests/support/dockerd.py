@@ -370,7 +370,9 @@ class DockerEngine:
         self._log = self.log_path.open("ab")
         self._log.write(f"=== {' '.join(self.command(storage_driver))}\n".encode())
         self._log.flush()
-        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        # nsenter, not `ip netns exec`: that one also mounts a sysfs of its own, without the
+        # cgroup mounts dockerd needs.
+        prefix = ["nsenter", f"--net=/run/netns/{self.netns}", "--"] if self.netns else []
         self._proc = subprocess.Popen(
             [*prefix, *self.command(storage_driver)],
             stdin=subprocess.DEVNULL,
