@@ -51,6 +51,8 @@ if str(ROOT) not in sys.path:
 from benchimage import MiB, RandomImage, write_random_image  # noqa: E402
 from cluster import Cluster, Host, unavailable_reason  # noqa: E402
 
+from tests.support.registry import ReferenceRegistry  # noqa: E402
+
 VENV_BIN = Path(sys.executable).parent
 SERVER_PORT = 7800
 SERVER_BT_PORT = 7881
@@ -453,22 +455,6 @@ def _span(start: str | None, end: str | None) -> float | None:
 # -- the central registry ---------------------------------------------------------------------
 
 
-REGISTRY_CONFIG = """\
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {root}
-  delete:
-    enabled: true
-http:
-  addr: {addr}
-"""
-
-
 class CentralSide:
     """Debian's docker-registry in h0; skopeo pulls from every agent host."""
 
@@ -477,32 +463,19 @@ class CentralSide:
         self.n = n
         self.data = data
         self.logs = logs
-        self.registry = f"{cluster.server.ip}:{REGISTRY_PORT}"
-        self.proc: subprocess.Popen[Any] | None = None
+        h0 = cluster.server
+        self.reference = ReferenceRegistry(
+            data / "registry",
+            host=h0.ip,
+            port=REGISTRY_PORT,
+            popen=h0.popen,
+            log=logs / f"N{n}-registry.log",
+        )
+        self.registry = self.reference.address
         self.skopeo = system_tool("skopeo", "skopeo")
 
     def start(self) -> None:
-        binary = system_tool("docker-registry", "docker-registry")
-        root = self.data / "registry"
-        root.mkdir(parents=True, exist_ok=True)
-        config = self.data / "registry.yml"
-        config.write_text(REGISTRY_CONFIG.format(root=root, addr=self.registry))
-        h0 = self.cluster.server
-        reg_log = (self.logs / f"N{self.n}-registry.log").open("ab")
-        self.proc = h0.popen(
-            [binary, "serve", str(config)],
-            stdout=reg_log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        reg_log.close()
-
-        def up() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"docker-registry exited; see {self.logs}")
-            return listening(h0, REGISTRY_PORT)
-
-        wait_for("docker-registry to listen", up, 30)
+        self.reference.start(listening=lambda: listening(self.cluster.server, REGISTRY_PORT))
 
     def ref(self, image: RandomImage) -> str:
         return f"docker://{self.registry}/{image.tag}"
@@ -572,14 +545,7 @@ class CentralSide:
         )
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        self.reference.stop()
 
 
 # -- one N ----------------------------------------------------------------------------------------

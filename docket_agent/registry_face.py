@@ -47,12 +47,13 @@ from docket_common.oci_http import (
     Code,
     HttpError,
     accepted_types,
-    byte_range,
     error_response,
     etag_matches,
     index_fallback,
+    range_of,
     send_file,
     serves,
+    start_body,
 )
 from docket_common.pb import agent_pb2, agent_service_pb2, agent_service_pb2_grpc
 from docket_common.pb import image_service_pb2 as image_pb
@@ -363,14 +364,8 @@ class AgentRegistry:
         download = await self._fetching(name, digest)
         if download is None:  # done meanwhile
             return await self._from_cache(request, digest)
-        size = download.spec.size
         headers = _blob_headers(digest)
-        offset, count, status = 0, size, 200
-        wanted = byte_range(request.headers.get("Range", ""), size)
-        if wanted is not None:
-            offset, count = wanted
-            status = 206
-            headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{size}"
+        offset, count, status = range_of(request, download.spec.size, headers)
         return await self._stream(request, download, offset, count, status, headers)
 
     async def _from_cache(self, request: web.Request, digest: str) -> web.StreamResponse:
@@ -383,12 +378,7 @@ class AgentRegistry:
         headers = _blob_headers(digest)
         if etag_matches(request, digest):
             return web.Response(status=304, headers=headers)
-        offset, count, status = 0, size, 200
-        wanted = byte_range(request.headers.get("Range", ""), size)
-        if wanted is not None:
-            offset, count = wanted
-            status = 206
-            headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{size}"
+        offset, count, status = range_of(request, size, headers)
         return await send_file(request, path, offset, count, status, headers)
 
     async def _fetching(self, repository: str, digest: str) -> BlobDownload | None:
@@ -496,12 +486,8 @@ class AgentRegistry:
     ) -> web.StreamResponse:
         """Sends bytes of a blob being fetched, piece by piece as libtorrent checks them."""
         digest = download.spec.digest
-        response = web.StreamResponse(status=status, headers=headers)
-        response.content_length = count
-        response.headers[API_VERSION[0]] = API_VERSION[1]
-        await response.prepare(request)
-        if request.method == "HEAD" or count == 0:
-            await response.write_eof()
+        response, body = await start_body(request, status, headers, count)
+        if not body:
             return response
         whole = offset == 0 and count == download.spec.size
         sha256 = hashlib.sha256() if whole else None

@@ -109,6 +109,32 @@ def unsatisfiable(header: str, size: int) -> HttpError:
     )
 
 
+def range_of(request: web.Request, size: int, headers: dict[str, str]) -> tuple[int, int, int]:
+    """(offset, count, status) of what a GET's Range asks of a blob of ``size`` bytes: the
+    whole blob (200) or a part of it (206, with Content-Range added to ``headers``)."""
+    wanted = byte_range(request.headers.get("Range", ""), size)
+    if wanted is None:
+        return 0, size, 200
+    offset, count = wanted
+    headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{size}"
+    return offset, count, 206
+
+
+async def start_body(
+    request: web.Request, status: int, headers: dict[str, str], count: int
+) -> tuple[web.StreamResponse, bool]:
+    """Sends the headers of a ``count``-byte body: the response, and whether a body is to
+    follow (not for a HEAD, or for nothing: the response is then complete)."""
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_length = count
+    response.headers[API_VERSION[0]] = API_VERSION[1]
+    await response.prepare(request)
+    if request.method == "HEAD" or count == 0:
+        await response.write_eof()
+        return response, False
+    return response, True
+
+
 async def send_file(
     request: web.Request, path: Path, offset: int, count: int, status: int, headers: dict[str, str]
 ) -> web.StreamResponse:
@@ -119,12 +145,8 @@ async def send_file(
     except FileNotFoundError:
         raise HttpError(404, Code.BLOB_UNKNOWN, "the blob was deleted") from None
     try:
-        response = web.StreamResponse(status=status, headers=headers)
-        response.content_length = count
-        response.headers[API_VERSION[0]] = API_VERSION[1]
-        await response.prepare(request)
-        if request.method == "HEAD" or count == 0:
-            await response.write_eof()
+        response, body = await start_body(request, status, headers, count)
+        if not body:
             return response
         transport = request.transport
         if transport is None:

@@ -40,10 +40,10 @@ from docket_common.oci_http import (
     Code,
     HttpError,
     accepted_types,
-    byte_range,
     error_response,
     etag_matches,
     index_fallback,
+    range_of,
     send_file,
     serves,
 )
@@ -311,12 +311,7 @@ class RegistryApp:
         }
         if etag_matches(request, blob.digest):
             return web.Response(status=304, headers=headers)
-        offset, count, status = 0, blob.size, 200
-        wanted = byte_range(request.headers.get("Range", ""), blob.size)
-        if wanted is not None:
-            offset, count = wanted
-            status = 206
-            headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{blob.size}"
+        offset, count, status = range_of(request, blob.size, headers)
         return await send_file(request, path, offset, count, status, headers)
 
     async def delete_blob(self, request: web.Request, match: re.Match[str]) -> web.StreamResponse:

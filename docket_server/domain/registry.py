@@ -556,8 +556,16 @@ class Registry:
         }
         return [found[c.digest] for c in manifest.children if c.digest in found]
 
-    def _image(self, manifest: Manifest, tag: str, children: Sequence[Manifest]) -> Image:
-        platforms = {c.digest: c.platform for c in manifest.children}
+    def _image(
+        self,
+        manifest: Manifest,
+        tag: str,
+        children: Sequence[Manifest] = (),
+        platform: str = "",
+    ) -> Image:
+        """The image view of a manifest: an index's children are images named by digest,
+        with the platform the index gives them."""
+        platforms = {c.digest: str(c.platform or "") for c in manifest.children}
         return Image(
             repository=manifest.repository,
             tag=tag,
@@ -566,24 +574,12 @@ class Registry:
             diff_ids=manifest.diff_ids,
             build_time=manifest.build_time,
             create_time=manifest.create_time,
-            platform=manifest.platform,
+            platform=platform or manifest.platform,
             digest=manifest.digest,
             media_type=manifest.media_type,
             artifact_type=manifest.artifact_type,
             manifests=tuple(
-                Image(
-                    repository=child.repository,
-                    tag="",
-                    config=child.config,
-                    layers=child.layers,
-                    diff_ids=child.diff_ids,
-                    build_time=child.build_time,
-                    create_time=child.create_time,
-                    platform=str(platforms.get(child.digest) or child.platform),
-                    digest=child.digest,
-                    media_type=child.media_type,
-                    artifact_type=child.artifact_type,
-                )
+                self._image(child, "", platform=platforms.get(child.digest, ""))
                 for child in children
             ),
         )

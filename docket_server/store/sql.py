@@ -801,21 +801,11 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore):
     # Pulls
 
     async def save_pull(self, pull: Pull) -> None:
-        task = pull.task
         values = {
-            "agent": task.agent,
             "image_name": pull.image_name,
-            "image": json.dumps(image_to_dict(task.image)),
-            "state": str(task.state),
-            "error": task.error,
-            "cached_bytes": task.cached_bytes,
-            "bittorrent_bytes": task.bittorrent_bytes,
-            "server_bytes": task.server_bytes,
-            "first_piece_bytes": task.first_piece_bytes,
-            "fallback_bytes": task.fallback_bytes,
+            "image": json.dumps(image_to_dict(pull.task.image)),
             "create_time": pull.create_time,
-            "start_time": task.start_time,
-            "end_time": task.end_time,
+            **_outcome(pull.task),
         }
         await self._upsert(pulls.c.id, pull.id, values)
 
@@ -910,19 +900,10 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore):
     async def save_task(self, task: Task) -> None:
         values = {
             "rollout_id": task.rollout_id,
-            "agent": task.agent,
             "load": task.load,
-            "state": str(task.state),
-            "error": task.error,
             "image_id": task.image_id,
-            "cached_bytes": task.cached_bytes,
-            "bittorrent_bytes": task.bittorrent_bytes,
-            "server_bytes": task.server_bytes,
-            "fallback_bytes": task.fallback_bytes,
-            "first_piece_bytes": task.first_piece_bytes,
-            "start_time": task.start_time,
-            "end_time": task.end_time,
             "image": json.dumps(image_to_dict(task.image)) if task.index_digest else None,
+            **_outcome(task),
         }
         await self._upsert(rollout_tasks.c.order_id, task.order_id, values)
 
@@ -977,16 +958,8 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore):
                 index_digest=image.digest if t.image else "",
                 blobs={},
                 load=t.load,
-                state=TaskState(t.state),
-                error=t.error,
                 image_id=t.image_id,
-                cached_bytes=t.cached_bytes,
-                bittorrent_bytes=t.bittorrent_bytes,
-                server_bytes=t.server_bytes,
-                fallback_bytes=t.fallback_bytes,
-                first_piece_bytes=t.first_piece_bytes,
-                start_time=_utc(t.start_time),
-                end_time=_utc(t.end_time),
+                **_outcome_of(t),
             )
             for t in task_rows
         }
@@ -1113,6 +1086,37 @@ async def _manifests_by_id(
     }
 
 
+def _outcome(task: Task) -> dict[str, Any]:
+    """The columns a rollout's task and a pull share: its host, how it went, its bytes."""
+    return {
+        "agent": task.agent,
+        "state": str(task.state),
+        "error": task.error,
+        "cached_bytes": task.cached_bytes,
+        "bittorrent_bytes": task.bittorrent_bytes,
+        "server_bytes": task.server_bytes,
+        "fallback_bytes": task.fallback_bytes,
+        "first_piece_bytes": task.first_piece_bytes,
+        "start_time": task.start_time,
+        "end_time": task.end_time,
+    }
+
+
+def _outcome_of(row: Any) -> dict[str, Any]:
+    """Task fields from the columns of _outcome (except the agent, which the caller names)."""
+    return {
+        "state": TaskState(row.state),
+        "error": row.error,
+        "cached_bytes": row.cached_bytes,
+        "bittorrent_bytes": row.bittorrent_bytes,
+        "server_bytes": row.server_bytes,
+        "fallback_bytes": row.fallback_bytes,
+        "first_piece_bytes": row.first_piece_bytes,
+        "start_time": _utc(row.start_time),
+        "end_time": _utc(row.end_time),
+    }
+
+
 def _pull_from_row(row: Any) -> Pull:
     image = image_from_dict(json.loads(row.image))
     # The blobs as far as the record tells them (no torrents: the pull is over, or its
@@ -1126,16 +1130,8 @@ def _pull_from_row(row: Any) -> Pull:
         image=image,
         blobs={d.digest: Blob(d.digest, d.size, when, None) for d in descriptors},
         load=False,
-        state=TaskState(row.state),
-        error=row.error,
-        cached_bytes=row.cached_bytes,
-        bittorrent_bytes=row.bittorrent_bytes,
-        server_bytes=row.server_bytes,
-        fallback_bytes=row.fallback_bytes,
-        first_piece_bytes=row.first_piece_bytes,
-        start_time=_utc(row.start_time),
-        end_time=_utc(row.end_time),
         pull=True,
+        **_outcome_of(row),
     )
     return Pull(row.id, row.image_name, task, when)
 

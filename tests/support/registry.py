@@ -49,6 +49,7 @@ class ReferenceRegistry:
     host: str = "127.0.0.1"
     port: int = field(default_factory=free_port)
     popen: Popen = subprocess.Popen
+    log: Path | None = None  # default: beside root
     proc: subprocess.Popen[Any] | None = None
 
     @property
@@ -57,7 +58,7 @@ class ReferenceRegistry:
 
     @property
     def log_path(self) -> Path:
-        return self.root.parent / f"{self.root.name}-registry.log"
+        return self.log or self.root.parent / f"{self.root.name}-registry.log"
 
     def start(self, timeout: float = 30.0, listening: Callable[[], bool] | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
