@@ -27,6 +27,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Self
 
+from docket_common.manifest import (
+    DOCKER_MANIFEST,
+    IMAGE_MANIFEST_TYPES,
+    INDEX_TYPES,
+    OCI_CONFIG,
+    OCI_LAYER,
+    OCI_MANIFEST,
+)
 from docket_common.timefmt import parse_rfc3339
 
 if TYPE_CHECKING:
@@ -42,14 +50,8 @@ _MAX_LINK_HOPS = 40
 _MAX_INDEX_DEPTH = 4
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-_MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
-_INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+_MANIFEST_TYPES = frozenset(IMAGE_MANIFEST_TYPES)
+_INDEX_TYPES = frozenset(INDEX_TYPES)
 
 _IMAGE_NAME = "io.containerd.image.name"
 _REF_NAME = "org.opencontainers.image.ref.name"
