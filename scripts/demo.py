@@ -1,5 +1,5 @@
 """The README's first command: a local Docket server, sample images pushed with live progress,
-three agents in two groups, a live rollout, and a `docker pull` from the server's registry face.
+three agents in two groups, a live rollout, and a `docker pull` through an agent.
 
 Starts a private Docker engine (nothing system-wide), makes sample images in it, starts
 docket-server and the agents under .demo/, and runs docketctl as a user would. On a terminal
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,16 @@ sys.path.insert(0, str(ROOT))
 from tests.support.agents import AgentProcess, wait_for_states  # noqa: E402 - after the path
 from tests.support.dockerd import DockerEngine  # noqa: E402
 from tests.support.images import build_derived_image, make_base_image  # noqa: E402
-from tests.support.server import BIN, ServerProcess  # noqa: E402
+from tests.support.server import BIN, ServerProcess, free_port  # noqa: E402
+
+
+def port_or_free(port: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return free_port()
+    return port
 
 
 def step(text: str) -> None:
@@ -46,7 +56,8 @@ def main() -> None:
         print("sample/web:1 and sample/worker:1 share a 64 MiB base layer")
 
         step("Starting docket-server")
-        server = ServerProcess(data_dir=demo_dir / "server")
+        # The registry face on its usual port when that is free, as the README's commands use.
+        server = ServerProcess(data_dir=demo_dir / "server", registry_port=port_or_free(5000))
         server.start()
         print(
             f"gRPC API on {server.address}, registry (docker push/pull) on {server.registry}, "
@@ -65,8 +76,9 @@ def main() -> None:
                 groups=[group],
                 labels={"env": "demo"},
                 docker_host=host_engine.host,
+                registry_port=port_or_free(5001 + i),
             )
-            for (name, group), host_engine in zip(hosts, engines, strict=True)
+            for i, ((name, group), host_engine) in enumerate(zip(hosts, engines, strict=True))
         ]
         try:
             step("Pushing sample/web:1 from the engine")
@@ -89,13 +101,19 @@ def main() -> None:
             run(["docketctl", "rollout", "sample/web:1", "--hosts", "web"], env)
             step("web1's own Docker engine now has the image")
             print(engines[0].client.images.get("sample/web:1").tags)
-            step(f"Any Docker engine can pull from the server's registry face ({server.registry})")
-            run(["docker", "pull", f"{server.registry}/sample/worker:1"], engines[2].env())
+            step(
+                f"db1's dockerd pulls sample/worker:1 through its agent ({agents[2].registry}): "
+                "the server records the pull"
+            )
+            run(["docker", "pull", f"{agents[2].registry}/sample/worker:1"], engines[2].env())
+            run(["docketctl", "pulls"], env)
             if sys.stdin.isatty():
                 step("The server stays up until Ctrl-C. From another shell:")
                 print(f"  export DOCKET_SERVER={server.address} DOCKER_HOST={engine.host}")
                 print(f"  export PATH={BIN}:$PATH")
                 print("  docketctl images; docketctl agents --hosts db; docketctl rm sample/web:1")
+                for agent in agents:
+                    print(f"  # {agent.name}'s registry face (for docker pull): {agent.registry}")
                 print(f"  docker tag sample/base:1 {server.registry}/mine:1")
                 print(
                     f"  docker push {server.registry}/mine:1; docketctl rollout mine:1 --hosts db"
