@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +38,38 @@ def host_port_or_off(ctx: click.Context, param: click.Parameter, value: str | No
     if value is None or value == "off":
         return None
     return host_port(ctx, param, value)
+
+
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """ "90s", "10m", "1h30m", "30d", or a number of seconds; click.BadParameter otherwise."""
+    text = text.strip()
+    try:
+        return timedelta(seconds=float(text))
+    except ValueError:
+        pass
+    match = _DURATION.match(text)
+    if not text or match is None:
+        raise click.BadParameter(f"{text!r}: want a duration like 90s, 10m, 1h30m or 30d")
+    days, hours, minutes, secs = match.groups()
+    return timedelta(
+        days=int(days or 0),
+        hours=int(hours or 0),
+        minutes=int(minutes or 0),
+        seconds=float(secs or 0),
+    )
+
+
+def duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> timedelta | None:
+    """A click callback: a positive duration (parse_duration)."""
+    if value is None:
+        return None
+    parsed = parse_duration(value)
+    if parsed <= timedelta(0):
+        raise click.BadParameter(f"{value!r}: want a positive duration")
+    return parsed
 
 
 def logging_options(func: F) -> F:

@@ -25,21 +25,25 @@ _sym_db = _symbol_database.Default()
 from docket_common.pb import agent_pb2 as docket_dot_v1_dot_agent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#docket/v1/agent_admin_service.proto\x12\tdocket.v1\x1a\x15\x64ocket/v1/agent.proto\"L\n\x11ListAgentsRequest\x12\x10\n\x08selector\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"O\n\x12ListAgentsResponse\x12 \n\x06\x61gents\x18\x01 \x03(\x0b\x32\x10.docket.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x0fGetAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"3\n\x10GetAgentResponse\x12\x1f\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x10.docket.v1.Agent2\xa3\x01\n\x11\x41gentAdminService\x12I\n\nListAgents\x12\x1c.docket.v1.ListAgentsRequest\x1a\x1d.docket.v1.ListAgentsResponse\x12\x43\n\x08GetAgent\x12\x1a.docket.v1.GetAgentRequest\x1a\x1b.docket.v1.GetAgentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#docket/v1/agent_admin_service.proto\x12\tdocket.v1\x1a\x15\x64ocket/v1/agent.proto\"\"\n\x12RemoveAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13RemoveAgentResponse\"L\n\x11ListAgentsRequest\x12\x10\n\x08selector\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"O\n\x12ListAgentsResponse\x12 \n\x06\x61gents\x18\x01 \x03(\x0b\x32\x10.docket.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x0fGetAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"3\n\x10GetAgentResponse\x12\x1f\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x10.docket.v1.Agent2\xf1\x01\n\x11\x41gentAdminService\x12I\n\nListAgents\x12\x1c.docket.v1.ListAgentsRequest\x1a\x1d.docket.v1.ListAgentsResponse\x12\x43\n\x08GetAgent\x12\x1a.docket.v1.GetAgentRequest\x1a\x1b.docket.v1.GetAgentResponse\x12L\n\x0bRemoveAgent\x12\x1d.docket.v1.RemoveAgentRequest\x1a\x1e.docket.v1.RemoveAgentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'docket_common.pb.agent_admin_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTAGENTSREQUEST']._serialized_start=73
-  _globals['_LISTAGENTSREQUEST']._serialized_end=149
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=151
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=230
-  _globals['_GETAGENTREQUEST']._serialized_start=232
-  _globals['_GETAGENTREQUEST']._serialized_end=263
-  _globals['_GETAGENTRESPONSE']._serialized_start=265
-  _globals['_GETAGENTRESPONSE']._serialized_end=316
-  _globals['_AGENTADMINSERVICE']._serialized_start=319
-  _globals['_AGENTADMINSERVICE']._serialized_end=482
+  _globals['_REMOVEAGENTREQUEST']._serialized_start=73
+  _globals['_REMOVEAGENTREQUEST']._serialized_end=107
+  _globals['_REMOVEAGENTRESPONSE']._serialized_start=109
+  _globals['_REMOVEAGENTRESPONSE']._serialized_end=130
+  _globals['_LISTAGENTSREQUEST']._serialized_start=132
+  _globals['_LISTAGENTSREQUEST']._serialized_end=208
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=210
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=289
+  _globals['_GETAGENTREQUEST']._serialized_start=291
+  _globals['_GETAGENTREQUEST']._serialized_end=322
+  _globals['_GETAGENTRESPONSE']._serialized_start=324
+  _globals['_GETAGENTRESPONSE']._serialized_end=375
+  _globals['_AGENTADMINSERVICE']._serialized_start=378
+  _globals['_AGENTADMINSERVICE']._serialized_end=619
 # @@protoc_insertion_point(module_scope)

@@ -45,6 +45,11 @@ class AgentAdminServiceStub:
                 request_serializer=docket_dot_v1_dot_agent__admin__service__pb2.GetAgentRequest.SerializeToString,
                 response_deserializer=docket_dot_v1_dot_agent__admin__service__pb2.GetAgentResponse.FromString,
                 _registered_method=True)
+        self.RemoveAgent = channel.unary_unary(
+                '/docket.v1.AgentAdminService/RemoveAgent',
+                request_serializer=docket_dot_v1_dot_agent__admin__service__pb2.RemoveAgentRequest.SerializeToString,
+                response_deserializer=docket_dot_v1_dot_agent__admin__service__pb2.RemoveAgentResponse.FromString,
+                _registered_method=True)
 
 
 class AgentAdminServiceServicer:
@@ -67,6 +72,15 @@ class AgentAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveAgent(self, request, context):
+        """Removes an agent from the fleet: its enrollment ends (every certificate it holds stops
+        working), its stream is closed, and its name is free to enroll again.
+        Errors: NOT_FOUND (AGENT_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +93,11 @@ def add_AgentAdminServiceServicer_to_server(servicer, server):
                     servicer.GetAgent,
                     request_deserializer=docket_dot_v1_dot_agent__admin__service__pb2.GetAgentRequest.FromString,
                     response_serializer=docket_dot_v1_dot_agent__admin__service__pb2.GetAgentResponse.SerializeToString,
+            ),
+            'RemoveAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveAgent,
+                    request_deserializer=docket_dot_v1_dot_agent__admin__service__pb2.RemoveAgentRequest.FromString,
+                    response_serializer=docket_dot_v1_dot_agent__admin__service__pb2.RemoveAgentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +155,33 @@ class AgentAdminService:
             '/docket.v1.AgentAdminService/GetAgent',
             docket_dot_v1_dot_agent__admin__service__pb2.GetAgentRequest.SerializeToString,
             docket_dot_v1_dot_agent__admin__service__pb2.GetAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/docket.v1.AgentAdminService/RemoveAgent',
+            docket_dot_v1_dot_agent__admin__service__pb2.RemoveAgentRequest.SerializeToString,
+            docket_dot_v1_dot_agent__admin__service__pb2.RemoveAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,11 @@ class AgentAdminServiceStub:
     """Returns one agent by name.
     Errors: NOT_FOUND (AGENT_NOT_FOUND).
     """
+    RemoveAgent: _grpc.UnaryUnaryMultiCallable[_agent_admin_service_pb2.RemoveAgentRequest, _agent_admin_service_pb2.RemoveAgentResponse]
+    """Removes an agent from the fleet: its enrollment ends (every certificate it holds stops
+    working), its stream is closed, and its name is free to enroll again.
+    Errors: NOT_FOUND (AGENT_NOT_FOUND).
+    """
 
 @_typing.type_check_only
 class AgentAdminServiceAsyncStub(AgentAdminServiceStub):
@@ -53,6 +58,11 @@ class AgentAdminServiceAsyncStub(AgentAdminServiceStub):
     """
     GetAgent: _aio.UnaryUnaryMultiCallable[_agent_admin_service_pb2.GetAgentRequest, _agent_admin_service_pb2.GetAgentResponse]  # type: ignore[assignment]
     """Returns one agent by name.
+    Errors: NOT_FOUND (AGENT_NOT_FOUND).
+    """
+    RemoveAgent: _aio.UnaryUnaryMultiCallable[_agent_admin_service_pb2.RemoveAgentRequest, _agent_admin_service_pb2.RemoveAgentResponse]  # type: ignore[assignment]
+    """Removes an agent from the fleet: its enrollment ends (every certificate it holds stops
+    working), its stream is closed, and its name is free to enroll again.
     Errors: NOT_FOUND (AGENT_NOT_FOUND).
     """
 
@@ -76,6 +86,17 @@ class AgentAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_admin_service_pb2.GetAgentResponse, _abc.Awaitable[_agent_admin_service_pb2.GetAgentResponse]]:
         """Returns one agent by name.
+        Errors: NOT_FOUND (AGENT_NOT_FOUND).
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveAgent(
+        self,
+        request: _agent_admin_service_pb2.RemoveAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_admin_service_pb2.RemoveAgentResponse, _abc.Awaitable[_agent_admin_service_pb2.RemoveAgentResponse]]:
+        """Removes an agent from the fleet: its enrollment ends (every certificate it holds stops
+        working), its stream is closed, and its name is free to enroll again.
         Errors: NOT_FOUND (AGENT_NOT_FOUND).
         """
 

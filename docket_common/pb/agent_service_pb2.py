@@ -23,29 +23,38 @@ _sym_db = _symbol_database.Default()
 
 
 from docket_common.pb import agent_pb2 as docket_dot_v1_dot_agent__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ocket/v1/agent_service.proto\x12\tdocket.v1\x1a\x15\x64ocket/v1/agent.proto\"z\n\x10StartPullRequest\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x12\n\nimage_name\x18\x02 \x01(\t\x12\x12\n\nrepository\x18\x03 \x01(\t\x12\x14\n\x0c\x62lob_digests\x18\x04 \x03(\t\x12\x14\n\x0c\x64isplay_name\x18\x05 \x01(\t\"8\n\x11StartPullResponse\x12#\n\x05order\x18\x01 \x01(\x0b\x32\x14.docket.v1.PullOrder\"N\n\x17\x43laimFirstPiecesRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x11\n\tmax_bytes\x18\x03 \x01(\x03\"A\n\x18\x43laimFirstPiecesResponse\x12%\n\x06pieces\x18\x01 \x03(\x0b\x32\x15.docket.v1.FirstPiece\")\n\nFirstPiece\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xc8\x01\n\x0e\x43onnectRequest\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.docket.v1.HelloH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.docket.v1.HeartbeatH\x00\x12\x32\n\x0epiece_progress\x18\x03 \x01(\x0b\x32\x18.docket.v1.PieceProgressH\x00\x12,\n\x0btask_update\x18\x04 \x01(\x0b\x32\x15.docket.v1.TaskUpdateH\x00\x42\x06\n\x04\x62ody\"\xf1\x01\n\x0f\x43onnectResponse\x12%\n\x07welcome\x18\x01 \x01(\x0b\x32\x12.docket.v1.WelcomeH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.docket.v1.HeartbeatH\x00\x12*\n\npull_order\x18\x03 \x01(\x0b\x32\x14.docket.v1.PullOrderH\x00\x12(\n\tpeer_hint\x18\x04 \x01(\x0b\x32\x13.docket.v1.PeerHintH\x00\x12.\n\x0c\x63\x61ncel_order\x18\x05 \x01(\x0b\x32\x16.docket.v1.CancelOrderH\x00\x42\x06\n\x04\x62ody2\xf9\x01\n\x0c\x41gentService\x12\x44\n\x07\x43onnect\x12\x19.docket.v1.ConnectRequest\x1a\x1a.docket.v1.ConnectResponse(\x01\x30\x01\x12[\n\x10\x43laimFirstPieces\x12\".docket.v1.ClaimFirstPiecesRequest\x1a#.docket.v1.ClaimFirstPiecesResponse\x12\x46\n\tStartPull\x12\x1b.docket.v1.StartPullRequest\x1a\x1c.docket.v1.StartPullResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ocket/v1/agent_service.proto\x12\tdocket.v1\x1a\x15\x64ocket/v1/agent.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"3\n\x12\x45nrollAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\"\x87\x01\n\x13\x45nrollAgentResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\x0c\x12\x16\n\x0e\x61gent_endpoint\x18\x03 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"*\n\x17RenewCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"d\n\x18RenewCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"z\n\x10StartPullRequest\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x12\n\nimage_name\x18\x02 \x01(\t\x12\x12\n\nrepository\x18\x03 \x01(\t\x12\x14\n\x0c\x62lob_digests\x18\x04 \x03(\t\x12\x14\n\x0c\x64isplay_name\x18\x05 \x01(\t\"8\n\x11StartPullResponse\x12#\n\x05order\x18\x01 \x01(\x0b\x32\x14.docket.v1.PullOrder\"N\n\x17\x43laimFirstPiecesRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x11\n\tmax_bytes\x18\x03 \x01(\x03\"A\n\x18\x43laimFirstPiecesResponse\x12%\n\x06pieces\x18\x01 \x03(\x0b\x32\x15.docket.v1.FirstPiece\")\n\nFirstPiece\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xc8\x01\n\x0e\x43onnectRequest\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.docket.v1.HelloH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.docket.v1.HeartbeatH\x00\x12\x32\n\x0epiece_progress\x18\x03 \x01(\x0b\x32\x18.docket.v1.PieceProgressH\x00\x12,\n\x0btask_update\x18\x04 \x01(\x0b\x32\x15.docket.v1.TaskUpdateH\x00\x42\x06\n\x04\x62ody\"\xf1\x01\n\x0f\x43onnectResponse\x12%\n\x07welcome\x18\x01 \x01(\x0b\x32\x12.docket.v1.WelcomeH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.docket.v1.HeartbeatH\x00\x12*\n\npull_order\x18\x03 \x01(\x0b\x32\x14.docket.v1.PullOrderH\x00\x12(\n\tpeer_hint\x18\x04 \x01(\x0b\x32\x13.docket.v1.PeerHintH\x00\x12.\n\x0c\x63\x61ncel_order\x18\x05 \x01(\x0b\x32\x16.docket.v1.CancelOrderH\x00\x42\x06\n\x04\x62ody2\xa4\x03\n\x0c\x41gentService\x12\x44\n\x07\x43onnect\x12\x19.docket.v1.ConnectRequest\x1a\x1a.docket.v1.ConnectResponse(\x01\x30\x01\x12[\n\x10\x43laimFirstPieces\x12\".docket.v1.ClaimFirstPiecesRequest\x1a#.docket.v1.ClaimFirstPiecesResponse\x12\x46\n\tStartPull\x12\x1b.docket.v1.StartPullRequest\x1a\x1c.docket.v1.StartPullResponse\x12L\n\x0b\x45nrollAgent\x12\x1d.docket.v1.EnrollAgentRequest\x1a\x1e.docket.v1.EnrollAgentResponse\x12[\n\x10RenewCertificate\x12\".docket.v1.RenewCertificateRequest\x1a#.docket.v1.RenewCertificateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'docket_common.pb.agent_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STARTPULLREQUEST']._serialized_start=67
-  _globals['_STARTPULLREQUEST']._serialized_end=189
-  _globals['_STARTPULLRESPONSE']._serialized_start=191
-  _globals['_STARTPULLRESPONSE']._serialized_end=247
-  _globals['_CLAIMFIRSTPIECESREQUEST']._serialized_start=249
-  _globals['_CLAIMFIRSTPIECESREQUEST']._serialized_end=327
-  _globals['_CLAIMFIRSTPIECESRESPONSE']._serialized_start=329
-  _globals['_CLAIMFIRSTPIECESRESPONSE']._serialized_end=394
-  _globals['_FIRSTPIECE']._serialized_start=396
-  _globals['_FIRSTPIECE']._serialized_end=437
-  _globals['_CONNECTREQUEST']._serialized_start=440
-  _globals['_CONNECTREQUEST']._serialized_end=640
-  _globals['_CONNECTRESPONSE']._serialized_start=643
-  _globals['_CONNECTRESPONSE']._serialized_end=884
-  _globals['_AGENTSERVICE']._serialized_start=887
-  _globals['_AGENTSERVICE']._serialized_end=1136
+  _globals['_ENROLLAGENTREQUEST']._serialized_start=100
+  _globals['_ENROLLAGENTREQUEST']._serialized_end=151
+  _globals['_ENROLLAGENTRESPONSE']._serialized_start=154
+  _globals['_ENROLLAGENTRESPONSE']._serialized_end=289
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_start=291
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=333
+  _globals['_RENEWCERTIFICATERESPONSE']._serialized_start=335
+  _globals['_RENEWCERTIFICATERESPONSE']._serialized_end=435
+  _globals['_STARTPULLREQUEST']._serialized_start=437
+  _globals['_STARTPULLREQUEST']._serialized_end=559
+  _globals['_STARTPULLRESPONSE']._serialized_start=561
+  _globals['_STARTPULLRESPONSE']._serialized_end=617
+  _globals['_CLAIMFIRSTPIECESREQUEST']._serialized_start=619
+  _globals['_CLAIMFIRSTPIECESREQUEST']._serialized_end=697
+  _globals['_CLAIMFIRSTPIECESRESPONSE']._serialized_start=699
+  _globals['_CLAIMFIRSTPIECESRESPONSE']._serialized_end=764
+  _globals['_FIRSTPIECE']._serialized_start=766
+  _globals['_FIRSTPIECE']._serialized_end=807
+  _globals['_CONNECTREQUEST']._serialized_start=810
+  _globals['_CONNECTREQUEST']._serialized_end=1010
+  _globals['_CONNECTRESPONSE']._serialized_start=1013
+  _globals['_CONNECTRESPONSE']._serialized_end=1254
+  _globals['_AGENTSERVICE']._serialized_start=1257
+  _globals['_AGENTSERVICE']._serialized_end=1677
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,16 @@ class AgentServiceStub:
                 request_serializer=docket_dot_v1_dot_agent__service__pb2.StartPullRequest.SerializeToString,
                 response_deserializer=docket_dot_v1_dot_agent__service__pb2.StartPullResponse.FromString,
                 _registered_method=True)
+        self.EnrollAgent = channel.unary_unary(
+                '/docket.v1.AgentService/EnrollAgent',
+                request_serializer=docket_dot_v1_dot_agent__service__pb2.EnrollAgentRequest.SerializeToString,
+                response_deserializer=docket_dot_v1_dot_agent__service__pb2.EnrollAgentResponse.FromString,
+                _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/docket.v1.AgentService/RenewCertificate',
+                request_serializer=docket_dot_v1_dot_agent__service__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=docket_dot_v1_dot_agent__service__pb2.RenewCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -104,6 +114,32 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnrollAgent(self, request, context):
+        """Enrolls a host into the fleet: called with a join token (ROLE_AGENT) on the server's
+        API port, with a certificate request for a key the host made and keeps. The answer is a
+        client certificate for the agent's name, signed by the fleet CA, with which the agent
+        then calls the agent port (mutual TLS). The name is bound to the key: a name another
+        install enrolled is refused until an operator removes that agent
+        (AgentAdminService.RemoveAgent); the same key may enroll again. The join token's group
+        and label pins become the groups and labels the agent may claim.
+        Errors: INVALID_ARGUMENT (INVALID_AGENT for a malformed name; INVALID_CSR);
+        ALREADY_EXISTS (AGENT_NAME_TAKEN); PERMISSION_DENIED (TOKEN_USED_UP) when the join
+        token's use limit is reached; FAILED_PRECONDITION (TLS_DISABLED) on an insecure server.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewCertificate(self, request, context):
+        """Renews the calling agent's certificate (mutual TLS, agent port), for the key in the
+        request, before the one it holds expires.
+        Errors: INVALID_ARGUMENT (INVALID_CSR); NOT_FOUND (AGENT_NOT_FOUND) when the agent was
+        removed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +157,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.StartPull,
                     request_deserializer=docket_dot_v1_dot_agent__service__pb2.StartPullRequest.FromString,
                     response_serializer=docket_dot_v1_dot_agent__service__pb2.StartPullResponse.SerializeToString,
+            ),
+            'EnrollAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnrollAgent,
+                    request_deserializer=docket_dot_v1_dot_agent__service__pb2.EnrollAgentRequest.FromString,
+                    response_serializer=docket_dot_v1_dot_agent__service__pb2.EnrollAgentResponse.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=docket_dot_v1_dot_agent__service__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=docket_dot_v1_dot_agent__service__pb2.RenewCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -205,6 +251,60 @@ class AgentService:
             '/docket.v1.AgentService/StartPull',
             docket_dot_v1_dot_agent__service__pb2.StartPullRequest.SerializeToString,
             docket_dot_v1_dot_agent__service__pb2.StartPullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrollAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/docket.v1.AgentService/EnrollAgent',
+            docket_dot_v1_dot_agent__service__pb2.EnrollAgentRequest.SerializeToString,
+            docket_dot_v1_dot_agent__service__pb2.EnrollAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/docket.v1.AgentService/RenewCertificate',
+            docket_dot_v1_dot_agent__service__pb2.RenewCertificateRequest.SerializeToString,
+            docket_dot_v1_dot_agent__service__pb2.RenewCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,24 @@ class AgentServiceStub:
     or an artifact that is not an image); NOT_FOUND (IMAGE_NOT_FOUND, BLOB_NOT_FOUND);
     FAILED_PRECONDITION (AGENT_NOT_FOUND) when the agent has no stream open.
     """
+    EnrollAgent: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.EnrollAgentRequest, _agent_service_pb2.EnrollAgentResponse]
+    """Enrolls a host into the fleet: called with a join token (ROLE_AGENT) on the server's
+    API port, with a certificate request for a key the host made and keeps. The answer is a
+    client certificate for the agent's name, signed by the fleet CA, with which the agent
+    then calls the agent port (mutual TLS). The name is bound to the key: a name another
+    install enrolled is refused until an operator removes that agent
+    (AgentAdminService.RemoveAgent); the same key may enroll again. The join token's group
+    and label pins become the groups and labels the agent may claim.
+    Errors: INVALID_ARGUMENT (INVALID_AGENT for a malformed name; INVALID_CSR);
+    ALREADY_EXISTS (AGENT_NAME_TAKEN); PERMISSION_DENIED (TOKEN_USED_UP) when the join
+    token's use limit is reached; FAILED_PRECONDITION (TLS_DISABLED) on an insecure server.
+    """
+    RenewCertificate: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.RenewCertificateRequest, _agent_service_pb2.RenewCertificateResponse]
+    """Renews the calling agent's certificate (mutual TLS, agent port), for the key in the
+    request, before the one it holds expires.
+    Errors: INVALID_ARGUMENT (INVALID_CSR); NOT_FOUND (AGENT_NOT_FOUND) when the agent was
+    removed.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -110,6 +128,24 @@ class AgentServiceAsyncStub(AgentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_DIGEST, INVALID_IMAGE for an index
     or an artifact that is not an image); NOT_FOUND (IMAGE_NOT_FOUND, BLOB_NOT_FOUND);
     FAILED_PRECONDITION (AGENT_NOT_FOUND) when the agent has no stream open.
+    """
+    EnrollAgent: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.EnrollAgentRequest, _agent_service_pb2.EnrollAgentResponse]  # type: ignore[assignment]
+    """Enrolls a host into the fleet: called with a join token (ROLE_AGENT) on the server's
+    API port, with a certificate request for a key the host made and keeps. The answer is a
+    client certificate for the agent's name, signed by the fleet CA, with which the agent
+    then calls the agent port (mutual TLS). The name is bound to the key: a name another
+    install enrolled is refused until an operator removes that agent
+    (AgentAdminService.RemoveAgent); the same key may enroll again. The join token's group
+    and label pins become the groups and labels the agent may claim.
+    Errors: INVALID_ARGUMENT (INVALID_AGENT for a malformed name; INVALID_CSR);
+    ALREADY_EXISTS (AGENT_NAME_TAKEN); PERMISSION_DENIED (TOKEN_USED_UP) when the join
+    token's use limit is reached; FAILED_PRECONDITION (TLS_DISABLED) on an insecure server.
+    """
+    RenewCertificate: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.RenewCertificateRequest, _agent_service_pb2.RenewCertificateResponse]  # type: ignore[assignment]
+    """Renews the calling agent's certificate (mutual TLS, agent port), for the key in the
+    request, before the one it holds expires.
+    Errors: INVALID_ARGUMENT (INVALID_CSR); NOT_FOUND (AGENT_NOT_FOUND) when the agent was
+    removed.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -167,6 +203,36 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_REFERENCE, INVALID_DIGEST, INVALID_IMAGE for an index
         or an artifact that is not an image); NOT_FOUND (IMAGE_NOT_FOUND, BLOB_NOT_FOUND);
         FAILED_PRECONDITION (AGENT_NOT_FOUND) when the agent has no stream open.
+        """
+
+    @_abc_1.abstractmethod
+    def EnrollAgent(
+        self,
+        request: _agent_service_pb2.EnrollAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.EnrollAgentResponse, _abc.Awaitable[_agent_service_pb2.EnrollAgentResponse]]:
+        """Enrolls a host into the fleet: called with a join token (ROLE_AGENT) on the server's
+        API port, with a certificate request for a key the host made and keeps. The answer is a
+        client certificate for the agent's name, signed by the fleet CA, with which the agent
+        then calls the agent port (mutual TLS). The name is bound to the key: a name another
+        install enrolled is refused until an operator removes that agent
+        (AgentAdminService.RemoveAgent); the same key may enroll again. The join token's group
+        and label pins become the groups and labels the agent may claim.
+        Errors: INVALID_ARGUMENT (INVALID_AGENT for a malformed name; INVALID_CSR);
+        ALREADY_EXISTS (AGENT_NAME_TAKEN); PERMISSION_DENIED (TOKEN_USED_UP) when the join
+        token's use limit is reached; FAILED_PRECONDITION (TLS_DISABLED) on an insecure server.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewCertificate(
+        self,
+        request: _agent_service_pb2.RenewCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.RenewCertificateResponse, _abc.Awaitable[_agent_service_pb2.RenewCertificateResponse]]:
+        """Renews the calling agent's certificate (mutual TLS, agent port), for the key in the
+        request, before the one it holds expires.
+        Errors: INVALID_ARGUMENT (INVALID_CSR); NOT_FOUND (AGENT_NOT_FOUND) when the agent was
+        removed.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -12,7 +12,43 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file docket/v1/agent_admin_service.proto.
  */
 export const file_docket_v1_agent_admin_service: GenFile = /*@__PURE__*/
-  fileDesc("CiNkb2NrZXQvdjEvYWdlbnRfYWRtaW5fc2VydmljZS5wcm90bxIJZG9ja2V0LnYxIkwKEUxpc3RBZ2VudHNSZXF1ZXN0EhAKCHNlbGVjdG9yGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIk8KEkxpc3RBZ2VudHNSZXNwb25zZRIgCgZhZ2VudHMYASADKAsyEC5kb2NrZXQudjEuQWdlbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIh8KD0dldEFnZW50UmVxdWVzdBIMCgRuYW1lGAEgASgJIjMKEEdldEFnZW50UmVzcG9uc2USHwoFYWdlbnQYASABKAsyEC5kb2NrZXQudjEuQWdlbnQyowEKEUFnZW50QWRtaW5TZXJ2aWNlEkkKCkxpc3RBZ2VudHMSHC5kb2NrZXQudjEuTGlzdEFnZW50c1JlcXVlc3QaHS5kb2NrZXQudjEuTGlzdEFnZW50c1Jlc3BvbnNlEkMKCEdldEFnZW50EhouZG9ja2V0LnYxLkdldEFnZW50UmVxdWVzdBobLmRvY2tldC52MS5HZXRBZ2VudFJlc3BvbnNlYgZwcm90bzM", [file_docket_v1_agent]);
+  fileDesc("CiNkb2NrZXQvdjEvYWdlbnRfYWRtaW5fc2VydmljZS5wcm90bxIJZG9ja2V0LnYxIiIKElJlbW92ZUFnZW50UmVxdWVzdBIMCgRuYW1lGAEgASgJIhUKE1JlbW92ZUFnZW50UmVzcG9uc2UiTAoRTGlzdEFnZW50c1JlcXVlc3QSEAoIc2VsZWN0b3IYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiTwoSTGlzdEFnZW50c1Jlc3BvbnNlEiAKBmFnZW50cxgBIAMoCzIQLmRvY2tldC52MS5BZ2VudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiHwoPR2V0QWdlbnRSZXF1ZXN0EgwKBG5hbWUYASABKAkiMwoQR2V0QWdlbnRSZXNwb25zZRIfCgVhZ2VudBgBIAEoCzIQLmRvY2tldC52MS5BZ2VudDLxAQoRQWdlbnRBZG1pblNlcnZpY2USSQoKTGlzdEFnZW50cxIcLmRvY2tldC52MS5MaXN0QWdlbnRzUmVxdWVzdBodLmRvY2tldC52MS5MaXN0QWdlbnRzUmVzcG9uc2USQwoIR2V0QWdlbnQSGi5kb2NrZXQudjEuR2V0QWdlbnRSZXF1ZXN0GhsuZG9ja2V0LnYxLkdldEFnZW50UmVzcG9uc2USTAoLUmVtb3ZlQWdlbnQSHS5kb2NrZXQudjEuUmVtb3ZlQWdlbnRSZXF1ZXN0Gh4uZG9ja2V0LnYxLlJlbW92ZUFnZW50UmVzcG9uc2ViBnByb3RvMw", [file_docket_v1_agent]);
+
+/**
+ * The request of RemoveAgent.
+ *
+ * @generated from message docket.v1.RemoveAgentRequest
+ */
+export type RemoveAgentRequest = Message<"docket.v1.RemoveAgentRequest"> & {
+  /**
+   * The agent's name.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message docket.v1.RemoveAgentRequest.
+ * Use `create(RemoveAgentRequestSchema)` to create a new message.
+ */
+export const RemoveAgentRequestSchema: GenMessage<RemoveAgentRequest> = /*@__PURE__*/
+  messageDesc(file_docket_v1_agent_admin_service, 0);
+
+/**
+ * The response of RemoveAgent.
+ *
+ * @generated from message docket.v1.RemoveAgentResponse
+ */
+export type RemoveAgentResponse = Message<"docket.v1.RemoveAgentResponse"> & {
+};
+
+/**
+ * Describes the message docket.v1.RemoveAgentResponse.
+ * Use `create(RemoveAgentResponseSchema)` to create a new message.
+ */
+export const RemoveAgentResponseSchema: GenMessage<RemoveAgentResponse> = /*@__PURE__*/
+  messageDesc(file_docket_v1_agent_admin_service, 1);
 
 /**
  * The request of ListAgents.
@@ -48,7 +84,7 @@ export type ListAgentsRequest = Message<"docket.v1.ListAgentsRequest"> & {
  * Use `create(ListAgentsRequestSchema)` to create a new message.
  */
 export const ListAgentsRequestSchema: GenMessage<ListAgentsRequest> = /*@__PURE__*/
-  messageDesc(file_docket_v1_agent_admin_service, 0);
+  messageDesc(file_docket_v1_agent_admin_service, 2);
 
 /**
  * The response of ListAgents.
@@ -76,7 +112,7 @@ export type ListAgentsResponse = Message<"docket.v1.ListAgentsResponse"> & {
  * Use `create(ListAgentsResponseSchema)` to create a new message.
  */
 export const ListAgentsResponseSchema: GenMessage<ListAgentsResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_agent_admin_service, 1);
+  messageDesc(file_docket_v1_agent_admin_service, 3);
 
 /**
  * The request of GetAgent.
@@ -97,7 +133,7 @@ export type GetAgentRequest = Message<"docket.v1.GetAgentRequest"> & {
  * Use `create(GetAgentRequestSchema)` to create a new message.
  */
 export const GetAgentRequestSchema: GenMessage<GetAgentRequest> = /*@__PURE__*/
-  messageDesc(file_docket_v1_agent_admin_service, 2);
+  messageDesc(file_docket_v1_agent_admin_service, 4);
 
 /**
  * The response of GetAgent.
@@ -118,7 +154,7 @@ export type GetAgentResponse = Message<"docket.v1.GetAgentResponse"> & {
  * Use `create(GetAgentResponseSchema)` to create a new message.
  */
 export const GetAgentResponseSchema: GenMessage<GetAgentResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_agent_admin_service, 3);
+  messageDesc(file_docket_v1_agent_admin_service, 5);
 
 /**
  * The fleet as operators see it. Agents do not call this service.
@@ -147,6 +183,18 @@ export const AgentAdminService: GenService<{
     methodKind: "unary";
     input: typeof GetAgentRequestSchema;
     output: typeof GetAgentResponseSchema;
+  },
+  /**
+   * Removes an agent from the fleet: its enrollment ends (every certificate it holds stops
+   * working), its stream is closed, and its name is free to enroll again.
+   * Errors: NOT_FOUND (AGENT_NOT_FOUND).
+   *
+   * @generated from rpc docket.v1.AgentAdminService.RemoveAgent
+   */
+  removeAgent: {
+    methodKind: "unary";
+    input: typeof RemoveAgentRequestSchema;
+    output: typeof RemoveAgentResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_docket_v1_agent_admin_service, 0);

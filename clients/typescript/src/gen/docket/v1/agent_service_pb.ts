@@ -6,13 +6,135 @@ import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegen
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { CancelOrder, Heartbeat, Hello, PeerHint, PieceProgress, PullOrder, TaskUpdate, Welcome } from "./agent_pb.js";
 import { file_docket_v1_agent } from "./agent_pb.js";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file docket/v1/agent_service.proto.
  */
 export const file_docket_v1_agent_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch1kb2NrZXQvdjEvYWdlbnRfc2VydmljZS5wcm90bxIJZG9ja2V0LnYxInoKEFN0YXJ0UHVsbFJlcXVlc3QSEgoKYWdlbnRfbmFtZRgBIAEoCRISCgppbWFnZV9uYW1lGAIgASgJEhIKCnJlcG9zaXRvcnkYAyABKAkSFAoMYmxvYl9kaWdlc3RzGAQgAygJEhQKDGRpc3BsYXlfbmFtZRgFIAEoCSI4ChFTdGFydFB1bGxSZXNwb25zZRIjCgVvcmRlchgBIAEoCzIULmRvY2tldC52MS5QdWxsT3JkZXIiTgoXQ2xhaW1GaXJzdFBpZWNlc1JlcXVlc3QSDgoGZGlnZXN0GAEgASgJEhAKCG9yZGVyX2lkGAIgASgJEhEKCW1heF9ieXRlcxgDIAEoAyJBChhDbGFpbUZpcnN0UGllY2VzUmVzcG9uc2USJQoGcGllY2VzGAEgAygLMhUuZG9ja2V0LnYxLkZpcnN0UGllY2UiKQoKRmlyc3RQaWVjZRINCgVpbmRleBgBIAEoBRIMCgRkYXRhGAIgASgMIsgBCg5Db25uZWN0UmVxdWVzdBIhCgVoZWxsbxgBIAEoCzIQLmRvY2tldC52MS5IZWxsb0gAEikKCWhlYXJ0YmVhdBgCIAEoCzIULmRvY2tldC52MS5IZWFydGJlYXRIABIyCg5waWVjZV9wcm9ncmVzcxgDIAEoCzIYLmRvY2tldC52MS5QaWVjZVByb2dyZXNzSAASLAoLdGFza191cGRhdGUYBCABKAsyFS5kb2NrZXQudjEuVGFza1VwZGF0ZUgAQgYKBGJvZHki8QEKD0Nvbm5lY3RSZXNwb25zZRIlCgd3ZWxjb21lGAEgASgLMhIuZG9ja2V0LnYxLldlbGNvbWVIABIpCgloZWFydGJlYXQYAiABKAsyFC5kb2NrZXQudjEuSGVhcnRiZWF0SAASKgoKcHVsbF9vcmRlchgDIAEoCzIULmRvY2tldC52MS5QdWxsT3JkZXJIABIoCglwZWVyX2hpbnQYBCABKAsyEy5kb2NrZXQudjEuUGVlckhpbnRIABIuCgxjYW5jZWxfb3JkZXIYBSABKAsyFi5kb2NrZXQudjEuQ2FuY2VsT3JkZXJIAEIGCgRib2R5MvkBCgxBZ2VudFNlcnZpY2USRAoHQ29ubmVjdBIZLmRvY2tldC52MS5Db25uZWN0UmVxdWVzdBoaLmRvY2tldC52MS5Db25uZWN0UmVzcG9uc2UoATABElsKEENsYWltRmlyc3RQaWVjZXMSIi5kb2NrZXQudjEuQ2xhaW1GaXJzdFBpZWNlc1JlcXVlc3QaIy5kb2NrZXQudjEuQ2xhaW1GaXJzdFBpZWNlc1Jlc3BvbnNlEkYKCVN0YXJ0UHVsbBIbLmRvY2tldC52MS5TdGFydFB1bGxSZXF1ZXN0GhwuZG9ja2V0LnYxLlN0YXJ0UHVsbFJlc3BvbnNlYgZwcm90bzM", [file_docket_v1_agent]);
+  fileDesc("Ch1kb2NrZXQvdjEvYWdlbnRfc2VydmljZS5wcm90bxIJZG9ja2V0LnYxIjMKEkVucm9sbEFnZW50UmVxdWVzdBIMCgRuYW1lGAEgASgJEg8KB2Nzcl9wZW0YAiABKAwihwEKE0Vucm9sbEFnZW50UmVzcG9uc2USFwoPY2VydGlmaWNhdGVfcGVtGAEgASgMEg4KBmNhX3BlbRgCIAEoDBIWCg5hZ2VudF9lbmRwb2ludBgDIAEoCRIvCgtleHBpcmVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiKgoXUmVuZXdDZXJ0aWZpY2F0ZVJlcXVlc3QSDwoHY3NyX3BlbRgBIAEoDCJkChhSZW5ld0NlcnRpZmljYXRlUmVzcG9uc2USFwoPY2VydGlmaWNhdGVfcGVtGAEgASgMEi8KC2V4cGlyZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJ6ChBTdGFydFB1bGxSZXF1ZXN0EhIKCmFnZW50X25hbWUYASABKAkSEgoKaW1hZ2VfbmFtZRgCIAEoCRISCgpyZXBvc2l0b3J5GAMgASgJEhQKDGJsb2JfZGlnZXN0cxgEIAMoCRIUCgxkaXNwbGF5X25hbWUYBSABKAkiOAoRU3RhcnRQdWxsUmVzcG9uc2USIwoFb3JkZXIYASABKAsyFC5kb2NrZXQudjEuUHVsbE9yZGVyIk4KF0NsYWltRmlyc3RQaWVjZXNSZXF1ZXN0Eg4KBmRpZ2VzdBgBIAEoCRIQCghvcmRlcl9pZBgCIAEoCRIRCgltYXhfYnl0ZXMYAyABKAMiQQoYQ2xhaW1GaXJzdFBpZWNlc1Jlc3BvbnNlEiUKBnBpZWNlcxgBIAMoCzIVLmRvY2tldC52MS5GaXJzdFBpZWNlIikKCkZpcnN0UGllY2USDQoFaW5kZXgYASABKAUSDAoEZGF0YRgCIAEoDCLIAQoOQ29ubmVjdFJlcXVlc3QSIQoFaGVsbG8YASABKAsyEC5kb2NrZXQudjEuSGVsbG9IABIpCgloZWFydGJlYXQYAiABKAsyFC5kb2NrZXQudjEuSGVhcnRiZWF0SAASMgoOcGllY2VfcHJvZ3Jlc3MYAyABKAsyGC5kb2NrZXQudjEuUGllY2VQcm9ncmVzc0gAEiwKC3Rhc2tfdXBkYXRlGAQgASgLMhUuZG9ja2V0LnYxLlRhc2tVcGRhdGVIAEIGCgRib2R5IvEBCg9Db25uZWN0UmVzcG9uc2USJQoHd2VsY29tZRgBIAEoCzISLmRvY2tldC52MS5XZWxjb21lSAASKQoJaGVhcnRiZWF0GAIgASgLMhQuZG9ja2V0LnYxLkhlYXJ0YmVhdEgAEioKCnB1bGxfb3JkZXIYAyABKAsyFC5kb2NrZXQudjEuUHVsbE9yZGVySAASKAoJcGVlcl9oaW50GAQgASgLMhMuZG9ja2V0LnYxLlBlZXJIaW50SAASLgoMY2FuY2VsX29yZGVyGAUgASgLMhYuZG9ja2V0LnYxLkNhbmNlbE9yZGVySABCBgoEYm9keTKkAwoMQWdlbnRTZXJ2aWNlEkQKB0Nvbm5lY3QSGS5kb2NrZXQudjEuQ29ubmVjdFJlcXVlc3QaGi5kb2NrZXQudjEuQ29ubmVjdFJlc3BvbnNlKAEwARJbChBDbGFpbUZpcnN0UGllY2VzEiIuZG9ja2V0LnYxLkNsYWltRmlyc3RQaWVjZXNSZXF1ZXN0GiMuZG9ja2V0LnYxLkNsYWltRmlyc3RQaWVjZXNSZXNwb25zZRJGCglTdGFydFB1bGwSGy5kb2NrZXQudjEuU3RhcnRQdWxsUmVxdWVzdBocLmRvY2tldC52MS5TdGFydFB1bGxSZXNwb25zZRJMCgtFbnJvbGxBZ2VudBIdLmRvY2tldC52MS5FbnJvbGxBZ2VudFJlcXVlc3QaHi5kb2NrZXQudjEuRW5yb2xsQWdlbnRSZXNwb25zZRJbChBSZW5ld0NlcnRpZmljYXRlEiIuZG9ja2V0LnYxLlJlbmV3Q2VydGlmaWNhdGVSZXF1ZXN0GiMuZG9ja2V0LnYxLlJlbmV3Q2VydGlmaWNhdGVSZXNwb25zZWIGcHJvdG8z", [file_docket_v1_agent, file_google_protobuf_timestamp]);
+
+/**
+ * A host asking to join the fleet.
+ *
+ * @generated from message docket.v1.EnrollAgentRequest
+ */
+export type EnrollAgentRequest = Message<"docket.v1.EnrollAgentRequest"> & {
+  /**
+   * The agent's name, unique in the fleet.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * A PKCS#10 certificate request (PEM) for the agent's ECDSA P-256 key; its subject is
+   * ignored: the certificate names the agent `name` and nothing else.
+   *
+   * @generated from field: bytes csr_pem = 2;
+   */
+  csrPem: Uint8Array;
+};
+
+/**
+ * Describes the message docket.v1.EnrollAgentRequest.
+ * Use `create(EnrollAgentRequestSchema)` to create a new message.
+ */
+export const EnrollAgentRequestSchema: GenMessage<EnrollAgentRequest> = /*@__PURE__*/
+  messageDesc(file_docket_v1_agent_service, 0);
+
+/**
+ * The agent's certificate.
+ *
+ * @generated from message docket.v1.EnrollAgentResponse
+ */
+export type EnrollAgentResponse = Message<"docket.v1.EnrollAgentResponse"> & {
+  /**
+   * The client certificate (PEM) for the agent's name.
+   *
+   * @generated from field: bytes certificate_pem = 1;
+   */
+  certificatePem: Uint8Array;
+
+  /**
+   * The fleet CA's certificate (PEM): what the agent verifies the server and its peers by.
+   *
+   * @generated from field: bytes ca_pem = 2;
+   */
+  caPem: Uint8Array;
+
+  /**
+   * The server's agent port, "host:port", where agents call with their certificates.
+   *
+   * @generated from field: string agent_endpoint = 3;
+   */
+  agentEndpoint: string;
+
+  /**
+   * When the certificate expires; the agent renews it before.
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 4;
+   */
+  expireTime?: Timestamp;
+};
+
+/**
+ * Describes the message docket.v1.EnrollAgentResponse.
+ * Use `create(EnrollAgentResponseSchema)` to create a new message.
+ */
+export const EnrollAgentResponseSchema: GenMessage<EnrollAgentResponse> = /*@__PURE__*/
+  messageDesc(file_docket_v1_agent_service, 1);
+
+/**
+ * The request of RenewCertificate.
+ *
+ * @generated from message docket.v1.RenewCertificateRequest
+ */
+export type RenewCertificateRequest = Message<"docket.v1.RenewCertificateRequest"> & {
+  /**
+   * A certificate request (PEM) for the agent's key.
+   *
+   * @generated from field: bytes csr_pem = 1;
+   */
+  csrPem: Uint8Array;
+};
+
+/**
+ * Describes the message docket.v1.RenewCertificateRequest.
+ * Use `create(RenewCertificateRequestSchema)` to create a new message.
+ */
+export const RenewCertificateRequestSchema: GenMessage<RenewCertificateRequest> = /*@__PURE__*/
+  messageDesc(file_docket_v1_agent_service, 2);
+
+/**
+ * The response of RenewCertificate.
+ *
+ * @generated from message docket.v1.RenewCertificateResponse
+ */
+export type RenewCertificateResponse = Message<"docket.v1.RenewCertificateResponse"> & {
+  /**
+   * The new client certificate (PEM).
+   *
+   * @generated from field: bytes certificate_pem = 1;
+   */
+  certificatePem: Uint8Array;
+
+  /**
+   * When it expires.
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 2;
+   */
+  expireTime?: Timestamp;
+};
+
+/**
+ * Describes the message docket.v1.RenewCertificateResponse.
+ * Use `create(RenewCertificateResponseSchema)` to create a new message.
+ */
+export const RenewCertificateResponseSchema: GenMessage<RenewCertificateResponse> = /*@__PURE__*/
+  messageDesc(file_docket_v1_agent_service, 3);
 
 /**
  * What a runtime asked an agent's registry face for.
@@ -64,7 +186,7 @@ export type StartPullRequest = Message<"docket.v1.StartPullRequest"> & {
  * Use `create(StartPullRequestSchema)` to create a new message.
  */
 export const StartPullRequestSchema: GenMessage<StartPullRequest> = /*@__PURE__*/
-  messageDesc(file_docket_v1_agent_service, 0);
+  messageDesc(file_docket_v1_agent_service, 4);
 
 /**
  * The pull's order.
@@ -85,7 +207,7 @@ export type StartPullResponse = Message<"docket.v1.StartPullResponse"> & {
  * Use `create(StartPullResponseSchema)` to create a new message.
  */
 export const StartPullResponseSchema: GenMessage<StartPullResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_agent_service, 1);
+  messageDesc(file_docket_v1_agent_service, 5);
 
 /**
  * Which blob's first pieces an agent wants, and how many.
@@ -124,7 +246,7 @@ export type ClaimFirstPiecesRequest = Message<"docket.v1.ClaimFirstPiecesRequest
  * Use `create(ClaimFirstPiecesRequestSchema)` to create a new message.
  */
 export const ClaimFirstPiecesRequestSchema: GenMessage<ClaimFirstPiecesRequest> = /*@__PURE__*/
-  messageDesc(file_docket_v1_agent_service, 2);
+  messageDesc(file_docket_v1_agent_service, 6);
 
 /**
  * First copies of pieces for one agent.
@@ -145,7 +267,7 @@ export type ClaimFirstPiecesResponse = Message<"docket.v1.ClaimFirstPiecesRespon
  * Use `create(ClaimFirstPiecesResponseSchema)` to create a new message.
  */
 export const ClaimFirstPiecesResponseSchema: GenMessage<ClaimFirstPiecesResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_agent_service, 3);
+  messageDesc(file_docket_v1_agent_service, 7);
 
 /**
  * One piece of a blob.
@@ -173,7 +295,7 @@ export type FirstPiece = Message<"docket.v1.FirstPiece"> & {
  * Use `create(FirstPieceSchema)` to create a new message.
  */
 export const FirstPieceSchema: GenMessage<FirstPiece> = /*@__PURE__*/
-  messageDesc(file_docket_v1_agent_service, 4);
+  messageDesc(file_docket_v1_agent_service, 8);
 
 /**
  * One message from an agent on its stream: the agent-to-server envelope.
@@ -226,7 +348,7 @@ export type ConnectRequest = Message<"docket.v1.ConnectRequest"> & {
  * Use `create(ConnectRequestSchema)` to create a new message.
  */
 export const ConnectRequestSchema: GenMessage<ConnectRequest> = /*@__PURE__*/
-  messageDesc(file_docket_v1_agent_service, 5);
+  messageDesc(file_docket_v1_agent_service, 9);
 
 /**
  * One message from the server on an agent's stream: the server-to-agent envelope.
@@ -287,7 +409,7 @@ export type ConnectResponse = Message<"docket.v1.ConnectResponse"> & {
  * Use `create(ConnectResponseSchema)` to create a new message.
  */
 export const ConnectResponseSchema: GenMessage<ConnectResponse> = /*@__PURE__*/
-  messageDesc(file_docket_v1_agent_service, 6);
+  messageDesc(file_docket_v1_agent_service, 10);
 
 /**
  * The stream every docket-agent holds to the server for its whole life.
@@ -351,6 +473,38 @@ export const AgentService: GenService<{
     methodKind: "unary";
     input: typeof StartPullRequestSchema;
     output: typeof StartPullResponseSchema;
+  },
+  /**
+   * Enrolls a host into the fleet: called with a join token (ROLE_AGENT) on the server's
+   * API port, with a certificate request for a key the host made and keeps. The answer is a
+   * client certificate for the agent's name, signed by the fleet CA, with which the agent
+   * then calls the agent port (mutual TLS). The name is bound to the key: a name another
+   * install enrolled is refused until an operator removes that agent
+   * (AgentAdminService.RemoveAgent); the same key may enroll again. The join token's group
+   * and label pins become the groups and labels the agent may claim.
+   * Errors: INVALID_ARGUMENT (INVALID_AGENT for a malformed name; INVALID_CSR);
+   * ALREADY_EXISTS (AGENT_NAME_TAKEN); PERMISSION_DENIED (TOKEN_USED_UP) when the join
+   * token's use limit is reached; FAILED_PRECONDITION (TLS_DISABLED) on an insecure server.
+   *
+   * @generated from rpc docket.v1.AgentService.EnrollAgent
+   */
+  enrollAgent: {
+    methodKind: "unary";
+    input: typeof EnrollAgentRequestSchema;
+    output: typeof EnrollAgentResponseSchema;
+  },
+  /**
+   * Renews the calling agent's certificate (mutual TLS, agent port), for the key in the
+   * request, before the one it holds expires.
+   * Errors: INVALID_ARGUMENT (INVALID_CSR); NOT_FOUND (AGENT_NOT_FOUND) when the agent was
+   * removed.
+   *
+   * @generated from rpc docket.v1.AgentService.RenewCertificate
+   */
+  renewCertificate: {
+    methodKind: "unary";
+    input: typeof RenewCertificateRequestSchema;
+    output: typeof RenewCertificateResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_docket_v1_agent_service, 0);
