@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import faulthandler
 import signal
 import socket
@@ -21,12 +22,16 @@ from docket_common.pb import (
     agent_admin_service_pb2_grpc,
     agent_service_pb2,
     agent_service_pb2_grpc,
+    audit_service_pb2,
+    audit_service_pb2_grpc,
     image_service_pb2,
     image_service_pb2_grpc,
     pull_service_pb2,
     pull_service_pb2_grpc,
     rollout_service_pb2,
     rollout_service_pb2_grpc,
+    token_service_pb2,
+    token_service_pb2_grpc,
 )
 from docket_common.version import VERSION
 from docket_server.api.agent_service import (
@@ -35,25 +40,25 @@ from docket_server.api.agent_service import (
     StreamOrderSink,
     server_heartbeat,
 )
+from docket_server.api.audit_service import AuditService
+from docket_server.api.authz import Guard
 from docket_server.api.image_service import ImageService
-from docket_server.api.interceptors import (
-    AllowAll,
-    Authenticator,
-    AuthInterceptor,
-    ErrorsAndAccessLog,
-)
+from docket_server.api.interceptors import Gatekeeper
 from docket_server.api.pull_service import PullService
 from docket_server.api.registry_http import RegistryApp
 from docket_server.api.rollout_service import RolloutService
+from docket_server.api.token_service import TokenService
 from docket_server.domain.fleet import Fleet
 from docket_server.domain.orders import OrderBook, PeerSource
 from docket_server.domain.pulls import Pulls
 from docket_server.domain.registry import Registry
 from docket_server.domain.rollouts import Rollouts
+from docket_server.domain.security import Audit, Identities, Tokens
 from docket_server.domain.uploads import Uploads
 from docket_server.seeder import Seeder
 from docket_server.store.blobs import FilesystemBlobStore
 from docket_server.store.sql import SqlMetadataStore
+from docket_server.tls import ServerTls, TlsSettings
 
 log = structlog.get_logger()
 
@@ -66,6 +71,8 @@ SERVICE_NAMES = (
     agent_admin_service_pb2.DESCRIPTOR.services_by_name["AgentAdminService"].full_name,
     rollout_service_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
     pull_service_pb2.DESCRIPTOR.services_by_name["PullService"].full_name,
+    token_service_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name,
+    audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 )
 
 
@@ -76,7 +83,17 @@ class ServerConfig:
     bt_listen: str
     database_url: str | None = None
     tracker_url: str | None = None
-    authenticator: Authenticator | None = None
+    # TLS and tokens: off only when asked (a lab). The agent port takes enrolled agents'
+    # certificates (mutual TLS); the API port takes tokens.
+    insecure: bool = False
+    agent_listen: str = "127.0.0.1:7801"
+    agent_advertise: str | None = None  # the agent port as agents reach it
+    tls_names: tuple[str, ...] = ()  # more names for the generated serving certificate
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca_cert: Path | None = None
+    tls_ca_key: Path | None = None
+    agent_cert_lifetime: datetime.timedelta = datetime.timedelta(days=30)
     shutdown_grace_seconds: float = 10.0
     heartbeat_interval: float = 5.0
     hello_timeout: float = 10.0
@@ -84,6 +101,27 @@ class ServerConfig:
     peer_source: PeerSource | None = None  # default: server, or both with a tracker
     max_upload_rate: int = 0  # the seed's upload limit, bytes a second
     registry_listen: str | None = None  # the registry HTTP face, HOST:PORT; None: off
+
+
+TLS_REFRESH_SECONDS = 2.0
+
+
+def _serving_names(config: ServerConfig) -> list[str]:
+    """What a generated serving certificate names: the addresses the server listens and is
+    advertised at, this host's names, loopback, and --tls-san."""
+    names: list[str] = list(config.tls_names)
+    for address in (
+        config.listen,
+        config.agent_listen,
+        config.registry_listen,
+        config.agent_advertise,
+    ):
+        if address:
+            host, _ = split_host_port(address)
+            if host and host not in ("0.0.0.0", "::"):
+                names.append(host)
+    names += [socket.gethostname(), socket.getfqdn(), "localhost", "127.0.0.1", "::1"]
+    return list(dict.fromkeys(n for n in names if n))
 
 
 class DocketServer:
@@ -108,10 +146,16 @@ class DocketServer:
         self.orders.listen(lambda task: self.registry.schedule_collect())
         self.pulls = Pulls(self.registry, self.fleet, self.orders, self.metadata)
         self.uploads = Uploads(self.registry)
+        self.tokens = Tokens(self.metadata)
+        self.identities = Identities(self.metadata)
+        self.audit = Audit(self.metadata)
+        self.tls: ServerTls | None = None
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._http: HttpFace | None = None
+        self._refresher: asyncio.Task[None] | None = None
         self.port = 0
+        self.agent_port = 0
         self.bt_port = 0
         self.registry_port = 0
 
@@ -120,6 +164,11 @@ class DocketServer:
         if removed:
             log.info("removed unfinished uploads", count=removed)
         await self.metadata.open()
+        guard = await self._secure()
+        if self.tls is not None:
+            # Pieces go only to enrolled agents: SSL torrents rooted in the fleet CA.
+            self.seeder.set_peer_certificate(self.tls.seed_cert_pem, self.tls.seed_key_pem)
+            self.registry.ssl_cert = self.tls.ca_pem
         self.bt_port = await self.seeder.start()
         if not self.orders.seed_endpoint:
             host, _ = split_host_port(self.config.bt_listen)
@@ -131,11 +180,9 @@ class DocketServer:
         await self.rollouts.start()
         await self.pulls.start()
         await self.registry.collect_deferred()
+        self.audit.start()
         server = grpc.aio.server(
-            interceptors=[
-                AuthInterceptor(self.config.authenticator or AllowAll()),
-                ErrorsAndAccessLog(),
-            ],
+            interceptors=[Gatekeeper(guard, self.audit)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 # A first piece (ClaimFirstPieces) can be 16 MiB.
@@ -156,6 +203,10 @@ class DocketServer:
                 self.config.hello_timeout,
                 VERSION,
                 self.pulls,
+                self.identities,
+                self.tokens,
+                self.tls,
+                self._agent_endpoint,
             ),
             server,
         )
@@ -164,8 +215,10 @@ class DocketServer:
             RolloutService(self.rollouts), server
         )
         agent_admin_service_pb2_grpc.add_AgentAdminServiceServicer_to_server(
-            AgentAdminService(self.fleet), server
+            AgentAdminService(self.fleet, self.identities), server
         )
+        token_service_pb2_grpc.add_TokenServiceServicer_to_server(TokenService(self.tokens), server)
+        audit_service_pb2_grpc.add_AuditServiceServicer_to_server(AuditService(self.audit), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [
@@ -175,7 +228,17 @@ class DocketServer:
             ],
             server,
         )
-        self.port = server.add_insecure_port(self.config.listen)
+        if self.tls is None:
+            self.port = server.add_insecure_port(self.config.listen)
+        else:
+            self.port = server.add_secure_port(
+                self.config.listen, self.tls.grpc_credentials(require_client_cert=False)
+            )
+            self.agent_port = server.add_secure_port(
+                self.config.agent_listen, self.tls.grpc_credentials(require_client_cert=True)
+            )
+            if not self.agent_port:
+                raise OSError(f"cannot listen on {self.config.agent_listen}")
         if not self.port:
             raise OSError(f"cannot listen on {self.config.listen}")
         await server.start()
@@ -183,28 +246,90 @@ class DocketServer:
         if self.config.registry_listen:
             host, port = split_host_port(self.config.registry_listen)
             http = HttpFace(
-                RegistryApp(
-                    self.registry, self.uploads, self.config.authenticator or AllowAll()
-                ).application(),
+                RegistryApp(self.registry, self.uploads, guard, self.audit).application(),
                 host,
                 port,
+                ssl_context=self.tls.ssl_context() if self.tls is not None else None,
             )
             self.registry_port = await http.start()
             self._http = http
             self.uploads.start_sweeping()
+        if self.tls is not None:
+            self._refresher = asyncio.create_task(self._refresh_tls(), name="tls-refresh")
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("docket.v1.ImageService", health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "docket-server ready",
             listen=self.config.listen,
             port=self.port,
+            agent_port=self.agent_port or None,
+            tls=self.tls is not None,
             bt_port=self.bt_port,
             registry_port=self.registry_port or None,
             data_dir=str(self.config.data_dir),
             blobs_seeded=seeded,
         )
 
+    async def _secure(self) -> Guard:
+        """TLS and tokens (or, asked for, neither): the CA and serving certificate, the first
+        admin token, the enrolled agents."""
+        c = self.config
+        if c.insecure:
+            log.warning(
+                "INSECURE: TLS and authentication are off (--insecure): anyone who can reach "
+                "this server may push, delete and roll out images, and join the fleet as any "
+                "agent. Use it only in a lab."
+            )
+            return Guard(None, None)
+        await self.tokens.load()
+        await self.identities.load()
+        token_path = c.data_dir / "admin.token"
+        if await self.tokens.bootstrap(token_path):
+            log.warning(
+                "made the first admin token: keep it safe, make others with `docketctl tokens "
+                "create`",
+                file=str(token_path),
+            )
+        self.tls = ServerTls(
+            TlsSettings(
+                data_dir=c.data_dir,
+                names=_serving_names(c),
+                cert_file=c.tls_cert,
+                key_file=c.tls_key,
+                ca_cert_file=c.tls_ca_cert,
+                ca_key_file=c.tls_ca_key,
+                agent_cert_lifetime=c.agent_cert_lifetime,
+            )
+        )
+        log.info(
+            "TLS on",
+            ca=str(self.tls.ca_path),
+            ca_hash=self.tls.ca_fingerprint,
+            agent_listen=c.agent_listen,
+        )
+        return Guard(self.tokens, self.identities)
+
+    def _agent_endpoint(self) -> str:
+        """The agent port as agents reach it; ":PORT" means the host they enrolled at."""
+        if self.config.agent_advertise:
+            return self.config.agent_advertise
+        return f":{self.agent_port}"
+
+    async def _refresh_tls(self) -> None:
+        """Looks at the registry face's certificate files every few seconds (gRPC looks at
+        each handshake)."""
+        assert self.tls is not None
+        while True:
+            await asyncio.sleep(TLS_REFRESH_SECONDS)
+            try:
+                self.tls.refresh()
+            except Exception:
+                log.exception("cannot reload the TLS certificate")
+
     async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
             # Stop taking calls, then end the agents' streams (which never end by themselves)
@@ -220,6 +345,7 @@ class DocketServer:
             await stopping
             self._server = None
         await self.uploads.close()
+        await self.audit.stop()
         self.seeder.close()
         await self.metadata.close()
         log.info("docket-server stopped")

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import sys
 from pathlib import Path
 
 import click
 
 from docket_common.bt import TorrentSessionError
-from docket_common.cli import host_port, host_port_or_off, logging_options, xdg_dir
+from docket_common.cli import duration, host_port, host_port_or_off, logging_options, xdg_dir
 from docket_common.logs import configure_logging
-from docket_server.api.interceptors import StaticTokens
+from docket_common.pki import CertificateError
 from docket_server.app import DocketServer, ServerConfig
 from docket_server.domain.orders import PeerSource
 
@@ -83,10 +84,68 @@ def default_data_dir() -> Path:
     help="SQLAlchemy URL of the metadata database (default: SQLite in the data dir).",
 )
 @click.option(
-    "--auth-token-file",
+    "--agent-listen",
+    default="127.0.0.1:7801",
+    show_default=True,
+    callback=host_port,
+    help="Address of the agent port: enrolled agents call here with their certificates "
+    "(mutual TLS). Not used with --insecure.",
+)
+@click.option(
+    "--agent-advertise",
+    default=None,
+    callback=host_port,
+    help="The agent port as agents reach it, HOST:PORT (default: the host they enroll at, "
+    "with the --agent-listen port).",
+)
+@click.option(
+    "--tls-san",
+    "tls_names",
+    multiple=True,
+    metavar="NAME",
+    help="A host name or address the generated serving certificate also names (repeatable); "
+    "it always names the listen addresses, this host's names and loopback.",
+)
+@click.option(
+    "--tls-cert",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     default=None,
-    help="Require 'authorization: Bearer TOKEN' on every call; one token a line.",
+    help="Serve this certificate (PEM, with its chain) instead of a generated one; replace "
+    "the file to rotate it, no restart needed. Needs --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="The private key (PEM) of --tls-cert.",
+)
+@click.option(
+    "--tls-ca-cert",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Use this CA (PEM; an intermediate of your own PKI, say) as the fleet CA instead "
+    "of a generated one: it signs agents' certificates and roots the SSL torrents. Needs "
+    "--tls-ca-key.",
+)
+@click.option(
+    "--tls-ca-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="The private key (PEM) of --tls-ca-cert.",
+)
+@click.option(
+    "--agent-cert-ttl",
+    default="30d",
+    show_default=True,
+    callback=duration,
+    help="How long the certificates signed for agents last (90s, 12h, 30d); agents renew "
+    "theirs two thirds of the way through.",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Turn TLS and authentication off: anyone who can reach the server may do "
+    "anything. For a lab only; the server says so in its log at every start.",
 )
 @click.option(
     "--heartbeat-interval",
@@ -114,7 +173,15 @@ def main(
     max_upload_rate: int,
     tracker_url: str | None,
     database_url: str | None,
-    auth_token_file: Path | None,
+    agent_listen: str,
+    agent_advertise: str | None,
+    tls_names: tuple[str, ...],
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_ca_cert: Path | None,
+    tls_ca_key: Path | None,
+    agent_cert_ttl: datetime.timedelta,
+    insecure: bool,
     heartbeat_interval: float,
     hello_timeout: float,
     log_level: str,
@@ -122,9 +189,18 @@ def main(
 ) -> None:
     """Run the Docket server: the image registry, the origin BitTorrent seed and the API.
 
+    Secure by default: on first start it makes a fleet CA and a serving certificate in the
+    data dir (clients trust ca.pem), and a first admin token in admin.token (0600).
+
     Stops gracefully on SIGTERM or SIGINT: calls in flight get up to 10 seconds to finish.
     """
     configure_logging(log_level, json=log_json)
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if (tls_ca_cert is None) != (tls_ca_key is None):
+        raise click.UsageError("--tls-ca-cert and --tls-ca-key go together")
+    if insecure and (tls_cert or tls_ca_cert or tls_names):
+        raise click.UsageError("--insecure turns TLS off: it takes no --tls-* option")
     config = ServerConfig(
         listen=listen,
         data_dir=data_dir,
@@ -135,13 +211,21 @@ def main(
         peer_source=PeerSource(peer_source) if peer_source else None,
         max_upload_rate=max_upload_rate,
         registry_listen=registry_listen,
-        authenticator=StaticTokens.from_file(auth_token_file) if auth_token_file else None,
+        insecure=insecure,
+        agent_listen=agent_listen,
+        agent_advertise=agent_advertise,
+        tls_names=tls_names,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca_cert=tls_ca_cert,
+        tls_ca_key=tls_ca_key,
+        agent_cert_lifetime=agent_cert_ttl,
         heartbeat_interval=heartbeat_interval,
         hello_timeout=hello_timeout,
     )
     try:
         asyncio.run(DocketServer(config).run_until_signalled())
-    except (OSError, TorrentSessionError, RuntimeError) as e:
+    except (OSError, TorrentSessionError, RuntimeError, CertificateError) as e:
         click.echo(f"docket-server: error: {e}", err=True)
         sys.exit(1)
 

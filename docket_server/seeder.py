@@ -44,7 +44,7 @@ class Seeder(TorrentSession):
         params.flags = (params.flags | lt.torrent_flags.seed_mode) & ~(
             lt.torrent_flags.auto_managed | lt.torrent_flags.paused
         )
-        self._handles[blob.digest] = self.session.add_torrent(params)
+        self._handles[blob.digest] = self.add_torrent(params)
 
     def unseed(self, digest: str) -> None:
         handle = self._handles.pop(digest, None)

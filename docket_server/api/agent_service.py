@@ -6,7 +6,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +19,7 @@ from docket_common.pb import agent_admin_service_pb2_grpc as admin_grpc
 from docket_common.pb import agent_pb2
 from docket_common.pb import agent_service_pb2 as pb
 from docket_common.pb import agent_service_pb2_grpc as pb_grpc
+from docket_server.api.authz import current_caller
 from docket_server.api.convert import (
     agent_info_from_pb,
     agent_to_pb,
@@ -29,12 +30,19 @@ from docket_server.api.convert import (
     task_report_from_pb,
     timestamp,
 )
-from docket_server.domain.errors import InvalidArgument, NotFound
+from docket_server.domain.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from docket_server.domain.first_pieces import FirstPieces
-from docket_server.domain.fleet import Fleet, Session
+from docket_server.domain.fleet import Fleet, Session, validate
 from docket_server.domain.orders import OrderBook, PeerRef, Task
 from docket_server.domain.pulls import Pulls
 from docket_server.domain.registry import Registry
+from docket_server.domain.security import Identities, Tokens
+from docket_server.tls import ServerTls
 
 log = structlog.get_logger()
 
@@ -84,8 +92,16 @@ class AgentService(pb_grpc.AgentServiceServicer):
         hello_timeout: float,
         server_version: str,
         pulls: Pulls,
+        identities: Identities,
+        tokens: Tokens,
+        tls: ServerTls | None,
+        agent_endpoint: Callable[[], str],
     ) -> None:
         self.fleet = fleet
+        self.identities = identities
+        self.tokens = tokens
+        self.tls = tls
+        self.agent_endpoint = agent_endpoint
         self.orders = orders
         self.registry = registry
         self.pulls = pulls
@@ -104,6 +120,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 f"no order {request.order_id!r} in progress: first pieces go to orders only",
                 order_id=request.order_id,
             )
+        _as_agent(task.agent, "claim first pieces for another agent's order")
         if torrent.digest not in task.blobs:
             raise InvalidArgument(
                 Reason.INVALID_DIGEST,
@@ -130,6 +147,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def StartPull(
         self, request: pb.StartPullRequest, context: Context
     ) -> pb.StartPullResponse:
+        _as_agent(request.agent_name, "start a pull for another agent")
         pull = await self.pulls.create(
             request.agent_name,
             request.image_name,
@@ -141,6 +159,41 @@ class AgentService(pb_grpc.AgentServiceServicer):
         return pb.StartPullResponse(
             order=pull_order_to_pb(pull.task, peers, first_pieces=first_pieces)
         )
+
+    async def EnrollAgent(
+        self, request: pb.EnrollAgentRequest, context: Context
+    ) -> pb.EnrollAgentResponse:
+        caller = current_caller.get()
+        if self.tls is None or caller.token is None:
+            raise FailedPrecondition(
+                Reason.TLS_DISABLED,
+                "this server runs with --insecure: agents join without enrolling",
+            )
+        tls = self.tls
+        cert, expires = await self.tokens.use(
+            caller.token,
+            lambda token: self.identities.enroll(
+                request.name, request.csr_pem, token, tls.sign_agent
+            ),
+        )
+        return pb.EnrollAgentResponse(
+            certificate_pem=cert,
+            ca_pem=tls.ca_pem,
+            agent_endpoint=self.agent_endpoint(),
+            expire_time=timestamp(expires),
+        )
+
+    async def RenewCertificate(
+        self, request: pb.RenewCertificateRequest, context: Context
+    ) -> pb.RenewCertificateResponse:
+        caller = current_caller.get()
+        if self.tls is None or not caller.agent:
+            raise FailedPrecondition(
+                Reason.TLS_DISABLED, "certificates are renewed over mutual TLS, by agents"
+            )
+        tls = self.tls
+        cert, expires = await self.identities.renew(caller.agent, request.csr_pem, tls.sign_agent)
+        return pb.RenewCertificateResponse(certificate_pem=cert, expire_time=timestamp(expires))
 
     async def Connect(
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: Context
@@ -170,7 +223,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise InvalidArgument(
                 Reason.HELLO_REQUIRED, "the first message on the stream must be a hello", peer=peer
             )
-        session = await self.fleet.connect(agent_info_from_pb(first.hello), peer)
+        info = agent_info_from_pb(first.hello)
+        validate(info)
+        _as_agent(info.name, f"connect as agent {info.name!r}")
+        self.identities.check_claims(info.name, info.groups, info.labels)
+        session = await self.fleet.connect(info, peer)
         reader = asyncio.create_task(self._read(request_iterator, session))
         ended = "stream closed by the server"
         try:
@@ -229,9 +286,33 @@ class AgentService(pb_grpc.AgentServiceServicer):
             session.close()
 
 
+def _as_agent(name: str, what: str) -> None:
+    """PERMISSION_DENIED when an enrolled agent acts for another (an insecure server lets
+    anyone act for anyone)."""
+    caller = current_caller.get()
+    if caller.role is not None and caller.agent != name:
+        raise PermissionDenied(
+            Reason.PERMISSION_DENIED,
+            f"{caller.label} may not {what}: its certificate names {caller.agent or 'no agent'}",
+            agent=name,
+        )
+
+
 class AgentAdminService(admin_grpc.AgentAdminServiceServicer):
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Fleet, identities: Identities) -> None:
         self.fleet = fleet
+        self.identities = identities
+
+    async def RemoveAgent(
+        self, request: admin_pb.RemoveAgentRequest, context: Context
+    ) -> admin_pb.RemoveAgentResponse:
+        enrolled = await self.identities.remove(request.name)
+        known = await self.fleet.remove(request.name)
+        if not enrolled and not known:
+            raise NotFound(
+                Reason.AGENT_NOT_FOUND, f"agent {request.name} not found", agent=request.name
+            )
+        return admin_pb.RemoveAgentResponse()
 
     async def ListAgents(
         self, request: admin_pb.ListAgentsRequest, context: Context

@@ -17,7 +17,9 @@ from docket_server.domain.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
 )
 
 _CODES: dict[type[DocketError], tuple[grpc.StatusCode, int]] = {
@@ -27,7 +29,13 @@ _CODES: dict[type[DocketError], tuple[grpc.StatusCode, int]] = {
     ResourceExhausted: (grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED),
     AlreadyExists: (grpc.StatusCode.ALREADY_EXISTS, code_pb2.ALREADY_EXISTS),
     DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, code_pb2.DEADLINE_EXCEEDED),
+    PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, code_pb2.PERMISSION_DENIED),
+    Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, code_pb2.UNAUTHENTICATED),
 }
+
+
+def status_code_of(err: DocketError) -> grpc.StatusCode:
+    return _CODES.get(type(err), (grpc.StatusCode.ABORTED, 0))[0]
 
 
 def status_for(code: int, message: str, reason: str, metadata: Mapping[str, str]) -> grpc.Status:

@@ -1,100 +1,84 @@
-"""The server's interceptor chain: authentication first, then error mapping and access logs.
-
-Authentication is a pluggable Authenticator; today the server either allows every call or
-checks bearer tokens from a file (``--auth-token-file``). mTLS and other schemes plug in here.
+"""The server's interceptor: who calls (a bearer token, or an enrolled agent's certificate on
+the agent port), whether they may (api/authz.py), the audit record of every call that changes
+something, domain errors turned into statuses with ErrorInfo, and access logs.
 """
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 import structlog
-from google.rpc import code_pb2
+from google.protobuf.message import Message
 
-from docket_common.errors import Reason
-from docket_server.api.errors import abort_with, status_for
+from docket_common.pki import agent_name_of
+from docket_server.api.authz import PUBLIC_PREFIXES, RPCS, Guard, current_caller
+from docket_server.api.errors import abort_with, status_code_of
 from docket_server.domain.errors import DocketError
+from docket_server.domain.security import ANONYMOUS, Audit, Caller
+from docket_server.tls import peer_certificate
 
 log = structlog.get_logger()
 
 # grpcio ships no types: a servicer context is grpc.aio.ServicerContext.
 Context = Any
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
-
-# Methods anyone may call: load balancers and operators probing liveness, API discovery.
-PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+TARGET_FIELDS = ("name", "image_name", "id", "digest", "selector", "repository")
 
 
-class Authenticator(Protocol):
-    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
-        """Returns the caller's identity, or None when the call must be refused."""
+def bearer(metadata: Sequence[tuple[str, str | bytes]]) -> str:
+    for key, value in metadata:
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer":
+                return token.strip()
+    return ""
 
 
-class AllowAll:
-    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
-        return "anonymous"
+def _target(request: object) -> str:
+    if not isinstance(request, Message):
+        return ""
+    for name in TARGET_FIELDS:
+        if name in request.DESCRIPTOR.fields_by_name:
+            value = getattr(request, name)
+            if value:
+                return f"{name}={value}"
+    return ""
 
 
-class StaticTokens:
-    """Bearer tokens, one a line in a file (blank lines and # comments ignored)."""
+class Gatekeeper(grpc.aio.ServerInterceptor):
+    """Admits a call (or refuses it), runs it with its caller known, audits it, and turns
+    domain errors into statuses with ErrorInfo."""
 
-    def __init__(self, tokens: Sequence[str]) -> None:
-        if not tokens:
-            raise ValueError("the token file holds no tokens")
-        self._tokens = [t.encode() for t in tokens]
+    def __init__(self, guard: Guard, audit: Audit | None = None) -> None:
+        self.guard = guard
+        self.audit = audit
 
-    @classmethod
-    def from_file(cls, path: Path) -> StaticTokens:
-        lines = path.read_text().splitlines()
-        return cls([s for line in lines if (s := line.strip()) and not s.startswith("#")])
+    def _identify(self, method: str, metadata: Any, context: Context) -> Caller:
+        if method.startswith(PUBLIC_PREFIXES) or not self.guard.secure:
+            return ANONYMOUS
+        cert = peer_certificate(context.auth_context())
+        agent = agent_name_of(cert) if cert is not None else None
+        return self.guard.identify(
+            bearer(metadata or ()),
+            agent or "",
+            format(cert.serial_number, "x") if cert is not None and agent else "",
+        )
 
-    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
-        for key, value in metadata:
-            if key == "authorization" and isinstance(value, str):
-                scheme, _, token = value.partition(" ")
-                if scheme.lower() == "bearer":
-                    candidate = token.strip().encode()
-                    for i, known in enumerate(self._tokens):
-                        if hmac.compare_digest(candidate, known):
-                            return f"token#{i + 1}"
-        return None
+    def _check(self, method: str, caller: Caller) -> None:
+        if not method.startswith(PUBLIC_PREFIXES):
+            self.guard.check(caller, RPCS.get(method), method)
 
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, authenticator: Authenticator) -> None:
-        self.authenticator = authenticator
-
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(PUBLIC_PREFIXES):
-            return handler
-        if self.authenticator.authenticate(handler_call_details.invocation_metadata or ()):
-            return handler
-        log.warning("unauthenticated call refused", method=method)
-
-        async def refuse(_request: object, context: Context) -> None:
-            await context.abort_with_status(
-                status_for(
-                    code_pb2.UNAUTHENTICATED,
-                    "missing or unknown bearer token",
-                    Reason.UNAUTHENTICATED,
-                    {"method": method},
-                )
-            )
-
-        return _replace(handler, refuse)
-
-
-class ErrorsAndAccessLog(grpc.aio.ServerInterceptor):
-    """Turns domain errors into statuses with ErrorInfo and logs every call's outcome."""
+    def _audited(
+        self, method: str, caller: Caller, request: object, outcome: str, peer: str
+    ) -> None:
+        rule = RPCS.get(method)
+        if self.audit is not None and (
+            (rule is not None and rule.changes) or outcome.startswith("PERMISSION")
+        ):
+            self.audit.record(caller, method, _target(request), outcome, peer)
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -103,16 +87,26 @@ class ErrorsAndAccessLog(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        metadata = handler_call_details.invocation_metadata
         if handler.unary_unary or handler.stream_unary:
             behavior = handler.unary_unary or handler.stream_unary
 
             async def unary(request: Any, context: Context) -> Any:
                 start = time.monotonic()
+                caller = ANONYMOUS
                 try:
-                    response = await behavior(request, context)
+                    caller = self._identify(method, metadata, context)
+                    self._check(method, caller)
+                    reset = current_caller.set(caller)
+                    try:
+                        response = await behavior(request, context)
+                    finally:
+                        current_caller.reset(reset)
                 except DocketError as e:
                     _log_error(method, start, e)
+                    self._audited(method, caller, request, _outcome(e), context.peer())
                     await abort_with(context, e)
+                self._audited(method, caller, request, "OK", context.peer())
                 _log_done(method, start, context)
                 return response
 
@@ -122,15 +116,28 @@ class ErrorsAndAccessLog(grpc.aio.ServerInterceptor):
 
         async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
             start = time.monotonic()
+            caller = ANONYMOUS
             try:
-                async for item in stream_behavior(request, context):
-                    yield item
+                caller = self._identify(method, metadata, context)
+                self._check(method, caller)
+                reset = current_caller.set(caller)
+                try:
+                    async for item in stream_behavior(request, context):
+                        yield item
+                finally:
+                    current_caller.reset(reset)
             except DocketError as e:
                 _log_error(method, start, e)
+                self._audited(method, caller, request, _outcome(e), context.peer())
                 await abort_with(context, e)
             _log_done(method, start, context)
 
         return _replace(handler, streaming)
+
+
+def _outcome(error: DocketError) -> str:
+    """The status code the call ended with and its reason: "PERMISSION_DENIED: …"."""
+    return f"{status_code_of(error).name}: {error.reason}"
 
 
 def _log_error(method: str, start: float, err: DocketError) -> None:

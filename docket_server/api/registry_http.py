@@ -47,11 +47,12 @@ from docket_common.oci_http import (
     send_file,
     serves,
 )
-from docket_server.api.interceptors import Authenticator
+from docket_server.api.authz import ROUTES, Guard
 from docket_server.api.registry_errors import Face, domain_error_response
-from docket_server.domain.errors import DocketError
+from docket_server.domain.errors import DocketError, PermissionDenied, Unauthenticated
 from docket_server.domain.models import Manifest
 from docket_server.domain.registry import Registry
+from docket_server.domain.security import ANONYMOUS, Audit, Caller
 from docket_server.domain.uploads import Uploads
 
 log = structlog.get_logger()
@@ -74,10 +75,13 @@ class Route:
 class RegistryApp:
     """The aiohttp application of the registry HTTP face."""
 
-    def __init__(self, registry: Registry, uploads: Uploads, authenticator: Authenticator):
+    def __init__(
+        self, registry: Registry, uploads: Uploads, guard: Guard, audit: Audit | None = None
+    ):
         self.registry = registry
         self.uploads = uploads
-        self.authenticator = authenticator
+        self.guard = guard
+        self.audit = audit
         self.routes = [
             Route("base", re.compile(r"^$"), Face.OTHER, {"GET": self.base, "HEAD": self.base}),
             Route("catalog", re.compile(r"^_catalog$"), Face.OTHER, {"GET": self.catalog}),
@@ -168,17 +172,22 @@ class RegistryApp:
         start = time.monotonic()
         found = self._route(request) if request.path.startswith("/v2") else None
         face = found[0].face if found else Face.OTHER
+        caller = ANONYMOUS
         try:
-            if not self._authenticated(request):
-                response: web.StreamResponse = error_response(
-                    401,
-                    Code.UNAUTHORIZED,
-                    "authentication required: log in with a Docket token as the password "
-                    "(docker login), or send it as a bearer token",
-                    headers={"WWW-Authenticate": f'Basic realm="{REALM}"'},
-                )
-            else:
-                response = await handler(request)
+            if self.guard.secure:
+                caller = self.guard.identify(_token(request))
+                self._check(request, found[0] if found else None, caller)
+            response: web.StreamResponse = await handler(request)
+        except Unauthenticated as e:
+            response = error_response(
+                401,
+                Code.UNAUTHORIZED,
+                f"authentication required: {e.message}; log in with a Docket token as the "
+                "password (docker login), or send it as a bearer token",
+                headers={"WWW-Authenticate": f'Basic realm="{REALM}"'},
+            )
+        except PermissionDenied as e:
+            response = error_response(403, Code.DENIED, e.message)
         except DocketError as e:
             response = domain_error_response(e, face)
         except HttpError as e:
@@ -193,6 +202,7 @@ class RegistryApp:
             response = error_response(500, Code.UNKNOWN, "internal error in the server")
         if not response.prepared:
             response.headers[API_VERSION[0]] = API_VERSION[1]
+        self._audited(request, found[0] if found else None, caller, response.status)
         log.debug(
             "registry request",
             method=request.method,
@@ -203,17 +213,24 @@ class RegistryApp:
         )
         return response
 
-    def _authenticated(self, request: web.Request) -> bool:
-        header = request.headers.get("Authorization", "")
-        scheme, _, value = header.partition(" ")
-        token = value.strip()
-        if scheme.lower() == "basic":
-            try:
-                _user, _, token = base64.b64decode(token, validate=True).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                token = ""
-        metadata = [("authorization", f"Bearer {token}")] if token else []
-        return self.authenticator.authenticate(metadata) is not None
+    def _check(self, request: web.Request, route: Route | None, caller: Caller) -> None:
+        """Whether the caller (a bearer token, or Basic with the token as the password) may
+        (api/authz.py ROUTES); 404s and 405s are answered to any authenticated caller."""
+        if route is not None and request.method in route.methods:
+            self.guard.check(
+                caller, ROUTES.get((route.name, request.method)), f"{request.method} {route.name}"
+            )
+
+    def _audited(
+        self, request: web.Request, route: Route | None, caller: Caller, status: int
+    ) -> None:
+        rule = ROUTES.get((route.name, request.method)) if route is not None else None
+        if self.audit is None or not ((rule is not None and rule.changes) or status == 403):
+            return
+        outcome = "OK" if status < 400 else f"HTTP {status}"
+        self.audit.record(
+            caller, f"{request.method} {request.path}", "", outcome, request.remote or ""
+        )
 
     # /v2/, catalog, tags
 
@@ -271,13 +288,16 @@ class RegistryApp:
                 Code.MANIFEST_INVALID,
                 f"the manifest is {request.content_length} bytes, over {MAX_MANIFEST_BODY}",
             )
-        content = await request.content.read(MAX_MANIFEST_BODY + 1)
-        if len(content) > MAX_MANIFEST_BODY or not request.content.at_eof():
-            raise HttpError(
-                400, Code.MANIFEST_INVALID, f"the manifest is over {MAX_MANIFEST_BODY} bytes"
-            )
+        # Read to the end: one read() returns what has arrived (over TLS, a record at a time).
+        content = bytearray()
+        async for chunk in request.content.iter_any():
+            content += chunk
+            if len(content) > MAX_MANIFEST_BODY:
+                raise HttpError(
+                    400, Code.MANIFEST_INVALID, f"the manifest is over {MAX_MANIFEST_BODY} bytes"
+                )
         manifest = await self.registry.put_manifest(
-            name, reference, content, request.headers.get("Content-Type", "")
+            name, reference, bytes(content), request.headers.get("Content-Type", "")
         )
         headers = {
             "Location": f"/v2/{name}/manifests/{manifest.digest}",
@@ -473,3 +493,17 @@ def _annotations(content: bytes) -> dict[str, str]:
     if not isinstance(annotations, dict):
         return {}
     return {str(k): str(v) for k, v in annotations.items()}
+
+
+def _token(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    token = value.strip()
+    if scheme.lower() == "basic":
+        try:
+            _user, _, token = base64.b64decode(token, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return ""
+    elif scheme.lower() != "bearer":
+        return ""
+    return token

@@ -40,3 +40,11 @@ class AlreadyExists(DocketError):
 
 class DeadlineExceeded(DocketError):
     pass
+
+
+class PermissionDenied(DocketError):
+    pass
+
+
+class Unauthenticated(DocketError):
+    pass

@@ -30,6 +30,7 @@ from docket_server.domain.errors import (
     DocketError,
     InvalidArgument,
     NotFound,
+    Unauthenticated,
 )
 
 log = structlog.get_logger()
@@ -88,6 +89,8 @@ class FleetStore(Protocol):
     async def touch_agents(self, last_seen: dict[str, datetime]) -> None: ...
 
     async def mark_all_offline(self) -> int: ...
+
+    async def delete_agent(self, name: str) -> bool: ...
 
 
 class Session:
@@ -174,7 +177,7 @@ class Fleet:
             await self.disconnect(session, "server shutting down")
 
     async def connect(self, info: AgentInfo, peer: str) -> Session:
-        _validate(info)
+        validate(info)
         now = datetime.now(UTC)
         current = self._sessions.get(info.name)
         if current is not None:
@@ -248,6 +251,21 @@ class Fleet:
         record = replace(session.record, state=AgentState.OFFLINE)
         await self.store.upsert_agent(record)
         log.info("agent offline", agent=session.name, why=why)
+
+    async def remove(self, name: str) -> bool:
+        """Forgets an agent: its stream is closed and its row deleted; whether there was one."""
+        session = self._sessions.pop(name, None)
+        if session is not None:
+            self._dirty_seen.pop(name, None)
+            session.close(
+                Unauthenticated(
+                    Reason.AGENT_REMOVED,
+                    f"agent {name} was removed from the fleet by an operator",
+                    agent=name,
+                )
+            )
+            log.info("agent removed: its stream is closed", agent=name)
+        return await self.store.delete_agent(name) or session is not None
 
     async def list(self, selector: str) -> list[AgentRecord]:
         try:
@@ -324,7 +342,9 @@ class Fleet:
             await self.store.touch_agents(batch)
 
 
-def _validate(info: AgentInfo) -> None:
+def validate(info: AgentInfo) -> None:
+    """INVALID_ARGUMENT (INVALID_AGENT) for a hello that does not make an agent."""
+
     def bad(message: str) -> InvalidArgument:
         return InvalidArgument(Reason.INVALID_AGENT, message, agent=info.name)
 

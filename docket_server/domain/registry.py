@@ -14,7 +14,7 @@ import os
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -40,7 +40,7 @@ from docket_common.reference import (
     parse_reference,
 )
 from docket_common.timefmt import parse_rfc3339
-from docket_common.torrent import TorrentInfo, make_torrent
+from docket_common.torrent import TorrentInfo, make_torrent, remake_torrent, torrent_ssl_cert
 from docket_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from docket_server.domain.models import Blob, Descriptor, Image, Manifest
 from docket_server.store.blobs import BlobStore, BlobWriter
@@ -104,6 +104,8 @@ class Registry:
         self.blobs = blobs
         self.seeder = seeder
         self.announce_url = announce_url
+        # The fleet CA when TLS is on: every torrent is then an SSL torrent rooted in it.
+        self.ssl_cert: bytes | None = None
         # Serialises what one process does to one digest: the commit of an upload against the
         # deletion of the same blob.
         self._blob_locks = _KeyedLocks()
@@ -115,16 +117,33 @@ class Registry:
         self._collector: asyncio.Future[None] | None = None
 
     async def reseed_all(self) -> int:
-        """Seeds every stored blob again, as after a restart: no hashing up front."""
+        """Seeds every stored blob again, as after a restart: no hashing up front. Torrents
+        made for another CA (or none: TLS was off) are made again for this one."""
         count = 0
+        remade: list[Blob] = []
         for blob in await self.metadata.list_blobs():
             if not self.blobs.exists(blob.digest):
                 log.error("blob recorded but missing on disk: not seeded", digest=blob.digest)
                 continue
-            if blob.torrent is not None:
-                self.seeder.seed(blob)
-                count += 1
+            if blob.torrent is None:
+                continue
+            torrent = self._for_this_ca(blob.torrent)
+            if torrent is not blob.torrent:
+                blob = replace(blob, torrent=torrent)
+                remade.append(blob)
+            self.seeder.seed(blob)
+            count += 1
+        if remade:
+            await self.metadata.set_torrents([b.torrent for b in remade if b.torrent])
+            log.info(
+                "torrents made again for the fleet CA", count=len(remade), ssl=bool(self.ssl_cert)
+            )
         return count
+
+    def _for_this_ca(self, torrent: TorrentInfo) -> TorrentInfo:
+        if torrent_ssl_cert(torrent.metainfo) == self.ssl_cert:
+            return torrent
+        return remake_torrent(torrent, self.announce_url, self.ssl_cert)
 
     # Blobs
 
@@ -174,7 +193,9 @@ class Registry:
                     return UploadResult(existing, already_existed=True)
                 size = writer.written
                 torrent = (
-                    make_torrent(digest, size, piece_length, pieces, self.announce_url)
+                    make_torrent(
+                        digest, size, piece_length, pieces, self.announce_url, self.ssl_cert
+                    )
                     if size > 0
                     else None
                 )

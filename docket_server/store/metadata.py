@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from docket_common.torrent import TorrentInfo
 from docket_server.domain.models import Blob, Manifest
 
 
@@ -66,6 +67,10 @@ class MetadataStore(ABC):
     @abstractmethod
     async def add_blob(self, blob: Blob) -> None:
         """Records a stored blob; recording one already recorded changes nothing."""
+
+    @abstractmethod
+    async def set_torrents(self, torrents: Sequence[TorrentInfo]) -> None:
+        """Replaces the torrents of stored blobs (made again for another CA)."""
 
     @abstractmethod
     async def get_blob(self, digest: str) -> Blob | None: ...

@@ -28,6 +28,13 @@ from docket_server.domain.models import (
 from docket_server.domain.orders import Task, TaskState
 from docket_server.domain.pulls import Pull, PullStore
 from docket_server.domain.rollouts import Rollout, RolloutRecord, RolloutState, RolloutStore
+from docket_server.domain.security import (
+    AgentIdentity,
+    AuditEntry,
+    Role,
+    SecurityStore,
+    TokenRecord,
+)
 from docket_server.store.metadata import (
     DeleteResult,
     ManifestInUseError,
@@ -267,6 +274,49 @@ pulls = sa.Table(
 )
 
 
+# Added by migration 7: who may call (domain/security.py).
+tokens = sa.Table(
+    "tokens",
+    meta,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("secret_hash", sa.String(64), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expire_time", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("max_uses", sa.Integer, nullable=False),
+    sa.Column("uses", sa.Integer, nullable=False),
+    sa.Column("groups", sa.Text, nullable=False),  # JSON
+    sa.Column("labels", sa.Text, nullable=False),  # JSON
+    sa.Column("revoked", sa.Boolean, nullable=False),
+    sa.Column("creator", sa.String(64), nullable=False),
+)
+
+agent_identities = sa.Table(
+    "agent_identities",
+    meta,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("key_hash", sa.String(71), nullable=False),
+    sa.Column("serials", sa.Text, nullable=False),  # JSON: the certificates issued to it
+    sa.Column("groups", sa.Text, nullable=True),  # JSON; NULL: any
+    sa.Column("labels", sa.Text, nullable=True),
+    sa.Column("token_id", sa.String(32), nullable=False),
+    sa.Column("enroll_time", sa.DateTime(timezone=True), nullable=False),
+)
+
+audit_records = sa.Table(
+    "audit_records",
+    meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("record_time", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("action", sa.String(255), nullable=False),
+    sa.Column("target", sa.Text, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("peer", sa.String(255), nullable=False),
+)
+
+
 async def _migration_1(conn: AsyncConnection) -> None:
     def create(sync: sa.Connection) -> None:
         meta.create_all(sync, tables=[blobs])
@@ -373,6 +423,12 @@ async def _migration_6(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: meta.create_all(sync, tables=[pulls]))
 
 
+async def _migration_7(conn: AsyncConnection) -> None:
+    await conn.run_sync(
+        lambda sync: meta.create_all(sync, tables=[tokens, agent_identities, audit_records])
+    )
+
+
 Migration = Callable[[AsyncConnection], Awaitable[None]]
 MIGRATIONS: list[Migration] = [
     _migration_1,
@@ -381,6 +437,7 @@ MIGRATIONS: list[Migration] = [
     _migration_4,
     _migration_5,
     _migration_6,
+    _migration_7,
 ]
 
 
@@ -448,7 +505,7 @@ def _utc(value: datetime | None) -> datetime | None:
     return value
 
 
-class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore):
+class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, SecurityStore):
     def __init__(self, url: str) -> None:
         self.url = url
         self._engine: AsyncEngine | None = None
@@ -516,6 +573,20 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore):
             )
             if exists.first() is None:
                 await conn.execute(blobs.insert().values(**values))
+
+    async def set_torrents(self, torrents: Sequence[TorrentInfo]) -> None:
+        async with self.engine.begin() as conn:
+            for t in torrents:
+                await conn.execute(
+                    blobs.update()
+                    .where(blobs.c.digest == t.digest)
+                    .values(
+                        metainfo=t.metainfo,
+                        info_hash=t.info_hash,
+                        piece_length=t.piece_length,
+                        piece_count=t.piece_count,
+                    )
+                )
 
     async def get_blob(self, digest: str) -> Blob | None:
         async with self.engine.connect() as conn:
@@ -826,6 +897,120 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore):
                 .values(state=str(TaskState.FAILED), error=reason, end_time=_now())
             )
             return int(result.rowcount or 0)
+
+    # Tokens, enrolled agents, audit
+
+    async def save_token(self, token: TokenRecord) -> None:
+        values = {
+            "secret_hash": token.secret_hash,
+            "role": str(token.role),
+            "description": token.description,
+            "create_time": token.create_time,
+            "expire_time": token.expire_time,
+            "max_uses": token.max_uses,
+            "uses": token.uses,
+            "groups": json.dumps(list(token.groups)),
+            "labels": json.dumps(list(token.labels)),
+            "revoked": token.revoked,
+            "creator": token.creator,
+        }
+        await self._upsert(tokens.c.id, token.id, values)
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(tokens.select().order_by(tokens.c.create_time))
+            return [
+                TokenRecord(
+                    id=r.id,
+                    secret_hash=r.secret_hash,
+                    role=Role(r.role),
+                    description=r.description,
+                    create_time=_utc(r.create_time) or _now(),
+                    expire_time=_utc(r.expire_time),
+                    max_uses=r.max_uses,
+                    uses=r.uses,
+                    groups=tuple(json.loads(r.groups)),
+                    labels=tuple(json.loads(r.labels)),
+                    revoked=r.revoked,
+                    creator=r.creator,
+                )
+                for r in rows
+            ]
+
+    async def save_identity(self, identity: AgentIdentity) -> None:
+        values = {
+            "key_hash": identity.key_hash,
+            "serials": json.dumps(list(identity.serials)),
+            "groups": json.dumps(list(identity.groups)) if identity.groups is not None else None,
+            "labels": json.dumps(list(identity.labels)) if identity.labels is not None else None,
+            "token_id": identity.token_id,
+            "enroll_time": identity.enroll_time,
+        }
+        await self._upsert(agent_identities.c.name, identity.name, values)
+
+    async def delete_identity(self, name: str) -> bool:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                agent_identities.delete().where(agent_identities.c.name == name)
+            )
+            return bool(result.rowcount)
+
+    async def delete_agent(self, name: str) -> bool:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(agents.delete().where(agents.c.name == name))
+            return bool(result.rowcount)
+
+    async def list_identities(self) -> list[AgentIdentity]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(agent_identities.select())
+            return [
+                AgentIdentity(
+                    name=r.name,
+                    key_hash=r.key_hash,
+                    serials=tuple(json.loads(r.serials)),
+                    groups=tuple(json.loads(r.groups)) if r.groups is not None else None,
+                    labels=tuple(json.loads(r.labels)) if r.labels is not None else None,
+                    token_id=r.token_id,
+                    enroll_time=_utc(r.enroll_time) or _now(),
+                )
+                for r in rows
+            ]
+
+    async def add_audit(self, entry: AuditEntry) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                audit_records.insert().values(
+                    record_time=entry.time,
+                    actor=entry.actor,
+                    action=entry.action,
+                    target=entry.target,
+                    outcome=entry.outcome,
+                    peer=entry.peer,
+                )
+            )
+
+    async def list_audit(
+        self, since: datetime | None, before_id: int, limit: int
+    ) -> list[AuditEntry]:
+        query = audit_records.select()
+        if since is not None:
+            query = query.where(audit_records.c.record_time >= since)
+        if before_id:
+            query = query.where(audit_records.c.id < before_id)
+        query = query.order_by(audit_records.c.id.desc()).limit(limit)
+        async with self.engine.connect() as conn:
+            return [
+                AuditEntry(
+                    time=_utc(r.record_time) or _now(),
+                    actor=r.actor,
+                    action=r.action,
+                    target=r.target,
+                    outcome=r.outcome,
+                    peer=r.peer,
+                    id=r.id,
+                )
+                for r in await conn.execute(query)
+            ]
 
     # Agents
 
