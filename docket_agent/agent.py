@@ -5,15 +5,25 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
 import structlog
 
 from docket_agent.cache import BlobCache
 from docket_agent.hostinfo import disk_free, load_agent_id, lock_data_dir, probe_docker
+from docket_agent.identity import (
+    RENEW_RETRY_SECONDS,
+    Credentials,
+    Identity,
+    ServerChannel,
+    TrustSettings,
+    secure_channel,
+)
 from docket_agent.orders import OrderManager, OrderSettings
 from docket_agent.registry_face import AgentRegistry, ManifestCache
-from docket_agent.stream import StreamClient, agent_channel
+from docket_agent.stream import CHANNEL_OPTIONS, StreamClient, agent_channel
 from docket_common.bt import split_host_port
 from docket_common.fetch import BlobFetcher
 from docket_common.loadable import LoadableImage, load_from_env
@@ -37,7 +47,10 @@ class AgentConfig:
     registry_listen: str | None = None  # the registry face, HOST:PORT; None: off
     advertise_host: str | None = None
     docker: bool = True
-    token: str | None = None
+    insecure: bool = False  # plaintext, no enrollment: a server running with --insecure
+    join_token: str | None = None
+    ca_file: Path | None = None
+    ca_hash: str | None = None
     cache_max_bytes: int = 0
     fallback_after: float = 30.0
     max_download_rate: int = 0
@@ -76,12 +89,15 @@ class Agent:
         self.registry_port = 0
         self.stream: StreamClient | None = None
         self.orders: OrderManager | None = None
+        self.identity: Identity | None = None
+        self.credentials: Credentials | None = None
 
     async def run(self) -> None:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         lock_data_dir(cfg.data_dir)
         self.agent_id = await asyncio.to_thread(load_agent_id, cfg.data_dir)
+        channels = await self._join()
         port = await self.fetcher.start()
         listen_host, _ = split_host_port(cfg.bt_listen)
         host = cfg.advertise_host or (
@@ -91,21 +107,19 @@ class Agent:
         )
         self.bt_endpoint = f"{host}:{port}"
         structlog.contextvars.bind_contextvars(agent=cfg.name)
-        channel = agent_channel(cfg.server)
-        images = image_service_pb2_grpc.ImageServiceStub(channel)
-        metadata = (("authorization", f"Bearer {cfg.token}"),) if cfg.token else ()
-
-        read_range = grpc_read_range(images, metadata)
-        claim = grpc_claim_first_pieces(agent_service_pb2_grpc.AgentServiceStub(channel), metadata)
+        self.channels = channels
+        images = channels.stub(image_service_pb2_grpc.ImageServiceStub)
+        agent_stub = channels.stub(agent_service_pb2_grpc.AgentServiceStub)
+        read_range = grpc_read_range(images)
+        claim = grpc_claim_first_pieces(agent_stub)
 
         self.stream = StreamClient(
             cfg.server,
             self._hello,
             lambda: disk_free(cfg.data_dir),
-            token=cfg.token,
+            channels,
             on_message=lambda m: self.orders.handle(m) if self.orders else None,
             on_connected=lambda: self.orders.resend() if self.orders else None,
-            channel=channel,
         )
         self.orders = OrderManager(
             cfg.data_dir / "orders",
@@ -123,8 +137,7 @@ class Agent:
             registry = AgentRegistry(
                 cfg.name,
                 images,
-                agent_service_pb2_grpc.AgentServiceStub(channel),
-                metadata,
+                agent_stub,
                 self.orders,
                 self.fetcher,
                 self.cache,
@@ -141,13 +154,65 @@ class Agent:
             id=self.agent_id,
             cached_blobs_seeded=seeded,
         )
+        renewer = (
+            asyncio.create_task(self._renew_forever(), name="certificate-renewal")
+            if self.credentials is not None
+            else None
+        )
         try:
             await self.stream.run()
         finally:
+            if renewer is not None:
+                renewer.cancel()
             if face is not None:
                 await face.stop(5)
             await self.orders.close()
             self.fetcher.close()
+            await channels.close()
+
+    async def _join(self) -> ServerChannel:
+        """The channel to the server: plaintext with --insecure; else mutual TLS on the
+        agent port with this agent's certificate, enrolling first if it has none."""
+        cfg = self.config
+        if cfg.insecure:
+            log.warning("INSECURE: plaintext to the server, no certificate (--insecure)")
+            return ServerChannel(lambda: agent_channel(cfg.server))
+        self.identity = Identity(
+            cfg.data_dir,
+            TrustSettings(cfg.server, cfg.name, cfg.join_token, cfg.ca_file, cfg.ca_hash),
+        )
+        credentials = await asyncio.to_thread(self.identity.load)
+        if credentials is None:
+            credentials = await self.identity.enroll()
+        self.credentials = credentials
+        self.fetcher.set_peer_certificate(credentials.cert_pem, credentials.key_pem)
+        return ServerChannel(lambda: secure_channel(self._current_credentials(), CHANNEL_OPTIONS))
+
+    def _current_credentials(self) -> Credentials:
+        assert self.credentials is not None
+        return self.credentials
+
+    async def _renew_forever(self) -> None:
+        """Renews the certificate two thirds of the way through its life, and retries every
+        30 s while the server does not answer."""
+        assert self.identity is not None
+        while True:
+            current = self._current_credentials()
+            wait = (current.renew_time - datetime.now(UTC)).total_seconds()
+            await asyncio.sleep(max(wait, 0))
+            try:
+                renewed = await self.identity.renew(self.channels.channel, current)
+            except grpc.aio.AioRpcError as e:
+                log.warning(
+                    "cannot renew the certificate yet",
+                    error=f"{e.code().name}: {e.details()}",
+                    retry_in_s=RENEW_RETRY_SECONDS,
+                )
+                await asyncio.sleep(RENEW_RETRY_SECONDS)
+                continue
+            self.credentials = renewed
+            self.fetcher.set_peer_certificate(renewed.cert_pem, renewed.key_pem)
+            self.channels.replace()
 
     async def _load(self, order: agent_pb2.PullOrder, paths: list[Path]) -> str:
         image = LoadableImage(

@@ -14,6 +14,7 @@ import click
 
 from docket_agent.agent import Agent, AgentConfig
 from docket_agent.hostinfo import DataDirInUseError
+from docket_agent.identity import EnrollError
 from docket_agent.stream import AgentRefusedError
 from docket_common.bt import TorrentSessionError
 from docket_common.cli import host_port, host_port_or_off, logging_options, xdg_dir
@@ -166,7 +167,33 @@ def _platform(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     "engine's, or this machine's): a rollout of a multi-platform image gives the host the "
     "image for it.",
 )
-@click.option("--token", envvar="DOCKET_TOKEN", default=None, help="Bearer token for the server.")
+@click.option(
+    "--join-token",
+    envvar="DOCKET_JOIN_TOKEN",
+    default=None,
+    help="A join token (docketctl tokens create --role agent), for the first start: the "
+    "agent enrolls with it and keeps its certificate in the data dir. Also from "
+    "$DOCKET_JOIN_TOKEN.",
+)
+@click.option(
+    "--ca",
+    "ca_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="The server's CA certificate (PEM; <data-dir>/ca.pem on the server), to enroll by.",
+)
+@click.option(
+    "--ca-hash",
+    default=None,
+    metavar="sha256:HEX",
+    help="Instead of --ca: trust the CA in the server's chain with this hash (the server "
+    "logs it at start, as ca_hash).",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Plaintext and no certificate, for a server running with --insecure (a lab).",
+)
 @logging_options
 @click.pass_context
 def main(
@@ -185,7 +212,10 @@ def main(
     max_download_rate: int,
     max_upload_rate: int,
     platform: Platform | None,
-    token: str | None,
+    join_token: str | None,
+    ca_file: Path | None,
+    ca_hash: str | None,
+    insecure: bool,
     log_level: str,
     log_json: bool | None,
 ) -> None:
@@ -196,8 +226,14 @@ def main(
     Down the stream come pull orders: the agent fetches the blobs it lacks over BitTorrent
     (from the server and the other hosts), reports every piece, verifies each blob's sha256,
     loads the image into the Docker engine at $DOCKER_HOST, and keeps seeding its cache.
-    When the server goes away it reconnects by itself, with backoff. A second agent under a
-    name that is online is refused, unless it is the same install (same data dir).
+    When the server goes away it reconnects by itself, with backoff.
+
+    \b
+    Joining: on its first start the agent makes a key, enrolls with --join-token (and --ca or
+    --ca-hash to trust the server by) and keeps the certificate the server signs in
+    <data-dir>/tls; later starts need neither. The name is bound to that key: no other
+    install can take it until `docketctl agents remove NAME`. The server's agent port is
+    where it then calls, with mutual TLS; it renews its certificate by itself.
 
     On --registry-listen it serves the pull half of the registry protocol: `docker pull
     127.0.0.1:5001/IMAGE`, or containerd with the file `docket-agent containerd-config`
@@ -206,6 +242,10 @@ def main(
     if ctx.invoked_subcommand is not None:
         return
     configure_logging(log_level, json=log_json)
+    if insecure and (join_token or ca_file or ca_hash):
+        raise click.UsageError("--insecure joins without enrolling: no --join-token or CA")
+    if ca_file and ca_hash:
+        raise click.UsageError("--ca and --ca-hash are two ways to say the same: give one")
     config = AgentConfig(
         server=server,
         data_dir=data_dir,
@@ -216,7 +256,10 @@ def main(
         bt_listen=bt_listen,
         advertise_host=advertise_host,
         docker=not no_docker,
-        token=token,
+        insecure=insecure,
+        join_token=join_token,
+        ca_file=ca_file,
+        ca_hash=ca_hash,
         cache_max_bytes=cache_max_bytes,
         fallback_after=fallback_after,
         max_download_rate=max_download_rate,
@@ -228,7 +271,7 @@ def main(
     except AgentRefusedError as e:
         click.echo(f"docket-agent: error: the server refused this agent: {e}", err=True)
         sys.exit(1)
-    except (TorrentSessionError, DataDirInUseError, OSError) as e:
+    except (TorrentSessionError, DataDirInUseError, OSError, EnrollError) as e:
         click.echo(f"docket-agent: error: {e}", err=True)
         sys.exit(1)
 
@@ -245,11 +288,26 @@ def main(
 @click.option(
     "--server-scheme",
     type=click.Choice(["http", "https"]),
-    default="http",
+    default="https",
     show_default=True,
-    help="How containerd reaches the server when the agent is down.",
+    help="How containerd reaches the server when the agent is down (http: a server running "
+    "with --insecure).",
 )
-def containerd_config(server_registry: str, agent_url: str, server_scheme: str) -> None:
+@click.option(
+    "--server-ca",
+    default=None,
+    metavar="FILE",
+    help="The CA file containerd verifies the server by (default: the agent's, "
+    "<data-dir>/tls/server-ca.pem, when there is one).",
+)
+@click.pass_context
+def containerd_config(
+    ctx: click.Context,
+    server_registry: str,
+    agent_url: str,
+    server_scheme: str,
+    server_ca: str | None,
+) -> None:
     """Print the hosts.toml that makes containerd pull images named after the server's
     registry (SERVER_REGISTRY, HOST:PORT, as in SERVER_REGISTRY/perl:5.40) through this
     host's agent, and straight from the server when the agent is down.
@@ -257,14 +315,24 @@ def containerd_config(server_registry: str, agent_url: str, server_scheme: str) 
     Write it to <config_path>/SERVER_REGISTRY/hosts.toml: /etc/containerd/certs.d by default
     for ctr --hosts-dir; for Kubernetes, the CRI plugin's registry config_path.
     """
-    click.echo(containerd_hosts_toml(server_registry, agent_url, server_scheme), nl=False)
+    if server_ca is None and server_scheme == "https":
+        data_dir: Path = ctx.parent.params["data_dir"] if ctx.parent else default_data_dir()
+        kept = data_dir / "tls" / "server-ca.pem"
+        server_ca = str(kept) if kept.exists() else None
+    click.echo(
+        containerd_hosts_toml(server_registry, agent_url, server_scheme, server_ca), nl=False
+    )
 
 
-def containerd_hosts_toml(server_registry: str, agent_url: str, server_scheme: str) -> str:
+def containerd_hosts_toml(
+    server_registry: str, agent_url: str, server_scheme: str, server_ca: str | None = None
+) -> str:
+    ca = f'ca = "{server_ca}"\n' if server_ca else ""
     return (
         f"# {server_registry}: pulls go through the Docket agent on this host, and to the\n"
         "# server itself when the agent does not answer.\n"
         f'server = "{server_scheme}://{server_registry}"\n'
+        f"{ca}"
         "\n"
         f'[host."{agent_url}"]\n'
         '  capabilities = ["pull", "resolve"]\n'

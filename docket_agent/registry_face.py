@@ -27,7 +27,7 @@ import contextlib
 import hashlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
@@ -114,7 +114,6 @@ class AgentRegistry:
         agent_name: str,
         images: image_grpc.ImageServiceStub,
         agents: agent_service_pb2_grpc.AgentServiceStub,
-        metadata: Sequence[tuple[str, str]],
         orders: OrderManager,
         fetcher: BlobFetcher,
         cache: BlobCache,
@@ -123,7 +122,6 @@ class AgentRegistry:
         self.agent_name = agent_name
         self.images = images
         self.agents = agents
-        self.metadata = tuple(metadata)
         self.orders = orders
         self.fetcher = fetcher
         self.cache = cache
@@ -209,7 +207,6 @@ class AgentRegistry:
                     page_size=int(n or "0"),
                     page_token=request.query.get("last", ""),
                 ),
-                metadata=self.metadata,
                 timeout=10,
             )
         except grpc.aio.AioRpcError as e:
@@ -292,7 +289,6 @@ class AgentRegistry:
         try:
             response = await self.images.GetManifest(
                 image_pb.GetManifestRequest(repository=repository, reference=reference),
-                metadata=self.metadata,
                 timeout=10,
             )
         except grpc.aio.AioRpcError as e:
@@ -441,7 +437,7 @@ class AgentRegistry:
                 display_name=display_name,
             )
             try:
-                response = await self.agents.StartPull(request, metadata=self.metadata, timeout=30)
+                response = await self.agents.StartPull(request, timeout=30)
             except grpc.aio.AioRpcError as e:
                 reason, _ = error_info(e.trailing_metadata())
                 if e.code() == grpc.StatusCode.NOT_FOUND:

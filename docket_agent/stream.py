@@ -14,11 +14,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from docket_agent.identity import ServerChannel
 from docket_common.errors import Reason, error_info
 from docket_common.pb import agent_pb2
 from docket_common.pb import agent_service_pb2 as pb
@@ -28,7 +30,15 @@ log = structlog.get_logger()
 
 SILENT_INTERVALS = 3
 # Refusals that retrying cannot fix: the agent stops and says why.
-FATAL_REASONS = {Reason.AGENT_NAME_TAKEN, Reason.INVALID_AGENT, Reason.UNAUTHENTICATED}
+FATAL_REASONS = {
+    Reason.AGENT_NAME_TAKEN,
+    Reason.INVALID_AGENT,
+    Reason.UNAUTHENTICATED,
+    Reason.AGENT_NOT_ENROLLED,
+    Reason.AGENT_REMOVED,
+    Reason.GROUP_NOT_ALLOWED,
+    Reason.PERMISSION_DENIED,
+}
 
 
 class AgentRefusedError(Exception):
@@ -53,19 +63,19 @@ class Backoff:
         self.attempt = 0
 
 
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 3_000),
+    # First pieces (ClaimFirstPieces) can be 16 MiB.
+    ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+]
+
+
 def agent_channel(server: str) -> grpc.aio.Channel:
-    """The agent's one channel to the server: its stream and its fallback reads."""
-    return grpc.aio.insecure_channel(
-        server,
-        options=[
-            ("grpc.keepalive_time_ms", 20_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 3_000),
-            # First pieces (ClaimFirstPieces) can be 16 MiB.
-            ("grpc.max_receive_message_length", 32 * 1024 * 1024),
-        ],
-    )
+    """A plaintext channel to a server running with --insecure."""
+    return grpc.aio.insecure_channel(server, options=CHANNEL_OPTIONS)
 
 
 def _now_pb() -> Timestamp:
@@ -82,20 +92,18 @@ class StreamClient:
         server: str,
         make_hello: Callable[[], Awaitable[agent_pb2.Hello]],
         disk_free: Callable[[], int],
-        token: str | None = None,
+        channels: ServerChannel,
         backoff: Backoff | None = None,
         on_message: Callable[[pb.ConnectResponse], None] = lambda _m: None,
         on_connected: Callable[[], None] = lambda: None,
-        channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.server = server
         self.on_message = on_message
         self.on_connected = on_connected
-        self._channel = channel
+        self.channels = channels
         self._outbox: asyncio.Queue[pb.ConnectRequest] | None = None
         self.make_hello = make_hello
         self.disk_free = disk_free
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.backoff = backoff or Backoff()
 
     def send(self, message: pb.ConnectRequest) -> None:
@@ -106,17 +114,16 @@ class StreamClient:
 
     async def run(self) -> None:
         """Connects, and connects again whenever the stream ends, until cancelled."""
-        channel = self._channel or agent_channel(self.server)
-        async with channel:
-            stub = pb_grpc.AgentServiceStub(channel)
-            while True:
-                started = time.monotonic()
-                why = await self._one_stream(stub)
-                if time.monotonic() - started > 30:
-                    self.backoff.reset()  # it was a real session, not a failed attempt
-                delay = self.backoff.next_delay()
-                log.warning("disconnected from server", why=why, retry_in_s=round(delay, 2))
-                await asyncio.sleep(delay)
+        while True:
+            started = time.monotonic()
+            # Each stream on the channel of the moment: a renewed certificate's, once renewed.
+            why = await self._one_stream(pb_grpc.AgentServiceStub(self.channels.channel))
+            await self.channels.close_retired()
+            if time.monotonic() - started > 30:
+                self.backoff.reset()  # it was a real session, not a failed attempt
+            delay = self.backoff.next_delay()
+            log.warning("disconnected from server", why=why, retry_in_s=round(delay, 2))
+            await asyncio.sleep(delay)
 
     async def _one_stream(self, stub: pb_grpc.AgentServiceStub) -> str:
         outbox: asyncio.Queue[pb.ConnectRequest] = asyncio.Queue()
@@ -126,7 +133,7 @@ class StreamClient:
             while True:
                 yield await outbox.get()
 
-        call = stub.Connect(requests(), metadata=self.metadata)
+        call = stub.Connect(requests())
         heartbeats: asyncio.Task[None] | None = None
         try:
             first = await call.read()
@@ -158,7 +165,7 @@ class StreamClient:
         except grpc.aio.AioRpcError as e:
             reason, _ = error_info(e.trailing_metadata())
             if reason in FATAL_REASONS:
-                raise AgentRefusedError(e.details()) from e
+                raise AgentRefusedError(f"{e.details()} [{reason}]") from e
             return f"{e.code().name}: {e.details()}"
         finally:
             self._outbox = None

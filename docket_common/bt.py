@@ -15,6 +15,8 @@ from typing import Any
 import libtorrent as lt
 import structlog
 
+from docket_common.pki import DH_PARAMS
+
 log = structlog.get_logger()
 
 ALERT_MASK = (
@@ -108,6 +110,9 @@ class TorrentSession:
     ) -> None:
         self.listen = listen
         self.user_agent = user_agent
+        # SSL torrents (set_peer_certificate before start): every torrent whose info dict
+        # names a root certificate takes only peers with a certificate it signed.
+        self._peer_cert: tuple[str, str] | None = None
         self.download_rate_limit = download_rate_limit
         self.upload_rate_limit = upload_rate_limit
         self.port = 0
@@ -128,7 +133,11 @@ class TorrentSession:
         """Opens the session; returns the TCP port it listens on once it does."""
         self._loop = asyncio.get_running_loop()
         self._listening = self._loop.create_future()
-        settings = session_settings(self.listen, user_agent=self.user_agent)
+        listen = self.listen
+        if self._peer_cert is not None:
+            # The one listener is TLS: SSL torrents are dialled, and accepted, there only.
+            listen = ",".join(f"{part.strip()}s" for part in listen.split(","))
+        settings = session_settings(listen, user_agent=self.user_agent)
         settings["download_rate_limit"] = self.download_rate_limit
         settings["upload_rate_limit"] = self.upload_rate_limit
         self._session = lt.session(settings)  # type: ignore[call-overload]  # a dict works
@@ -150,6 +159,35 @@ class TorrentSession:
         except TimeoutError as e:
             raise TorrentSessionError(f"BitTorrent listener on {self.listen} did not start") from e
         return self.port
+
+    @property
+    def ssl(self) -> bool:
+        return self._peer_cert is not None
+
+    def set_peer_certificate(self, cert_pem: bytes, key_pem: bytes) -> None:
+        """The certificate (and key) this session shows peers on SSL torrents; set before
+        start, and again to replace it (a renewed certificate) on every torrent."""
+        self._peer_cert = (cert_pem.decode(), key_pem.decode())
+        if self._session is None:
+            return
+        for handle in self._session.get_torrents():
+            info = handle.torrent_file()
+            if handle.is_valid() and info is not None and info.ssl_cert():
+                self._present_certificate(handle)
+
+    def add_torrent(self, params: Any) -> Any:
+        """Adds a torrent to the session; an SSL torrent gets this session's certificate."""
+        handle = self.session.add_torrent(params)
+        if params.ti is not None and params.ti.ssl_cert():
+            self._present_certificate(handle)
+        return handle
+
+    def _present_certificate(self, handle: Any) -> None:
+        if self._peer_cert is None:
+            log.warning("an SSL torrent, but no peer certificate: no peer will be let in")
+            return
+        cert, key = self._peer_cert
+        handle.set_ssl_certificate_buffer(cert, key, DH_PARAMS)
 
     def close(self) -> None:
         if self._session is None:
@@ -187,7 +225,8 @@ class TorrentSession:
             return
         for alert in self._session.pop_alerts():
             if isinstance(alert, lt.listen_succeeded_alert):
-                if alert.socket_type == lt.socket_type_t.tcp:
+                wanted = lt.socket_type_t.tcp_ssl if self._peer_cert else lt.socket_type_t.tcp
+                if alert.socket_type == wanted:
                     log.info("bittorrent listening", address=f"{alert.address}:{alert.port}")
                     if self._listening and not self._listening.done():
                         self._listening.set_result(alert.port)

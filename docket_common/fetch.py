@@ -258,7 +258,7 @@ class BlobFetcher(TorrentSession):
         # Peers added to a running torrent wait for libtorrent's once-a-second connect round
         # (measured: 0.4-1 s before the first byte from a peer, at every rollout's start).
         params.flags = (params.flags | lt.torrent_flags.paused) & ~lt.torrent_flags.auto_managed
-        handle = self.session.add_torrent(params)
+        handle = self.add_torrent(params)
         download = BlobDownload(spec, handle, info.num_pieces(), info.piece_length())
         self._downloads[spec.digest] = download
         self.add_peers(download, peers)
@@ -393,7 +393,7 @@ class BlobFetcher(TorrentSession):
         params.flags = (params.flags | lt.torrent_flags.seed_mode) & ~(
             lt.torrent_flags.auto_managed | lt.torrent_flags.paused
         )
-        self._seeding[spec.digest] = self.session.add_torrent(params)
+        self._seeding[spec.digest] = self.add_torrent(params)
 
     def drop(self, digest: str, *, delete_files: bool = False) -> None:
         """Stops fetching or seeding a blob; with delete_files, removes a partial download."""

