@@ -88,14 +88,36 @@ def agents_table(agents: list[agent_pb2.Agent]) -> str:
     return columns(rows)
 
 
-@click.command("agents", help=f"List the agents (hosts) the server knows.\n\n{SELECTOR_HELP}")
+@click.group(
+    "agents",
+    invoke_without_command=True,
+    help=f"List the agents (hosts) the server knows; `agents remove` removes one.\n\n"
+    f"{SELECTOR_HELP}",
+)
 @click.option("--hosts", "selector", default="all", show_default=True, help="Host selector.")
 @output_option
+@click.pass_context
+def agents_cmd(ctx: click.Context, selector: str, output: str) -> None:
+    if ctx.invoked_subcommand is None:
+        _list_agents(selector, output)
+
+
 @with_connection
-async def agents_cmd(conn: Connection, selector: str, output: str) -> None:
+async def _list_agents(conn: Connection, selector: str, output: str) -> None:
     parse_selector(selector)  # a bad selector fails here, before any call
     agents = await list_agents(conn, selector)
     if output == "json":
         print_json([agent_json(a) for a in agents])
     else:
         click.echo(agents_table(agents))
+
+
+@agents_cmd.command("remove")
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@with_connection
+async def agents_remove_cmd(conn: Connection, names: tuple[str, ...]) -> None:
+    """Remove agents from the fleet: their certificates stop working, their streams close,
+    and their names are free to enroll again (with a join token)."""
+    for name in names:
+        await conn.agents.RemoveAgent(pb.RemoveAgentRequest(name=name), metadata=conn.metadata)
+        click.echo(f"Removed agent {name}")

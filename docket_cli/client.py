@@ -6,15 +6,20 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from docket_cli.config import DEFAULT_SERVER, Target
 from docket_common.errors import error_info
 from docket_common.pb import (
     agent_admin_service_pb2_grpc,
+    audit_service_pb2_grpc,
     image_service_pb2_grpc,
     pull_service_pb2_grpc,
     rollout_service_pb2_grpc,
+    token_service_pb2_grpc,
 )
+from docket_common.tls_client import diagnose, fetch_chain, open_channel
 
-DEFAULT_SERVER = "127.0.0.1:7800"
+__all__ = ["DEFAULT_SERVER", "Connection", "ServerError", "server_error"]
+
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
@@ -31,36 +36,54 @@ class ServerError(Exception):
         return self.message
 
 
-def server_error(err: grpc.aio.AioRpcError, server: str) -> ServerError:
+def server_error(err: grpc.aio.AioRpcError, target: Target) -> ServerError:
     code = err.code()
+    server = target.server
     message = err.details() or code.name
     reason, metadata = error_info(err.trailing_metadata())
     if code == grpc.StatusCode.UNAVAILABLE and not reason:
-        message = f"cannot reach the Docket server at {server} (is docket-server running?)"
+        why = None if target.insecure else diagnose(server, target.ca_pem, target.ca_source)
+        if why is None and target.insecure and _speaks_tls(server):
+            why = f"the server at {server} speaks TLS: drop --insecure (docketctl login)"
+        message = why or f"cannot reach the Docket server at {server} (is docket-server running?)"
+    elif code == grpc.StatusCode.UNAUTHENTICATED:
+        message = f"{message} (docketctl login {server} --token TOKEN, or --token)"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
         message = f"the Docket server at {server} did not answer in time"
     return ServerError(code, message, reason, metadata)
 
 
+def _speaks_tls(server: str) -> bool:
+    try:
+        return bool(fetch_chain(server, timeout=2))
+    except (OSError, ValueError):
+        return False
+
+
 class Connection:
     """A channel to the server with the stubs the CLI uses."""
 
-    def __init__(self, server: str, token: str | None = None) -> None:
-        self.server = server
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.server = target.server
         self.metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ()
+            (("authorization", f"Bearer {target.token}"),) if target.token else ()
         )
-        self.channel = grpc.aio.insecure_channel(
-            server,
-            options=[
+        self.channel = open_channel(
+            target.server,
+            [
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
+            insecure=target.insecure,
+            ca_pem=target.ca_pem,
         )
         self.images = image_service_pb2_grpc.ImageServiceStub(self.channel)
         self.agents = agent_admin_service_pb2_grpc.AgentAdminServiceStub(self.channel)
         self.rollouts = rollout_service_pb2_grpc.RolloutServiceStub(self.channel)
         self.pulls = pull_service_pb2_grpc.PullServiceStub(self.channel)
+        self.tokens = token_service_pb2_grpc.TokenServiceStub(self.channel)
+        self.audit = audit_service_pb2_grpc.AuditServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -12,11 +12,14 @@ import click
 
 from docket_cli.agents import agents_cmd
 from docket_cli.client import DEFAULT_SERVER, ServerError
+from docket_cli.command import GlobalOptions
+from docket_cli.config import ConfigError
 from docket_cli.images import images_cmd, inspect_cmd, rm_cmd
 from docket_cli.pull import PullError, pull_cmd
 from docket_cli.pulls import pulls_cmd
 from docket_cli.push import PushError, push_cmd
 from docket_cli.rollout import rollout_cmd, rollouts_group
+from docket_cli.security import audit_cmd, contexts_cmd, login_cmd, logout_cmd, tokens_group
 from docket_common.archive import ArchiveError
 from docket_common.bt import TorrentSessionError
 from docket_common.fetch import FetchError
@@ -29,25 +32,52 @@ from docket_common.selector import InvalidSelectorError
 @click.option(
     "--server",
     envvar="DOCKET_SERVER",
-    default=DEFAULT_SERVER,
-    show_default=True,
-    help="The Docket server, HOST:PORT. Also from $DOCKET_SERVER.",
+    default=None,
+    help=f"The Docket server, HOST:PORT. Also from $DOCKET_SERVER; default: the current "
+    f"context's (docketctl login), else {DEFAULT_SERVER}.",
 )
 @click.option(
     "--token",
     envvar="DOCKET_TOKEN",
     default=None,
-    help="Bearer token, when the server requires one. Also from $DOCKET_TOKEN.",
+    help="The token to call with. Also from $DOCKET_TOKEN; default: the context's.",
+)
+@click.option(
+    "--ca",
+    envvar="DOCKET_CA",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The CA certificate (PEM) to verify the server by. Also from $DOCKET_CA; default: "
+    "the context's, else the system's CAs.",
+)
+@click.option(
+    "--context",
+    "context_name",
+    default=None,
+    help="A context saved by `docketctl login` (default: the current one).",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Talk plaintext, with no token, to a server running with --insecure (a lab).",
 )
 @click.version_option(package_name="docket", prog_name="docketctl")
 @click.pass_context
-def cli(ctx: click.Context, server: str, token: str | None) -> None:
+def cli(
+    ctx: click.Context,
+    server: str | None,
+    token: str | None,
+    ca: str | None,
+    context_name: str | None,
+    insecure: bool,
+) -> None:
     """Push Docker images to a Docket server, manage them, and see the fleet.
 
     \b
     Image references are Docker's: NAME[:TAG] (TAG defaults to latest) or NAME@sha256:….
+    Start with `docketctl login SERVER --token TOKEN --ca ca.pem`.
     """
-    ctx.obj = (server, token)
+    ctx.obj = GlobalOptions(server, token, ca, insecure, context_name)
 
 
 cli.add_command(push_cmd)
@@ -59,6 +89,11 @@ cli.add_command(rollout_cmd)
 cli.add_command(rollouts_group)
 cli.add_command(pull_cmd)
 cli.add_command(pulls_cmd)
+cli.add_command(login_cmd)
+cli.add_command(logout_cmd)
+cli.add_command(contexts_cmd)
+cli.add_command(tokens_group)
+cli.add_command(audit_cmd)
 
 
 def main() -> None:
@@ -84,6 +119,7 @@ def main() -> None:
         FetchError,
         LoadError,
         TorrentSessionError,
+        ConfigError,
     ) as e:
         _fail(str(e))
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ cut short resumes and a second image sharing layers fetches only what is new.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from pathlib import Path
 
 import click
@@ -25,6 +26,7 @@ from docket_common.pb import image_pb2
 from docket_common.pb import image_service_pb2 as pb
 from docket_common.readblob import grpc_read_range
 from docket_common.reference import parse_reference
+from docket_common.torrent import torrent_ssl_cert
 from docket_common.version import VERSION
 
 
@@ -80,7 +82,10 @@ async def pull_cmd(
     quiet: bool,
 ) -> None:
     """Pull an image from the server over BitTorrent into the local Docker engine
-    ($DOCKER_HOST), or with --output into an archive for `docker load`."""
+    ($DOCKER_HOST), or with --output into an archive for `docker load`.
+
+    From a server with TLS on, the swarm's peers admit enrolled agents only (SSL torrents),
+    so the blobs come from the server over gRPC instead, with the same checks."""
     name = parse_reference(ref).name
     want = this_platform()
     if platform is not None:
@@ -97,6 +102,7 @@ async def pull_cmd(
     await fetcher.start()
     try:
         downloads = []
+        over_grpc = []  # SSL torrents: their peers admit enrolled agents only
         cached = 0
         for blob in {b.digest: b for b in blobs}.values():
             path = fetcher.blob_path(blob.digest)
@@ -107,9 +113,18 @@ async def pull_cmd(
                 pb.GetTorrentRequest(digest=blob.digest), metadata=conn.metadata
             )
             spec = BlobSpec(blob.digest, blob.size_bytes, torrent.torrent.metainfo)
-            downloads.append(fetcher.download(spec, [p.endpoint for p in torrent.peers]))
+            if torrent_ssl_cert(spec.metainfo) is None:
+                downloads.append(fetcher.download(spec, [p.endpoint for p in torrent.peers]))
+            else:
+                over_grpc.append(fetcher.download(spec, []))
+        downloads += over_grpc
         if cached and not quiet:
             stderr.print(f"{human_size(cached)} already in {cache_dir}: not fetched again")
+        if over_grpc and not quiet:
+            stderr.print(
+                "The fleet's swarm admits enrolled agents only (TLS peers): fetching over gRPC"
+            )
+        read_range = grpc_read_range(conn.images, conn.metadata)
         live = stderr.is_terminal and not quiet
         bars = transfer_bars()
         tasks = {
@@ -123,13 +138,28 @@ async def pull_cmd(
         if live:
             bars.start()
         try:
-            await follow(
-                fetcher,
-                downloads,
-                read_range=grpc_read_range(conn.images, conn.metadata),
-                fallback_after=fallback_after,
-                on_tick=tick,
-            )
+            waits = [
+                asyncio.ensure_future(
+                    follow(
+                        fetcher,
+                        downloads,
+                        read_range=read_range,
+                        fallback_after=fallback_after,
+                        on_tick=tick,
+                    )
+                ),
+                *(
+                    asyncio.ensure_future(
+                        fetcher.fill_missing(d, partial(read_range, d.spec.digest))
+                    )
+                    for d in over_grpc
+                ),
+            ]
+            try:
+                await asyncio.gather(*waits)  # the first failure ends the pull
+            finally:
+                for task in waits:
+                    task.cancel()
             for d in downloads:
                 await fetcher.complete(d)
             tick()

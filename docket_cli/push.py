@@ -121,7 +121,7 @@ async def _missing(conn: Connection, digests: list[str]) -> set[str]:
             pb.StatBlobsRequest(digests=digests), metadata=conn.metadata
         )
     except grpc.aio.AioRpcError as e:
-        raise server_error(e, conn.server) from e
+        raise server_error(e, conn.target) from e
     return set(response.missing_digests)
 
 
@@ -174,7 +174,7 @@ class _Streamer:
                         metadata=self.conn.metadata,
                     )
                 except grpc.aio.AioRpcError as e:
-                    raise server_error(e, self.conn.server) from e
+                    raise server_error(e, self.conn.target) from e
                 self.progress.done(blob, response.already_existed)
                 return str(response.digest)
         finally:
@@ -255,7 +255,7 @@ async def push_archive(
             )
             return PushResult(response.image, uploads, present, set(streamed))
         except grpc.aio.AioRpcError as e:
-            err = server_error(e, conn.server)
+            err = server_error(e, conn.target)
             # A blob the server had when asked was deleted (by `rm`) before the image was
             # recorded: ask again and upload it.
             if err.reason == Reason.BLOB_NOT_FOUND and attempt == 1:

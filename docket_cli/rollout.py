@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
-from datetime import timedelta
 
 import click
 from google.protobuf.duration_pb2 import Duration
@@ -30,6 +28,7 @@ from docket_cli.rollout_view import (
     rollout_json,
     summary_table,
 )
+from docket_common.cli import parse_duration
 from docket_common.pb import rollout_pb2
 from docket_common.pb import rollout_service_pb2 as pb
 from docket_common.reference import parse_reference
@@ -39,21 +38,6 @@ EXIT_HELP = (
     "Exit codes: 0 every host succeeded; 3 the rollout failed; 4 it was cancelled; 5 it timed "
     "out; 1 it could not start (or another error); 130 Ctrl-C (the rollout goes on)."
 )
-_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?$")
-
-
-def parse_duration(text: str) -> timedelta:
-    """ "90s", "10m", "1h30m", or a number of seconds."""
-    text = text.strip()
-    try:
-        return timedelta(seconds=float(text))
-    except ValueError:
-        pass
-    match = _DURATION.match(text)
-    if not text or match is None:
-        raise click.BadParameter(f"{text!r}: want a duration like 90s, 10m or 1h30m")
-    hours, minutes, secs = match.groups()
-    return timedelta(hours=int(hours or 0), minutes=int(minutes or 0), seconds=float(secs or 0))
 
 
 class Detached(Exception):
