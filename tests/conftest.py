@@ -14,6 +14,7 @@ are skipped, except under CI (the ``CI`` environment variable set), where that i
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,24 @@ from tests.support.agents import AgentProcess, StartAgent
 from tests.support.dockerd import DockerEngine, docker_unavailable_reason
 from tests.support.images import ImagePair, make_image_pair
 from tests.support.netns import running_under_ci
-from tests.support.server import ServerProcess
+from tests.support.server import REGISTRY_AUTH_ENV, ServerProcess
+
+
+@pytest.fixture(scope="session", autouse=True)
+def registry_logins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One docker config.json for the session, which docker and skopeo read: each secure
+    ServerProcess logs its admin token in there when it starts (tests/support/server.py)."""
+    config_dir = tmp_path_factory.mktemp("docker-config")
+    saved = {k: os.environ.get(k) for k in ("DOCKER_CONFIG", REGISTRY_AUTH_ENV)}
+    os.environ["DOCKER_CONFIG"] = str(config_dir)
+    os.environ[REGISTRY_AUTH_ENV] = str(config_dir / "config.json")
+    yield config_dir
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
 
 # ---------------------------------------------------------------------------------------
 # 1. Docker engine
@@ -93,9 +111,7 @@ def agents(tmp_path: Path) -> Iterator[StartAgent]:
     started: list[AgentProcess] = []
 
     def start(server: ServerProcess, name: str, **kwargs: Any) -> AgentProcess:
-        agent = AgentProcess(
-            server=server.address, data_dir=tmp_path / name, name=name, **kwargs
-        ).start()
+        agent = AgentProcess(server=server, data_dir=tmp_path / name, name=name, **kwargs).start()
         started.append(agent)
         return agent
 

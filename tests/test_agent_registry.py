@@ -17,13 +17,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from docket_common.pb import agent_service_pb2_grpc
 from docket_common.pb import image_service_pb2 as image_pb
 from docket_common.pb import image_service_pb2_grpc as image_grpc
-from tests.support.agents import AgentProcess, SimulatedAgent, StartAgent, wait_for_states
+from tests.support.agents import (
+    AgentProcess,
+    SimulatedAgent,
+    StartAgent,
+    agent_channel,
+    enroll,
+    wait_for_states,
+)
 from tests.support.corrupt_peer import CorruptPeer
 from tests.support.dockerd import DockerEngine
 from tests.support.images import write_base_rootfs
@@ -44,7 +50,7 @@ def docket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 def pulls(server: ServerProcess, *args: str) -> list[dict[str, Any]]:
-    result = docketctl("pulls", "-o", "json", *args, server=server.address)
+    result = docketctl("pulls", "-o", "json", *args, server=server)
     assert result.returncode == 0, result.stderr
     found: list[dict[str, Any]] = json.loads(result.stdout)
     return found
@@ -80,7 +86,7 @@ def push_runnable(server: ServerProcess, tmp_path: Path, repository: str, extra:
         {"marker": repository.encode(), "data.bin": random_bytes(extra, len(repository))}
     )
     image = build_image([rootfs.read_bytes(), layer])
-    assert RegistryClient(server.registry_url).push_image(repository, "1", image).status_code == 201
+    assert server.registry_client().push_image(repository, "1", image).status_code == 201
     return image
 
 
@@ -104,7 +110,7 @@ def test_three_engines_pull_through_their_agents_at_once(
         agents(docket, name, groups=["pa"], docker_host=engine.host)
         for name, engine in zip(names, agent_engines, strict=True)
     ]
-    wait_for_states(docket.address, dict.fromkeys(names, "online"))
+    wait_for_states(docket, dict.fromkeys(names, "online"))
     results: dict[str, subprocess.CompletedProcess[str]] = {}
 
     def pull(agent: AgentProcess, engine: DockerEngine) -> None:
@@ -149,12 +155,9 @@ def test_skopeo_copies_through_an_agent(
     tmp_path: Path, docket: ServerProcess, agents: StartAgent
 ) -> None:
     image = build_image([random_layer(3 * MiB, 1), random_layer(MiB, 2)], indent=2)
-    assert (
-        RegistryClient(docket.registry_url).push_image("skopeo/agent", "1", image).status_code
-        == 201
-    )
+    assert docket.registry_client().push_image("skopeo/agent", "1", image).status_code == 201
     agent = agents(docket, "sk1", groups=["sk"])
-    wait_for_states(docket.address, {"sk1": "online"})
+    wait_for_states(docket, {"sk1": "online"})
     out = tmp_path / "copied"
     skopeo_ok(
         "copy", "--src-tls-verify=false", f"docker://{agent.registry}/skopeo/agent:1", f"dir:{out}"
@@ -178,11 +181,13 @@ def test_containerd_pulls_through_the_agent_and_past_it_when_it_is_down(
     first = push_runnable(docket, tmp_path, "ctr/one", MiB)
     second = push_runnable(docket, tmp_path, "ctr/two", MiB)
     agent = agents(docket, "ctr1", groups=["ctr"])
-    wait_for_states(docket.address, {"ctr1": "online"})
+    wait_for_states(docket, {"ctr1": "online"})
     hosts_dir = tmp_path / "certs.d"
     printed = subprocess.run(
         [
             str(BIN / "docket-agent"),
+            "--data-dir",
+            str(agent.data_dir),
             "containerd-config",
             docket.registry,
             "--agent",
@@ -192,14 +197,26 @@ def test_containerd_pulls_through_the_agent_and_past_it_when_it_is_down(
         text=True,
         check=True,
     ).stdout
+    assert f'server = "https://{docket.registry}"' in printed
+    assert f'ca = "{agent.data_dir / "tls" / "server-ca.pem"}"' in printed
     (hosts_dir / docket.registry).mkdir(parents=True)
     (hosts_dir / docket.registry / "hosts.toml").write_text(printed)
     address = str(docker_engine.dir / "exec" / "containerd" / "containerd.sock")
     ctr = [tool("ctr"), "--address", address, "--namespace", "docket-agent-test"]
+    viewer = docket.token("viewer")
 
     def ctr_pull(ref: str) -> None:
         result = subprocess.run(
-            [*ctr, "images", "pull", "--hosts-dir", str(hosts_dir), ref],
+            [
+                *ctr,
+                "images",
+                "pull",
+                "--hosts-dir",
+                str(hosts_dir),
+                "--user",
+                f"docket:{viewer}",
+                ref,
+            ],
             capture_output=True,
             text=True,
             timeout=300,
@@ -221,12 +238,9 @@ def test_containerd_pulls_through_the_agent_and_past_it_when_it_is_down(
 def test_unknown_images_ranges_and_pushes(docket: ServerProcess, agents: StartAgent) -> None:
     layer = random_layer(600 * 1024, 3)
     image = build_image([layer])
-    assert (
-        RegistryClient(docket.registry_url).push_image("faults/range", "1", image).status_code
-        == 201
-    )
+    assert docket.registry_client().push_image("faults/range", "1", image).status_code == 201
     agent = agents(docket, "rg1", groups=["rg"])
-    wait_for_states(docket.address, {"rg1": "online"})
+    wait_for_states(docket, {"rg1": "online"})
     client = RegistryClient(f"http://{agent.registry}")
     expect_error(client.get_manifest("faults/nothing", "1"), 404, "MANIFEST_UNKNOWN")
     expect_error(client.request("GET", "/v2/faults/range/blobs/sha256:zz"), 400, "DIGEST_INVALID")
@@ -260,10 +274,10 @@ def test_requests_for_one_blob_share_a_download_and_a_client_leaving_stops_nothi
     docket: ServerProcess, agents: StartAgent
 ) -> None:
     layer = random_layer(6 * MiB, 4)
-    assert RegistryClient(docket.registry_url).push_blob("share/blob", layer).status_code == 201
+    assert docket.registry_client().push_blob("share/blob", layer).status_code == 201
     # 2 MB/s: slow enough to catch the download in flight (and no first pieces: the limit).
     agent = agents(docket, "sh1", groups=["sh"], extra_args=["--max-download-rate", str(2 * MiB)])
-    wait_for_states(docket.address, {"sh1": "online"})
+    wait_for_states(docket, {"sh1": "online"})
     path = f"/v2/share/blob/blobs/{sha256(layer)}"
     with socket.create_connection(("127.0.0.1", agent.registry_port), timeout=30) as gone:
         gone.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
@@ -294,8 +308,8 @@ def test_a_corrupt_peer_never_reaches_the_client(tmp_path: Path, agents: StartAg
     ).start()
     layer = random_layer(3 * MiB, 5)
     try:
-        assert RegistryClient(server.registry_url).push_blob("liar/blob", layer).status_code == 201
-        with grpc.insecure_channel(server.address) as channel:
+        assert server.registry_client().push_blob("liar/blob", layer).status_code == 201
+        with server.channel() as channel:
             metainfo = (
                 image_grpc.ImageServiceStub(channel)
                 .GetTorrent(image_pb.GetTorrentRequest(digest=sha256(layer)))
@@ -303,8 +317,11 @@ def test_a_corrupt_peer_never_reaches_the_client(tmp_path: Path, agents: StartAg
             )
 
         async def with_liar() -> bytes:
-            with CorruptPeer(metainfo, layer, tmp_path / "liar") as liar:
-                async with grpc.aio.insecure_channel(server.address) as channel:
+            liar_id = await enroll(server, "liar")
+            with CorruptPeer(
+                metainfo, layer, tmp_path / "liar", (liar_id.cert_pem, liar_id.key_pem)
+            ) as liar:
+                async with agent_channel(server, liar_id) as channel:
                     fake = SimulatedAgent(
                         agent_service_pb2_grpc.AgentServiceStub(channel),
                         "liar",
@@ -319,7 +336,7 @@ def test_a_corrupt_peer_never_reaches_the_client(tmp_path: Path, agents: StartAg
                         groups=["h"],
                         extra_args=["--fallback-after", "2", "--max-download-rate", str(64 * MiB)],
                     )
-                    await asyncio.to_thread(wait_for_states, server.address, {"honest2": "online"})
+                    await asyncio.to_thread(wait_for_states, server, {"honest2": "online"})
                     status, _, body = await asyncio.to_thread(
                         get, f"http://{agent.registry}/v2/liar/blob/blobs/{sha256(layer)}"
                     )
@@ -335,9 +352,9 @@ def test_a_corrupt_peer_never_reaches_the_client(tmp_path: Path, agents: StartAg
 
 def test_a_cache_too_small_is_a_clear_error(docket: ServerProcess, agents: StartAgent) -> None:
     layer = random_layer(3 * MiB, 6)
-    assert RegistryClient(docket.registry_url).push_blob("small/cache", layer).status_code == 201
+    assert docket.registry_client().push_blob("small/cache", layer).status_code == 201
     agent = agents(docket, "cs1", groups=["cs"], extra_args=["--cache-max-bytes", str(MiB)])
-    wait_for_states(docket.address, {"cs1": "online"})
+    wait_for_states(docket, {"cs1": "online"})
     response = RegistryClient(f"http://{agent.registry}").request(
         "GET", f"/v2/small/cache/blobs/{sha256(layer)}"
     )
@@ -350,10 +367,10 @@ def test_an_agent_restarted_mid_pull_resumes_when_the_client_tries_again(
     docket: ServerProcess, agents: StartAgent
 ) -> None:
     layer = random_layer(8 * MiB, 7)
-    assert RegistryClient(docket.registry_url).push_blob("restart/blob", layer).status_code == 201
+    assert docket.registry_client().push_blob("restart/blob", layer).status_code == 201
     slow = ["--max-download-rate", str(2 * MiB)]
     agent = agents(docket, "rs1", groups=["rs"], extra_args=slow)
-    wait_for_states(docket.address, {"rs1": "online"})
+    wait_for_states(docket, {"rs1": "online"})
     url = f"http://{agent.registry}/v2/restart/blob/blobs/{sha256(layer)}"
     cut: list[BaseException] = []
 
@@ -379,7 +396,7 @@ def test_an_agent_restarted_mid_pull_resumes_when_the_client_tries_again(
     agent.stop()
     agent.extra_args = []  # full speed now
     agent.start()
-    wait_for_states(docket.address, {"rs1": "online"})
+    wait_for_states(docket, {"rs1": "online"})
     status, _, body = get(url)
     assert status == 200
     assert body == layer
@@ -393,11 +410,9 @@ def test_the_server_unreachable_cached_blobs_and_seen_manifests_still_serve(
 ) -> None:
     server = ServerProcess(data_dir=tmp_path / "server", extra_args=FAST).start()
     image = build_image([random_layer(MiB, 8)])
-    assert (
-        RegistryClient(server.registry_url).push_image("offline/img", "1", image).status_code == 201
-    )
+    assert server.registry_client().push_image("offline/img", "1", image).status_code == 201
     agent = agents(server, "of1", groups=["of"])
-    wait_for_states(server.address, {"of1": "online"})
+    wait_for_states(server, {"of1": "online"})
     client = RegistryClient(f"http://{agent.registry}")
     assert client.get_manifest("offline/img", "1").content == image.manifest
     blob = f"/v2/offline/img/blobs/{sha256(image.layers[0])}"
@@ -423,7 +438,7 @@ def test_docker_hub_names_through_registry_mirrors(
     agent serves them from Docket's NAME."""
     push_runnable(docket, tmp_path, "mirrored", MiB)
     agent = agents(docket, "mr1", groups=["mr"])
-    wait_for_states(docket.address, {"mr1": "online"})
+    wait_for_states(docket, {"mr1": "online"})
     with DockerEngine(daemon_config={"registry-mirrors": [f"http://{agent.registry}"]}) as engine:
         docker(engine, "pull", "mirrored:1")
         assert docker(

@@ -17,7 +17,15 @@ from docket_common.errors import error_info
 from docket_common.pb import agent_pb2
 from docket_common.pb import agent_service_pb2 as pb
 from docket_common.pb import agent_service_pb2_grpc as pb_grpc
-from tests.support.agents import AgentProcess, SimulatedAgent, agents_json, wait_for_states
+from tests.support.agents import (
+    AgentProcess,
+    SimulatedAgent,
+    agent_channel,
+    agents_json,
+    enroll,
+    sim_channel,
+    wait_for_states,
+)
 from tests.support.dockerd import DockerEngine
 from tests.support.server import ServerProcess, docketctl
 
@@ -38,7 +46,7 @@ def start_agent(fleet_server: ServerProcess, tmp_path: Path) -> Iterator[object]
 
     def start(name: str, **kwargs: object) -> AgentProcess:
         agent = AgentProcess(
-            server=fleet_server.address,
+            server=fleet_server,
             data_dir=tmp_path / name,
             name=name,
             **kwargs,  # type: ignore[arg-type]
@@ -60,9 +68,7 @@ def test_agents_register_with_what_they_say_about_themselves(
     start_agent("web1", groups=["web"], labels={"env": "prod"})  # type: ignore[operator]
     start_agent("web2", groups=["web"], labels={"env": "staging"})  # type: ignore[operator]
     start_agent("db1", groups=["db", "stateful"], labels={"env": "prod"})  # type: ignore[operator]
-    agents = wait_for_states(
-        fleet_server.address, {"web1": "online", "web2": "online", "db1": "online"}
-    )
+    agents = wait_for_states(fleet_server, {"web1": "online", "web2": "online", "db1": "online"})
     web1 = agents["web1"]
     assert web1["groups"] == ["web"]
     assert web1["labels"] == {"env": "prod"}
@@ -79,7 +85,7 @@ def test_agents_register_with_what_they_say_about_themselves(
         assert web1[key], key
 
     def names(selector: str) -> list[str]:
-        return sorted(agents_json(fleet_server.address, selector))
+        return sorted(agents_json(fleet_server, selector))
 
     assert names("all") == ["db1", "web1", "web2"]
     assert names("web") == ["web1", "web2"]
@@ -87,13 +93,13 @@ def test_agents_register_with_what_they_say_about_themselves(
     assert names("env=prod") == ["db1", "web1"]
     assert names("stateful,env=staging") == ["db1", "web2"]
     assert names("nothing") == []
-    table = docketctl("agents", "--hosts", "web", server=fleet_server.address)
+    table = docketctl("agents", "--hosts", "web", server=fleet_server)
     assert table.stdout.splitlines()[0].split()[:3] == ["NAME", "STATE", "GROUPS"]
     assert [line.split()[:2] for line in table.stdout.splitlines()[1:]] == [
         ["web1", "online"],
         ["web2", "online"],
     ]
-    bad = docketctl("agents", "--hosts", "a b", server=fleet_server.address)
+    bad = docketctl("agents", "--hosts", "a b", server=fleet_server)
     assert bad.returncode == 1
     assert "invalid selector term 'a b'" in bad.stderr
 
@@ -103,12 +109,12 @@ def test_a_silent_agent_goes_stale_then_offline_and_comes_back(
 ) -> None:
     agent = start_agent("web1", groups=["web"])  # type: ignore[operator]
     start_agent("web2", groups=["web"])  # type: ignore[operator]
-    wait_for_states(fleet_server.address, {"web1": "online", "web2": "online"})
+    wait_for_states(fleet_server, {"web1": "online", "web2": "online"})
     agent.signal(signal.SIGSTOP)
     try:
         # Stale lasts half a second (from 1 s to 1.5 s of silence): polling may miss it, so
         # the log says that it came, and before offline.
-        agents = wait_for_states(fleet_server.address, {"web1": "offline"}, timeout=10)
+        agents = wait_for_states(fleet_server, {"web1": "offline"}, timeout=10)
         assert agents["web2"]["state"] == "online"
     finally:
         agent.signal(signal.SIGCONT)
@@ -119,7 +125,7 @@ def test_a_silent_agent_goes_stale_then_offline_and_comes_back(
     ]
     stale = events.index(("agent missed heartbeats", "web1"))
     assert ("agent offline", "web1") in events[stale:]
-    wait_for_states(fleet_server.address, {"web1": "online", "web2": "online"}, timeout=10)
+    wait_for_states(fleet_server, {"web1": "online", "web2": "online"}, timeout=10)
 
 
 def test_agents_reconnect_after_a_server_restart(
@@ -127,33 +133,33 @@ def test_agents_reconnect_after_a_server_restart(
 ) -> None:
     for i in range(3):
         start_agent(f"web{i}", groups=["web"])  # type: ignore[operator]
-    wait_for_states(fleet_server.address, {f"web{i}": "online" for i in range(3)})
+    wait_for_states(fleet_server, {f"web{i}": "online" for i in range(3)})
     assert fleet_server.stop() == 0
     time.sleep(2)
     fleet_server.start()
     # Persisted, and offline until each agent is back.
     restarted = time.monotonic()
-    wait_for_states(fleet_server.address, {f"web{i}": "online" for i in range(3)}, timeout=15)
+    wait_for_states(fleet_server, {f"web{i}": "online" for i in range(3)}, timeout=15)
     print(f"all agents online {time.monotonic() - restarted:.1f}s after the restart")
-    assert len(agents_json(fleet_server.address)) == 3  # one row each, no duplicates
+    assert len(agents_json(fleet_server)) == 3  # one row each, no duplicates
 
 
 def test_a_second_agent_under_an_online_name_is_refused(
     fleet_server: ServerProcess, start_agent: object, tmp_path: Path
 ) -> None:
     first = start_agent("web1")  # type: ignore[operator]
-    before = wait_for_states(fleet_server.address, {"web1": "online"})["web1"]
-    impostor = AgentProcess(server=fleet_server.address, data_dir=tmp_path / "other", name="web1")
+    before = wait_for_states(fleet_server, {"web1": "online"})["web1"]
+    impostor = AgentProcess(server=fleet_server, data_dir=tmp_path / "other", name="web1")
     impostor.start()
     assert impostor.proc is not None
     assert impostor.proc.wait(20) == 1
-    assert "another agent is online as 'web1'" in impostor.log_tail()
-    after = agents_json(fleet_server.address)
+    assert "agent web1 is enrolled by another install" in impostor.log_tail()
+    after = agents_json(fleet_server)
     assert list(after) == ["web1"]
     assert after["web1"]["agent_id"] == before["agent_id"]
     assert after["web1"]["connect_time"] == before["connect_time"]  # never swapped out
     # Two agents on one data dir are refused before they reach the server.
-    twin = AgentProcess(server=fleet_server.address, data_dir=first.data_dir, name="web9")
+    twin = AgentProcess(server=fleet_server, data_dir=first.data_dir, name="web9")
     twin.start()
     assert twin.proc is not None
     assert twin.proc.wait(20) == 1
@@ -167,12 +173,15 @@ async def _sim(server: ServerProcess, *agents: SimulatedAgent) -> list[asyncio.T
 async def test_the_same_install_reconnecting_replaces_its_old_stream(
     fleet_server: ServerProcess,
 ) -> None:
-    async with grpc.aio.insecure_channel(fleet_server.address) as channel:
-        stub = pb_grpc.AgentServiceStub(channel)
-        old = SimulatedAgent(stub, "web1", agent_id="same-install")
+    identity = await enroll(fleet_server, "web1")
+    async with (
+        agent_channel(fleet_server, identity) as first,
+        agent_channel(fleet_server, identity) as second,
+    ):
+        old = SimulatedAgent(pb_grpc.AgentServiceStub(first), "web1", agent_id="same-install")
         old_task = asyncio.create_task(old.run())
         await asyncio.wait_for(old.welcomed.wait(), 10)
-        new = SimulatedAgent(stub, "web1", agent_id="same-install")
+        new = SimulatedAgent(pb_grpc.AgentServiceStub(second), "web1", agent_id="same-install")
         new_task = asyncio.create_task(new.run())
         await asyncio.wait_for(new.welcomed.wait(), 10)
         await asyncio.wait_for(old_task, 10)
@@ -181,7 +190,7 @@ async def test_the_same_install_reconnecting_replaces_its_old_stream(
         assert old.ended is not None
         assert old.ended.code() == grpc.StatusCode.ABORTED
         assert error_info(old.ended.trailing_metadata())[0] == "AGENT_REPLACED"
-        agents = agents_json(fleet_server.address)
+        agents = agents_json(fleet_server)
         assert agents["web1"]["state"] == "online"
         new_task.cancel()
 
@@ -205,10 +214,9 @@ async def test_misbehaving_streams_are_dropped_alone(
     fleet_server: ServerProcess, start_agent: object
 ) -> None:
     start_agent("steady")  # type: ignore[operator]
-    wait_for_states(fleet_server.address, {"steady": "online"})
-    async with grpc.aio.insecure_channel(
-        fleet_server.address, options=[("grpc.max_send_message_length", 64 << 20)]
-    ) as channel:
+    wait_for_states(fleet_server, {"steady": "online"})
+    channel = await sim_channel(fleet_server, "ok", **{"grpc.max_send_message_length": 64 << 20})
+    async with channel:
         stub = pb_grpc.AgentServiceStub(channel)
 
         async def only(*messages: object) -> AsyncIterator[object]:
@@ -247,8 +255,16 @@ async def test_misbehaving_streams_are_dropped_alone(
         )
         big = await _expect_refusal(stub.Connect(only(pb.ConnectRequest(hello=huge))))
         assert big.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # A hello for another agent than the certificate's.
+        other = await _expect_refusal(
+            stub.Connect(
+                only(pb.ConnectRequest(hello=agent_pb2.Hello(name="steady", agent_id="x")))
+            )
+        )
+        assert other.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "its certificate names ok" in (other.details() or "")
         # A second hello on a live stream ends that stream.
-        sim = SimulatedAgent(stub, "twice")
+        sim = SimulatedAgent(stub, "ok")
         twice = await _expect_refusal(stub.Connect(only(sim.hello(), sim.hello())))
         assert error_info(twice.trailing_metadata())[0] == "HELLO_REQUIRED"
 
@@ -259,10 +275,12 @@ async def test_misbehaving_streams_are_dropped_alone(
     assert "ended before its hello" in log  # the oversized one
     assert "Traceback" not in log
     assert fleet_server.alive()
-    agents = agents_json(fleet_server.address)
+    agents = agents_json(fleet_server)
     assert agents["steady"]["state"] == "online"
     assert "huge" not in agents
-    assert "ok" not in agents
+    # Only the well-formed hello of the last stream registered "ok": none of the bad ones.
+    assert agents["ok"]["agent_id"] == sim.agent_id
+    assert agents["steady"]["agent_id"] != "x"
 
 
 async def test_hundreds_of_agents_connecting_at_once(tmp_path: Path) -> None:
@@ -278,22 +296,30 @@ async def test_hundreds_of_agents_connecting_at_once(tmp_path: Path) -> None:
 
 
 async def _connect_at_once(fleet_server: ServerProcess, count: int) -> None:
-    async with grpc.aio.insecure_channel(fleet_server.address) as channel:
-        stub = pb_grpc.AgentServiceStub(channel)
-        sims = [SimulatedAgent(stub, f"sim{i:04d}") for i in range(count)]
+    # Each enrolled (a certificate of its own), each on a connection of its own.
+    names = [f"sim{i:04d}" for i in range(count)]
+    identities = await asyncio.gather(*(enroll(fleet_server, name) for name in names))
+    channels = [agent_channel(fleet_server, identity) for identity in identities]
+    try:
+        sims = [
+            SimulatedAgent(pb_grpc.AgentServiceStub(channel), name)
+            for channel, name in zip(channels, names, strict=True)
+        ]
         tasks = [asyncio.create_task(s.run()) for s in sims]
         started = time.monotonic()
         await asyncio.wait_for(asyncio.gather(*(s.welcomed.wait() for s in sims)), 60)
         print(f"{count} agents welcomed in {time.monotonic() - started:.2f}s")
         assert [s.name for s in sims if s.welcome is None] == []
         # Connected: online, or stale when this loaded machine delays a 0.5 s heartbeat.
-        agents = agents_json(fleet_server.address).values()
+        agents = agents_json(fleet_server).values()
         connected = [a for a in agents if a["state"] in ("online", "stale")]
         assert len(connected) == count
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    wait_for_states(fleet_server.address, {"sim0000": "offline", f"sim{count - 1:04d}": "offline"})
+    finally:
+        await asyncio.gather(*(channel.close() for channel in channels))
+    wait_for_states(fleet_server, {"sim0000": "offline", f"sim{count - 1:04d}": "offline"})
     assert fleet_server.alive()
 
 
@@ -302,6 +328,6 @@ def test_an_agent_reports_its_docker_engine(
     fleet_server: ServerProcess, start_agent: object, docker_engine: DockerEngine
 ) -> None:
     start_agent("dockerhost", docker_host=docker_engine.host)  # type: ignore[operator]
-    agent = wait_for_states(fleet_server.address, {"dockerhost": "online"})["dockerhost"]
+    agent = wait_for_states(fleet_server, {"dockerhost": "online"})["dockerhost"]
     assert agent["docker_version"] == docker_engine.client.version()["Version"]
     assert agent["docker_error"] is None

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 from google.protobuf import descriptor_pool, message_factory
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -35,7 +34,6 @@ TSX = TYPESCRIPT / "node_modules" / ".bin" / "tsx"
 FLEET = "examples/fleet.ts"
 FAST = ["--heartbeat-interval", "0.5", "--hello-timeout", "2"]
 IMAGE = "clients/demo:1"
-TOKEN = "client-test-token"
 
 
 def running_under_ci() -> bool:
@@ -55,7 +53,8 @@ Fleet = Callable[..., subprocess.CompletedProcess[str]]
 
 @pytest.fixture
 def fleet() -> Fleet:
-    """Runs examples/fleet.ts with tsx: fleet(server_address, *args, token=None)."""
+    """Runs examples/fleet.ts with tsx: fleet(server, *args, token=None), calling the
+    server over TLS as its admin (or with ``token``)."""
     reason = None
     if shutil.which("node") is None:
         reason = "node is not installed"
@@ -67,12 +66,9 @@ def fleet() -> Fleet:
         pytest.skip(reason)
 
     def run(
-        server: str, *args: str, token: str | None = None, timeout: float = 120
+        server: ServerProcess, *args: str, token: str | None = None, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if k != "DOCKET_TOKEN"}
-        env["DOCKET_SERVER"] = server
-        if token is not None:
-            env["DOCKET_TOKEN"] = token
+        env = server.env(token)
         return subprocess.run(
             [str(TSX), FLEET, *args],
             cwd=TYPESCRIPT,
@@ -105,10 +101,10 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
 @pytest.fixture
 def agent(tmp_path: Path, server: ServerProcess) -> Iterator[AgentProcess]:
     proc = AgentProcess(
-        server=server.address, data_dir=tmp_path / "host1", name="host1", groups=["g"]
+        server=server, data_dir=tmp_path / "host1", name="host1", groups=["g"]
     ).start()
     try:
-        wait_for_states(server.address, {"host1": "online"})
+        wait_for_states(server, {"host1": "online"})
         yield proc
     finally:
         proc.stop()
@@ -118,9 +114,7 @@ def agent(tmp_path: Path, server: ServerProcess) -> Iterator[AgentProcess]:
 def pushed(tmp_path: Path, server: ServerProcess) -> Pushed:
     layer = layer_tar({"data": random_bytes(512 * 1024, seed=7)})
     archive = write_legacy_archive(tmp_path / "image.tar", IMAGE, [layer])
-    result = docketctl(
-        "push", IMAGE, "--archive", str(archive.path), "-o", "json", server=server.address
-    )
+    result = docketctl("push", IMAGE, "--archive", str(archive.path), "-o", "json", server=server)
     assert result.returncode == 0, result.stderr
     image = json.loads(result.stdout)["image"]
     return Pushed(image["name"], image["digest"], image["size_bytes"])
@@ -133,7 +127,7 @@ def lines(result: subprocess.CompletedProcess[str]) -> list[str]:
 def test_typescript_client_lists_and_follows_a_prefetch_rollout(
     fleet: Fleet, server: ServerProcess, agent: AgentProcess, pushed: Pushed
 ) -> None:
-    listed = fleet(server.address)
+    listed = fleet(server)
     assert listed.returncode == 0, listed.stderr
     assert lines(listed) == [
         f"image {pushed.name} {pushed.digest} {pushed.size_bytes}",
@@ -142,7 +136,7 @@ def test_typescript_client_lists_and_follows_a_prefetch_rollout(
         "agents 1",
     ]
 
-    started = fleet(server.address, "--start", pushed.name, "g", "--prefetch-only")
+    started = fleet(server, "--start", pushed.name, "g", "--prefetch-only")
     assert started.returncode == 0, started.stdout + started.stderr
     out = lines(started)
     created = next(line for line in out if line.startswith("rollout "))
@@ -159,10 +153,10 @@ def test_typescript_client_lists_and_follows_a_prefetch_rollout(
     assert events[-1] == "event state ROLLOUT_STATE_SUCCEEDED"
 
     # The server agrees, and watching the ended rollout gives its snapshot and final state.
-    shown = docketctl("rollouts", "show", rollout_id, "-o", "json", server=server.address)
+    shown = docketctl("rollouts", "show", rollout_id, "-o", "json", server=server)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["state"] == "succeeded"
-    watched = fleet(server.address, rollout_id)
+    watched = fleet(server, rollout_id)
     assert watched.returncode == 0, watched.stderr
     assert lines(watched)[-3:] == [
         f"event snapshot {rollout_id} ROLLOUT_STATE_SUCCEEDED 1",
@@ -175,44 +169,47 @@ def test_typescript_client_lists_and_follows_a_prefetch_rollout(
 def test_typescript_client_reports_code_and_reason(
     fleet: Fleet, server: ServerProcess, pushed: Pushed
 ) -> None:
-    missing = fleet(server.address, "no-such-rollout")
+    missing = fleet(server, "no-such-rollout")
     assert missing.returncode == 1
     assert missing.stderr.splitlines() == [
         "error NOT_FOUND ROLLOUT_NOT_FOUND rollout no-such-rollout not found"
     ]
 
-    no_image = fleet(server.address, "--start", "no/such:1", "all", "--prefetch-only")
+    no_image = fleet(server, "--start", "no/such:1", "all", "--prefetch-only")
     assert no_image.returncode == 1
     assert no_image.stderr.startswith("error NOT_FOUND IMAGE_NOT_FOUND "), no_image.stderr
 
-    no_hosts = fleet(server.address, "--start", pushed.name, "nobody", "--prefetch-only")
+    no_hosts = fleet(server, "--start", pushed.name, "nobody", "--prefetch-only")
     assert no_hosts.returncode == 1
     assert no_hosts.stderr.startswith("error FAILED_PRECONDITION NO_HOSTS "), no_hosts.stderr
 
 
-def test_typescript_client_sends_a_bearer_token(fleet: Fleet, tmp_path: Path) -> None:
-    tokens = tmp_path / "tokens"
-    tokens.write_text(f"# test\n{TOKEN}\n")
-    proc = start_server(tmp_path, "server", "--auth-token-file", str(tokens))
-    try:
-        refused = fleet(proc.address)
-        assert refused.returncode == 1
-        assert refused.stdout == ""
-        assert refused.stderr.startswith("error UNAUTHENTICATED UNAUTHENTICATED "), refused.stderr
+def test_typescript_client_sends_its_token_over_tls(
+    fleet: Fleet, server: ServerProcess, pushed: Pushed
+) -> None:
+    refused = fleet(server, token="")
+    assert refused.returncode == 1
+    assert refused.stdout == ""
+    assert refused.stderr.startswith("error UNAUTHENTICATED UNAUTHENTICATED "), refused.stderr
 
-        wrong = fleet(proc.address, token="not-the-token")
-        assert wrong.stderr.startswith("error UNAUTHENTICATED UNAUTHENTICATED "), wrong.stderr
+    wrong = fleet(server, token="dkt_000000000000_not-the-token-at-all")
+    assert wrong.stderr.startswith("error UNAUTHENTICATED UNAUTHENTICATED "), wrong.stderr
 
-        allowed = fleet(proc.address, token=TOKEN)
-        assert allowed.returncode == 0, allowed.stderr
-        assert lines(allowed) == ["images 0", "agents 0"]
-    finally:
-        stop_server(proc)
+    viewer = fleet(server, token=server.token("viewer"))
+    assert viewer.returncode == 0, viewer.stderr
+    assert lines(viewer) == [
+        f"image {pushed.name} {pushed.digest} {pushed.size_bytes}",
+        "images 1",
+        "agents 0",
+    ]
+    # A viewer reads; starting a rollout is an operator's.
+    start = fleet(server, "--start", pushed.name, "g", token=server.token("viewer"))
+    assert start.stderr.startswith("error PERMISSION_DENIED PERMISSION_DENIED "), start.stderr
 
 
 def test_reflection_alone_is_enough_to_call_the_api(server: ServerProcess, pushed: Pushed) -> None:
     """No generated code: the services and messages come from the server's reflection."""
-    with grpc.insecure_channel(server.address) as channel:
+    with server.channel() as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
         services = set(database.get_services())
         assert {

@@ -11,14 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from docket_common.archive import ImageArchive
 from docket_common.pb import agent_service_pb2_grpc
 from docket_common.pb import image_service_pb2 as image_pb
 from docket_common.pb import image_service_pb2_grpc as image_grpc
-from tests.support.agents import SimulatedAgent, StartAgent, wait_for_states
+from tests.support.agents import SimulatedAgent, StartAgent, agent_channel, enroll, wait_for_states
 from tests.support.archives import layer_tar, random_bytes, sha256, write_legacy_archive
 from tests.support.corrupt_peer import CorruptPeer
 from tests.support.dockerd import DockerEngine
@@ -42,7 +41,7 @@ def make_server(tmp_path: Path, *args: str) -> ServerProcess:
 
 def push_archive(server: ServerProcess, tmp_path: Path, name: str, layers: list[bytes]) -> Any:
     archive = write_legacy_archive(tmp_path / f"{name.replace('/', '_')}.tar", name, layers)
-    result = docketctl("push", name, "--archive", str(archive.path), "-q", server=server.address)
+    result = docketctl("push", name, "--archive", str(archive.path), "-q", server=server)
     assert result.returncode == 0, result.stderr
     return archive
 
@@ -58,13 +57,13 @@ def test_rollout_loads_the_image_on_every_host_and_a_sibling_moves_only_new_laye
     server = make_server(tmp_path)
     try:
         for ref in (test_images.app1, test_images.app2):
-            pushed = docketctl("push", ref, "-q", server=server.address, env=docker_engine.env())
+            pushed = docketctl("push", ref, "-q", server=server, env=docker_engine.env())
             assert pushed.returncode == 0, pushed.stderr
         names = [f"host{i}" for i in range(3)]
         for name, engine in zip(names, agent_engines, strict=True):
             engine.client.images.prune(filters={"dangling": False})
             agents(server, name, groups=["web"], docker_host=engine.host)
-        wait_for_states(server.address, dict.fromkeys(names, "online"))
+        wait_for_states(server, dict.fromkeys(names, "online"))
 
         code, events, hosts = rollout(server, test_images.app1, "--hosts", "web")
         assert code == 0, hosts
@@ -89,7 +88,7 @@ def test_rollout_loads_the_image_on_every_host_and_a_sibling_moves_only_new_laye
         base_size = next(
             layer["size_bytes"]
             for layer in json.loads(
-                docketctl("inspect", test_images.app2, "-o", "json", server=server.address).stdout
+                docketctl("inspect", test_images.app2, "-o", "json", server=server).stdout
             )["layers"]
             if layer["digest"] == base
         )
@@ -114,7 +113,7 @@ def test_pieces_flow_between_agents_not_only_from_the_server(
         names = [f"p{i}" for i in range(3)]
         for name in names:
             agents(server, name, groups=["swarm"])
-        wait_for_states(server.address, dict.fromkeys(names, "online"))
+        wait_for_states(server, dict.fromkeys(names, "online"))
         code, events, hosts = rollout(server, "big/one:1", "--hosts", "swarm", "--prefetch-only")
         assert code == 0, hosts
         from_peers = {n: h["peer_bytes"] for n, h in hosts.items()}
@@ -143,7 +142,7 @@ def test_opentracker_alone_finds_the_peers(tmp_path: Path, agents: StartAgent) -
             archive = push_archive(
                 server, tmp_path, "tracked:1", [layer_tar({"t": random_bytes(4 * MiB, 2)})]
             )
-            with grpc.insecure_channel(server.address) as channel:
+            with server.channel() as channel:
                 stub = image_grpc.ImageServiceStub(channel)
                 hashes = []
                 for digest in [archive.config_digest, *archive.layer_digests]:
@@ -157,7 +156,7 @@ def test_opentracker_alone_finds_the_peers(tmp_path: Path, agents: StartAgent) -
             server.start()
             for name in ("t1", "t2"):
                 agents(server, name, groups=["tracked"])
-            wait_for_states(server.address, {"t1": "online", "t2": "online"})
+            wait_for_states(server, {"t1": "online", "t2": "online"})
             code, _, hosts = rollout(
                 server, "tracked:1", "--hosts", "tracked", "--prefetch-only", timeout=120
             )
@@ -178,15 +177,18 @@ def test_a_blocked_seed_and_a_corrupt_peer_still_end_with_the_right_bytes(
     layer = layer_tar({"c": random_bytes(3 * MiB, 3)})
     try:
         archive = push_archive(server, tmp_path, "lied/about:1", [layer])
-        with grpc.insecure_channel(server.address) as channel:
+        with server.channel() as channel:
             stub = image_grpc.ImageServiceStub(channel)
             metainfo = stub.GetTorrent(
                 image_pb.GetTorrentRequest(digest=archive.layer_digests[0])
             ).torrent.metainfo
 
         async def with_liar() -> None:
-            with CorruptPeer(metainfo, layer, tmp_path / "liar") as liar:
-                async with grpc.aio.insecure_channel(server.address) as channel:
+            liar_id = await enroll(server, "liar")
+            with CorruptPeer(
+                metainfo, layer, tmp_path / "liar", (liar_id.cert_pem, liar_id.key_pem)
+            ) as liar:
+                async with agent_channel(server, liar_id) as channel:
                     fake = SimulatedAgent(
                         agent_service_pb2_grpc.AgentServiceStub(channel),
                         "liar",
@@ -198,7 +200,7 @@ def test_a_blocked_seed_and_a_corrupt_peer_still_end_with_the_right_bytes(
                     agent = agents(
                         server, "honest", groups=["h"], extra_args=["--fallback-after", "2"]
                     )
-                    await asyncio.to_thread(wait_for_states, server.address, {"honest": "online"})
+                    await asyncio.to_thread(wait_for_states, server, {"honest": "online"})
                     code, _, hosts = await asyncio.to_thread(
                         rollout, server, "lied/about:1", "--hosts", "h", "--prefetch-only"
                     )
@@ -229,7 +231,7 @@ def test_a_killed_agent_resumes_without_fetching_its_pieces_again(
         total = 48 * MiB
         push_archive(server, tmp_path, "slow/one:1", [layer_tar({"s": random_bytes(MiB, 4) * 48})])
         agent = agents(server, "r1", groups=["r"], extra_args=["--max-download-rate", str(8 * MiB)])
-        wait_for_states(server.address, {"r1": "online"})
+        wait_for_states(server, {"r1": "online"})
         with background_rollout(server, "slow/one:1", "r") as proc:
             assert proc.stdout is not None
             done_before = 0
@@ -271,16 +273,16 @@ def test_an_image_deleted_mid_rollout_keeps_its_blobs_until_the_rollout_is_done(
         # closed, so nothing arrives until the fallback, 3 s in, from the server's store.
         limit = ["--max-download-rate", str(100 * MiB)]
         agents(server, "d1", groups=["d"], extra_args=["--fallback-after", "3", *limit])
-        wait_for_states(server.address, {"d1": "online"})
+        wait_for_states(server, {"d1": "online"})
         with background_rollout(server, "doomed:1", "d") as proc:
             assert proc.stdout is not None
             for line in proc.stdout:  # the host has its order
                 if json.loads(line).get("type") == "host":
                     break
-            removed = docketctl("rm", "doomed:1", "-o", "json", server=server.address)
+            removed = docketctl("rm", "doomed:1", "-o", "json", server=server)
             assert removed.returncode == 0, removed.stderr
             assert json.loads(removed.stdout)["deleted_digests"] == []  # kept for the rollout
-            assert docketctl("inspect", "doomed:1", server=server.address).returncode == 1
+            assert docketctl("inspect", "doomed:1", server=server).returncode == 1
             assert server.blob_path(sha256(layer)).exists()
             out, _ = proc.communicate(timeout=60)
         host = json.loads(out.splitlines()[-1])["summary"]["hosts"][0]
@@ -291,7 +293,7 @@ def test_an_image_deleted_mid_rollout_keeps_its_blobs_until_the_rollout_is_done(
         while server.blob_path(sha256(layer)).exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not server.blob_path(sha256(layer)).exists()
-        with grpc.insecure_channel(server.address) as channel:
+        with server.channel() as channel:
             stub = image_grpc.ImageServiceStub(channel)
             missing = stub.StatBlobs(image_pb.StatBlobsRequest(digests=[sha256(layer)]))
         assert list(missing.missing_digests) == [sha256(layer)]
@@ -307,7 +309,7 @@ def test_a_cache_too_small_fails_the_order_and_the_agent_goes_on(
         push_archive(server, tmp_path, "huge:1", [layer_tar({"h": random_bytes(MiB, 6) * 4})])
         push_archive(server, tmp_path, "small:1", [layer_tar({"s": random_bytes(1000, 7)})])
         agents(server, "c1", groups=["c"], extra_args=["--cache-max-bytes", str(MiB)])
-        wait_for_states(server.address, {"c1": "online"})
+        wait_for_states(server, {"c1": "online"})
         code, _, hosts = rollout(server, "huge:1", "--hosts", "c", "--prefetch-only")
         assert code == 3  # the rollout failed
         assert "the cache holds 1048576 bytes at most" in hosts["c1"]["error"]
@@ -324,7 +326,7 @@ def test_a_host_without_docker_stops_at_downloaded_and_says_why(
     try:
         push_archive(server, tmp_path, "nodocker:1", [layer_tar({"n": b"n" * 5000})])
         agents(server, "n1", groups=["n"])
-        wait_for_states(server.address, {"n1": "online"})
+        wait_for_states(server, {"n1": "online"})
         code, _, hosts = rollout(server, "nodocker:1", "--hosts", "n")
         assert code == 3  # the rollout failed
         assert hosts["n1"]["state"] == "failed"
@@ -345,7 +347,7 @@ def test_docketctl_pull_into_an_engine_and_into_an_archive(
     try:
         assert (
             docketctl(
-                "push", test_images.app1, "-q", server=server.address, env=docker_engine.env()
+                "push", test_images.app1, "-q", server=server, env=docker_engine.env()
             ).returncode
             == 0
         )
@@ -353,23 +355,26 @@ def test_docketctl_pull_into_an_engine_and_into_an_archive(
         for image in target.client.images.list():
             target.client.images.remove(image.id, force=True)
         env = target.env() | {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-        pulled = docketctl("pull", test_images.app1, server=server.address, env=env)
+        pulled = docketctl("pull", test_images.app1, server=server, env=env)
         assert pulled.returncode == 0, pulled.stderr
         assert "loaded as sha256:" in pulled.stdout
+        # docketctl is no enrolled agent: the TLS swarm turns it away, the server's gRPC not.
+        assert "admits enrolled agents only" in pulled.stderr
+        assert "over gRPC)" in pulled.stdout
         assert (
             target.client.images.get(test_images.app1).id
             == docker_engine.client.images.get(test_images.app1).id
         )
         archive = tmp_path / "out.tar"
         again = docketctl(
-            "pull", test_images.app1, "--output", str(archive), server=server.address, env=env
+            "pull", test_images.app1, "--output", str(archive), server=server, env=env
         )
         assert again.returncode == 0, again.stderr
         assert "0B fetched" in again.stdout  # all of it was in the pull cache
         with ImageArchive(archive) as opened:
             image = opened.find(test_images.app1)
             assert image.config.digest == docker_engine.client.images.get(test_images.app1).id
-        missing = docketctl("pull", "nope:1", server=server.address, env=env)
+        missing = docketctl("pull", "nope:1", server=server, env=env)
         assert missing.returncode == 1
         assert "image nope:1 not found" in missing.stderr
     finally:
@@ -384,7 +389,7 @@ def test_an_order_sent_again_is_carried_out_once(tmp_path: Path, agents: StartAg
         total = 32 * MiB
         push_archive(server, tmp_path, "twice:1", [layer_tar({"t": random_bytes(MiB, 8) * 32})])
         agent = agents(server, "i1", groups=["i"], extra_args=["--max-download-rate", str(8 * MiB)])
-        wait_for_states(server.address, {"i1": "online"})
+        wait_for_states(server, {"i1": "online"})
         with background_rollout(server, "twice:1", "i") as proc:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -392,7 +397,7 @@ def test_an_order_sent_again_is_carried_out_once(tmp_path: Path, agents: StartAg
                 if event.get("type") == "host" and event["host"]["done_bytes"] > 0:
                     break
             agent.signal(signal.SIGSTOP)
-            wait_for_states(server.address, {"i1": "offline"}, timeout=10)
+            wait_for_states(server, {"i1": "offline"}, timeout=10)
             agent.signal(signal.SIGCONT)
             out, _ = proc.communicate(timeout=120)
         host = json.loads(out.splitlines()[-1])["summary"]["hosts"][0]
@@ -415,7 +420,7 @@ def test_the_cache_bound_evicts_the_least_recently_used_blobs(
             server, tmp_path, "lru/b:1", [layer_tar({"b": random_bytes(2 * MiB, 10)})]
         )
         agent = agents(server, "l1", groups=["l"], extra_args=["--cache-max-bytes", str(3 * MiB)])
-        wait_for_states(server.address, {"l1": "online"})
+        wait_for_states(server, {"l1": "online"})
 
         def cached(digest: str) -> bool:
             hexd = digest.split(":")[1]
@@ -438,7 +443,7 @@ def test_two_rollouts_at_once_share_their_common_layer(tmp_path: Path, agents: S
         push_archive(server, tmp_path, "pair/a:1", [base, layer_tar({"a": random_bytes(MiB, 12)})])
         push_archive(server, tmp_path, "pair/b:1", [base, layer_tar({"b": random_bytes(MiB, 13)})])
         agents(server, "s1", groups=["s"], extra_args=["--max-download-rate", str(16 * MiB)])
-        wait_for_states(server.address, {"s1": "online"})
+        wait_for_states(server, {"s1": "online"})
         with (
             background_rollout(server, "pair/a:1", "s") as a,
             background_rollout(server, "pair/b:1", "s") as b,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import re
 import signal
 import subprocess
@@ -26,7 +25,7 @@ def blob_names(server: ServerProcess) -> set[str]:
 
 
 def images_json(server: ServerProcess) -> list[dict[str, object]]:
-    result = docketctl("images", "-o", "json", server=server.address)
+    result = docketctl("images", "-o", "json", server=server)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
@@ -49,15 +48,13 @@ def test_push_archive_then_a_second_image_uploads_only_new_layers(
 ) -> None:
     a1 = write_legacy_archive(tmp_path / "a1.tar", "a1:1", [BASE, TOP1])
     a2 = write_legacy_archive(tmp_path / "a2.tar", "a2:1", [BASE, TOP2])
-    first = docketctl(
-        "push", "a1:1", "--archive", str(a1.path), "-o", "json", server=server.address
-    )
+    first = docketctl("push", "a1:1", "--archive", str(a1.path), "-o", "json", server=server)
     assert first.returncode == 0, first.stderr
     pushed = json.loads(first.stdout)
     assert set(pushed["uploaded_digests"]) == {a1.config_digest, *a1.layer_digests}
     assert pushed["reused_digests"] == []
 
-    second = docketctl("push", "a2:1", "--archive", str(a2.path), server=server.address)
+    second = docketctl("push", "a2:1", "--archive", str(a2.path), server=server)
     assert second.returncode == 0, second.stderr
     assert "1 of 3 blobs already on the server" in second.stderr
     assert "2 blobs uploaded" in second.stdout
@@ -73,14 +70,14 @@ def test_push_archive_then_a_second_image_uploads_only_new_layers(
         == len(BASE) + len(TOP1) + pushed["image"]["config"]["size_bytes"]
     )
 
-    inspected = docketctl("inspect", "a1", "-o", "json", server=server.address)
+    inspected = docketctl("inspect", "a1", "-o", "json", server=server)
     assert inspected.returncode == 1  # "a1" means a1:latest, which was never pushed
-    inspected = docketctl("inspect", "a1:1", "-o", "json", server=server.address)
+    inspected = docketctl("inspect", "a1:1", "-o", "json", server=server)
     assert json.loads(inspected.stdout)["digest"] == listed["a1:1"]["digest"]
-    table = docketctl("inspect", "a1:1", server=server.address)
+    table = docketctl("inspect", "a1:1", server=server)
     assert a1.layer_digests[1] in table.stdout
 
-    removed = docketctl("rm", "a1:1", server=server.address)
+    removed = docketctl("rm", "a1:1", server=server)
     assert removed.returncode == 0, removed.stderr
     assert "Untagged: a1:1" in removed.stdout
     assert f"Deleted: {a1.layer_digests[1]}" in removed.stdout
@@ -91,7 +88,7 @@ def test_push_archive_then_a_second_image_uploads_only_new_layers(
 
 
 def test_server_from_flag_and_environment(server: ServerProcess, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "DOCKET_SERVER"}
+    env = {k: v for k, v in server.env().items() if k != "DOCKET_SERVER"}
     by_flag = docketctl("--server", server.address, "images", env=env)
     assert by_flag.returncode == 0, by_flag.stderr
     unreachable = docketctl("images", server="127.0.0.1:1")
@@ -160,7 +157,7 @@ def test_bad_archives_fail_cleanly(
     server: ServerProcess, tmp_path: Path, make: object, message: str
 ) -> None:
     path = make(tmp_path / "bad.tar")  # type: ignore[operator]
-    result = docketctl("push", "x:1", "--archive", str(path), server=server.address)
+    result = docketctl("push", "x:1", "--archive", str(path), server=server)
     assert message in one_error_line(result)
     assert images_json(server) == []
     # Uploads cut short by the failure are dropped as the server sees them cancelled.
@@ -188,7 +185,7 @@ def test_bad_archives_fail_cleanly(
 def test_bad_references_and_missing_images(
     server: ServerProcess, args: list[str], message: str
 ) -> None:
-    assert message in one_error_line(docketctl(*args, server=server.address))
+    assert message in one_error_line(docketctl(*args, server=server))
 
 
 def test_archive_with_several_images_needs_the_tag(server: ServerProcess, tmp_path: Path) -> None:
@@ -212,9 +209,9 @@ def test_archive_with_several_images_needs_the_tag(server: ServerProcess, tmp_pa
         info.size = len(body)
         out.addfile(info, io.BytesIO(body))
     assert "one:1" in one_error_line(
-        docketctl("push", "three:1", "--archive", str(merged), server=server.address)
+        docketctl("push", "three:1", "--archive", str(merged), server=server)
     )
-    ok = docketctl("push", "two:1", "--archive", str(merged), server=server.address)
+    ok = docketctl("push", "two:1", "--archive", str(merged), server=server)
     assert ok.returncode == 0, ok.stderr
     assert [i["layers"][0]["digest"] for i in images_json(server)] == [two.layer_digests[0]]  # type: ignore[index]
 
@@ -226,8 +223,6 @@ def test_push_killed_half_way_leaves_nothing_behind(server: ServerProcess, tmp_p
     proc = subprocess.Popen(
         [
             str(BIN / "docketctl"),
-            "--server",
-            server.address,
             "push",
             "big:1",
             "--archive",
@@ -235,6 +230,7 @@ def test_push_killed_half_way_leaves_nothing_behind(server: ServerProcess, tmp_p
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=server.env(),
     )
     tmp_dir = server.data_dir / "tmp"
     deadline = time.monotonic() + 60
@@ -254,7 +250,7 @@ def test_push_killed_half_way_leaves_nothing_behind(server: ServerProcess, tmp_p
     assert hex_part(archive.layer_digests[0]) not in blob_names(server)
     assert images_json(server) == []
     # Pushing again works and uploads what is missing.
-    again = docketctl("push", "big:1", "--archive", str(archive.path), server=server.address)
+    again = docketctl("push", "big:1", "--archive", str(archive.path), server=server)
     assert again.returncode == 0, again.stderr
     assert hex_part(archive.layer_digests[0]) in blob_names(server)
 
@@ -264,14 +260,12 @@ def test_push_on_a_terminal_shows_progress_bars(server: ServerProcess, tmp_path:
     code, raw = run_in_pty(
         [
             str(BIN / "docketctl"),
-            "--server",
-            server.address,
             "push",
             "a:1",
             "--archive",
             str(archive.path),
         ],
-        env=dict(os.environ),
+        env=server.env(),
     )
     screen = plain(raw)
     assert code == 0, screen
@@ -280,28 +274,5 @@ def test_push_on_a_terminal_shows_progress_bars(server: ServerProcess, tmp_path:
     assert re.search(r"3\.01?/3\.01? MB", screen)  # the base layer's bar, finished
     assert "Pushed a:1 sha256:" in screen
     # Off a terminal the same push draws no bars.
-    piped = docketctl("push", "a:1", "--archive", str(archive.path), server=server.address)
+    piped = docketctl("push", "a:1", "--archive", str(archive.path), server=server)
     assert "━" not in piped.stderr + piped.stdout
-
-
-def test_a_server_with_tokens_refuses_calls_without_one(tmp_path: Path) -> None:
-    tokens = tmp_path / "tokens"
-    tokens.write_text("# operators\ns3cret-one\n\ns3cret-two\n")
-    server = ServerProcess(
-        data_dir=tmp_path / "server", extra_args=["--auth-token-file", str(tokens)]
-    ).start()  # its health check needs no token
-    try:
-        refused = docketctl("images", server=server.address)
-        assert "missing or unknown bearer token [UNAUTHENTICATED]" in one_error_line(refused)
-        wrong = docketctl("--token", "nope", "images", server=server.address)
-        assert wrong.returncode == 1
-        for token in ("s3cret-one", "s3cret-two"):
-            ok = docketctl("--token", token, "images", "-o", "json", server=server.address)
-            assert ok.returncode == 0, ok.stderr
-            assert json.loads(ok.stdout) == []
-        by_env = docketctl(
-            "images", server=server.address, env=dict(os.environ) | {"DOCKET_TOKEN": "s3cret-two"}
-        )
-        assert by_env.returncode == 0, by_env.stderr
-    finally:
-        assert server.stop() == 0

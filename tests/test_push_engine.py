@@ -16,7 +16,7 @@ pytestmark = pytest.mark.docker
 
 
 def push(server: ServerProcess, engine: DockerEngine, *args: str) -> dict[str, object]:
-    result = docketctl("push", *args, "-o", "json", server=server.address, env=engine.env())
+    result = docketctl("push", *args, "-o", "json", server=server, env=engine.env())
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
@@ -59,7 +59,7 @@ def test_push_from_the_engine_then_the_sibling_reuses_the_base(
     assert second["streamed_digests"] == (second["uploaded_digests"] if oci else [config])
 
     # The human output says so too.
-    again = docketctl("push", test_images.app2, server=server.address, env=docker_engine.env())
+    again = docketctl("push", test_images.app2, server=server, env=docker_engine.env())
     assert again.returncode == 0, again.stderr
     assert "3 of 3 blobs already on the server" in again.stderr
 
@@ -84,13 +84,13 @@ def test_oci_layout_archive_gives_the_same_blobs(
 def test_engine_errors_are_one_line(
     server: ServerProcess, docker_engine: DockerEngine, tmp_path: Path
 ) -> None:
-    missing = docketctl("push", "not-there:1", server=server.address, env=docker_engine.env())
+    missing = docketctl("push", "not-there:1", server=server, env=docker_engine.env())
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == [
         "docketctl: error: image not-there:1 not found in the local Docker engine"
     ]
     env = docker_engine.env() | {"DOCKER_HOST": f"unix://{tmp_path}/no.sock"}
-    unreachable = docketctl("push", "x:1", server=server.address, env=env)
+    unreachable = docketctl("push", "x:1", server=server, env=env)
     assert unreachable.returncode == 1
     assert unreachable.stderr.startswith("docketctl: error: cannot reach the Docker engine")
     assert len(unreachable.stderr.strip().splitlines()) == 1

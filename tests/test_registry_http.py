@@ -9,13 +9,13 @@ import asyncio
 import itertools
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -48,12 +48,12 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 @pytest.fixture
 def client(shared: ServerProcess) -> RegistryClient:
-    return RegistryClient(shared.registry_url)
+    return shared.registry_client()
 
 
 @pytest.fixture
 def images(shared: ServerProcess) -> Iterator[pb_grpc.ImageServiceStub]:
-    with grpc.insecure_channel(shared.address) as channel:
+    with shared.channel() as channel:
         yield pb_grpc.ImageServiceStub(channel)
 
 
@@ -222,7 +222,7 @@ def test_out_of_order_and_overlapping_chunks_change_nothing(client: RegistryClie
 
 
 def test_wrong_digest_or_size_leaves_nothing(server: ServerProcess) -> None:
-    client = RegistryClient(server.registry_url)
+    client = server.registry_client()
     data = layer("wrong")
     location = client.request("POST", "/v2/http/wrong/blobs/uploads/").headers["Location"]
     wrong = client.request("PUT", location, params={"digest": sha256(b"other")}, data=data)
@@ -250,23 +250,25 @@ def test_wrong_digest_or_size_leaves_nothing(server: ServerProcess) -> None:
     assert temp_files(server) == []
 
 
-def raw_request(port: int, head: str, body: bytes, then_close: bool = True) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(head.encode() + body)
-        if then_close:
-            return b""
-        sock.shutdown(socket.SHUT_WR)
-        out = b""
-        while chunk := sock.recv(65536):
-            out += chunk
-        return out
+def send_and_close(server: ServerProcess, head: str, body: bytes) -> None:
+    """Sends a hand-written request (over TLS, with the admin token) to the registry face
+    and hangs up without reading the answer."""
+    token = f"Authorization: Bearer {server.admin_token}\r\n"
+    request_line, rest = head.split("\r\n", 1)
+    data = f"{request_line}\r\n{token}{rest}".encode() + body
+    context = ssl.create_default_context(cafile=str(server.ca_path))
+    with (
+        socket.create_connection(("127.0.0.1", server.registry_port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+    ):
+        sock.sendall(data)
 
 
 def test_a_client_that_goes_away_mid_patch_leaves_nothing(server: ServerProcess) -> None:
-    client = RegistryClient(server.registry_url)
+    client = server.registry_client()
     location = client.request("POST", "/v2/http/gone/blobs/uploads/").headers["Location"]
-    raw_request(
-        server.registry_port,
+    send_and_close(
+        server,
         f"PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: 4000000\r\n\r\n",
         b"y" * 1_500_000,
     )
@@ -284,7 +286,7 @@ def test_a_client_that_goes_away_mid_patch_leaves_nothing(server: ServerProcess)
 
 
 def test_a_restart_forgets_unfinished_uploads(server: ServerProcess) -> None:
-    client = RegistryClient(server.registry_url)
+    client = server.registry_client()
     location = client.request("POST", "/v2/http/restart/blobs/uploads/").headers["Location"]
     half = client.request("PATCH", location, data=b"z" * 100_000)
     assert half.status_code == 202
@@ -377,6 +379,21 @@ def test_an_index_is_stored_as_such(
     assert shown.manifests[1].layers[0].digest == sha256(arm.layers[0])
 
 
+def test_a_manifest_sent_in_small_chunks_is_read_whole(client: RegistryClient) -> None:
+    image = build_image([layer("chunked")], indent=2)
+    for blob in image.blobs:
+        assert client.push_blob("http/chunked", blob).status_code == 201
+    pieces = [image.manifest[i : i + 7] for i in range(0, len(image.manifest), 7)]
+    put = client.request(
+        "PUT",
+        "/v2/http/chunked/manifests/1",
+        data=iter(pieces),
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+    assert put.status_code == 201, put.text
+    assert client.request("GET", "/v2/http/chunked/manifests/1").content == image.manifest
+
+
 def test_bad_manifests_are_refused_and_nothing_is_stored(
     client: RegistryClient, images: pb_grpc.ImageServiceStub
 ) -> None:
@@ -427,6 +444,14 @@ def test_bad_manifests_are_refused_and_nothing_is_stored(
     for what, reference, body, media_type, status, code in cases:
         response = client.put_manifest("http/bad", reference, body, media_type)
         assert (response.status_code, error_code(response)) == (status, code), what
+    # Without a Content-Length (chunked, a piece at a time): counted as it comes.
+    too_large = client.request(
+        "PUT",
+        "/v2/http/bad/manifests/t",
+        data=(b" " * 65536 for _ in range(65)),
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+    expect_error(too_large, 400, "MANIFEST_INVALID")
     wrong_size = json.loads(good.manifest)
     wrong_size["layers"][0]["size"] += 1
     response = client.put_manifest("http/bad", "t", json.dumps(wrong_size).encode())
@@ -524,7 +549,7 @@ def test_referrers(client: RegistryClient) -> None:
 
 
 def test_deletes(server: ServerProcess) -> None:
-    client = RegistryClient(server.registry_url)
+    client = server.registry_client()
     shared_layer = layer("del-shared")
     one = build_image([shared_layer, layer("del-one")])
     two = build_image([shared_layer, layer("del-two")])
@@ -564,50 +589,45 @@ def test_deletes(server: ServerProcess) -> None:
 # --- authentication, routes, load --------------------------------------------------------
 
 
-def test_tokens_are_asked_for_on_every_route(tmp_path: Path) -> None:
-    tokens = tmp_path / "tokens"
-    tokens.write_text("s3cret\n")
-    server = ServerProcess(
-        data_dir=tmp_path / "server", extra_args=["--auth-token-file", str(tokens)]
-    ).start()
-    try:
-        anonymous = RegistryClient(server.registry_url)
-        digest = sha256(b"x")
-        for method, path in [
-            ("GET", "/v2/"),
-            ("GET", "/v2/_catalog"),
-            ("GET", "/v2/a/tags/list"),
-            ("GET", "/v2/a/manifests/1"),
-            ("HEAD", "/v2/a/manifests/1"),
-            ("PUT", "/v2/a/manifests/1"),
-            ("DELETE", "/v2/a/manifests/1"),
-            ("GET", f"/v2/a/blobs/{digest}"),
-            ("HEAD", f"/v2/a/blobs/{digest}"),
-            ("DELETE", f"/v2/a/blobs/{digest}"),
-            ("POST", "/v2/a/blobs/uploads/"),
-            ("GET", "/v2/a/blobs/uploads/u"),
-            ("PATCH", "/v2/a/blobs/uploads/u"),
-            ("PUT", "/v2/a/blobs/uploads/u"),
-            ("DELETE", "/v2/a/blobs/uploads/u"),
-            ("GET", f"/v2/a/referrers/{digest}"),
-        ]:
-            response = anonymous.request(method, path)
-            assert response.status_code == 401, (method, path)
-            assert response.headers["WWW-Authenticate"] == 'Basic realm="docket"'
-            if method != "HEAD":
-                assert error_code(response) == "UNAUTHORIZED"
-        wrong = RegistryClient(server.registry_url, auth=("docket", "wrong"))
+def test_tokens_are_asked_for_on_every_route(shared: ServerProcess) -> None:
+    server = shared
+    anonymous = server.registry_client(token="")
+    digest = sha256(b"x")
+    for method, path in [
+        ("GET", "/v2/"),
+        ("GET", "/v2/_catalog"),
+        ("GET", "/v2/a/tags/list"),
+        ("GET", "/v2/a/manifests/1"),
+        ("HEAD", "/v2/a/manifests/1"),
+        ("PUT", "/v2/a/manifests/1"),
+        ("DELETE", "/v2/a/manifests/1"),
+        ("GET", f"/v2/a/blobs/{digest}"),
+        ("HEAD", f"/v2/a/blobs/{digest}"),
+        ("DELETE", f"/v2/a/blobs/{digest}"),
+        ("POST", "/v2/a/blobs/uploads/"),
+        ("GET", "/v2/a/blobs/uploads/u"),
+        ("PATCH", "/v2/a/blobs/uploads/u"),
+        ("PUT", "/v2/a/blobs/uploads/u"),
+        ("DELETE", "/v2/a/blobs/uploads/u"),
+        ("GET", f"/v2/a/referrers/{digest}"),
+    ]:
+        response = anonymous.request(method, path)
+        assert response.status_code == 401, (method, path)
+        assert response.headers["WWW-Authenticate"] == 'Basic realm="docket"'
+        if method != "HEAD":
+            assert error_code(response) == "UNAUTHORIZED"
+    for wrong_token in ("wrong", "dkt_000000000000_wrongwrongwrongwrongwrong"):
+        wrong = server.registry_client(token=wrong_token)
         assert wrong.request("GET", "/v2/").status_code == 401
-        basic = RegistryClient(server.registry_url, auth=("anyone", "s3cret"))
-        assert basic.request("GET", "/v2/").status_code == 200
-        image = build_image([layer("auth")])
-        assert basic.push_image("auth/app", "1", image).status_code == 201
-        bearer = anonymous.request(
-            "GET", "/v2/auth/app/tags/list", headers={"Authorization": "Bearer s3cret"}
-        )
-        assert bearer.json()["tags"] == ["1"]
-    finally:
-        assert server.stop() == 0
+    token = server.token("publisher")
+    basic = RegistryClient(server.registry_url, auth=("anyone", token), verify=str(server.ca_path))
+    assert basic.request("GET", "/v2/").status_code == 200
+    image = build_image([layer("auth")])
+    assert basic.push_image("auth/app", "1", image).status_code == 201
+    bearer = anonymous.request(
+        "GET", "/v2/auth/app/tags/list", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert bearer.json()["tags"] == ["1"]
 
 
 def test_unknown_routes_and_methods(client: RegistryClient) -> None:
@@ -625,12 +645,12 @@ def test_a_thousand_concurrent_requests_mostly_bad(shared: ServerProcess) -> Non
     """Bad requests of every kind at once, beside good ones: each gets its spec error, the
     good ones succeed, and a gRPC call made meanwhile is answered without a stall."""
     good = build_image([layer("load")])
-    RegistryClient(shared.registry_url).push_image("http/load", "1", good)
+    shared.registry_client().push_image("http/load", "1", good)
     grpc_latencies: list[float] = []
     stop = threading.Event()
 
     def probe_grpc() -> None:
-        with grpc.insecure_channel(shared.address) as channel:
+        with shared.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while not stop.is_set():
                 start = time.monotonic()
@@ -663,8 +683,10 @@ def test_a_thousand_concurrent_requests_mostly_bad(shared: ServerProcess) -> Non
                 requests_.append(("DELETE", f"/v2/http/load/manifests/none{i}", {}))
             else:
                 requests_.append(("GET", "/v2/", {}))
-        connector = aiohttp.TCPConnector(limit=1000)
-        async with aiohttp.ClientSession(connector=connector) as session:
+        tls = ssl.create_default_context(cafile=str(shared.ca_path))
+        connector = aiohttp.TCPConnector(limit=1000, ssl=tls)
+        auth = {"Authorization": f"Bearer {shared.admin_token}"}
+        async with aiohttp.ClientSession(connector=connector, headers=auth) as session:
 
             async def one(
                 method: str, path: str, kwargs: dict[str, object]
@@ -700,4 +722,4 @@ def test_a_thousand_concurrent_requests_mostly_bad(shared: ServerProcess) -> Non
     }
     # Each gRPC call had 10 s: a stalled server would have failed one (DEADLINE_EXCEEDED).
     assert len(grpc_latencies) >= 2
-    assert RegistryClient(shared.registry_url).get_manifest("http/load", "1").status_code == 200
+    assert shared.registry_client().get_manifest("http/load", "1").status_code == 200

@@ -20,7 +20,6 @@ from tests.support.oci import (
     OCI_CONFIG,
     OCI_INDEX,
     OCI_LAYER,
-    RegistryClient,
     build_image,
     build_index,
     descriptor,
@@ -59,7 +58,7 @@ def docker(engine: DockerEngine, *args: str, env: dict[str, str] | None = None) 
 
 
 def image_json(server: ServerProcess, name: str) -> dict[str, object]:
-    result = docketctl("inspect", name, "-o", "json", server=server.address)
+    result = docketctl("inspect", name, "-o", "json", server=server)
     assert result.returncode == 0, result.stderr
     parsed: dict[str, object] = json.loads(result.stdout)
     return parsed
@@ -93,7 +92,7 @@ def test_docker_push_then_a_rollout_to_three_engines_that_run_it(
     names = ["push1", "push2", "push3"]
     for name, engine in zip(names, agent_engines, strict=True):
         agents(docket, name, groups=["pushed"], docker_host=engine.host)
-    wait_for_states(docket.address, dict.fromkeys(names, "online"))
+    wait_for_states(docket, dict.fromkeys(names, "online"))
     code, _, hosts = rollout(docket, "interop/pushed:1", "--hosts", "pushed")
     assert code == 0, hosts
     for name, engine in zip(names, agent_engines, strict=True):
@@ -108,7 +107,7 @@ def test_docketctl_push_then_docker_pull_into_a_fresh_engine(
     docket: ServerProcess, docker_engine: DockerEngine, test_images: ImagePair
 ) -> None:
     pushed = docketctl(
-        "push", test_images.app2, "-o", "json", server=docket.address, env=docker_engine.env()
+        "push", test_images.app2, "-o", "json", server=docket, env=docker_engine.env()
     )
     assert pushed.returncode == 0, pushed.stderr
     digest = json.loads(pushed.stdout)["image"]["digest"]
@@ -162,21 +161,40 @@ def test_skopeo_copies_both_ways_inspects_lists_and_deletes(
     ] == ["1", "2"]
 
     skopeo_ok("delete", PLAIN, back)
-    assert docketctl("inspect", "interop/skopeo:2", server=docket.address).returncode == 1
+    assert docketctl("inspect", "interop/skopeo:2", server=docket).returncode == 1
     # The first copy had other bytes (OCI, not Docker schema 2): it stays.
     assert image_json(docket, "interop/skopeo:1")["digest"] == inspected["Digest"]
 
 
-def test_containerd_pulls_over_plain_http(
-    docket: ServerProcess, docker_engine: DockerEngine, test_images: ImagePair
+def test_containerd_pulls_over_tls_with_a_viewer_token(
+    tmp_path: Path, docket: ServerProcess, docker_engine: DockerEngine, test_images: ImagePair
 ) -> None:
     ref = f"{docket.registry}/interop/ctr:1"
     docker(docker_engine, "tag", test_images.app1, ref)
     digest = pushed_digest(docker(docker_engine, "push", ref))
     address = str(docker_engine.dir / "exec" / "containerd" / "containerd.sock")
     ctr = [tool("ctr"), "--address", address, "--namespace", "docket-test"]
+    # ctr takes a loopback registry for plain HTTP unless its hosts.toml says https (and which
+    # CA to trust), as an operator's /etc/containerd/certs.d would.
+    hosts = tmp_path / "certs.d" / docket.registry / "hosts.toml"
+    hosts.parent.mkdir(parents=True)
+    hosts.write_text(
+        f'server = "https://{docket.registry}"\n\n'
+        f'[host."https://{docket.registry}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+        f'  ca = "{docket.ca_path}"\n'
+    )
     pulled = subprocess.run(
-        [*ctr, "images", "pull", "--plain-http", ref],
+        [
+            *ctr,
+            "images",
+            "pull",
+            "--hosts-dir",
+            str(tmp_path / "certs.d"),
+            "--user",
+            f"docket:{docket.token('viewer')}",
+            ref,
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -191,44 +209,34 @@ def test_containerd_pulls_over_plain_http(
 
 
 def test_docker_login_with_a_token(
-    tmp_path: Path, docker_engine: DockerEngine, test_images: ImagePair
+    tmp_path: Path, docket: ServerProcess, docker_engine: DockerEngine, test_images: ImagePair
 ) -> None:
-    tokens = tmp_path / "tokens"
-    tokens.write_text("push-token\n")
-    server = ServerProcess(
-        data_dir=tmp_path / "server", extra_args=["--auth-token-file", str(tokens)]
-    ).start()
-    try:
-        env = docker_engine.env() | {"DOCKER_CONFIG": str(tmp_path / "docker-config")}
-        ref = f"{server.registry}/interop/login:1"
-        docker(docker_engine, "tag", test_images.base, ref)
-        refused = subprocess.run(
-            ["docker", "push", ref], env=env, capture_output=True, text=True, check=False
+    env = docker_engine.env() | {"DOCKER_CONFIG": str(tmp_path / "docker-config")}
+
+    def run(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["docker", *args], input=token, env=env, capture_output=True, text=True, check=False
         )
-        assert refused.returncode != 0
-        assert "no basic auth credentials" in refused.stderr or "unauthorized" in refused.stderr
-        login = subprocess.run(
-            ["docker", "login", server.registry, "-u", "docket", "--password-stdin"],
-            input="push-token",
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert login.returncode == 0, login.stderr
-        assert "Login Succeeded" in login.stdout
-        docker(docker_engine, "push", ref, env=env)
-        wrong = subprocess.run(
-            ["docker", "login", server.registry, "-u", "docket", "--password-stdin"],
-            input="not-a-token",
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert wrong.returncode != 0
-    finally:
-        assert server.stop() == 0
+
+    def login(token: str) -> subprocess.CompletedProcess[str]:
+        return run("login", docket.registry, "-u", "docket", "--password-stdin", token=token)
+
+    ref = f"{docket.registry}/interop/login:1"
+    docker(docker_engine, "tag", test_images.base, ref)
+    refused = run("push", ref)
+    assert refused.returncode != 0
+    assert "no basic auth credentials" in refused.stderr or "unauthorized" in refused.stderr
+    assert login("dkt_000000000000_not-a-token-at-all-not-one").returncode != 0
+    viewer = login(docket.token("viewer"))
+    assert viewer.returncode == 0, viewer.stderr
+    denied = run("push", ref)  # a viewer reads, and may not push
+    assert denied.returncode != 0
+    assert "denied" in denied.stderr.lower(), denied.stderr
+    publisher = login(docket.token("publisher", "--description", "CI"))
+    assert publisher.returncode == 0, publisher.stderr
+    assert "Login Succeeded" in publisher.stdout
+    docker(docker_engine, "push", ref, env=env)
+    assert image_json(docket, "interop/login:1")["name"] == "interop/login:1"
 
 
 def test_copies_to_and_from_the_reference_registry_keep_their_digests(
@@ -331,9 +339,7 @@ def test_a_multi_platform_index_pushed_with_skopeo_and_rolled_out_per_platform(
     agents(docket, "multi-amd", groups=["multi"], docker_host=agent_engines[0].host)
     agents(docket, "multi-arm", groups=["multi"], extra_args=["--platform", "linux/arm64"])
     agents(docket, "multi-s390x", groups=["multi"], extra_args=["--platform", "linux/s390x"])
-    wait_for_states(
-        docket.address, {"multi-amd": "online", "multi-arm": "online", "multi-s390x": "online"}
-    )
+    wait_for_states(docket, {"multi-amd": "online", "multi-arm": "online", "multi-s390x": "online"})
     code, _, hosts = rollout(docket, "interop/multi:1", "--hosts", "multi", "--max-failures", "2")
     assert code == 3  # one host has no image for its platform
     assert hosts["multi-amd"]["state"] == "succeeded"
@@ -388,13 +394,13 @@ def test_gzip_and_zstd_layers_go_through_a_rollout_into_docker(
             ],
         }
     ).encode()
-    client = RegistryClient(docket.registry_url)
+    client = docket.registry_client()
     for blob in (config, rootfs, zstd):
         assert client.push_blob("interop/zstd", blob).status_code == 201
     assert client.put_manifest("interop/zstd", "1", manifest).status_code == 201
 
     agents(docket, "zstd1", groups=["zstd"], docker_host=agent_engines[1].host)
-    wait_for_states(docket.address, {"zstd1": "online"})
+    wait_for_states(docket, {"zstd1": "online"})
     code, _, hosts = rollout(docket, "interop/zstd:1", "--hosts", "zstd")
     assert code == 0, hosts
     out = subprocess.run(

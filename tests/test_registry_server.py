@@ -13,20 +13,21 @@ import libtorrent as lt
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from docket_common.bt import session_settings
 from docket_common.digest import hex_part
 from docket_common.pb import agent_service_pb2, agent_service_pb2_grpc, image_pb2
 from docket_common.pb import image_service_pb2 as pb
 from docket_common.pb import image_service_pb2_grpc as pb_grpc
+from tests.support.agents import sim_channel
 from tests.support.archives import layer_tar, random_bytes, sha256
-from tests.support.server import ServerProcess, free_port
+from tests.support.peers import download_with_libtorrent, fleet_identity
+from tests.support.server import ServerProcess
 
 CHUNK = 1024 * 1024
 
 
 @pytest.fixture
 def stub(server: ServerProcess) -> Iterator[pb_grpc.ImageServiceStub]:
-    with grpc.insecure_channel(server.address) as channel:
+    with server.channel() as channel:
         yield pb_grpc.ImageServiceStub(channel)
 
 
@@ -395,26 +396,6 @@ def test_bad_image_requests(server: ServerProcess, stub: pb_grpc.ImageServiceStu
     assert list(stub.ListImages(pb.ListImagesRequest()).images) == []
 
 
-def download_with_libtorrent(
-    metainfo: bytes, seed_port: int, dest: Path, timeout: float = 60
-) -> None:
-    session = lt.session(session_settings(f"127.0.0.1:{free_port()}", user_agent="docket-test"))
-    params = lt.add_torrent_params()
-    params.ti = lt.torrent_info(lt.bdecode(metainfo))
-    params.save_path = str(dest)
-    handle = session.add_torrent(params)
-    handle.connect_peer(("127.0.0.1", seed_port))
-    deadline = time.monotonic() + timeout
-    try:
-        while not handle.status().is_seeding:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"download stuck at {handle.status().progress:.0%}")
-            time.sleep(0.1)
-    finally:
-        session.remove_torrent(handle)
-        del session
-
-
 def test_restart_keeps_images_and_seeds_without_rehashing(
     server: ServerProcess, stub: pb_grpc.ImageServiceStub, tmp_path: Path
 ) -> None:
@@ -424,13 +405,14 @@ def test_restart_keeps_images_and_seeds_without_rehashing(
 
     assert server.stop() == 0
     server.start()
-    with grpc.insecure_channel(server.address) as channel:
+    with server.channel() as channel:
         after = pb_grpc.ImageServiceStub(channel)
         assert after.GetImage(pb.GetImageRequest(name="seeded:1")).image == pushed
         assert after.GetTorrent(pb.GetTorrentRequest(digest=sha256(layer))).torrent == torrent
     assert '"blobs_seeded": 2' in server.log_tail(200)
 
-    download_with_libtorrent(torrent.metainfo, server.bt_port, tmp_path / "dl")
+    identity = fleet_identity(server, "restart-peer")
+    download_with_libtorrent(torrent.metainfo, server.bt_port, tmp_path / "dl", identity=identity)
     assert (tmp_path / "dl" / hex_part(sha256(layer))).read_bytes() == layer
 
 
@@ -440,7 +422,8 @@ def test_a_libtorrent_client_gets_the_exact_bytes(
     data = random_bytes(7 * CHUNK + 3, 99)
     upload(stub, data)
     metainfo = stub.GetTorrent(pb.GetTorrentRequest(digest=sha256(data))).torrent.metainfo
-    download_with_libtorrent(metainfo, server.bt_port, tmp_path / "dl")
+    identity = fleet_identity(server, "exact-peer")
+    download_with_libtorrent(metainfo, server.bt_port, tmp_path / "dl", identity=identity)
     assert (tmp_path / "dl" / hex_part(sha256(data))).read_bytes() == data
 
 
@@ -451,8 +434,11 @@ def test_deleted_blob_stops_seeding(
     push(stub, "gone:1", [layer])
     metainfo = stub.GetTorrent(pb.GetTorrentRequest(digest=sha256(layer))).torrent.metainfo
     stub.DeleteImage(pb.DeleteImageRequest(name="gone:1"))
+    identity = fleet_identity(server, "late-peer")
     with pytest.raises(TimeoutError):
-        download_with_libtorrent(metainfo, server.bt_port, tmp_path / "dl", timeout=5)
+        download_with_libtorrent(
+            metainfo, server.bt_port, tmp_path / "dl", timeout=5, identity=identity
+        )
 
 
 def test_database_newer_than_the_server_is_refused(server: ServerProcess) -> None:
@@ -486,7 +472,7 @@ def test_an_upload_without_a_digest_is_stored_under_its_own(
     assert again.already_existed
 
 
-def test_first_pieces_go_to_orders_only(
+async def test_first_pieces_go_to_orders_only(
     server: ServerProcess, stub: pb_grpc.ImageServiceStub
 ) -> None:
     """ClaimFirstPieces without an order in progress, for a blob the server lacks, or with a
@@ -494,7 +480,7 @@ def test_first_pieces_go_to_orders_only(
     hand-out logic: test_first_pieces.py.)"""
     layer = layer_tar({"f": random_bytes(3 * CHUNK, 11)})
     push(stub, "first/pieces:1", [layer])
-    with grpc.insecure_channel(server.address) as channel:
+    async with await sim_channel(server, "claimer") as channel:
         agents = agent_service_pb2_grpc.AgentServiceStub(channel)
         for digest, order, code, reason in [
             (sha256(layer), "", grpc.StatusCode.NOT_FOUND, "ORDER_NOT_FOUND"),
@@ -504,6 +490,6 @@ def test_first_pieces_go_to_orders_only(
         ]:
             request = agent_service_pb2.ClaimFirstPiecesRequest(digest=digest, order_id=order)
             with pytest.raises(grpc.RpcError) as caught:
-                agents.ClaimFirstPieces(request, timeout=30)
+                await agents.ClaimFirstPieces(request, timeout=30)
             assert caught.value.code() == code  # type: ignore[attr-defined]
             assert error_info(caught.value).reason == reason

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import time
@@ -14,11 +13,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from docket_common.pb import agent_pb2, agent_service_pb2, agent_service_pb2_grpc
-from tests.support.agents import AgentProcess, SimulatedAgent, wait_for_states
+from tests.support.agents import AgentProcess, SimulatedAgent, sim_channel, wait_for_states
 from tests.support.archives import layer_tar, random_bytes, write_legacy_archive
 from tests.support.server import BIN, ServerProcess, background_rollout, docketctl
 from tests.support.terminal import plain, run_in_pty
@@ -42,7 +40,7 @@ def agents(tmp_path: Path, server: ServerProcess) -> Iterator[StartAgent]:
 
     def start(name: str, *args: str, group: str = "g") -> AgentProcess:
         agent = AgentProcess(
-            server=server.address,
+            server=server,
             data_dir=tmp_path / name,
             name=name,
             groups=[group],
@@ -60,18 +58,18 @@ def push(server: ServerProcess, tmp_path: Path, name: str, size: int, seed: int)
     block = random_bytes(min(size, MiB), seed)
     data = block * (size // len(block)) + block[: size % len(block)]
     archive = write_legacy_archive(tmp_path / f"{seed}.tar", name, [layer_tar({"f": data})])
-    result = docketctl("push", name, "--archive", str(archive.path), "-q", server=server.address)
+    result = docketctl("push", name, "--archive", str(archive.path), "-q", server=server)
     assert result.returncode == 0, result.stderr
 
 
 def show(server: ServerProcess, rollout_id: str) -> dict[str, Any]:
-    result = docketctl("rollouts", "show", rollout_id, "-o", "json", server=server.address)
+    result = docketctl("rollouts", "show", rollout_id, "-o", "json", server=server)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
 def run(server: ServerProcess, *args: str, timeout: float = 180) -> tuple[int, dict[str, Any]]:
-    result = docketctl(*args, "-o", "json", server=server.address, timeout=timeout)
+    result = docketctl(*args, "-o", "json", server=server, timeout=timeout)
     lines = [json.loads(x) for x in result.stdout.splitlines() if x.strip()]
     assert lines, result.stderr
     return result.returncode, lines[-1].get("summary", lines[-1])
@@ -80,7 +78,7 @@ def run(server: ServerProcess, *args: str, timeout: float = 180) -> tuple[int, d
 def start_online(agents: StartAgent, server: ServerProcess, names: list[str], *args: str) -> None:
     for name in names:
         agents(name, *args)
-    wait_for_states(server.address, dict.fromkeys(names, "online"))
+    wait_for_states(server, dict.fromkeys(names, "online"))
 
 
 def when(item: dict[str, Any]) -> datetime:
@@ -148,9 +146,9 @@ def test_an_offline_host_fails_at_the_timeout(
     push(server, tmp_path, "late:1", 64 * 1024, 4)
     agents("on1")
     gone = agents("gone")
-    wait_for_states(server.address, {"gone": "online", "on1": "online"})
+    wait_for_states(server, {"gone": "online", "on1": "online"})
     gone.stop()  # registered, in the group, and now offline
-    wait_for_states(server.address, {"gone": "offline", "on1": "online"})
+    wait_for_states(server, {"gone": "offline", "on1": "online"})
     code, summary = run(
         server, "rollout", "late:1", "--hosts", "g", "--timeout", "3s", "--prefetch-only"
     )
@@ -169,7 +167,7 @@ def test_cancel_stops_the_hosts_and_drops_their_partial_work(
     names = ["c1", "c2"]
     start_online(agents, server, names, "--max-download-rate", str(4 * MiB))
     started = docketctl(
-        "rollout", "cancel:1", "--hosts", "g", "--prefetch-only", "--detach", server=server.address
+        "rollout", "cancel:1", "--hosts", "g", "--prefetch-only", "--detach", server=server
     )
     assert started.returncode == 0, started.stderr
     rollout_id = started.stdout.strip()
@@ -179,7 +177,7 @@ def test_cancel_stops_the_hosts_and_drops_their_partial_work(
         if all(h["state"] == "downloading" and h["done_bytes"] > 0 for h in hosts):
             break
         time.sleep(0.2)
-    cancelled = docketctl("rollouts", "cancel", rollout_id, server=server.address)
+    cancelled = docketctl("rollouts", "cancel", rollout_id, server=server)
     assert cancelled.returncode == 0, cancelled.stderr
     code, summary = run(server, "rollouts", "watch", rollout_id)
     assert code == 4  # cancelled
@@ -190,7 +188,7 @@ def test_cancel_stops_the_hosts_and_drops_their_partial_work(
         while [p for p in partial.rglob("*") if p.is_file()] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not [p for p in partial.rglob("*") if p.is_file()], name
-    listed = docketctl("rollouts", "list", server=server.address).stdout
+    listed = docketctl("rollouts", "list", server=server).stdout
     assert rollout_id in listed
     assert "cancelled" in listed
 
@@ -203,8 +201,6 @@ def test_ctrl_c_detaches_and_watch_follows_to_the_end(
     proc = subprocess.Popen(
         [
             str(BIN / "docketctl"),
-            "--server",
-            server.address,
             "rollout",
             "detach:1",
             "--hosts",
@@ -214,6 +210,7 @@ def test_ctrl_c_detaches_and_watch_follows_to_the_end(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=server.env(),
     )
     try:
         time.sleep(2)
@@ -239,7 +236,7 @@ def test_a_server_restart_mid_rollout(
     names = ["r1", "r2", "r3"]
     start_online(agents, server, names, "--max-download-rate", str(6 * MiB))
     started = docketctl(
-        "rollout", "restart:1", "--hosts", "g", "--prefetch-only", "--detach", server=server.address
+        "rollout", "restart:1", "--hosts", "g", "--prefetch-only", "--detach", server=server
     )
     rollout_id = started.stdout.strip()
     deadline = time.monotonic() + 30
@@ -272,15 +269,13 @@ def test_the_live_view_on_a_terminal(
     code, raw = run_in_pty(
         [
             str(BIN / "docketctl"),
-            "--server",
-            server.address,
             "rollout",
             "live:1",
             "--hosts",
             "g",
             "--prefetch-only",
         ],
-        env=dict(os.environ),
+        env=server.env(),
     )
     screen = plain(raw)
     assert code == 0, screen
@@ -307,7 +302,7 @@ def test_pieces_handed_to_a_host_that_never_passes_them_on_come_from_the_seed(
     hoarded: list[int] = []
 
     async def scenario() -> tuple[int, str]:
-        async with grpc.aio.insecure_channel(server.address) as channel:
+        async with await sim_channel(server, "h0") as channel:
             stub = agent_service_pb2_grpc.AgentServiceStub(channel)
             hoarder = SimulatedAgent(stub, "h0", groups=("g",))
             stream = asyncio.create_task(hoarder.run())

@@ -21,14 +21,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from docket_common.pb import agent_pb2
 from docket_common.pb import agent_service_pb2 as pb
 from docket_common.pb import agent_service_pb2_grpc as pb_grpc
-from tests.support.server import BIN, docketctl, free_port
+from docket_common.pki import key_pem, load_key, make_csr, new_key
+from tests.support.server import BIN, ServerProcess, docketctl, free_port
 
 
 @dataclass
 class AgentProcess:
     """docket-agent on a free BitTorrent port, logging to data_dir/../NAME-agent.log."""
 
-    server: str
+    server: ServerProcess | str  # a string: an address, and no join token or CA
     data_dir: Path
     name: str
     groups: list[str] = field(default_factory=list)
@@ -48,10 +49,12 @@ class AgentProcess:
         return self.data_dir.parent / f"{self.name}-agent.log"
 
     def command(self) -> list[str]:
+        server = self.server
+        address = server if isinstance(server, str) else server.address
         args = [
             str(BIN / "docket-agent"),
             "--server",
-            self.server,
+            address,
             "--data-dir",
             str(self.data_dir),
             "--name",
@@ -68,12 +71,18 @@ class AgentProcess:
             args += ["--label", f"{key}={value}"]
         if self.docker_host is None:
             args.append("--no-docker")
+        if isinstance(server, ServerProcess):
+            if server.insecure:
+                args.append("--insecure")
+            elif not (self.data_dir / "tls" / "agent.pem").exists():
+                args += ["--join-token", server.join_token(), "--ca", str(server.ca_path)]
         return args + self.extra_args
 
     def start(self) -> AgentProcess:
         env = dict(os.environ)
         if self.docker_host is not None:
             env["DOCKER_HOST"] = self.docker_host
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, env=env
@@ -106,14 +115,14 @@ class AgentProcess:
             return "(no log)"
 
 
-def agents_json(server: str, selector: str = "all") -> dict[str, dict[str, Any]]:
+def agents_json(server: ServerProcess | str, selector: str = "all") -> dict[str, dict[str, Any]]:
     result = docketctl("agents", "--hosts", selector, "-o", "json", server=server)
     assert result.returncode == 0, result.stderr
     return {a["name"]: a for a in json.loads(result.stdout)}
 
 
 def wait_for_states(
-    server: str, want: dict[str, str], timeout: float = 20.0
+    server: ServerProcess | str, want: dict[str, str], timeout: float = 20.0
 ) -> dict[str, dict[str, Any]]:
     """Polls `docketctl agents` until every named agent is in the wanted state."""
     deadline = time.monotonic() + timeout
@@ -125,6 +134,49 @@ def wait_for_states(
         time.sleep(0.1)
     states = {name: seen.get(name, {}).get("state") for name in want}
     raise AssertionError(f"after {timeout}s the agents are {states}, not {want}")
+
+
+@dataclass(frozen=True)
+class SimIdentity:
+    """An enrolled simulated agent: its key and the certificate the server signed."""
+
+    name: str
+    key_pem: bytes
+    cert_pem: bytes
+
+
+async def enroll(
+    server: ServerProcess, name: str, key: bytes | None = None, join_token: str | None = None
+) -> SimIdentity:
+    """Enrolls ``name`` as docket-agent does (EnrollAgent with a join token and a CSR)."""
+    key = key or key_pem(new_key())
+    async with server.aio_channel(token=join_token or server.join_token()) as channel:
+        response = await pb_grpc.AgentServiceStub(channel).EnrollAgent(
+            pb.EnrollAgentRequest(name=name, csr_pem=make_csr(load_key(key), name)),
+            timeout=30,
+        )
+    return SimIdentity(name, key, response.certificate_pem)
+
+
+def agent_channel(
+    server: ServerProcess, identity: SimIdentity | None, **options: Any
+) -> grpc.aio.Channel:
+    """An aio channel to the agent port with ``identity``'s certificate (mutual TLS); to the
+    plaintext API port of an insecure server."""
+    opts = list(options.items())
+    if server.insecure or identity is None:
+        return grpc.aio.insecure_channel(server.address, options=opts)
+    credentials = grpc.ssl_channel_credentials(
+        server.ca_pem, private_key=identity.key_pem, certificate_chain=identity.cert_pem
+    )
+    return grpc.aio.secure_channel(server.agent_address, credentials, options=opts)
+
+
+async def sim_channel(server: ServerProcess, name: str, **options: Any) -> grpc.aio.Channel:
+    """A channel on which a SimulatedAgent named ``name`` may connect: enrolled first."""
+    if server.insecure:
+        return agent_channel(server, None, **options)
+    return agent_channel(server, await enroll(server, name), **options)
 
 
 def _now() -> Timestamp:

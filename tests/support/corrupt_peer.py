@@ -22,6 +22,7 @@ from typing import Any
 import libtorrent as lt
 
 from docket_common.bt import session_settings
+from tests.support.peers import present
 
 BLOCK = 16 * 1024  # libtorrent's request size
 START_TIMEOUT = 10.0
@@ -42,7 +43,14 @@ class CorruptPeer:
     ``uploaded_bytes()`` is the payload it has sent so far.
     """
 
-    def __init__(self, metainfo: bytes, data: bytes, workdir: Path) -> None:
+    def __init__(
+        self,
+        metainfo: bytes,
+        data: bytes,
+        workdir: Path,
+        identity: tuple[bytes, bytes] | None = None,
+    ) -> None:
+        """``identity`` (certificate, key): a fleet peer's, to take part in SSL torrents."""
         self.info = lt.torrent_info(lt.bdecode(metainfo))
         if self.info.total_size() != len(data):
             raise ValueError(
@@ -50,6 +58,7 @@ class CorruptPeer:
             )
         self.data = data
         self.workdir = workdir
+        self.identity = identity
         self.port = 0
         self._session: lt.session | None = None
         self._handle: lt.torrent_handle | None = None
@@ -92,7 +101,10 @@ class CorruptPeer:
         self.path.write_bytes(bad)
 
         settings: dict[str, Any] = {
-            **session_settings("127.0.0.1:0", user_agent="docket-test-corrupt-peer"),
+            **session_settings(
+                "127.0.0.1:0s" if self.identity else "127.0.0.1:0",
+                user_agent="docket-test-corrupt-peer",
+            ),
             "upload_rate_limit": 0,  # unlimited
             # Unchoke every interested peer at once: as many upload slots as peers.
             "choking_algorithm": int(lt.choking_algorithm_t.fixed_slots_choker),
@@ -109,6 +121,7 @@ class CorruptPeer:
             lt.torrent_flags.seed_mode | lt.torrent_flags.auto_managed | lt.torrent_flags.paused
         )
         self._handle = self._session.add_torrent(params)
+        present(self._handle, self.identity)
         deadline = time.monotonic() + START_TIMEOUT
         while not self._handle.status().is_seeding:
             if time.monotonic() > deadline:
@@ -132,9 +145,8 @@ class CorruptPeer:
         while time.monotonic() < deadline:
             self._session.wait_for_alert(100)
             for alert in self._session.pop_alerts():
-                if (
-                    isinstance(alert, lt.listen_succeeded_alert)
-                    and alert.socket_type == lt.socket_type_t.tcp
+                if isinstance(alert, lt.listen_succeeded_alert) and alert.socket_type == (
+                    lt.socket_type_t.tcp_ssl if self.identity else lt.socket_type_t.tcp
                 ):
                     return int(alert.port)
                 if isinstance(alert, lt.listen_failed_alert):

@@ -119,9 +119,12 @@ class RegistryClient:
     """The registry protocol over requests, without the conveniences of a real client: every
     call returns the response as it is."""
 
-    def __init__(self, base_url: str, auth: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self, base_url: str, auth: tuple[str, str] | None = None, verify: bool | str = True
+    ) -> None:
         self.base = base_url.rstrip("/")
         self.http = requests.Session()
+        self.http.verify = verify  # a CA file for the server's own certificates
         if auth is not None:
             self.http.auth = auth
 
@@ -131,6 +134,8 @@ class RegistryClient:
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", TIMEOUT)
         kwargs.setdefault("allow_redirects", False)
+        # Explicitly: a session's own verify loses to $REQUESTS_CA_BUNDLE otherwise.
+        kwargs.setdefault("verify", self.http.verify)
         return self.http.request(method, self.url(path), **kwargs)
 
     def push_blob(self, repository: str, data: bytes) -> requests.Response:

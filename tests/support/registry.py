@@ -3,6 +3,7 @@ real process, and skopeo run as a user runs it: for interop tests and the benchm
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -30,6 +31,12 @@ http:
 """
 
 Popen = Callable[..., "subprocess.Popen[Any]"]
+
+
+def registry_env() -> dict[str, str]:
+    """This environment without REGISTRY_* variables, which docker-registry reads as
+    settings (REGISTRY_AUTH_FILE, say, which skopeo and podman read as a credentials file)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
 
 
 def tool(name: str) -> str:
@@ -70,6 +77,7 @@ class ReferenceRegistry:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                env=registry_env(),
             )
         up = listening or self._listening
         deadline = time.monotonic() + timeout
