@@ -146,14 +146,20 @@ def copy_image(source: str, dest: str, repository: str, tag: str) -> None:
     import requests
 
     accept = "application/vnd.oci.image.manifest.v1+json"
-    got = requests.get(
-        f"http://{source}/v2/{repository}/manifests/{tag}", headers={"Accept": accept}, timeout=60
+    # The source is docket-server's registry face: TLS, and the admin's token (from the
+    # environment DocketSide gives docketctl).
+    docket = requests.Session()
+    docket.trust_env = False  # $REQUESTS_CA_BUNDLE would replace the CA below
+    docket.verify = os.environ["DOCKET_CA"]
+    docket.auth = ("docket", os.environ["DOCKET_TOKEN"])
+    got = docket.get(
+        f"https://{source}/v2/{repository}/manifests/{tag}", headers={"Accept": accept}, timeout=60
     )
     got.raise_for_status()
     manifest = got.json()
     for blob in [manifest["config"], *manifest["layers"]]:
-        body = requests.get(
-            f"http://{source}/v2/{repository}/blobs/{blob['digest']}", timeout=600
+        body = docket.get(
+            f"https://{source}/v2/{repository}/blobs/{blob['digest']}", timeout=600
         ).content
         start = requests.post(f"http://{dest}/v2/{repository}/blobs/uploads/", timeout=60)
         start.raise_for_status()
@@ -217,7 +223,7 @@ def bench_one(n: int, args: argparse.Namespace, logs: Path, work: Path) -> Row:
         h0 = cluster.server
         hosts = cluster.agents[:n]
         engines = stack.enter_context(engines_inside(hosts, h0))
-        docket = DocketSide(cluster, n, data, logs)
+        docket = DocketSide(cluster, n, data, logs, registry=True)
         stack.callback(docket.stop)
         central = CentralSide(cluster, n, data, logs)
         stack.callback(central.stop)
@@ -238,6 +244,7 @@ def bench_one(n: int, args: argparse.Namespace, logs: Path, work: Path) -> Row:
                     tag,
                 ],
                 timeout=600,
+                env=docket.env(),
             )
             image.path.unlink()
             ordered = [engines[h.index] for h in hosts]
@@ -315,27 +322,35 @@ def ttfb_part(size_mib: int, runs: int, tmp: Path) -> list[tuple[str, list[float
     from tests.support.server import ServerProcess
 
     server = ServerProcess(data_dir=tmp / "ttfb-server").start()
-    agent = AgentProcess(server=server.address, data_dir=tmp / "ttfb-agent", name="ttfb").start()
+    agent = AgentProcess(server=server, data_dir=tmp / "ttfb-agent", name="ttfb").start()
+    docket = requests.Session()  # the server's registry face: TLS, the admin's token
+    docket.trust_env = False  # $REQUESTS_CA_BUNDLE would replace the CA below
+    docket.verify = str(server.ca_path)
+    docket.auth = ("docket", server.admin_token)
     through: tuple[list[float], list[float]] = ([], [])
     direct: tuple[list[float], list[float]] = ([], [])
     try:
-        wait_for_states(server.address, {"ttfb": "online"})
+        wait_for_states(server, {"ttfb": "online"})
         for run in range(runs):
             data = os.urandom(size_mib * MiB)
             digest = "sha256:" + hashlib.sha256(data).hexdigest()
-            start = requests.post(f"{server.registry_url}/v2/bench/ttfb/blobs/uploads/", timeout=60)
-            requests.put(
+            start = docket.post(f"{server.registry_url}/v2/bench/ttfb/blobs/uploads/", timeout=60)
+            docket.put(
                 server.registry_url + start.headers["Location"],
                 params={"digest": digest},
                 data=data,
                 timeout=600,
             ).raise_for_status()
-            for url, (first, whole) in (
-                (f"http://{agent.registry}/v2/bench/ttfb/blobs/{digest}", through),
-                (f"{server.registry_url}/v2/bench/ttfb/blobs/{digest}", direct),
+            for session, url, (first, whole) in (
+                (
+                    requests.Session(),
+                    f"http://{agent.registry}/v2/bench/ttfb/blobs/{digest}",
+                    through,
+                ),
+                (docket, f"{server.registry_url}/v2/bench/ttfb/blobs/{digest}", direct),
             ):
                 began = time.monotonic()
-                with requests.get(url, stream=True, timeout=600) as response:
+                with session.get(url, stream=True, timeout=600) as response:
                     response.raise_for_status()
                     chunks = response.iter_content(64 * 1024)
                     received = len(next(chunks))

@@ -1,16 +1,24 @@
 """The registry HTTP face: how fast a blob comes out, and how a `docker push` compares with the
 reference registry (Debian's docker-registry, the CNCF distribution registry), in one run.
 
+docket-server runs as a user gets it: its registry face speaks HTTPS only and wants a token (a
+bearer token, or Basic auth with the token as the password). So TLS is included in Docket's
+numbers, and not in docker-registry's, which serves plain HTTP as configured here.
+
 Part 1 (loopback): a --size-mib blob of random bytes is uploaded to a docket-server (a chunked
-PATCH, then PUT ?digest=) and to a docker-registry; then, --runs times each, `curl` GETs it to
-/dev/null. Reported: MB/s, the server's CPU seconds (utime + stime from /proc), and curl's.
-docket-server sends blob bodies with sendfile(2); the target is at least 1 GB/s for one stream.
+PATCH, then PUT ?digest=; over HTTPS with the admin token) and to a docker-registry; then,
+--runs times each, `curl` GETs it to /dev/null (from Docket with --cacert and the token).
+Reported: MB/s, the server's CPU seconds (utime + stime from /proc), and curl's. Over plain
+HTTP docket-server sends blob bodies with sendfile(2); over TLS the bytes are read and
+encrypted in the process (and decrypted in curl). The target is at least 1 GB/s for one stream.
 
 Part 2 (needs root and dockerd): a private Docker engine (tests/support/dockerd.py) holds an
 image of --push-mib MiB of random data in one layer; `docker push` sends it, --runs times
 alternately, to a fresh docket-server and to a fresh docker-registry (new data dirs, so every
-push uploads everything). dockerd gzips each layer as it pushes, so both sides take the same
-bytes; the table shows the time and each server's CPU.
+push uploads everything). To Docket it pushes over HTTPS, logged in (`docker login`, before the
+clock starts) with the admin token; dockerd does not check the certificate, as it counts
+127.0.0.0/8 as an insecure registry, but it speaks TLS. dockerd gzips each layer as it pushes,
+so both sides take the same bytes; the table shows the time and each server's CPU.
 
     .venv/bin/python bench/registry_bench.py                       # 1 GiB blob, 1 GiB push, 3 runs
     .venv/bin/python bench/registry_bench.py --size-mib 256 --skip-push
@@ -53,6 +61,19 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """One side's registry: its base URL, and how a client trusts it and logs in."""
+
+    url: str
+    ca: str | None = None  # a CA file to verify its certificate by (https)
+    token: str | None = None  # sent as the password of Basic auth
+
+    @classmethod
+    def of(cls, server: ServerProcess) -> Endpoint:
+        return cls(server.registry_url, str(server.ca_path), server.admin_token)
+
+
 @dataclass
 class Series:
     """Measurements of one side, run after run."""
@@ -87,21 +108,33 @@ def random_chunks(size: int, digest: Callable[[bytes], object]) -> Iterator[byte
         yield chunk
 
 
-def upload(base_url: str, size: int) -> str:
+def upload(endpoint: Endpoint, size: int) -> str:
     """Uploads ``size`` random bytes to repository bench/blob; returns their digest."""
+    base_url = endpoint.url
     hasher = hashlib.sha256()
-    started = requests.post(f"{base_url}/v2/bench/blob/blobs/uploads/", timeout=60)
+    # verify= on every request: a Session's own is overridden by $REQUESTS_CA_BUNDLE.
+    verify: str | bool = endpoint.ca or True
+    auth = ("docket", endpoint.token) if endpoint.token is not None else None
+    started = requests.post(
+        f"{base_url}/v2/bench/blob/blobs/uploads/", verify=verify, auth=auth, timeout=60
+    )
     started.raise_for_status()
     location = started.headers["Location"]
     if location.startswith("/"):
         location = base_url + location
-    patched = requests.patch(location, data=random_chunks(size, hasher.update), timeout=600)
+    patched = requests.patch(
+        location,
+        data=random_chunks(size, hasher.update),
+        verify=verify,
+        auth=auth,
+        timeout=600,
+    )
     patched.raise_for_status()
     location = patched.headers["Location"]
     if location.startswith("/"):
         location = base_url + location
     digest = "sha256:" + hasher.hexdigest()
-    done = requests.put(location, params={"digest": digest}, timeout=600)
+    done = requests.put(location, params={"digest": digest}, verify=verify, auth=auth, timeout=600)
     done.raise_for_status()
     return digest
 
@@ -111,11 +144,16 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def curl_get(url: str) -> tuple[float, float]:
+def curl_get(endpoint: Endpoint, url: str) -> tuple[float, float]:
     """(seconds, curl's CPU seconds) of one GET of ``url`` to /dev/null."""
+    args = [tool("curl"), "-sSf", "-o", "/dev/null"]
+    if endpoint.ca is not None:
+        args += ["--cacert", endpoint.ca]
+    # The token on stdin (a curl config), not on the command line.
+    config = f'user = "docket:{endpoint.token}"\n' if endpoint.token is not None else ""
     before = children_cpu()
     start = time.monotonic()
-    subprocess.run([tool("curl"), "-sSf", "-o", "/dev/null", url], check=True, timeout=600)
+    subprocess.run([*args, "-K", "-", url], input=config, text=True, check=True, timeout=600)
     return time.monotonic() - start, children_cpu() - before
 
 
@@ -127,19 +165,19 @@ def blob_part(size_mib: int, runs: int, tmp: Path) -> tuple[int, list[Series]]:
     assert docket.proc is not None
     assert reference.proc is not None
     sides = [
-        (Series("docket-server"), docket.registry_url, docket.proc.pid),
-        (Series("docker-registry"), f"http://{reference.address}", reference.proc.pid),
+        (Series("docket-server"), Endpoint.of(docket), docket.proc.pid),
+        (Series("docker-registry"), Endpoint(f"http://{reference.address}"), reference.proc.pid),
     ]
     try:
-        for series, url, _pid in sides:
+        for series, endpoint, _pid in sides:
             log(f"uploading {size_mib} MiB to {series.name}")
-            digest = upload(url, size)
-            curl_get(f"{url}/v2/bench/blob/blobs/{digest}")  # into the page cache
-            series.url = f"{url}/v2/bench/blob/blobs/{digest}"
+            digest = upload(endpoint, size)
+            series.url = f"{endpoint.url}/v2/bench/blob/blobs/{digest}"
+            curl_get(endpoint, series.url)  # into the page cache
         for run in range(runs):
-            for series, _url, pid in sides:
+            for series, endpoint, pid in sides:
                 before = cpu_seconds(pid)
-                seconds, client = curl_get(series.url)
+                seconds, client = curl_get(endpoint, series.url)
                 series.seconds.append(seconds)
                 series.server_cpu.append(cpu_seconds(pid) - before)
                 series.client_cpu.append(client)
@@ -175,14 +213,26 @@ def push_part(push_mib: int, runs: int, tmp: Path) -> tuple[int, list[Series]]:
         log(f"making a {push_mib} MiB image in the engine")
         make_base_image(engine.client, "bench/push:1", extra_bytes=push_mib * MiB, seed=7)
         size = int(engine.client.images.get("bench/push:1").attrs["Size"])
+        # docker's own config (its logins), not the user's.
+        env = engine.env() | {"DOCKER_CONFIG": str(tmp / "docker-config")}
         for run in range(runs):
             for side in (docket_side, reference_side):
                 data = tmp / f"push-{side.name}-{run}"
+                stop: Callable[[], object]
                 if side is docket_side:
                     server = ServerProcess(data_dir=data)
                     server.start()
                     assert server.proc is not None
                     address, pid, stop = server.registry, server.proc.pid, server.stop
+                    subprocess.run(
+                        ["docker", "login", address, "-u", "docket", "--password-stdin"],
+                        input=server.admin_token,
+                        text=True,
+                        env=env,
+                        check=True,
+                        capture_output=True,
+                        timeout=60,
+                    )
                 else:
                     reference = ReferenceRegistry(data)
                     reference.start()
@@ -195,7 +245,7 @@ def push_part(push_mib: int, runs: int, tmp: Path) -> tuple[int, list[Series]]:
                     start = time.monotonic()
                     subprocess.run(
                         ["docker", "push", "-q", ref],
-                        env=engine.env(),
+                        env=env,
                         check=True,
                         capture_output=True,
                         timeout=1800,

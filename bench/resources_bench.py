@@ -2,10 +2,12 @@
 
 Part 1 (no shaping, loopback): a docket-server and one docket-agent (``--no-docker``); an
 image of --size-mib random bytes is pushed from an archive, then rolled out to the agent with
-``--prefetch-only``. For each process and phase it reports the peak RSS (VmHWM in
-/proc/<pid>/status, reset before each phase by writing 5 to /proc/<pid>/clear_refs), the
-peaks of RssAnon and RssFile (sampled every 50 ms) and CPU seconds (utime + stime in
-/proc/<pid>/stat).
+``--prefetch-only``. Both run secure, as a user gets them (TLS on the server's ports and
+docketctl calling with the admin token; the agent enrolled with a join token and calling the
+agent port with mutual TLS; BitTorrent over libtorrent SSL torrents), so the costs include it.
+For each process and phase it reports the peak RSS (VmHWM in /proc/<pid>/status, reset before
+each phase by writing 5 to /proc/<pid>/clear_refs), the peaks of RssAnon and RssFile (sampled
+every 50 ms) and CPU seconds (utime + stime in /proc/<pid>/stat).
 
 RSS counts file-backed mapped pages (RssFile) as well as the process's own memory
 (RssAnon). libtorrent 2.0 did its disk I/O through memory maps, so every blob page it touched
@@ -55,7 +57,7 @@ for _path in (BENCH, ROOT):
 
 from benchimage import MiB, write_random_image  # noqa: E402
 
-from tests.support.server import ServerProcess, free_port  # noqa: E402
+from tests.support.server import ServerProcess, docketctl, free_port  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -186,21 +188,6 @@ def watching(
         out.extend(watch.stop())
 
 
-def docketctl(
-    server: str, *args: str, env: dict[str, str] | None = None, timeout: float = 1800
-) -> subprocess.CompletedProcess[str]:
-    full = dict(os.environ if env is None else env)
-    full["DOCKET_SERVER"] = server
-    return subprocess.run(
-        [str(VENV_BIN / "docketctl"), *args],
-        capture_output=True,
-        text=True,
-        env=full,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def checked(result: subprocess.CompletedProcess[str], what: str) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"{what} exited {result.returncode}: {result.stderr.strip()[-2000:]}")
@@ -241,6 +228,11 @@ def download_part(
                 "--no-docker",
                 "--log-level",
                 "info",
+                # It enrolls with a join token, then calls the agent port with mutual TLS.
+                "--join-token",
+                server.join_token(),
+                "--ca",
+                str(server.ca_path),
                 *(BITTORRENT_ONLY if bittorrent_only else []),
             ],
             stdout=agent_log,
@@ -252,7 +244,7 @@ def download_part(
         while True:
             if agent.poll() is not None:
                 raise RuntimeError(f"docket-agent exited {agent.returncode}; see {logs}")
-            out = docketctl(server.address, "agents", "--hosts", "res", "-o", "json")
+            out = docketctl("agents", "--hosts", "res", "-o", "json", server=server)
             if out.returncode == 0 and any(a["state"] == "online" for a in json.loads(out.stdout)):
                 break
             if time.monotonic() > deadline:
@@ -268,7 +260,9 @@ def download_part(
         log("push (archive, loopback)")
         with watching({"docket-server": server.proc.pid}, "push", usages, data_dirs):
             checked(
-                docketctl(server.address, "push", tag, "--archive", str(image.path), "-q"),
+                docketctl(
+                    "push", tag, "--archive", str(image.path), "-q", server=server, timeout=1800
+                ),
                 "docketctl push",
             )
         image.path.unlink()
@@ -276,7 +270,6 @@ def download_part(
         with watching(pids, "download", usages, data_dirs):
             events = checked(
                 docketctl(
-                    server.address,
                     "rollout",
                     tag,
                     "--hosts",
@@ -284,6 +277,8 @@ def download_part(
                     "--prefetch-only",
                     "-o",
                     "json",
+                    server=server,
+                    timeout=1800,
                 ),
                 "docketctl rollout",
             )
@@ -385,7 +380,8 @@ def push_vs_save_part(size_mib: float, runs: int, tmp: Path) -> PushSave:
         server.start()
         try:
             assert server.proc is not None
-            env = engine.env()
+            # The engine's DOCKER_HOST, and the server's address, admin token and CA.
+            env = engine.env(server.env())
             for run in range(runs):
                 out = tmp / "save.tar"
                 started = time.monotonic()
@@ -398,7 +394,7 @@ def push_vs_save_part(size_mib: float, runs: int, tmp: Path) -> PushSave:
                 cpu0, server_cpu0 = children_cpu(), cpu_seconds(server.proc.pid)
                 started = time.monotonic()
                 pushed = checked(
-                    docketctl(server.address, "push", tag, "-o", "json", env=env),
+                    docketctl("push", tag, "-o", "json", server=server, env=env, timeout=1800),
                     "docketctl push",
                 )
                 result.push_s.append(time.monotonic() - started)
@@ -408,7 +404,7 @@ def push_vs_save_part(size_mib: float, runs: int, tmp: Path) -> PushSave:
                 if not info.get("uploaded_bytes"):
                     raise RuntimeError(f"push uploaded nothing: {pushed[:500]}")
                 log(f"run {run + 1}/{runs}: docketctl push {result.push_s[-1]:.2f}s")
-                checked(docketctl(server.address, "rm", tag, env=env), "docketctl rm")
+                checked(docketctl("rm", tag, server=server, env=env), "docketctl rm")
         finally:
             server.stop()
     return result
@@ -496,8 +492,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(push_save_table(r))
                 print(
                     "\ndocker save: the SDK's image.save() streamed to a file. docketctl push: "
-                    "the same engine, to a docket-server on loopback (which hashes and stores "
-                    "every byte); `docketctl rm` between runs so each push uploads the image."
+                    "the same engine, to a docket-server on loopback over TLS (which hashes and "
+                    "stores every byte); `docketctl rm` between runs so each push uploads the "
+                    "image."
                 )
     print(f"\nlogs: {logs}")
     return 0

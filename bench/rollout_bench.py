@@ -19,6 +19,10 @@ temporary directory whose path is printed.
 
     .venv/bin/python bench/rollout_bench.py                      # N = 2 4 8, 64 MiB, 100 Mbit/s
     .venv/bin/python bench/rollout_bench.py --hosts 4 --size-mib 128 --runs 1
+    .venv/bin/python bench/rollout_bench.py --hosts 8 --skip-central --compare-plaintext
+
+Docket runs as a user gets it: TLS, tokens, enrolled agents and SSL torrents.
+--compare-plaintext also runs each rollout on a second server and agents with --insecure.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ from tests.support.registry import ReferenceRegistry  # noqa: E402
 VENV_BIN = Path(sys.executable).parent
 SERVER_PORT = 7800
 SERVER_BT_PORT = 7881
+SERVER_AGENT_PORT = 7801
+PLAINTEXT_PORT_OFFSET = 100  # --compare-plaintext: the plaintext side's ports
 AGENT_BT_PORT = 6881
 REGISTRY_PORT = 5000
 GROUP = "bench"
@@ -150,6 +156,7 @@ class Row:
     image_bytes: int
     docket: list[DocketRun] = field(default_factory=list)
     central: list[CentralRun] = field(default_factory=list)
+    plaintext: list[DocketRun] = field(default_factory=list)  # --compare-plaintext
 
     @property
     def t_min(self) -> float:
@@ -190,6 +197,29 @@ def results_table(rows: Sequence[Row]) -> str:
             fmt(r.server_sent_ratio),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tls_table(rows: Sequence[Row]) -> str:
+    """--compare-plaintext: the same rollouts with TLS on (the default) and with --insecure,
+    run in turns on the same cluster."""
+    lines = [
+        "| N | TLS s (median) | plaintext s (median) | TLS / plaintext | TLS runs "
+        "| plaintext runs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if not r.plaintext:
+            continue
+        tls = r.med([x.seconds for x in r.docket])
+        plain = r.med([x.seconds for x in r.plaintext])
+        lines.append(
+            f"| {r.n} | {fmt(tls)} | {fmt(plain)} | {fmt(tls / plain, 3)} | "
+            + ", ".join(f"{x.seconds:.2f}" for x in r.docket)
+            + " | "
+            + ", ".join(f"{x.seconds:.2f}" for x in r.plaintext)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -272,32 +302,61 @@ class DocketSide:
         with_load: bool = False,
         docker_hosts: dict[int, str] | None = None,
         server_args: Sequence[str] = (),
+        insecure: bool = False,
+        port_offset: int = 0,
+        registry: bool = False,
     ) -> None:
+        """Secure as a user gets it (TLS, tokens, enrolled agents, SSL torrents); with
+        ``insecure``, all of that off. ``port_offset`` moves every port, so that a second
+        side can run beside the first in the same cluster. ``registry``: the server's and the
+        agents' registry faces on (127.0.0.1:5000 in h0, 127.0.0.1:5001 in each host)."""
         self.server_args = list(server_args)
         self.cluster = cluster
         self.n = n
-        self.data = data
+        self.insecure = insecure
+        self.label = "plaintext" if insecure else "TLS"
+        self.data = data / ("plaintext" if insecure else "tls")
+        self.data.mkdir(parents=True, exist_ok=True)
         self.logs = logs
+        self.tag = f"N{n}-{self.label}"
         self.with_load = with_load
         self.docker_hosts = docker_hosts or {}
-        self.server_address = f"{cluster.server.ip}:{SERVER_PORT}"
+        self.port_offset = port_offset
+        self.registry = registry
+        self.server_address = f"{cluster.server.ip}:{SERVER_PORT + port_offset}"
         self.procs: list[subprocess.Popen[Any]] = []
         self.names: dict[int, str] = {}  # pid: what it is, for error messages
+
+    @property
+    def server_data(self) -> Path:
+        return self.data / "server"
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["DOCKET_SERVER"] = self.server_address
         env.pop("DOCKER_HOST", None)
+        token = self.server_data / "admin.token"
+        if not self.insecure and token.exists():
+            env["DOCKET_TOKEN"] = token.read_text().strip()
+            env["DOCKET_CA"] = str(self.server_data / "ca.pem")
         return env
+
+    def ctl_args(self) -> list[str]:
+        return [venv_tool("docketctl"), *(["--insecure"] if self.insecure else [])]
 
     def docketctl(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         return self.cluster.server.run(
-            [venv_tool("docketctl"), *args], check=False, timeout=timeout, env=self.env()
+            [*self.ctl_args(), *args], check=False, timeout=timeout, env=self.env()
         )
 
     def start(self) -> None:
         h0 = self.cluster.server
-        server_log = (self.logs / f"N{self.n}-docket-server.log").open("ab")
+        server_log = (self.logs / f"{self.tag}-docket-server.log").open("ab")
+        security = (
+            ["--insecure"]
+            if self.insecure
+            else ["--agent-listen", f"{h0.ip}:{SERVER_AGENT_PORT + self.port_offset}"]
+        )
         self.procs.append(
             h0.popen(
                 [
@@ -305,9 +364,11 @@ class DocketSide:
                     "--listen",
                     self.server_address,
                     "--bt-listen",
-                    f"{h0.ip}:{SERVER_BT_PORT}",
+                    f"{h0.ip}:{SERVER_BT_PORT + self.port_offset}",
+                    *([] if self.registry else ["--registry-listen", "off"]),
+                    *security,
                     "--data-dir",
-                    str(self.data / "server"),
+                    str(self.server_data),
                     "--log-level",
                     "info",
                     *self.server_args,
@@ -319,18 +380,29 @@ class DocketSide:
             )
         )
         server_log.close()
-        self.names[self.procs[-1].pid] = "docket-server"
+        self.names[self.procs[-1].pid] = f"{self.label} docket-server"
         wait_for(
-            "docket-server to listen", lambda: self._alive() and listening(h0, SERVER_PORT), 60
+            "docket-server to listen",
+            lambda: self._alive() and listening(h0, SERVER_PORT + self.port_offset),
+            60,
         )
+        joining: list[str] = ["--insecure"]
+        if not self.insecure:
+            made = self.docketctl("tokens", "create", "--role", "agent", "--group", GROUP)
+            if made.returncode != 0:
+                raise RuntimeError(f"docketctl tokens create failed: {made.stderr.strip()}")
+            ca = str(self.server_data / "ca.pem")
+            joining = ["--join-token", made.stdout.strip(), "--ca", ca]
         for host in self.cluster.agents[: self.n]:
             env = self.env()
             argv = [
                 venv_tool("docket-agent"),
                 "--server",
                 self.server_address,
+                *joining,
+                *([] if self.registry else ["--registry-listen", "off"]),
                 "--bt-listen",
-                f"{host.ip}:{AGENT_BT_PORT}",
+                f"{host.ip}:{AGENT_BT_PORT + self.port_offset}",
                 "--data-dir",
                 str(self.data / host.name),
                 "--name",
@@ -344,7 +416,7 @@ class DocketSide:
                 env["DOCKER_HOST"] = self.docker_hosts[host.index]
             else:
                 argv.append("--no-docker")
-            agent_log = (self.logs / f"N{self.n}-{host.name}-agent.log").open("ab")
+            agent_log = (self.logs / f"{self.tag}-{host.name}-agent.log").open("ab")
             self.procs.append(
                 host.popen(
                     argv,
@@ -355,8 +427,8 @@ class DocketSide:
                 )
             )
             agent_log.close()
-            self.names[self.procs[-1].pid] = f"docket-agent in {host.name}"
-        wait_for(f"{self.n} agents online", self._all_online, 90, interval=0.5)
+            self.names[self.procs[-1].pid] = f"{self.label} docket-agent in {host.name}"
+        wait_for(f"{self.n} {self.label} agents online", self._all_online, 90, interval=0.5)
 
     def _alive(self) -> bool:
         for proc in self.procs:
@@ -382,14 +454,14 @@ class DocketSide:
     def rollout(self, image: RandomImage, run: int) -> DocketRun:
         h0 = self.cluster.server
         agents = self.cluster.agents[: self.n]
-        args = [venv_tool("docketctl"), "rollout", image.tag, "--hosts", GROUP, "-o", "json"]
+        args = [*self.ctl_args(), "rollout", image.tag, "--hosts", GROUP, "-o", "json"]
         args += ["--timeout", "15m"]
         if not self.with_load:
             args.append("--prefetch-only")
         before_h0 = h0.link_counters()["tx_bytes"]
         before_agents = sum(h.link_counters()["tx_bytes"] for h in agents)
-        out_path = self.logs / f"N{self.n}-run{run}-rollout.jsonl"
-        err_path = self.logs / f"N{self.n}-run{run}-rollout.err"
+        out_path = self.logs / f"{self.tag}-run{run}-rollout.jsonl"
+        err_path = self.logs / f"{self.tag}-run{run}-rollout.err"
         with out_path.open("w") as out, err_path.open("w") as err:
             started = time.monotonic()
             proc = h0.popen(args, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=self.env())
@@ -592,6 +664,19 @@ def bench_one(
             cluster, n, data, logs, with_load=args.with_load, docker_hosts=docker_hosts
         )
         stack.callback(docket.stop)
+        plaintext: DocketSide | None = None
+        if args.compare_plaintext:
+            plaintext = DocketSide(
+                cluster,
+                n,
+                data,
+                logs,
+                with_load=args.with_load,
+                docker_hosts=docker_hosts,
+                insecure=True,
+                port_offset=PLAINTEXT_PORT_OFFSET,
+            )
+            stack.callback(plaintext.stop)
         central: CentralSide | None = None
         if not args.skip_central:
             central = CentralSide(cluster, n, data, logs)
@@ -599,6 +684,9 @@ def bench_one(
             central.start()
         docket.start()
         log(f"N={n}: docket-server and {n} agents online")
+        if plaintext is not None:
+            plaintext.start()
+            log(f"N={n}: and a plaintext docket-server (--insecure) with {n} agents beside it")
         for run in range(args.runs):
             tag = f"bench/r{int(args.size_mib)}m:n{n}-run{run}-{secrets.token_hex(4)}"
             image = write_random_image(data / f"image-{run}.tar", tag, data_bytes)
@@ -610,6 +698,13 @@ def bench_one(
                 f"N={n} run {run + 1}/{args.runs}: Docket {result.seconds:.2f}s "
                 f"(server sent {result.server_bytes / image.size_bytes:.2f}x the image)"
             )
+            if plaintext is not None:
+                image.path.unlink()
+                image = write_random_image(data / f"image-{run}.tar", tag + "p", data_bytes)
+                plaintext.push(image)
+                plain = plaintext.rollout(image, run)
+                row.plaintext.append(plain)
+                log(f"N={n} run {run + 1}/{args.runs}: Docket plaintext {plain.seconds:.2f}s")
             if central is not None:
                 central.push(image)
                 pulled = central.pull_all(image, run)
@@ -666,6 +761,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--logs", type=Path, help="log directory (default: a new temp dir)")
     parser.add_argument("--skip-central", action="store_true", help="Docket only")
     parser.add_argument(
+        "--compare-plaintext",
+        action="store_true",
+        help="also run every rollout on a second Docket with --insecure (no TLS, plain "
+        "torrents), in turns, and print the two side by side",
+    )
+    parser.add_argument(
         "--with-load", action="store_true", help="a dockerd per host; load, not prefetch"
     )
     args = parser.parse_args(argv)
@@ -708,6 +809,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{os.cpu_count()} cores\n"
     )
     print(results_table(rows))
+    if any(r.plaintext for r in rows):
+        print(
+            "\nTLS (the default: TLS to the server, enrolled agents, SSL torrents) against the "
+            "same rollouts on a server and agents with --insecure, in turns:\n"
+        )
+        print(tls_table(rows))
     print(
         "\nDocket s: `docketctl rollout` start to exit. central s: N parallel `skopeo copy` "
         "start to the last exit. T_min = F/r. server sent / size: the sum over hosts of the "

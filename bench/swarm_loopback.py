@@ -1,5 +1,7 @@
 """A quick swarm experiment on loopback, with libtorrent's own rate limits standing in for
 shaped links: server upload and every agent's download and upload capped at --rate MB/s.
+Server and agents run secure, as a user gets them: the agents enroll with a join token, and
+the pieces go over libtorrent SSL torrents.
 
     .venv/bin/python bench/swarm_loopback.py --hosts 2 4 8 --size-mib 64 --rate 12.5
 
@@ -38,14 +40,14 @@ def one(n: int, size: int, rate: int, seed: int) -> tuple[float, float]:
             archive = write_legacy_archive(root / "i.tar", "swarm:1", [layer_tar({"d": data})])
             assert (
                 docketctl(
-                    "push", "swarm:1", "--archive", str(archive.path), "-q", server=server.address
+                    "push", "swarm:1", "--archive", str(archive.path), "-q", server=server
                 ).returncode
                 == 0
             )
             for i in range(n):
                 agents.append(
                     AgentProcess(
-                        server=server.address,
+                        server=server,
                         data_dir=root / f"a{i}",
                         name=f"a{i}",
                         groups=["s"],
@@ -59,7 +61,7 @@ def one(n: int, size: int, rate: int, seed: int) -> tuple[float, float]:
                         ],
                     ).start()
                 )
-            wait_for_states(server.address, {f"a{i}": "online" for i in range(n)})
+            wait_for_states(server, {f"a{i}": "online" for i in range(n)})
             start = time.monotonic()
             result = docketctl(
                 "rollout",
@@ -69,11 +71,14 @@ def one(n: int, size: int, rate: int, seed: int) -> tuple[float, float]:
                 "--prefetch-only",
                 "-o",
                 "json",
-                server=server.address,
+                server=server,
                 timeout=600,
             )
             took = time.monotonic() - start
-            summary = json.loads(result.stdout.splitlines()[-1])["summary"]
+            lines = result.stdout.splitlines()
+            if not lines:
+                raise RuntimeError(f"docketctl rollout exited {result.returncode}: {result.stderr}")
+            summary = json.loads(lines[-1])["summary"]
             assert summary["state"] == "succeeded", summary
             sent = sum(h["server_bytes"] for h in summary["hosts"]) / len(data)
             return took, sent
