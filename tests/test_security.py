@@ -689,7 +689,8 @@ def test_the_audit_log_says_who_did_what_and_how_it_ended(
     assert all(d["target"] == "name=audited:1" for d in deletes)
     http = by_action["DELETE /v2/audited/manifests/1"]
     assert http[0]["outcome"] == "HTTP 403"
-    assert by_action["/docket.v1.TokenService/CreateToken"]
+    created = by_action["/docket.v1.TokenService/CreateToken"]
+    assert created[0]["target"] == "role=ROLE_VIEWER"
     assert records == sorted(records, key=lambda r: r["time"], reverse=True)  # newest first
     assert "ListImages" not in json.dumps(records)  # reads are not audited
     since = json.loads(

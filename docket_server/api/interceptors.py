@@ -25,7 +25,7 @@ log = structlog.get_logger()
 # grpcio ships no types: a servicer context is grpc.aio.ServicerContext.
 Context = Any
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
-TARGET_FIELDS = ("name", "image_name", "id", "digest", "selector", "repository")
+TARGET_FIELDS = ("name", "image_name", "id", "digest", "selector", "repository", "role")
 
 
 def bearer(metadata: Sequence[tuple[str, str | bytes]]) -> str:
@@ -41,10 +41,14 @@ def _target(request: object) -> str:
     if not isinstance(request, Message):
         return ""
     for name in TARGET_FIELDS:
-        if name in request.DESCRIPTOR.fields_by_name:
-            value = getattr(request, name)
-            if value:
-                return f"{name}={value}"
+        field = request.DESCRIPTOR.fields_by_name.get(name)
+        if field is None:
+            continue
+        value = getattr(request, name)
+        if value and field.enum_type is not None:  # ROLE_AGENT, not 5
+            return f"{name}={field.enum_type.values_by_number[value].name}"
+        if value:
+            return f"{name}={value}"
     return ""
 
 
