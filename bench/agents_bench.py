@@ -22,18 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from procstat import cpu_seconds
 
 from docket_common.pb import agent_service_pb2_grpc as pb_grpc
 from tests.support.agents import SimIdentity, SimulatedAgent, agent_channel, enroll
 from tests.support.server import ServerProcess
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
 def rss_bytes(pid: int) -> int:

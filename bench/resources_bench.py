@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import resource
 import secrets
 import statistics
@@ -56,11 +55,11 @@ for _path in (BENCH, ROOT):
         sys.path.insert(0, str(_path))
 
 from benchimage import MiB, write_random_image  # noqa: E402
+from procstat import cpu_seconds  # noqa: E402
 
 from tests.support.server import ServerProcess, docketctl, free_port  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MB = 1e6
 AGENT_RSS_TARGET_MB = 200
 PUSH_SAVE_TARGET = 1.3
@@ -77,11 +76,6 @@ def status_kb(pid: int) -> dict[str, int]:
         if key.startswith(("Vm", "Rss")):
             out[key] = int(value.split()[0])
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
 def mapped_rss_kb(pid: int, under: str) -> int:
