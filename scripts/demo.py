@@ -1,9 +1,11 @@
-"""The README's first command: a local Docket server, sample images pushed with live progress,
-three agents in two groups, a live rollout, and a `docker pull` through an agent.
+"""The README's first command: a local Docket server (TLS and tokens, as it always starts),
+`docketctl login`, sample images pushed with live progress, a join token and three agents
+enrolled with it in two groups, a live rollout, and a `docker pull` through an agent.
 
 Starts a private Docker engine (nothing system-wide), makes sample images in it, starts
-docket-server and the agents under .demo/, and runs docketctl as a user would. On a terminal
-it then keeps them up until Ctrl-C and prints the environment to use them from another shell.
+docket-server and the agents under .demo/, and runs docketctl as a user would (its contexts
+in .demo/config). On a terminal it then keeps them up until Ctrl-C and prints the environment
+to use them from another shell.
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ def run(args: list[str], env: dict[str, str]) -> None:
     subprocess.run([program, *args[1:]], env=env, check=True)
 
 
+def run_out(args: list[str], env: dict[str, str]) -> str:
+    """Runs docketctl, shows the command, and returns what it printed (a token: not shown)."""
+    print(f"$ {shlex.join(args)}", flush=True)
+    result = subprocess.run(
+        [str(BIN / "docketctl"), *args[1:]], env=env, check=True, capture_output=True, text=True
+    )
+    print(result.stderr, end="", flush=True)
+    return result.stdout.strip()
+
+
 def main() -> None:
     demo_dir = ROOT / ".demo"
     shutil.rmtree(demo_dir, ignore_errors=True)  # every run starts from nothing
@@ -64,23 +76,31 @@ def main() -> None:
             f"seeding on 127.0.0.1:{server.bt_port}"
         )
         print(f"data in {server.data_dir}, log in {server.log_path}")
-        env = engine.env() | {"DOCKET_SERVER": server.address}
+        token_file = server.data_dir / "admin.token"
+        print(f"TLS on: the fleet CA is {server.ca_path}; the first admin token is in {token_file}")
+        config = demo_dir / "config"
+        env = {k: v for k, v in engine.env().items() if not k.startswith("DOCKET_")}
+        env["XDG_CONFIG_HOME"] = str(config)
         # Each agent host gets a Docker engine of its own, as real hosts have.
         hosts = (("web1", "web"), ("web2", "web"), ("db1", "db"))
         engines = [DockerEngine().start() for _ in hosts]
-        agents = [
-            AgentProcess(
-                server=server.address,
-                data_dir=demo_dir / name,
-                name=name,
-                groups=[group],
-                labels={"env": "demo"},
-                docker_host=host_engine.host,
-                registry_port=port_or_free(5001 + i),
-            )
-            for i, ((name, group), host_engine) in enumerate(zip(hosts, engines, strict=True))
-        ]
+        agents: list[AgentProcess] = []
         try:
+            step("Logging in: docketctl keeps the server, its CA and the token as a context")
+            run(
+                [
+                    "docketctl",
+                    "login",
+                    server.address,
+                    "--token",
+                    server.admin_token,
+                    "--ca",
+                    str(server.ca_path),
+                    "--name",
+                    "demo",
+                ],
+                env,
+            )
             step("Pushing sample/web:1 from the engine")
             run(["docketctl", "push", "sample/web:1"], env)
             step("Pushing sample/worker:1: the shared base is not uploaded again")
@@ -88,11 +108,50 @@ def main() -> None:
             step("What the server holds")
             run(["docketctl", "images"], env)
             run(["docketctl", "inspect", "sample/worker:1"], env)
-            step("Starting three agents in two groups (web: web1, web2; db: db1)")
+            step("A join token for the hosts: enrolls up to 3, into groups web and db only")
+            join = run_out(
+                [
+                    "docketctl",
+                    "tokens",
+                    "create",
+                    "--role",
+                    "agent",
+                    "--max-uses",
+                    "3",
+                    "--group",
+                    "web",
+                    "--group",
+                    "db",
+                    "--description",
+                    "demo hosts",
+                ],
+                env,
+            )
+            step(
+                "Starting three agents in two groups (web: web1, web2; db: db1): each makes "
+                "its key, enrolls with the join token and then talks mutual TLS"
+            )
+            print(
+                f"$ docket-agent --server {server.address} --join-token … --ca {server.ca_path} …"
+            )
+            agents += [
+                AgentProcess(
+                    server=server.address,
+                    data_dir=demo_dir / name,
+                    name=name,
+                    groups=[group],
+                    labels={"env": "demo"},
+                    docker_host=host_engine.host,
+                    registry_port=port_or_free(5001 + i),
+                    extra_args=["--join-token", join, "--ca", str(server.ca_path)],
+                )
+                for i, ((name, group), host_engine) in enumerate(zip(hosts, engines, strict=True))
+            ]
             for agent in agents:
                 agent.start()
-            wait_for_states(server.address, {a.name: "online" for a in agents})
+            wait_for_states(server, {a.name: "online" for a in agents})
             run(["docketctl", "agents"], env)
+            run(["docketctl", "tokens", "list"], env)
             run(["docketctl", "agents", "--hosts", "web"], env)
             step(
                 "Rolling sample/web:1 out to group web: each piece once from the server, "
@@ -107,10 +166,13 @@ def main() -> None:
             )
             run(["docker", "pull", f"{agents[2].registry}/sample/worker:1"], engines[2].env())
             run(["docketctl", "pulls"], env)
+            step("Who changed what: the audit log")
+            run(["docketctl", "audit", "--limit", "8"], env)
             if sys.stdin.isatty():
                 step("The server stays up until Ctrl-C. From another shell:")
-                print(f"  export DOCKET_SERVER={server.address} DOCKER_HOST={engine.host}")
+                print(f"  export XDG_CONFIG_HOME={config} DOCKER_HOST={engine.host}")
                 print(f"  export PATH={BIN}:$PATH")
+                print(f"  docker login {server.registry} -u docket   # password: {token_file}")
                 print("  docketctl images; docketctl agents --hosts db; docketctl rm sample/web:1")
                 for agent in agents:
                     print(f"  # {agent.name}'s registry face (for docker pull): {agent.registry}")

@@ -2,14 +2,17 @@
  * fleet.ts: a small Docket client in TypeScript, on the code generated in src/gen.
  *
  * It lists the images and the agents, then optionally follows a rollout (or starts one and
- * follows it) to its end, over gRPC (HTTP/2, plaintext) with @connectrpc/connect-node.
+ * follows it) to its end, over gRPC (HTTP/2 over TLS) with @connectrpc/connect-node.
  *
  *   DOCKET_SERVER=127.0.0.1:7800 npx tsx examples/fleet.ts                  # images, agents
  *   DOCKET_SERVER=… npx tsx examples/fleet.ts ROLLOUT_ID                    # … and follow it
  *   DOCKET_SERVER=… npx tsx examples/fleet.ts --start IMAGE SELECTOR [--prefetch-only]
  *
- * DOCKET_TOKEN, when set, is sent as `authorization: Bearer TOKEN` on every call (see
- * `docket-server --auth-token-file`).
+ * DOCKET_TOKEN is sent as `authorization: Bearer TOKEN` on every call (a viewer token is
+ * enough to list and follow, `docketctl tokens create --role viewer`; --start needs an
+ * operator's). DOCKET_CA names the CA file the server's certificate is checked against (the
+ * server's <data-dir>/ca.pem); without it, the system's CAs. DOCKET_INSECURE=1 talks
+ * plaintext (h2c), to a server running with --insecure.
  *
  * Every line on stdout is one record, its fields separated by single spaces; free text (a
  * note, a reason) comes last:
@@ -31,6 +34,8 @@
  * Exit status: 0 on success (a followed rollout succeeded), 1 on an error, and, as for
  * `docketctl rollout`, 3 when the rollout failed, 4 when it was cancelled, 5 when it timed out.
  */
+
+import { readFileSync } from "node:fs";
 
 import type { DescEnum } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
@@ -110,9 +115,13 @@ async function main(argv: string[]): Promise<number> {
 
   const server = process.env.DOCKET_SERVER || "127.0.0.1:7800";
   const token = process.env.DOCKET_TOKEN;
-  // The gRPC protocol over HTTP/2; "http://" means plaintext (h2c).
+  const ca = process.env.DOCKET_CA;
+  const insecure = process.env.DOCKET_INSECURE === "1";
+  // The gRPC protocol over HTTP/2: TLS, checked against DOCKET_CA (or the system's CAs);
+  // "http://" means plaintext (h2c).
   const transport = createGrpcTransport({
-    baseUrl: server.includes("://") ? server : `http://${server}`,
+    baseUrl: server.includes("://") ? server : `${insecure ? "http" : "https"}://${server}`,
+    nodeOptions: ca ? { ca: readFileSync(ca) } : {},
     interceptors: token ? [bearer(token)] : [],
   });
   const images = createClient(ImageService, transport);
