@@ -29,10 +29,20 @@ BIN = Path(sys.executable).parent
 REGISTRY_AUTH_ENV = "REGISTRY_AUTH_FILE"
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, and never one handed out before in this process: the
+    kernel may give the same free port to two binds in a row, and a server's ports are all
+    picked before it binds any (seen: the registry face and BitTorrent on one port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 @dataclass
