@@ -5,6 +5,13 @@ the pieces go over libtorrent SSL torrents.
 
     .venv/bin/python bench/swarm_loopback.py --hosts 2 4 8 --size-mib 64 --rate 12.5
 
+With --compare-plaintext every run is made twice, in turns (plaintext first every other run):
+once secure and once with --insecure (plain torrents), and the table shows both with the
+agents' and the server's CPU seconds during the rollout: where the CPU is not the limit, that
+is what TLS peers cost.
+
+    .venv/bin/python bench/swarm_loopback.py --hosts 8 --runs 3 --compare-plaintext
+
 Settings to try go in $DOCKET_LIBTORRENT_SETTINGS (JSON). bench/rollout_bench.py on the
 namespace cluster is the measurement of record; this is for fast iteration.
 """
@@ -17,21 +24,34 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from procstat import cpu_seconds
 
 from tests.support.agents import AgentProcess, wait_for_states
 from tests.support.archives import layer_tar, random_bytes, write_legacy_archive
 from tests.support.server import ServerProcess, docketctl
 
 
-def one(n: int, size: int, rate: int, seed: int) -> tuple[float, float]:
+@dataclass
+class Run:
+    seconds: float
+    server_sent: float  # bytes the hosts got from the server, over the image size
+    server_cpu: float  # CPU seconds during the rollout
+    agents_cpu: float
+
+
+def one(n: int, size: int, rate: int, seed: int, insecure: bool = False) -> Run:
     with tempfile.TemporaryDirectory(prefix="swarm-") as tmp:
         root = Path(tmp)
         server = ServerProcess(
             data_dir=root / "server",
             extra_args=["--max-upload-rate", str(rate), "--log-level", "warning"],
+            insecure=insecure,
         ).start()
         agents = []
         try:
@@ -62,6 +82,9 @@ def one(n: int, size: int, rate: int, seed: int) -> tuple[float, float]:
                     ).start()
                 )
             wait_for_states(server, {f"a{i}": "online" for i in range(n)})
+            assert server.proc is not None
+            pids = [server.proc.pid, *(a.proc.pid for a in agents if a.proc is not None)]
+            cpu0 = [cpu_seconds(p) for p in pids]
             start = time.monotonic()
             result = docketctl(
                 "rollout",
@@ -75,13 +98,14 @@ def one(n: int, size: int, rate: int, seed: int) -> tuple[float, float]:
                 timeout=600,
             )
             took = time.monotonic() - start
+            cpu = [cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=True)]
             lines = result.stdout.splitlines()
             if not lines:
                 raise RuntimeError(f"docketctl rollout exited {result.returncode}: {result.stderr}")
             summary = json.loads(lines[-1])["summary"]
             assert summary["state"] == "succeeded", summary
             sent = sum(h["server_bytes"] for h in summary["hosts"]) / len(data)
-            return took, sent
+            return Run(took, sent, cpu[0], sum(cpu[1:]))
         finally:
             for agent in agents:
                 agent.stop()
@@ -94,17 +118,35 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=64)
     parser.add_argument("--rate", type=float, default=12.5, help="MB/s")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument(
+        "--compare-plaintext",
+        action="store_true",
+        help="also run each rollout with --insecure (plain torrents), in turns",
+    )
     args = parser.parse_args()
     rate = int(args.rate * 1e6)
     size = args.size_mib << 20
     tmin = size / rate
-    print("N | Docket s | T_min s | ratio | server sent / size")
-    print("--- | --- | --- | --- | ---")
+    sides = [False, True] if args.compare_plaintext else [False]
+    print(
+        "N | side | Docket s | T_min s | ratio | server sent / size | agents CPU s | server CPU s"
+    )
+    print("--- | --- | --- | --- | --- | --- | --- | ---")
     for n in args.hosts:
-        runs = [one(n, size, rate, seed) for seed in range(args.runs)]
-        took = statistics.median(r[0] for r in runs)
-        sent = statistics.median(r[1] for r in runs)
-        print(f"{n} | {took:.1f} | {tmin:.1f} | {took / tmin:.2f} | {sent:.2f}", flush=True)
+        runs: dict[bool, list[Run]] = {side: [] for side in sides}
+        for seed in range(args.runs):
+            for insecure in sides if seed % 2 == 0 else sides[::-1]:
+                runs[insecure].append(one(n, size, rate, 2 * seed + insecure, insecure))
+        for insecure, got in runs.items():
+            took = statistics.median(r.seconds for r in got)
+            sent = statistics.median(r.server_sent for r in got)
+            agents_cpu = statistics.median(r.agents_cpu for r in got)
+            server_cpu = statistics.median(r.server_cpu for r in got)
+            print(
+                f"{n} | {'plaintext' if insecure else 'TLS'} | {took:.1f} | {tmin:.1f} | "
+                f"{took / tmin:.2f} | {sent:.2f} | {agents_cpu:.1f} | {server_cpu:.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
