@@ -310,12 +310,14 @@ class DocketSide:
         insecure: bool = False,
         port_offset: int = 0,
         registry: bool = False,
+        agent_args: Sequence[str] = (),
     ) -> None:
         """Secure as a user gets it (TLS, tokens, enrolled agents, SSL torrents); with
         ``insecure``, all of that off. ``port_offset`` moves every port, so that a second
         side can run beside the first in the same cluster. ``registry``: the server's and the
         agents' registry faces on (127.0.0.1:5000 in h0, 127.0.0.1:5001 in each host)."""
         self.server_args = list(server_args)
+        self.agent_args = list(agent_args)
         self.cluster = cluster
         self.n = n
         self.insecure = insecure
@@ -416,6 +418,7 @@ class DocketSide:
                 GROUP,
                 "--log-level",
                 "info",
+                *self.agent_args,
             ]
             if self.with_load:
                 env["DOCKER_HOST"] = self.docker_hosts[host.index]
@@ -672,7 +675,13 @@ def bench_one(
             stack.enter_context(docker_engines(cluster.agents, logs)) if args.with_load else {}
         )
         docket = DocketSide(
-            cluster, n, data, logs, with_load=args.with_load, docker_hosts=docker_hosts
+            cluster,
+            n,
+            data,
+            logs,
+            with_load=args.with_load,
+            docker_hosts=docker_hosts,
+            agent_args=args.agent_arg,
         )
         stack.callback(docket.stop)
         plaintext: DocketSide | None = None
@@ -792,6 +801,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--with-load", action="store_true", help="a dockerd per host; load, not prefetch"
+    )
+    parser.add_argument(
+        "--agent-arg",
+        action="append",
+        default=[],
+        help="an extra docket-agent argument (repeat for more), "
+        "e.g. --agent-arg=--load-after-download",
     )
     args = parser.parse_args(argv)
 

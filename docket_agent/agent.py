@@ -26,7 +26,7 @@ from docket_agent.registry_face import AgentRegistry, ManifestCache
 from docket_agent.stream import CHANNEL_OPTIONS, StreamClient, agent_channel
 from docket_common.bt import split_host_port
 from docket_common.fetch import BlobFetcher
-from docket_common.loadable import LoadableImage, load_from_env
+from docket_common.loadable import LoadableImage, PendingBlob, load_from_env
 from docket_common.manifest import Platform, this_platform
 from docket_common.oci_http import HttpFace
 from docket_common.pb import agent_pb2, agent_service_pb2_grpc, image_service_pb2_grpc
@@ -55,6 +55,7 @@ class AgentConfig:
     fallback_after: float = 30.0
     max_download_rate: int = 0
     max_upload_rate: int = 0
+    load_while_downloading: bool = True
     platform: Platform | None = None  # None: the engine's, or this machine's
 
 
@@ -83,6 +84,7 @@ class Agent:
         self.settings = OrderSettings(
             fallback_after=config.fallback_after,
             claim_first_pieces=not config.max_download_rate,
+            overlap_load=config.load_while_downloading,
         )
         self.agent_id = ""
         self.bt_endpoint = ""
@@ -214,13 +216,16 @@ class Agent:
             self.fetcher.set_peer_certificate(renewed.cert_pem, renewed.key_pem)
             self.channels.replace()
 
-    async def _load(self, order: agent_pb2.PullOrder, paths: list[Path]) -> str:
+    async def _load(
+        self, order: agent_pb2.PullOrder, paths: list[Path], pending: dict[str, PendingBlob]
+    ) -> str:
         image = LoadableImage(
             name=order.image_name,
             config_path=paths[0],
             config_digest=order.config.digest,
             layer_paths=tuple(paths[1:]),
             layer_digests=tuple(layer.digest for layer in order.layers),
+            pending=pending,
         )
 
         return await asyncio.to_thread(load_from_env, image)

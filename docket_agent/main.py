@@ -152,6 +152,14 @@ def _platform(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     "server over gRPC (they would pass the limit): it fetches everything over BitTorrent.",
 )
 @click.option(
+    "--load-while-downloading/--load-after-download",
+    default=True,
+    show_default=True,
+    help="Start `docker load` as the layers arrive, fed each piece once it has passed the "
+    "blob's sha256 in order (a blob's last piece only once the whole blob matched), or "
+    "only once every blob is verified in the cache.",
+)
+@click.option(
     "--max-upload-rate",
     type=click.IntRange(min=0),
     default=0,
@@ -210,6 +218,7 @@ def main(
     cache_max_bytes: int,
     fallback_after: float,
     max_download_rate: int,
+    load_while_downloading: bool,
     max_upload_rate: int,
     platform: Platform | None,
     join_token: str | None,
@@ -264,6 +273,7 @@ def main(
         fallback_after=fallback_after,
         max_download_rate=max_download_rate,
         max_upload_rate=max_upload_rate,
+        load_while_downloading=load_while_downloading,
         platform=platform,
     )
     try:

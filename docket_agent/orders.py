@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ from docket_common.fetch import (
     FetchError,
     ReadRange,
     follow,
+    verified_stream,
 )
-from docket_common.loadable import LoadError
+from docket_common.loadable import LoadError, PendingBlob
 from docket_common.pb import agent_pb2
 from docket_common.pb import agent_service_pb2 as pb
 from docket_common.readblob import ClaimForOrder
@@ -42,7 +44,10 @@ TERMINAL = {
 }
 
 Send = Callable[[pb.ConnectRequest], None]
-Loader = Callable[[agent_pb2.PullOrder, list[Path]], Awaitable[str]]
+# (order, the path of each blob in the cache, blobs still arriving) -> the loaded image's id
+Loader = Callable[
+    [agent_pb2.PullOrder, list[Path], dict[str, PendingBlob]], Coroutine[Any, Any, str]
+]
 
 
 @dataclass
@@ -52,6 +57,9 @@ class OrderSettings:
     # Whether to take first pieces from the server when an order offers them. Not under
     # --max-download-rate: gRPC bytes would bypass libtorrent's limiter.
     claim_first_pieces: bool = True
+    # Start `docker load` while the layers download, fed their bytes as they pass the
+    # sha256 in order, rather than once every blob is in the cache.
+    overlap_load: bool = True
 
 
 def _spec(blob: agent_pb2.OrderBlob) -> BlobSpec:
@@ -70,6 +78,7 @@ class OrderRunner:
         self.last: pb.ConnectRequest | None = None
         self.cached_bytes = 0
         self.task: asyncio.Task[None] | None = None
+        self.loading: asyncio.Task[str] | None = None  # a load started while blobs arrive
         self.claims = order.claim_first_pieces and manager.settings.claim_first_pieces
         self.peers, self.held = self.split_peers(order)
 
@@ -148,6 +157,20 @@ class OrderRunner:
                     self.m.fetcher.seed(_spec(blob))
                     self.m.keep_torrent(_spec(blob))
         self.update(agent_pb2.TASK_STATE_ACCEPTED)
+        started = time.monotonic()
+        try:
+            if missing:
+                await self._download(missing)
+            await self._finish(started)
+        finally:
+            loading = self.loading
+            if loading is not None and not loading.done():
+                loading.cancel()
+                with contextlib.suppress(BaseException):
+                    await loading
+
+    async def _download(self, missing: list[agent_pb2.OrderBlob]) -> None:
+        """Fetches the blobs the cache lacks into it, starting the load while they arrive."""
         if missing:
             for digest in self.m.cache.make_room(sum(b.size_bytes for b in missing)):
                 self.m.fetcher.drop(digest)
@@ -159,21 +182,57 @@ class OrderRunner:
                         lambda digest, max_bytes: self.m.claim(digest, self.id, max_bytes),
                     )
                 self.downloads[blob.digest] = download
-            # Pieces first: the server then knows which blobs this host still lacks.
-            self._send_progress(full=True)
-            self.update(agent_pb2.TASK_STATE_DOWNLOADING)
-            await follow(
-                self.m.fetcher,
-                self.downloads.values(),
-                read_range=self.m.read_range,
-                fallback_after=self.m.settings.fallback_after,
-                on_tick=lambda: self._send_progress(full=False),
-            )
-            self.update(agent_pb2.TASK_STATE_VERIFYING)
-            for download in self.downloads.values():
-                await self.m.fetcher.complete(download)
-                self.m.keep_torrent(download.spec)
-            self._send_progress(full=False)
+        # Pieces first: the server then knows which blobs this host still lacks.
+        self._send_progress(full=True)
+        self.update(agent_pb2.TASK_STATE_DOWNLOADING)
+        if self.m.settings.overlap_load:
+            self.loading = self._start_load()
+        started = time.monotonic()
+        await follow(
+            self.m.fetcher,
+            self.downloads.values(),
+            read_range=self.m.read_range,
+            fallback_after=self.m.settings.fallback_after,
+            on_tick=lambda: self._send_progress(full=False),
+        )
+        last_piece = time.monotonic()
+        self.update(agent_pb2.TASK_STATE_VERIFYING)
+        for download in self.downloads.values():
+            await self.m.fetcher.complete(download)
+            self.m.keep_torrent(download.spec)
+        self._send_progress(full=False)
+        log.info(
+            "blobs in the cache",
+            order=self.id,
+            blobs=len(self.downloads),
+            download_s=round(last_piece - started, 3),
+            verify_s=round(time.monotonic() - last_piece, 3),
+        )
+
+    def _start_load(self) -> asyncio.Task[str] | None:
+        """Starts `docker load` now, while the blobs arrive, when the order loads and the
+        engine can take them (zstd layers for engines that cannot read zstd wait)."""
+        if not self.order.load or self.m.settings.docker_error:
+            return None
+        loop = asyncio.get_running_loop()
+        pending: dict[str, PendingBlob] = {}
+        for blob in self.blobs:
+            download = self.downloads.get(blob.digest)
+            if download is None or download.spec.digest in pending:
+                continue
+            if "zstd" in blob.media_type:
+                return None  # the engine may need it expanded: load once it is in the cache
+
+            def body(_chunk: int, download: BlobDownload = download) -> Iterator[bytes]:
+                return verified_stream(self.m.fetcher, download, loop)
+
+            pending[blob.digest] = PendingBlob(blob.size_bytes, body)
+        paths = [self.m.cache.path(b.digest) for b in self.blobs]
+        log.info("loading while the layers arrive", order=self.id, pending_blobs=len(pending))
+        return asyncio.create_task(self.m.load(self.order, paths, pending))
+
+    async def _finish(self, started: float) -> None:
+        """Loads the image (or waits for the load under way), or stops at cached."""
         paths = [self.m.cache.path(b.digest) for b in self.blobs]
         if not self.order.load:
             self.update(agent_pb2.TASK_STATE_SUCCEEDED, "prefetched: cached and seeding")
@@ -185,8 +244,18 @@ class OrderRunner:
             )
             return
         self.update(agent_pb2.TASK_STATE_LOADING)
-        image_id = await self.m.load(self.order, paths)
-        log.info("image loaded", order=self.id, image=self.order.image_name, image_id=image_id)
+        loaded_from = time.monotonic()
+        loading = self.loading
+        image_id = await (loading if loading is not None else self.m.load(self.order, paths, {}))
+        log.info(
+            "image loaded",
+            order=self.id,
+            image=self.order.image_name,
+            image_id=image_id,
+            overlapped=loading is not None,
+            load_s=round(time.monotonic() - loaded_from, 3),
+            order_s=round(time.monotonic() - started, 3),
+        )
         self.update(agent_pb2.TASK_STATE_SUCCEEDED, image_id=image_id)
 
     def _send_progress(self, full: bool) -> None:

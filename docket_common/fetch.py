@@ -1,9 +1,16 @@
 """Fetching blobs over BitTorrent: the agents' and `docketctl pull`'s side of the swarm.
 
 A blob downloads into ``partial/<2 hex>/<hex>``; libtorrent checks every piece's SHA-1 as it
-arrives. Once all pieces are in, the whole file is checked against the blob's sha256 and only
-then moved (by libtorrent, which keeps seeding it) to the cache path
-``blobs/sha256/<2 hex>/<hex>``: a blob under its name is always the right bytes.
+arrives. Its sha256 is computed as the pieces complete, in index order (``hashed_pieces``):
+each piece is read back from libtorrent once it holds it and fed to the hash, so when the last
+piece is in, the hash is too, with no pass over the file at the end. The hash's state is saved
+next to the partial file every CHECKPOINT_BYTES (``<hex>.sha256``, see resumable_sha256), so
+an agent restarted mid-download goes on from there. Only when the sha256 matches is the blob
+moved (by libtorrent, which keeps seeding it) to the cache path ``blobs/sha256/<2 hex>/<hex>``:
+a blob under its name is always the right bytes. ``verified_piece`` hands out a piece only
+once it is in the hash, and a blob's last piece only once the whole blob matched: a reader
+streaming a blob while it downloads (a `docker load`, the registry face) never sends bytes
+that the sha256 has not passed in full.
 
 Pieces that BitTorrent does not deliver (the swarm stalls, the port is blocked) can be filled
 in from any other source with ``fill_missing``: libtorrent checks them like any other piece.
@@ -17,9 +24,14 @@ left to hand out and no piece has come for ``SEED_AFTER`` seconds.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import hashlib
+import json
+import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +41,8 @@ import structlog
 
 from docket_common.bt import TorrentSession, split_host_port
 from docket_common.digest import hex_part
+from docket_common.resumable_sha256 import ResumableSha256
+from docket_common.resumable_sha256 import available as resumable_available
 
 log = structlog.get_logger()
 
@@ -40,6 +54,13 @@ CLAIM_WORKERS = 2  # ClaimFirstPieces calls in flight per blob
 CLAIM_SECONDS = 0.1  # aim for claims that take this long: small enough to pass pieces on soon
 MIN_CLAIM_BYTES = 64 << 10
 MAX_CLAIM_BYTES = 2 << 20
+# Ask peers for the lowest pieces first (libtorrent's sequential_download), not the rarest:
+# the server hands out first pieces in index order, one stripe to each host, so the swarm
+# still has every host holding pieces the others lack, while each host's pieces arrive near
+# enough in order for the in-order sha256 and a `docker load` fed from it to keep up.
+SEQUENTIAL = os.environ.get("DOCKET_PIECE_ORDER", "sequential") != "rarest-first"
+HASH_AHEAD = 8  # piece reads in flight ahead of the in-order hash
+CHECKPOINT_BYTES = 16 << 20  # the in-order hash's state is saved this often
 
 # (digest, max_bytes) -> [(piece index, bytes)]; no pieces when the server has none left.
 ClaimPieces = Callable[[str, int], Awaitable[list[tuple[int, bytes]]]]
@@ -92,6 +113,12 @@ class BlobDownload:
     # libtorrent is a round trip to its network thread.
     held: set[int] = field(default_factory=set)
     deadlines: set[int] = field(default_factory=set)  # pieces given a deadline (prioritize)
+    # The in-order sha256: pieces 0 .. hashed_pieces-1 are in it; ``sha256`` ends with the
+    # blob's digest ("sha256:<hex>") once every piece is in; ``hashed`` is set (and replaced)
+    # whenever hashed_pieces grows or the hash ends.
+    hashed_pieces: int = 0
+    sha256: asyncio.Task[str] | None = None
+    hashed: asyncio.Event = field(default_factory=asyncio.Event)
     _status: Any = None
 
     def __post_init__(self) -> None:
@@ -110,6 +137,10 @@ class BlobDownload:
     def notify(self) -> None:
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
+
+    def notify_hashed(self) -> None:
+        hashed, self.hashed = self.hashed, asyncio.Event()
+        hashed.set()
 
     def missing_pieces(self) -> list[int]:
         return [i for i in range(self.piece_count) if not self.handle.have_piece(i)]
@@ -175,21 +206,25 @@ class BlobFetcher(TorrentSession):
     async def wait_for_piece(self, download: BlobDownload, index: int) -> None:
         """Waits until libtorrent holds the piece, checked against its SHA-1; FetchError when
         the download ends without it (failed, cancelled, dropped)."""
-        if index in download.held:
-            return
-        while not (download.handle.is_valid() and download.handle.have_piece(index)):
+        # ``held`` follows libtorrent's alerts (pieces finished, and those a check of the
+        # file found); asking libtorrent itself is a round trip to its network thread, done
+        # once here and again only when the download has ended.
+        ask = True
+        while index not in download.held:
+            if ask and download.handle.is_valid() and download.handle.have_piece(index):
+                download.held.add(index)
+                return
             if download.error is not None:
                 raise FetchError(f"blob {download.spec.digest}: {download.error}")
             stopped = download.finished.is_set() and download.spec.digest not in self._downloads
             if stopped and (download.completion is None or not download.completion.done()):
                 raise FetchError(f"blob {download.spec.digest}: the download stopped")
+            if download.finished.is_set() and ask:  # asked once the download ended: not there
+                raise FetchError(f"blob {download.spec.digest}: piece {index} did not come")
             changed = download.changed
-            if index in download.held:
-                return
-            await changed.wait()
-            if index in download.held:
-                return
-        download.held.add(index)
+            ask = download.finished.is_set()
+            if not ask and index not in download.held:
+                await changed.wait()
 
     def prioritize(self, download: BlobDownload, first: int, count: int) -> None:
         """Asks libtorrent for pieces first..first+count-1 before any other, in that order
@@ -258,13 +293,132 @@ class BlobFetcher(TorrentSession):
         # Peers added to a running torrent wait for libtorrent's once-a-second connect round
         # (measured: 0.4-1 s before the first byte from a peer, at every rollout's start).
         params.flags = (params.flags | lt.torrent_flags.paused) & ~lt.torrent_flags.auto_managed
+        if SEQUENTIAL:
+            params.flags |= lt.torrent_flags.sequential_download
         handle = self.add_torrent(params)
         download = BlobDownload(spec, handle, info.num_pieces(), info.piece_length())
         self._downloads[spec.digest] = download
         self.add_peers(download, peers)
         self.hold(download, hold)
         handle.resume()
+        download.sha256 = asyncio.ensure_future(self._hash_in_order(download))
+        download.sha256.add_done_callback(lambda _task: download.notify_hashed())
         return download
+
+    def checkpoint_path(self, digest: str) -> Path:
+        path = self.partial_path(digest)
+        return path.with_name(path.name + ".sha256")
+
+    def _restore_hash(self, download: BlobDownload) -> tuple[ResumableSha256, int]:
+        """The hash saved by an earlier run of this download, and how many pieces it has;
+        a fresh hash when there is none (or it is unreadable, or of another piece size)."""
+        path = self.checkpoint_path(download.spec.digest)
+        if resumable_available():
+            try:
+                saved = json.loads(path.read_text())
+                pieces = int(saved["pieces"])
+                if saved["piece_length"] == download.piece_length and (
+                    0 < pieces <= download.piece_count
+                ):
+                    sha = ResumableSha256(bytes.fromhex(saved["state"]))
+                    log.info(
+                        "going on with the sha256 saved before a restart",
+                        digest=download.spec.digest,
+                        pieces=pieces,
+                    )
+                    return sha, pieces
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("ignoring an unreadable saved sha256", path=str(path), error=str(e))
+        return ResumableSha256(), 0
+
+    def _save_hash(self, download: BlobDownload, sha: ResumableSha256) -> None:
+        if not resumable_available():
+            return
+        path = self.checkpoint_path(download.spec.digest)
+        tmp = path.with_name(path.name + ".tmp")
+        state = {
+            "pieces": download.hashed_pieces,
+            "piece_length": download.piece_length,
+            "state": sha.state().hex(),
+        }
+        try:
+            tmp.write_text(json.dumps(state))
+            tmp.replace(path)
+        except OSError as e:  # a lost checkpoint only costs hashing again after a restart
+            log.warning("cannot save the sha256 so far", path=str(path), error=str(e))
+
+    async def _hash_in_order(self, download: BlobDownload) -> str:
+        """Hashes the blob's pieces in index order as libtorrent gets them; its digest.
+
+        Each piece is read back from libtorrent (which has checked its SHA-1) rather than
+        from the file: libtorrent checks a piece before its disk threads write it."""
+        sha, download.hashed_pieces = self._restore_hash(download)
+        since_saved = 0
+        reads: deque[asyncio.Future[bytes]] = deque()
+        ahead = download.hashed_pieces
+        try:
+            for _index in range(download.hashed_pieces, download.piece_count):
+                while ahead < min(download.piece_count, _index + HASH_AHEAD):
+                    reads.append(asyncio.ensure_future(self.read_piece(download, ahead)))
+                    ahead += 1
+                data = await reads.popleft()
+                if len(data) >= 1 << 20:
+                    await asyncio.to_thread(sha.update, data)
+                else:
+                    sha.update(data)
+                download.hashed_pieces += 1
+                since_saved += len(data)
+                more = download.hashed_pieces < download.piece_count
+                if since_saved >= CHECKPOINT_BYTES and more:
+                    self._save_hash(download, sha)
+                    since_saved = 0
+                download.notify_hashed()
+        finally:
+            for read in reads:
+                read.cancel()
+        return f"sha256:{sha.hexdigest()}"
+
+    async def wait_hashed(self, download: BlobDownload, index: int) -> None:
+        """Waits until piece ``index`` is in the blob's in-order sha256; FetchError when the
+        download ends without it."""
+        while download.hashed_pieces <= index:
+            task = download.sha256
+            if task is None:
+                raise FetchError(f"blob {download.spec.digest} is not being hashed")
+            if task.done():
+                if task.cancelled():
+                    raise FetchError(f"blob {download.spec.digest}: the download stopped")
+                task.result()  # its FetchError, if it failed
+                if download.hashed_pieces <= index:
+                    raise FetchError(f"blob {download.spec.digest} has no piece {index}")
+                return
+            await download.hashed.wait()
+
+    async def verified_piece(self, download: BlobDownload, index: int) -> bytes:
+        """A piece's bytes once they are in the blob's sha256; the last piece only once the
+        whole blob matched its digest (FetchError if it did not)."""
+        await self.wait_hashed(download, index)
+        data = await self.read_piece(download, index)
+        if index == download.piece_count - 1:
+            assert download.sha256 is not None
+            await self.verified(download)
+        return data
+
+    async def verified(self, download: BlobDownload) -> None:
+        """Waits for the in-order sha256 of every piece; FetchError unless it matches."""
+        assert download.sha256 is not None
+        try:
+            actual = await asyncio.shield(download.sha256)
+        except asyncio.CancelledError:
+            if download.sha256.cancelled():
+                raise FetchError(f"blob {download.spec.digest}: the download stopped") from None
+            raise
+        if actual != download.spec.digest:
+            raise FetchError(
+                f"blob {download.spec.digest} hashes to {actual} after download: discarded"
+            )
 
     def hold(self, download: BlobDownload, peers: Iterable[str]) -> None:
         """Dials ``peers`` once the download's first pieces ran out (see ``follow``)."""
@@ -350,13 +504,22 @@ class BlobFetcher(TorrentSession):
         if download.error is not None:
             raise FetchError(f"blob {download.spec.digest}: {download.error}")
         digest = download.spec.digest
-        # libtorrent checks pieces in memory before its disk threads write them: wait until
-        # the file holds every byte before reading it.
-        await self._wait_for(self._flushes, digest, download.handle.flush_cache)
-        actual = await asyncio.to_thread(_sha256_file, self.partial_path(digest))
+        assert download.sha256 is not None
+        try:
+            actual = await asyncio.shield(download.sha256)
+        except FetchError as e:
+            actual = f"(not hashed in order: {e})"
         if actual != digest:
-            self.drop(digest, delete_files=True)
-            raise FetchError(f"blob {digest} hashes to {actual} after download: discarded")
+            # Hash the file itself before discarding it: a saved hash state that is wrong must
+            # cost a pass over the blob, not the blob. libtorrent checks pieces in memory
+            # before its disk threads write them: the file holds every byte once flushed.
+            log.warning("the in-order sha256 does not match: hashing the file", digest=digest)
+            await self._wait_for(self._flushes, digest, download.handle.flush_cache)
+            actual = await asyncio.to_thread(_sha256_file, self.partial_path(digest))
+            if actual != digest:
+                self.drop(digest, delete_files=True)
+                raise FetchError(f"blob {digest} hashes to {actual} after download: discarded")
+        self.checkpoint_path(digest).unlink(missing_ok=True)
         final_dir = self.blob_path(digest).parent
         final_dir.mkdir(parents=True, exist_ok=True)
         await self._wait_for(
@@ -406,6 +569,11 @@ class BlobFetcher(TorrentSession):
             handle.notify()
             if handle.first_pieces is not None:
                 handle.first_pieces.cancel()
+            if handle.sha256 is not None:
+                handle.sha256.cancel()
+            if delete_files:
+                with contextlib.suppress(OSError):
+                    self.checkpoint_path(digest).unlink(missing_ok=True)
             handle = handle.handle
         self.session.remove_torrent(handle, lt.options_t.delete_files if delete_files else 0)
 
@@ -439,6 +607,11 @@ class BlobFetcher(TorrentSession):
                 download.new_pieces.append(int(alert.piece_index))
                 download.held.add(int(alert.piece_index))
                 download.last_piece_time = time.monotonic()
+                download.notify()
+        elif isinstance(alert, lt.torrent_checked_alert):
+            if download is not None and download.handle.is_valid():
+                pieces = download.handle.status(lt.status_flags_t.query_pieces).pieces
+                download.held.update(i for i, have in enumerate(pieces) if have)
                 download.notify()
         elif isinstance(alert, lt.read_piece_alert):
             self._piece_read(name, alert)
@@ -489,6 +662,41 @@ class BlobFetcher(TorrentSession):
                 )
             else:
                 future.set_result(bytes(alert.buffer))
+
+
+STREAM_AHEAD = 16  # verified pieces asked for ahead of a reader in another thread
+
+
+def verified_stream(
+    fetcher: BlobFetcher, download: BlobDownload, loop: asyncio.AbstractEventLoop
+) -> Iterator[bytes]:
+    """A blob's bytes, piece by piece as they pass its in-order sha256 (the last one once the
+    whole blob matched), for a reader in another thread (a `docker load` body). OSError when
+    they cannot come: the download failed, was dropped, or the event loop stopped."""
+    window: deque[concurrent.futures.Future[bytes]] = deque()
+    ahead = 0
+    try:
+        for index in range(download.piece_count):
+            while ahead < min(download.piece_count, index + STREAM_AHEAD):
+                coro = fetcher.verified_piece(download, ahead)
+                window.append(asyncio.run_coroutine_threadsafe(coro, loop))
+                ahead += 1
+            future = window.popleft()
+            while True:
+                try:
+                    data = future.result(timeout=1.0)
+                    break
+                except concurrent.futures.TimeoutError:
+                    if loop.is_closed() or not loop.is_running():
+                        raise OSError("the agent is stopping") from None
+                except FetchError as e:
+                    raise OSError(str(e)) from e
+                except concurrent.futures.CancelledError:
+                    raise OSError(f"blob {download.spec.digest}: the download stopped") from None
+            yield data
+    finally:
+        for future in window:
+            future.cancel()
 
 
 def _sha256_file(path: Path) -> str:

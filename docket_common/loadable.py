@@ -31,8 +31,8 @@ import secrets
 import socket
 import stat
 import tarfile
-from collections.abc import Generator, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LoadError",
     "LoadableImage",
+    "PendingBlob",
     "archive_chunks",
     "archive_size",
     "load_into_docker",
@@ -65,6 +66,10 @@ class LoadableImage:
     # Send zstd-compressed layers as plain tars, for engines before Docker 23 (which read
     # gzip in `docker load`, but not zstd).
     expand_zstd: bool = False
+    # Blobs still arriving, by digest: their size, and their bytes in order as they are
+    # verified (``pending[d].body(chunk_size)``), read while the archive is sent instead of
+    # from the path. Such a blob is taken as it is (not expanded from zstd).
+    pending: Mapping[str, PendingBlob] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if not self.name or any(c.isspace() for c in self.name):
@@ -80,6 +85,15 @@ class LoadableImage:
             )
 
 
+@dataclass(frozen=True)
+class PendingBlob:
+    """A blob of a :class:`LoadableImage` not yet on disk: its size and a reader of its bytes
+    (which raises OSError when they cannot come, or failed their digest)."""
+
+    size: int
+    body: Callable[[int], Iterator[bytes]]
+
+
 class LoadError(Exception):
     """The engine refused the image or could not be reached; str() is one line a user can act on."""
 
@@ -93,6 +107,7 @@ class _Member:
     path: Path | None = None
     data: bytes = b""
     zstd: bool = False  # the body is the file, decompressed
+    pending: PendingBlob | None = None  # the body comes from here, as it arrives
 
     @property
     def length(self) -> int:
@@ -130,18 +145,28 @@ def _hex(digest: str) -> str:
 def _plan(image: LoadableImage) -> list[_Member]:
     """The archive's members, in order; stats every blob file (so a missing one fails here)."""
     config_name = f"{_hex(image.config_digest)}.json"
-    config_size = _file_size(image.config_path)
-    members = [_Member(_header(config_name, config_size), config_size, image.config_path)]
+    pending = image.pending.get(image.config_digest)
+    if pending is not None:
+        members = [_Member(_header(config_name, pending.size), pending.size, pending=pending)]
+    else:
+        config_size = _file_size(image.config_path)
+        members = [_Member(_header(config_name, config_size), config_size, image.config_path)]
     layer_names: list[str] = []
     written: set[str] = set()
     for path, digest in zip(image.layer_paths, image.layer_digests, strict=True):
         directory = _hex(digest)
         name = f"{directory}/layer.tar"
         layer_names.append(name)
+        pending = image.pending.get(digest)
         if digest in written:
-            _file_size(path)  # still a blob the image names: it must be there
+            if pending is None:
+                _file_size(path)  # still a blob the image names: it must be there
             continue
         written.add(digest)
+        if pending is not None:
+            members.append(_Member(_header(f"{directory}/", 0, directory=True), 0))
+            members.append(_Member(_header(name, pending.size), pending.size, pending=pending))
+            continue
         size = _file_size(path)
         expand = image.expand_zstd and _is_zstd(path)
         if expand:
@@ -181,7 +206,9 @@ def _chunks(image: LoadableImage, chunk_size: int) -> Generator[bytes, None, Non
 def _generate(members: list[_Member], chunk_size: int) -> Generator[bytes, None, None]:
     for member in members:
         yield member.header
-        if member.path is not None and member.zstd:
+        if member.pending is not None:
+            yield from _pending_body(member.pending, member.size, chunk_size)
+        elif member.path is not None and member.zstd:
             yield from _zstd_body(member.path, member.size, chunk_size)
         elif member.path is not None:
             yield from _file_body(member.path, member.size, chunk_size)
@@ -207,6 +234,17 @@ def _file_body(path: Path, size: int, chunk_size: int) -> Generator[bytes, None,
                 )
             left -= len(chunk)
             yield chunk
+
+
+def _pending_body(pending: PendingBlob, size: int, chunk_size: int) -> Iterator[bytes]:
+    left = size
+    for chunk in pending.body(chunk_size):
+        left -= len(chunk)
+        if left < 0:
+            raise OSError(f"a blob of {size} bytes came with more")
+        yield chunk
+    if left:
+        raise OSError(f"a blob of {size} bytes ended after {size - left}")
 
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -336,7 +374,11 @@ def load_into_docker(client: docker.DockerClient, image: LoadableImage) -> str:
     engine = _engine_label(client)
     try:
         _plan(image)  # every blob file is there, before the engine is asked anything
-        zstd = not image.expand_zstd and any(_is_zstd(p) for p in set(image.layer_paths))
+        zstd = not image.expand_zstd and any(
+            _is_zstd(p)
+            for p, d in set(zip(image.layer_paths, image.layer_digests, strict=True))
+            if d not in image.pending
+        )
     except OSError as e:
         raise LoadError(f"cannot load {image.name}: {_os_reason(e)}") from e
     if zstd:
