@@ -534,4 +534,5 @@ def test_a_blob_that_fails_its_sha256_is_never_loaded_and_leaves_nothing_half_lo
 def lt_info(metainfo: bytes) -> Any:
     import libtorrent as lt
 
-    return lt.bdecode(bytes(metainfo))[b"info"]
+    decoded: Any = lt.bdecode(bytes(metainfo))
+    return decoded[b"info"]
