@@ -133,3 +133,23 @@ def test_torrent_is_what_libtorrent_reads() -> None:
 def test_torrent_refuses_wrong_piece_count() -> None:
     with pytest.raises(ValueError, match="piece hashes"):
         make_torrent(DIGEST, 200_000, 65536, b"\0" * 20)
+
+
+def test_a_saved_sha256_goes_on_where_it_stopped() -> None:
+    import hashlib
+
+    from docket_common.resumable_sha256 import STATE_SIZE, ResumableSha256, available
+
+    assert available()  # libcrypto is on every machine we run on: a missing one is a bug here
+    data = bytes(range(256)) * 4099
+    for cut in (0, 1, 63, 64, 65, 4096, len(data) - 1, len(data)):
+        first = ResumableSha256()
+        first.update(data[:cut])
+        state = first.state()
+        assert len(state) == STATE_SIZE
+        second = ResumableSha256(state)
+        second.update(data[cut:])
+        assert second.hexdigest() == hashlib.sha256(data).hexdigest()
+        assert first.hexdigest() == hashlib.sha256(data[:cut]).hexdigest()  # and it goes on
+    with pytest.raises(ValueError, match="256 bytes"):
+        ResumableSha256(b"short")
