@@ -8,7 +8,8 @@ order in flight is sent again after a reconnect (the agent carries out each orde
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -22,6 +23,11 @@ from docket_server.domain.models import Blob, Image
 log = structlog.get_logger()
 
 MAX_PEERS = 50
+# Beyond this many hosts on a blob, an order's peers are a random sample of them rather than
+# the first ones (which would put every later host on the same few), and a new host is
+# announced to the last MAX_PEERS that started rather than to every one: both bounded, so
+# that starting N hosts costs O(N), not O(N^2) messages and scans.
+SAMPLE_ABOVE = 4 * MAX_PEERS
 
 
 class TaskState(StrEnum):
@@ -38,6 +44,9 @@ class TaskState(StrEnum):
     @property
     def terminal(self) -> bool:
         return self in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
+
+
+_NOT_SHARING = frozenset((TaskState.QUEUED, TaskState.FAILED, TaskState.CANCELLED))
 
 
 class PeerSource(StrEnum):
@@ -162,6 +171,10 @@ class OrderBook:
         self.sink: OrderSink | None = None
         self.tasks: dict[str, Task] = {}
         self._listeners: list[Callable[[Task], None]] = []
+        self._by_agent: dict[str, dict[str, Task]] = {}
+        # Every task that was started, per blob, in the order they started (once each).
+        self._started: dict[str, list[Task]] = {}
+        self._random = random.Random()
 
     def blobs_in_flight(self) -> set[str]:
         """The blobs of every task not done yet (queued ones too: they will fetch them)."""
@@ -177,6 +190,13 @@ class OrderBook:
     def add(self, task: Task) -> None:
         """Takes a task (queued, or in flight after a server restart) into the book."""
         self.tasks[task.order_id] = task
+        self._by_agent.setdefault(task.agent, {})[task.order_id] = task
+        if task.state is not TaskState.QUEUED:
+            self._index_started(task)
+
+    def _index_started(self, task: Task) -> None:
+        for digest in task.blobs:
+            self._started.setdefault(digest, []).append(task)
 
     def start(self, task: Task, *, send: bool = True) -> None:
         """Sends a queued task's order now, or when its host connects; with ``send`` False
@@ -185,6 +205,7 @@ class OrderBook:
             return
         task.state = TaskState.PENDING
         task.start_time = datetime.now(UTC)
+        self._index_started(task)
         session = self.fleet.sessions.get(task.agent)
         if session is not None:
             self._send(session, task, send_order=send)
@@ -212,19 +233,40 @@ class OrderBook:
         me = self._agent_peer(task.agent)
         if me is None or self.peer_source is PeerSource.TRACKER:
             return
-        for other in self._sharing(task):
+        told = 0
+        for other in self._latest_sharing(task):
             other_session = self.fleet.sessions.get(other.agent)
             if other_session is not None:
                 self.sink.send_peers(other_session, other, [me])
+                told += 1
+                if told >= MAX_PEERS - 1:
+                    break
 
-    def _sharing(self, task: Task) -> list[Task]:
-        return [
-            t
-            for t in self.tasks.values()
-            if t.agent != task.agent
-            and t.state not in (TaskState.QUEUED, TaskState.FAILED, TaskState.CANCELLED)
-            and not t.blobs.keys().isdisjoint(task.blobs.keys())
-        ]
+    def _latest_sharing(self, task: Task) -> Iterator[Task]:
+        """The other started tasks on any of ``task``'s blobs, the latest started first."""
+        seen = {task.order_id}
+        for digest in task.blobs:
+            for other in reversed(self._started.get(digest, ())):
+                if other.order_id not in seen and other.agent != task.agent:
+                    seen.add(other.order_id)
+                    if other.state not in _NOT_SHARING:
+                        yield other
+
+    def _sharing_agents(self, digests: Iterable[str], asking: str | None) -> Iterator[str]:
+        """Hosts fetching or holding (through an order) any of these blobs: all of them in
+        the order they started, or with many, a random sample."""
+        lists = [self._started.get(d, []) for d in digests]
+        if sum(len(x) for x in lists) <= SAMPLE_ABOVE:
+            candidates: Iterable[Task] = (t for x in lists for t in x)
+        else:
+            candidates = (
+                x[self._random.randrange(len(x))] for x in lists if x for _ in range(SAMPLE_ABOVE)
+            )
+        seen = {asking}
+        for t in candidates:
+            if t.agent not in seen and t.state not in _NOT_SHARING:
+                seen.add(t.agent)
+                yield t.agent
 
     def _agent_peer(self, agent: str) -> PeerRef | None:
         session = self.fleet.sessions.get(agent)
@@ -234,43 +276,40 @@ class OrderBook:
 
     def peers_for(self, task: Task) -> list[PeerRef]:
         """The server's seed, then hosts fetching or holding the same blobs."""
-        return self._peers(set(task.blobs), [t.agent for t in self._sharing(task)], task.agent)
+        return self._peers(
+            set(task.blobs), self._sharing_agents(task.blobs, task.agent), task.agent
+        )
 
     def blob_peers(self, digest: str) -> list[PeerRef]:
         """Where one blob can be fetched (for clients outside any order, like `pull`)."""
-        fetching = [
-            t.agent
-            for t in self.tasks.values()
-            if digest in t.blobs
-            and t.state not in (TaskState.QUEUED, TaskState.FAILED, TaskState.CANCELLED)
-        ]
-        return self._peers({digest}, fetching, None)
+        return self._peers({digest}, self._sharing_agents([digest], None), None)
 
-    def _peers(self, digests: set[str], fetching: list[str], asking: str | None) -> list[PeerRef]:
+    def _peers(
+        self, digests: set[str], fetching: Iterable[str], asking: str | None
+    ) -> list[PeerRef]:
         if self.peer_source is PeerSource.TRACKER:
             return []
         peers = [PeerRef(self.seed_endpoint, "server")]
-        holding = [
+        holding = (
             name
             for name, session in self.fleet.sessions.items()
             if not digests.isdisjoint(session.record.info.cached_digests)
-        ]
+        )
         seen = {asking}
-        for name in [*fetching, *holding]:
-            ref = self._agent_peer(name) if name not in seen else None
-            if ref is not None:
-                seen.add(name)
-                peers.append(ref)
-        return peers[:MAX_PEERS]
+        for source in (fetching, holding):  # lazily: the holders only when fetchers are few
+            for name in source:
+                ref = self._agent_peer(name) if name not in seen else None
+                if ref is not None:
+                    seen.add(name)
+                    peers.append(ref)
+                    if len(peers) >= MAX_PEERS:
+                        return peers
+        return peers
 
     def agent_connected(self, session: Session) -> None:
         """Sends the agent every order of its that is not done."""
-        for task in list(self.tasks.values()):
-            if (
-                task.agent == session.name
-                and task.state is not TaskState.QUEUED
-                and not task.state.terminal
-            ):
+        for task in list(self._by_agent.get(session.name, {}).values()):
+            if task.state is not TaskState.QUEUED and not task.state.terminal:
                 self._send(session, task)
 
     def cancel(self, task: Task, reason: str) -> None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,7 +36,9 @@ from docket_server.domain.registry import Registry
 
 log = structlog.get_logger()
 
-WATCH_QUEUE = 10_000
+# A watcher gets at most one update per host per interval (the agents report every 250 ms):
+# what changed meanwhile is coalesced, the host's latest state sent once (see WatchQueue).
+WATCH_INTERVAL = 0.25
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 MAX_TIMEOUT = timedelta(days=7)
 
@@ -98,6 +102,57 @@ class _Record:
     record: RolloutRecord
 
 
+class WatchQueue:
+    """One watcher's pending events, bounded by the rollout's hosts: at most one per host
+    (the host's latest state: a task is sent as it is when it is sent, so no terminal state
+    can be lost), then the rollout's end after every host event before it.
+
+    A watcher that keeps up gets each change; one that falls behind (a slow link, a busy
+    terminal) gets fewer, fresher updates instead of a backlog, and is never dropped.
+    """
+
+    def __init__(self) -> None:
+        self._hosts: dict[str, tuple[Task, datetime]] = {}
+        self._end: RolloutEvent | None = None
+        self._closed = False
+        self._ready = asyncio.Event()
+        self.peak = 0  # the most host events ever pending at once
+
+    def __len__(self) -> int:
+        return len(self._hosts) + (self._end is not None)
+
+    def put_task(self, task: Task, when: datetime) -> None:
+        self._hosts.pop(task.order_id, None)  # to the back: the others have waited longer
+        self._hosts[task.order_id] = (task, when)
+        self.peak = max(self.peak, len(self._hosts))
+        self._ready.set()
+
+    def put_end(self, event: RolloutEvent) -> None:
+        self._end = event
+        self._ready.set()
+
+    def close(self) -> None:
+        """Ends the watch (the server stops) after what is pending."""
+        self._closed = True
+        self._ready.set()
+
+    def take(self) -> tuple[list[RolloutEvent], bool]:
+        """Everything pending, without waiting; and whether the watch is over."""
+        hosts, self._hosts = self._hosts, {}
+        events = [RolloutEvent(when, task=task) for task, when in hosts.values()]
+        end = self._end is not None or self._closed
+        if self._end is not None:
+            events.append(self._end)
+            self._end = None
+        self._ready.clear()
+        return events, end
+
+    async def get(self) -> tuple[list[RolloutEvent], bool]:
+        """Waits until something is pending, then takes it all."""
+        await self._ready.wait()
+        return self.take()
+
+
 class RolloutStore(Protocol):
     """What rollouts keep (implemented by the SQL metadata store)."""
 
@@ -126,9 +181,16 @@ class Rollouts:
         self.store = store
         self.rollouts: dict[str, Rollout] = {}  # the running ones, and any looked at lately
         self._recorded: dict[str, TaskState] = {}  # the last state written, by order id
-        self._watchers: dict[str, list[asyncio.Queue[RolloutEvent | None]]] = {}
+        self._watchers: dict[str, list[WatchQueue]] = {}
+        self.watch_interval = WATCH_INTERVAL
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._writes: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+        self._unsaved: set[str] = set()  # order ids with a save queued: one is enough
+        # Per running rollout: its hosts by state, its canaries, and its hosts not started
+        # yet in the order they start (so a host's end costs O(1), not a scan of them all).
+        self._counts: dict[str, Counter[TaskState]] = {}
+        self._canaries: dict[str, list[Task]] = {}
+        self._queued: dict[str, deque[Task]] = {}
         self._writer: asyncio.Task[None] | None = None
         orders.listen(self._task_changed)
 
@@ -149,6 +211,7 @@ class Rollouts:
                     gone = True
                 self._recorded[task.order_id] = task.state
                 self.orders.add(task)
+            self._track(rollout)
             log.info("rollout resumed", rollout=rollout.id, image=rollout.image.name)
             self._arm_deadline(rollout)
             if gone:
@@ -160,8 +223,7 @@ class Rollouts:
             timer.cancel()
         for watchers in self._watchers.values():
             for queue in watchers:
-                with contextlib.suppress(asyncio.QueueFull):
-                    queue.put_nowait(None)
+                queue.close()
         await self._writes.join()
         if self._writer is not None:
             self._writer.cancel()
@@ -240,9 +302,12 @@ class Rollouts:
             self.orders.add(task)
             self._recorded[task.order_id] = task.state
         self.rollouts[rollout.id] = rollout
+        self._track(rollout)
         await self.store.save_rollout(rollout)
+        # The hosts' rows go through the writer, in order, right behind the rollout's: one
+        # awaited transaction a host held every order back (10,000 of them: tens of seconds).
         for task in rollout.tasks.values():
-            await self.store.save_task(task)
+            self._write("task", task)
         offline = sorted(a.name for a in agents if a.name not in self.fleet.sessions)
         await self.store.add_record(
             rollout.id,
@@ -299,8 +364,9 @@ class Rollouts:
         return await self.store.list_records(rollout_id)
 
     async def watch(self, rollout_id: str) -> AsyncIterator[RolloutEvent]:
+        """A snapshot, then the changes: each host at most once per ``watch_interval``."""
         rollout = await self.get(rollout_id)
-        queue: asyncio.Queue[RolloutEvent | None] = asyncio.Queue(WATCH_QUEUE)
+        queue = WatchQueue()
         watchers = self._watchers.setdefault(rollout_id, [])
         watchers.append(queue)
         try:
@@ -308,12 +374,33 @@ class Rollouts:
             if rollout.state is not RolloutState.RUNNING:
                 yield RolloutEvent(datetime.now(UTC), state=rollout.state)
                 return
-            while (event := await queue.get()) is not None:
-                yield event
-                if event.state is not None:
+            while True:
+                events, end = await queue.get()
+                began = time.monotonic()
+                for event in events:
+                    yield event
+                if end:
                     return
+                # What changes meanwhile waits, coalesced, for the next round.
+                await asyncio.sleep(self.watch_interval - (time.monotonic() - began))
         finally:
             watchers.remove(queue)
+            if not watchers:
+                self._watchers.pop(rollout_id, None)
+
+    def watch_backlog(self, rollout_id: str) -> list[int]:
+        """How many events each watcher of a rollout has pending (for tests and metrics)."""
+        return [len(q) for q in self._watchers.get(rollout_id, [])]
+
+    def _track(self, rollout: Rollout) -> None:
+        """Starts the bookkeeping that _advance reads instead of scanning every host."""
+        self._counts[rollout.id] = Counter(t.state for t in rollout.tasks.values())
+        self._canaries[rollout.id] = rollout.canaries
+        self._queued[rollout.id] = deque(
+            t
+            for t in sorted(rollout.tasks.values(), key=lambda t: t.agent)
+            if t.state is TaskState.QUEUED
+        )
 
     # Pacing
 
@@ -321,30 +408,36 @@ class Rollouts:
         """Starts the hosts whose turn it is, and ends the rollout once nothing is left."""
         if rollout.state is not RolloutState.RUNNING:
             return
-        canaries = rollout.canaries
+        counts = self._counts[rollout.id]
+        canaries = self._canaries[rollout.id]
+        failed = counts[TaskState.FAILED]
         if any(t.state in (TaskState.FAILED, TaskState.CANCELLED) for t in canaries):
             self._stop(rollout, "a canary failed: the other hosts were not started")
-        elif rollout.failed > rollout.max_failures:
+        elif failed > rollout.max_failures:
             self._stop(
                 rollout,
-                f"{rollout.failed} hosts failed, more than --max-failures {rollout.max_failures}",
+                f"{failed} hosts failed, more than --max-failures {rollout.max_failures}",
             )
-        if not rollout.reason:
+        if not rollout.reason and rollout.state is RolloutState.RUNNING:
+            active = len(rollout.tasks) - counts[TaskState.QUEUED] - _terminal(counts)
+
+            def room() -> bool:
+                return not rollout.max_parallel or active < rollout.max_parallel
+
             if all(t.state is TaskState.SUCCEEDED for t in canaries):
-                candidates = sorted(rollout.tasks.values(), key=lambda t: t.agent)
+                queued = self._queued[rollout.id]
+                while queued and room():
+                    task = queued.popleft()
+                    if task.state is TaskState.QUEUED:  # (a canary has gone already)
+                        self.orders.start(task)
+                        active += 1
             else:
-                candidates = canaries
-            active = sum(
-                1
-                for t in rollout.tasks.values()
-                if t.state is not TaskState.QUEUED and not t.state.terminal
-            )
-            for task in candidates:
-                if rollout.max_parallel and active >= rollout.max_parallel:
-                    break
-                if task.state is TaskState.QUEUED:
-                    self.orders.start(task)
-                    active += 1
+                for task in canaries:
+                    if not room():
+                        break
+                    if task.state is TaskState.QUEUED:
+                        self.orders.start(task)
+                        active += 1
         self._finish_if_done(rollout)
 
     def _stop(self, rollout: Rollout, reason: str) -> None:
@@ -359,6 +452,9 @@ class Rollouts:
 
     def _finish_if_done(self, rollout: Rollout) -> None:
         if rollout.state is not RolloutState.RUNNING:
+            return
+        counts = self._counts.get(rollout.id)
+        if counts is not None and _terminal(counts) < len(rollout.tasks):
             return
         if not all(t.state.terminal for t in rollout.tasks.values()):
             return
@@ -383,6 +479,8 @@ class Rollouts:
         timer = self._timers.pop(rollout.id, None)
         if timer is not None:
             timer.cancel()
+        for table in (self._counts, self._canaries, self._queued):
+            table.pop(rollout.id, None)
         log.info("rollout ended", rollout=rollout.id, state=str(state), reason=rollout.reason)
         self._write("rollout", rollout)
         self._write(
@@ -418,7 +516,13 @@ class Rollouts:
         if rollout is None:
             return
         now = datetime.now(UTC)
-        if self._recorded.get(task.order_id) != task.state:
+        before = self._recorded.get(task.order_id)
+        if before != task.state:
+            counts = self._counts.get(rollout.id)
+            if counts is not None:
+                if before is not None:
+                    counts[before] -= 1
+                counts[task.state] += 1
             self._recorded[task.order_id] = task.state
             self._write("task", task)
             self._write(
@@ -430,18 +534,17 @@ class Rollouts:
             self._advance(rollout)
 
     def _emit(self, rollout: Rollout, event: RolloutEvent) -> None:
-        for queue in list(self._watchers.get(rollout.id, [])):
-            try:
-                queue.put_nowait(event)
-            except asyncio.QueueFull:
-                # Too slow: end its stream (it can watch again, from a fresh snapshot).
-                log.warning("a rollout watcher is too slow: dropping it", rollout=rollout.id)
-                self._watchers[rollout.id].remove(queue)
-                while not queue.empty():
-                    queue.get_nowait()
-                queue.put_nowait(None)
+        for queue in self._watchers.get(rollout.id, ()):
+            if event.task is not None:
+                queue.put_task(event.task, event.time)
+            else:
+                queue.put_end(event)
 
     def _write(self, kind: str, item: object) -> None:
+        if isinstance(item, Task):
+            if item.order_id in self._unsaved:  # the queued save will write it as it is then
+                return
+            self._unsaved.add(item.order_id)
         self._writes.put_nowait((kind, item))
 
     async def _write_forever(self) -> None:
@@ -451,6 +554,7 @@ class Rollouts:
             try:
                 if kind == "task":
                     assert isinstance(item, Task)
+                    self._unsaved.discard(item.order_id)
                     await self.store.save_task(item)
                 elif kind == "rollout":
                     assert isinstance(item, Rollout)
@@ -473,6 +577,10 @@ class Rollouts:
                 raise NotFound(Reason.BLOB_NOT_FOUND, f"blob {digest} is gone", digest=digest)
             blobs[digest] = blob
         return blobs
+
+
+def _terminal(counts: Counter[TaskState]) -> int:
+    return counts[TaskState.SUCCEEDED] + counts[TaskState.FAILED] + counts[TaskState.CANCELLED]
 
 
 def platform_image(image: Image, platform: str) -> tuple[Image | None, str]:

@@ -146,15 +146,21 @@ class SimIdentity:
 
 
 async def enroll(
-    server: ServerProcess, name: str, key: bytes | None = None, join_token: str | None = None
+    server: ServerProcess,
+    name: str,
+    key: bytes | None = None,
+    join_token: str | None = None,
+    channel: grpc.aio.Channel | None = None,
 ) -> SimIdentity:
-    """Enrolls ``name`` as docket-agent does (EnrollAgent with a join token and a CSR)."""
+    """Enrolls ``name`` as docket-agent does (EnrollAgent with a join token and a CSR); on
+    ``channel`` if given (one made with the join token: many enrollments, one handshake)."""
     key = key or key_pem(new_key())
-    async with server.aio_channel(token=join_token or server.join_token()) as channel:
-        response = await pb_grpc.AgentServiceStub(channel).EnrollAgent(
-            pb.EnrollAgentRequest(name=name, csr_pem=make_csr(load_key(key), name)),
-            timeout=30,
-        )
+    request = pb.EnrollAgentRequest(name=name, csr_pem=make_csr(load_key(key), name))
+    if channel is not None:
+        response = await pb_grpc.AgentServiceStub(channel).EnrollAgent(request, timeout=120)
+        return SimIdentity(name, key, response.certificate_pem)
+    async with server.aio_channel(token=join_token or server.join_token()) as own:
+        response = await pb_grpc.AgentServiceStub(own).EnrollAgent(request, timeout=30)
     return SimIdentity(name, key, response.certificate_pem)
 
 
@@ -197,18 +203,24 @@ class SimulatedAgent:
         bt_endpoint: str = "",
         cached_digests: tuple[str, ...] = (),
         groups: tuple[str, ...] = ("sim",),
+        wait_for_ready: bool = False,
     ):
         self.stub = stub
         self.name = name
         self.bt_endpoint = bt_endpoint
         self.cached_digests = cached_digests
         self.groups = groups
+        # True: the stream waits for the channel to connect (through retries, as an agent's
+        # reconnect loop would) rather than failing at once when a handshake times out.
+        self.wait_for_ready = wait_for_ready
         self.agent_id = agent_id or uuid.uuid4().hex
         self.welcome: agent_pb2.Welcome | None = None
         self.welcomed = asyncio.Event()
         self.ended: grpc.aio.AioRpcError | None = None
         self.call: Any = None
         self.orders: asyncio.Queue[agent_pb2.PullOrder] = asyncio.Queue()
+        # Called with each message as it goes onto the stream (not when it is queued).
+        self.on_sent: Callable[[pb.ConnectRequest], None] | None = None
         self._outbox: asyncio.Queue[pb.ConnectRequest] = asyncio.Queue()
 
     def hello(self) -> pb.ConnectRequest:
@@ -237,11 +249,14 @@ class SimulatedAgent:
             period = self.welcome.heartbeat_interval.ToTimedelta().total_seconds()
             while True:
                 try:
-                    yield await asyncio.wait_for(self._outbox.get(), period)
+                    message = await asyncio.wait_for(self._outbox.get(), period)
                 except TimeoutError:
-                    yield pb.ConnectRequest(heartbeat=agent_pb2.Heartbeat(send_time=_now()))
+                    message = pb.ConnectRequest(heartbeat=agent_pb2.Heartbeat(send_time=_now()))
+                if self.on_sent is not None:
+                    self.on_sent(message)
+                yield message
 
-        self.call = self.stub.Connect(requests())
+        self.call = self.stub.Connect(requests(), wait_for_ready=self.wait_for_ready)
         try:
             async for message in self.call:
                 kind = message.WhichOneof("body")

@@ -1,0 +1,252 @@
+"""What keeps one server working at fleet scale: a watcher's events coalesced per host
+(bounded, never losing a terminal state), peers and peer hints bounded per host, and a
+rollout to many simulated hosts end to end with watchers that keep up and that do not."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from docket_common.pb import agent_pb2, rollout_pb2
+from docket_common.pb import rollout_service_pb2 as rpb
+from docket_common.pb import rollout_service_pb2_grpc as rpb_grpc
+from docket_server.domain.fleet import AgentInfo, AgentRecord, AgentState, Fleet, Session
+from docket_server.domain.models import Blob, Image
+from docket_server.domain.orders import MAX_PEERS, OrderBook, PeerRef, Task, TaskState
+from docket_server.domain.rollouts import RolloutEvent, RolloutState, WatchQueue
+from tests.support.archives import layer_tar, random_bytes, write_legacy_archive
+from tests.support.server import ServerProcess, docketctl
+from tests.support.sim_fleet import SimFleet
+
+NOW = datetime.now(UTC)
+IMAGE = Image(
+    repository="app",
+    tag="1",
+    config=None,
+    layers=(),
+    diff_ids=(),
+    build_time=None,
+    create_time=NOW,
+    platform="",
+)
+BLOB = Blob("sha256:" + "a" * 64, 1, NOW, None)
+
+
+def task(i: int, state: TaskState = TaskState.QUEUED) -> Task:
+    return Task(f"order{i}", "r1", f"h{i:03d}", IMAGE, {BLOB.digest: BLOB}, True, state=state)
+
+
+# The watcher's queue
+
+
+def test_a_watch_queue_holds_one_event_per_host_and_the_end_last() -> None:
+    queue = WatchQueue()
+    tasks = [task(i, TaskState.DOWNLOADING) for i in range(200)]
+    for _ in range(10):  # ten reports from every host before the watcher reads
+        for t in tasks:
+            queue.put_task(t, NOW)
+    assert len(queue) == 200
+    tasks[7].state = TaskState.SUCCEEDED  # its last report: the one the watcher must see
+    queue.put_task(tasks[7], NOW)
+    queue.put_end(RolloutEvent(NOW, state=RolloutState.SUCCEEDED))
+    events, end = queue.take()
+    assert end
+    assert len(events) == 201
+    assert [e.task.order_id for e in events[:-1] if e.task] == sorted(
+        {t.order_id for t in tasks}, key=lambda o: (o == "order7", int(o[5:]))
+    )  # each host once; the one that just changed goes to the back
+    assert events[-2].task is tasks[7]
+    assert events[-2].task.state is TaskState.SUCCEEDED
+    assert events[-1].state is RolloutState.SUCCEEDED
+    assert queue.peak == 200
+    assert len(queue) == 0
+
+
+async def test_a_watch_queue_wakes_its_reader_and_closes() -> None:
+    queue = WatchQueue()
+    reader = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)
+    assert not reader.done()
+    one = task(1)
+    queue.put_task(one, NOW)
+    events, end = await asyncio.wait_for(reader, 5)
+    assert [e.task for e in events] == [one]
+    assert not end
+    queue.close()
+    events, end = await asyncio.wait_for(queue.get(), 5)
+    assert events == []
+    assert end
+
+
+# Peers and peer hints
+
+
+class CountingSink:
+    def __init__(self) -> None:
+        self.orders: dict[str, list[PeerRef]] = {}
+        self.hints: dict[str, int] = {}  # by the host told
+
+    def send_order(
+        self, session: Session, task: Task, peers: list[PeerRef], *, first_pieces: bool
+    ) -> None:
+        self.orders[task.agent] = peers
+
+    def send_peers(self, session: Session, task: Task, peers: list[PeerRef]) -> None:
+        self.hints[task.agent] = self.hints.get(task.agent, 0) + len(peers)
+
+    def send_cancel(self, session: Session, task: Task, reason: str) -> None:
+        pass
+
+
+def book_with(count: int) -> tuple[OrderBook, CountingSink, list[Task]]:
+    fleet = cast(Fleet, type("F", (), {"sessions": {}})())
+    for i in range(count):
+        info = AgentInfo(name=f"h{i:03d}", agent_id=str(i), bt_endpoint=f"10.0.0.{i}:6881")
+        record = AgentRecord(info, AgentState.ONLINE, "peer", NOW, NOW, NOW)
+        fleet.sessions[info.name] = Session(record)
+    book = OrderBook(fleet, "server:6881")
+    sink = CountingSink()
+    book.sink = sink
+    tasks = [task(i) for i in range(count)]
+    for t in tasks:
+        book.add(t)
+    return book, sink, tasks
+
+
+def test_a_few_hosts_all_hear_of_each_other() -> None:
+    book, sink, tasks = book_with(10)
+    for t in tasks:
+        book.start(t)
+    # Each host's order names the seed and every host that started before it, and each host
+    # is told of every one that started after it: 10 hosts, 45 pairs, each pair once.
+    for i, t in enumerate(tasks):
+        names = [p.name for p in sink.orders[t.agent]]
+        assert names == ["server"] + [f"h{j:03d}" for j in range(i)]
+        assert sink.hints.get(t.agent, 0) == 9 - i
+    assert book.peers_for(tasks[0])[0] == PeerRef("server:6881", "server")
+    assert len(book.peers_for(tasks[0])) == 10
+
+
+def test_many_hosts_get_bounded_peers_and_hints() -> None:
+    count = 300
+    book, sink, tasks = book_with(count)
+    for t in tasks:
+        book.start(t)
+    assert all(len(peers) <= MAX_PEERS for peers in sink.orders.values())
+    assert all(p.name != t.agent for t in tasks for p in sink.orders[t.agent])
+    # Not every host hears of every later one: at most MAX_PEERS - 1 hints per new host
+    # (all of them would be 300 * 299 / 2 = 44850).
+    assert sum(sink.hints.values()) <= count * (MAX_PEERS - 1)
+    assert max(sink.hints.values()) <= MAX_PEERS - 1
+    # The late hosts' orders are a sample of the fleet, not all the first 49.
+    late = {p.name for t in tasks[-20:] for p in sink.orders[t.agent]}
+    assert len(late - {f"h{j:03d}" for j in range(MAX_PEERS)} - {"server"}) > 0
+    # Failed hosts are not handed out.
+    for t in tasks[:-1]:
+        t.state = TaskState.FAILED
+    assert [p.name for p in book.peers_for(tasks[-1])] == ["server"]
+    # A reconnecting agent gets its own orders again, only its own.
+    sink.orders.clear()
+    book.agent_connected(book.fleet.sessions[tasks[-1].agent])
+    assert list(sink.orders) == [tasks[-1].agent]
+
+
+# End to end: a real server, simulated hosts in their own process
+
+
+@pytest.fixture(scope="module")
+def scale_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tmp = tmp_path_factory.mktemp("scale")
+    server = ServerProcess(
+        data_dir=tmp / "server", extra_args=["--heartbeat-interval", "2", "--log-level", "info"]
+    ).start()
+    data = random_bytes(1024 * 1024, 5)
+    archive = write_legacy_archive(tmp / "app.tar", "scale/app:1", [layer_tar({"f": data})])
+    pushed = docketctl("push", "scale/app:1", "--archive", str(archive.path), "-q", server=server)
+    assert pushed.returncode == 0, pushed.stderr
+    yield server
+    server.stop()
+
+
+async def _watch(
+    stub: rpb_grpc.RolloutServiceStub, rollout_id: str, md: Any, pause: asyncio.Event | None
+) -> tuple[dict[str, int], int, int]:
+    """Follows a rollout; with ``pause``, reads the snapshot and then nothing until it is
+    set. The hosts' last states, the host events and the rollout's final state."""
+    last: dict[str, int] = {}
+    events = 0
+    final = 0
+    async for response in stub.WatchRollout(rpb.WatchRolloutRequest(id=rollout_id), metadata=md):
+        event = response.event
+        kind = event.WhichOneof("change")
+        if kind == "snapshot" and pause is not None:
+            await pause.wait()
+        elif kind == "host":
+            events += 1
+            last[event.host.agent_name] = event.host.state
+        elif kind == "state":
+            final = event.state
+    return last, events, final
+
+
+@pytest.mark.timeout(120)
+async def test_a_rollout_to_many_hosts_with_a_fast_and_a_stalled_watcher(
+    scale_server: ServerProcess, tmp_path: Path
+) -> None:
+    count, parallel = 120, 25
+    names = [f"s{i:03d}" for i in range(count)]
+    fleet = SimFleet(
+        scale_server, names, 2, mode="rollout", groups=("scale",), download_seconds=1.5
+    )
+    md = (("authorization", f"Bearer {scale_server.admin_token}"),)
+    try:
+        await fleet.start()
+        latencies, refused = await fleet.connect()
+        assert refused == 0
+        assert len(latencies) == count
+        # The stalled watcher's window is small, so that gRPC cannot buffer what it does
+        # not read (it would take hundreds of events into its own buffers).
+        small: dict[str, Any] = {"grpc.http2.lookahead_bytes": 1024, "grpc.http2.bdp_probe": 0}
+        async with (
+            scale_server.aio_channel() as channel,
+            scale_server.aio_channel(None, **small) as small_channel,
+        ):
+            stub = rpb_grpc.RolloutServiceStub(channel)
+            stalled_stub = rpb_grpc.RolloutServiceStub(small_channel)
+            created = await stub.CreateRollout(
+                rpb.CreateRolloutRequest(
+                    image_name="scale/app:1", selector="scale", max_parallel=parallel
+                ),
+                metadata=md,
+            )
+            rollout_id = created.rollout.id
+            pause = asyncio.Event()
+            fast = asyncio.create_task(_watch(stub, rollout_id, md, None))
+            stalled = asyncio.create_task(_watch(stalled_stub, rollout_id, md, pause))
+            last, fast_events, final = await asyncio.wait_for(fast, 90)
+            pause.set()  # the stalled watcher reads only now, after the end
+            slow_last, slow_events, slow_final = await asyncio.wait_for(stalled, 30)
+        report = await fleet.report()
+    finally:
+        await fleet.stop()
+    succeeded = agent_pb2.TASK_STATE_SUCCEEDED
+    assert final == slow_final == rollout_pb2.ROLLOUT_STATE_SUCCEEDED
+    assert last == slow_last == {name: succeeded for name in names}
+    # The stalled watcher was not dropped, and got far fewer events than the hosts sent
+    # reports: what it missed was coalesced to each host's latest state.
+    assert len(report.sends) > 5 * count
+    assert slow_events < len(report.sends) / 2
+    # max_parallel held: never more than `parallel` hosts between their order and the end.
+    spans = sorted((report.order_times[a], t) for a, s, _, t in report.sends if s == "succeeded")
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert peak <= parallel
+    assert fast_events >= count  # every host's change reached the watcher that kept up
