@@ -1,0 +1,355 @@
+"""The rollout controller at fleet scale: one rollout to N simulated hosts.
+
+A fresh docket-server (TLS, as shipped), a small real image pushed to it, and N simulated
+agents (tests/support/sim_fleet.py, spread over several client processes) that carry out their
+pull orders as docket-agent reports them, at the real 250 ms rate, without moving a byte:
+ACCEPTED, DOWNLOADING with a PieceProgress of new pieces every 250 ms, VERIFYING, LOADING,
+SUCCEEDED. One rollout goes to all of them while a WatchRollout client follows it.
+
+Printed for each N: the time from CreateRollout until the last host had its order and until
+every host had succeeded (the watcher saw the rollout end), the server's CPU and RSS during the
+rollout, how fresh the watcher's view was (the lag from an agent sending a report to the
+watcher receiving it, for every report the watcher saw: p50/p99), how many host events it got
+against how many reports the agents sent (the server coalesces per host), whether its stream
+survived, and how long after the end the server's record of the rollout was written.
+
+    .venv/bin/python bench/rollout_sim.py                        # N = 1000, 3000, 10000
+    .venv/bin/python bench/rollout_sim.py --hosts 1000 --watch-cli
+    .venv/bin/python bench/rollout_sim.py --hosts 200 --download-seconds 2   # a quick look
+
+With ``--watch-cli`` the real ``docketctl rollouts watch`` follows the rollout too, in a
+pseudo-terminal (120 x 40), and the table gets its CPU seconds (from /proc while it runs; its
+rusage when it exits) and its exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import pty
+import resource
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import contextlib
+
+from procstat import cpu_seconds
+
+from docket_common.pb import agent_pb2, rollout_pb2
+from docket_common.pb import rollout_service_pb2 as pb
+from docket_common.pb import rollout_service_pb2_grpc as pb_grpc
+from tests.support.archives import layer_tar, random_bytes, write_legacy_archive
+from tests.support.server import BIN, ServerProcess, docketctl
+from tests.support.sim_fleet import SimFleet, raise_fd_limit
+
+MiB = 1024 * 1024
+TASK_STATES = {v: k.removeprefix("TASK_STATE_").lower() for k, v in agent_pb2.TaskState.items()}
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))] if ordered else float("nan")
+
+
+def push_image(server: ServerProcess, tmp: Path, name: str, size: int) -> None:
+    data = random_bytes(size, 1)
+    archive = write_legacy_archive(tmp / "image.tar", name, [layer_tar({"data": data})])
+    result = docketctl("push", name, "--archive", str(archive.path), "-q", server=server)
+    if result.returncode != 0:
+        raise RuntimeError(f"push failed: {result.stderr}")
+
+
+@dataclass
+class Watcher:
+    """A WatchRollout client: what it saw, and when."""
+
+    seen: list[tuple[str, str, int, float]] = field(default_factory=list)
+    host_events: int = 0
+    end_time: float | None = None
+    end_state: str = ""
+    error: str = ""
+    cpu_s: float = 0.0
+
+    async def follow(self, stub: pb_grpc.RolloutServiceStub, rollout_id: str, md: Any) -> None:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        try:
+            async for response in stub.WatchRollout(
+                pb.WatchRolloutRequest(id=rollout_id), metadata=md
+            ):
+                now = time.time()
+                event = response.event
+                kind = event.WhichOneof("change")
+                if kind == "host":
+                    h = event.host
+                    self.host_events += 1
+                    self.seen.append((h.agent_name, TASK_STATES[h.state], h.done_bytes, now))
+                elif kind == "state":
+                    self.end_time = now
+                    self.end_state = rollout_pb2.RolloutState.Name(event.state)
+        except Exception as e:  # the stream broke: say so in the table
+            self.error = str(e)[:200]
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        self.cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+
+def lags(
+    sends: list[tuple[str, str, int, float]], seen: list[tuple[str, str, int, float]]
+) -> list[float]:
+    """For every report the watcher saw (its first sighting), seen minus sent, seconds."""
+    sent_state = {(a, s): t for a, s, _, t in sends if s}
+    sent_progress = {(a, d): t for a, s, d, t in sends if not s}
+    out: list[float] = []
+    first: set[tuple[str, str, int]] = set()
+    for agent, state, done, t in seen:
+        if state == "downloading" and done > 0:
+            sent = sent_progress.get((agent, done))
+            key = (agent, "", done)
+        else:
+            sent = sent_state.get((agent, state))
+            key = (agent, state, 0)
+        if sent is not None and key not in first:
+            first.add(key)
+            out.append(t - sent)
+    return out
+
+
+class CliWatch:
+    """`docketctl rollouts watch ID` on a pseudo-terminal; its CPU read from /proc."""
+
+    def __init__(self, server: ServerProcess, rollout_id: str) -> None:
+        leader, follower = pty.openpty()
+        env = server.env() | {"COLUMNS": "120", "LINES": "40", "TERM": "xterm-256color"}
+        self.proc = subprocess.Popen(
+            [str(BIN / "docketctl"), "rollouts", "watch", rollout_id],
+            stdin=follower,
+            stdout=follower,
+            stderr=follower,
+            env=env,
+            close_fds=True,
+        )
+        os.close(follower)
+        self.leader = leader
+        self.output = bytearray()
+        self.cpu_s = 0.0
+        self.rusage_s = 0.0
+        self.code: int | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError, IndexError):
+                self.cpu_s = cpu_seconds(self.proc.pid)
+            ready, _, _ = select.select([self.leader], [], [], 0.2)
+            if ready:
+                try:
+                    data = os.read(self.leader, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                self.output += data
+        _, status, usage = os.wait4(self.proc.pid, 0)
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.code = self.proc.returncode
+        self.rusage_s = usage.ru_utime + usage.ru_stime
+        os.close(self.leader)
+
+    def wait(self, timeout: float) -> None:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.proc.kill()
+            self.thread.join(10)
+
+
+async def run_one(args: argparse.Namespace, count: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="docket-rollout-sim-") as tmp:
+        server = ServerProcess(
+            data_dir=Path(tmp) / "server",
+            extra_args=["--heartbeat-interval", str(args.heartbeat), "--log-level", "warning"],
+        ).start()
+        assert server.proc is not None
+        pid = server.proc.pid
+        push_image(server, Path(tmp), "sim/app:1", int(args.size_mib * MiB))
+        processes = args.processes or min(8, math.ceil(count / 1000))
+        fleet = SimFleet(
+            server,
+            [f"sim{i:05d}" for i in range(count)],
+            processes,
+            mode="rollout",
+            download_seconds=args.download_seconds,
+        )
+        cli: CliWatch | None = None
+        try:
+            await fleet.start()
+            _, refused = await fleet.connect()
+            if refused:
+                raise RuntimeError(f"{refused} agents refused")
+            await asyncio.sleep(2)  # the connection burst settles
+            md = (("authorization", f"Bearer {server.admin_token}"),)
+            big: dict[str, Any] = {"grpc.max_receive_message_length": 256 * MiB}
+            async with server.aio_channel(None, **big) as channel:
+                stub = pb_grpc.RolloutServiceStub(channel)
+                cpu0, rss_peak = cpu_seconds(pid), rss_bytes(pid)
+                t0 = time.time()
+                created = await stub.CreateRollout(
+                    pb.CreateRolloutRequest(image_name="sim/app:1", selector="sim"),
+                    metadata=md,
+                    timeout=600,
+                )
+                create_s = time.time() - t0
+                rollout_id = created.rollout.id
+                watcher = Watcher()
+                watching = asyncio.create_task(watcher.follow(stub, rollout_id, md))
+                if args.watch_cli:
+                    cli = CliWatch(server, rollout_id)
+                deadline = time.monotonic() + args.timeout
+                while not watching.done() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.5)
+                    rss_peak = max(rss_peak, rss_bytes(pid))
+                ended = time.time()
+                if not watching.done():  # it fell silent: ask where the rollout is
+                    watching.cancel()
+                final = (
+                    await stub.GetRollout(pb.GetRolloutRequest(id=rollout_id), metadata=md)
+                ).rollout
+                while final.state == rollout_pb2.ROLLOUT_STATE_RUNNING and (
+                    time.monotonic() < deadline
+                ):
+                    await asyncio.sleep(1)
+                    final = (
+                        await stub.GetRollout(pb.GetRolloutRequest(id=rollout_id), metadata=md)
+                    ).rollout
+                    ended = time.time()
+                done_s = (watcher.end_time or ended) - t0
+                cpu = cpu_seconds(pid) - cpu0
+                records_t = time.time()
+                records = await stub.ListRolloutRecords(
+                    pb.ListRolloutRecordsRequest(id=rollout_id), metadata=md, timeout=600
+                )
+                records_s = time.time() - records_t
+            if cli is not None:
+                cli.wait(120)
+            report = await fleet.report()
+        finally:
+            await fleet.stop()
+            server.stop()
+        progress_sent = sum(1 for s in report.sends if not s[1])
+        lag = lags(report.sends, watcher.seen)
+        succeeded = sum(1 for h in final.hosts if h.state == agent_pb2.TASK_STATE_SUCCEEDED)
+        return {
+            "hosts": count,
+            "processes": fleet.processes,
+            "create_s": create_s,
+            "orders_s": max(report.order_times.values(), default=float("nan")) - t0,
+            "orders": len(report.order_times),
+            "done_s": done_s,
+            "succeeded": succeeded,
+            "state": rollout_pb2.RolloutState.Name(final.state).removeprefix("ROLLOUT_STATE_"),
+            "server_cpu_pct": 100 * cpu / max(done_s, 0.001),
+            "server_cpu_s": cpu,
+            "rss_mb": rss_peak / 1e6,
+            "reports": len(report.sends),
+            "progress_sent": progress_sent,
+            "host_events": watcher.host_events,
+            "lag_p50_ms": 1000 * statistics.median(lag) if lag else float("nan"),
+            "lag_p99_ms": 1000 * percentile(lag, 0.99),
+            "watcher_live": not watcher.error and watcher.end_time is not None,
+            "watcher_error": watcher.error,
+            "watcher_cpu_s": watcher.cpu_s,
+            "records": len(records.records),
+            "records_s": records_s,
+            "clients_cpu_s": report.cpu_s,
+            "streams_ended": report.ended,
+            "cli_cpu_s": cli.cpu_s if cli else None,
+            "cli_rusage_s": cli.rusage_s if cli else None,
+            "cli_code": cli.code if cli else None,
+            "cli_screen_bytes": len(cli.output) if cli else None,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hosts", type=int, nargs="+", default=[1000, 3000, 10000])
+    parser.add_argument("--size-mib", type=float, default=4, help="the image's one layer")
+    parser.add_argument(
+        "--download-seconds", type=float, default=5.0, help="each host's simulated download"
+    )
+    parser.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval, s")
+    parser.add_argument(
+        "--processes", type=int, default=0, help="client processes (default 1 per 1000, up to 8)"
+    )
+    parser.add_argument("--timeout", type=float, default=480.0, help="per rollout, s")
+    parser.add_argument("--watch-cli", action="store_true", help="also docketctl in a pty")
+    parser.add_argument("--json", type=Path, help="write the rows here too")
+    args = parser.parse_args()
+    raise_fd_limit()
+    rows = [asyncio.run(run_one(args, n)) for n in args.hosts]
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    print(
+        f"\n{args.size_mib:g} MiB image; each host 'downloads' for {args.download_seconds:g} s "
+        f"reporting every 250 ms; {os.cpu_count()} cores shared by the server, the client "
+        f"processes and the watcher; times from CreateRollout"
+    )
+    header = [
+        "N",
+        "orders sent s",
+        "all succeeded s",
+        "server CPU % (1 core)",
+        "server RSS MB",
+        "agent reports",
+        "watcher host events",
+        "watcher lag p50 / p99 ms",
+        "watcher live",
+        "records written +s",
+        "clients CPU s",
+    ]
+    if args.watch_cli:
+        header += ["docketctl CPU s", "docketctl exit"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for r in rows:
+        cells = [
+            f"{r['hosts']}",
+            f"{r['orders_s']:.2f}",
+            f"{r['done_s']:.2f}" + ("" if r["state"] == "SUCCEEDED" else f" ({r['state']})"),
+            f"{r['server_cpu_pct']:.0f}",
+            f"{r['rss_mb']:.0f}",
+            f"{r['reports']}",
+            f"{r['host_events']}",
+            f"{r['lag_p50_ms']:.0f} / {r['lag_p99_ms']:.0f}",
+            "yes" if r["watcher_live"] else f"no: {r['watcher_error']}",
+            f"{r['records_s']:.2f}",
+            f"{r['clients_cpu_s']:.0f}",
+        ]
+        if args.watch_cli:
+            cells += [f"{r['cli_rusage_s']:.2f}", f"{r['cli_code']}"]
+        print("| " + " | ".join(cells) + " |")
+        if r["succeeded"] != r["hosts"] or r["streams_ended"]:
+            print(f"  ({r['succeeded']} succeeded; {r['streams_ended']} streams ended)")
+
+
+if __name__ == "__main__":
+    main()
