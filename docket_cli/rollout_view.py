@@ -3,6 +3,7 @@ one JSON object per event with -o json; and the summary at the end. No RPCs here
 
 from __future__ import annotations
 
+import heapq
 import json
 import sys
 import time
@@ -25,6 +26,23 @@ ROLLOUT_STATES = {
 }
 DONE = {agent_pb2.TASK_STATE_SUCCEEDED}
 BAD = {agent_pb2.TASK_STATE_FAILED, agent_pb2.TASK_STATE_CANCELLED}
+WAITING = {
+    agent_pb2.TASK_STATE_UNSPECIFIED,
+    agent_pb2.TASK_STATE_QUEUED,
+    agent_pb2.TASK_STATE_PENDING,
+}
+FLOW = [  # the states in the order a host goes through them
+    agent_pb2.TASK_STATE_QUEUED,
+    agent_pb2.TASK_STATE_PENDING,
+    agent_pb2.TASK_STATE_ACCEPTED,
+    agent_pb2.TASK_STATE_DOWNLOADING,
+    agent_pb2.TASK_STATE_VERIFYING,
+    agent_pb2.TASK_STATE_LOADING,
+    agent_pb2.TASK_STATE_SUCCEEDED,
+    agent_pb2.TASK_STATE_FAILED,
+    agent_pb2.TASK_STATE_CANCELLED,
+    agent_pb2.TASK_STATE_UNSPECIFIED,
+]
 STYLES = {
     "succeeded": "green",
     "failed": "bold red",
@@ -184,62 +202,116 @@ class JsonView(View):
 
 
 class LiveView(View):
-    """On a terminal: a line per host with a bar, redrawn four times a second.
+    """On a terminal: an overall bar, a line of counts by state, then a line per host.
 
-    With many hosts, the finished ones fold into one line; the slow and the failed stay.
+    As many hosts as fit the terminal: all of them when they fit; otherwise the failed, then
+    the active ones, slowest first, and one line for the rest. The totals are kept as events
+    arrive and the screen is redrawn at most four times a second, so following 1000 hosts
+    costs little more than following ten.
     """
 
-    MAX_LINES = 30
+    REFRESH_SECONDS = 0.25
+    RESERVED_LINES = 5  # the lines above the hosts, the fold line, and the prompt
 
     def __init__(self, rollout: rollout_pb2.Rollout) -> None:
-        super().__init__(rollout)
         self.started = time.monotonic()
-        self.live = Live(self._render(), console=stderr, refresh_per_second=4, transient=False)
-        self.live.start()
+        self._drawn = 0.0
+        self._counts: dict[int, int] = {}
+        self._done = 0
+        self._total = 0
+        self._rate = 0
+        super().__init__(rollout)
+        self._recount()
+        self.live = Live(self._render(), console=stderr, auto_refresh=False, transient=False)
+        self.live.start(refresh=True)
+
+    # Bookkeeping: totals change by each host's difference, not by a sum over all hosts.
+
+    def _recount(self) -> None:
+        self._counts, self._done, self._total, self._rate = {}, 0, 0, 0
+        for host in self.hosts.values():
+            self._add(host, 1)
+
+    def _add(self, host: rollout_pb2.RolloutHost, sign: int) -> None:
+        self._counts[host.state] = self._counts.get(host.state, 0) + sign
+        self._done += sign * (host.total_bytes if host.state in DONE else host.done_bytes)
+        self._total += sign * host.total_bytes
+        self._rate += sign * host.rate_bytes_per_second
+
+    def host(self, host: rollout_pb2.RolloutHost) -> None:
+        old = self.hosts.get(host.agent_name)
+        if old is not None:
+            self._add(old, -1)
+        super().host(host)
+        self._add(host, 1)
 
     def event(self, event: rollout_pb2.RolloutEvent) -> None:
         super().event(event)
-        self.live.update(self._render())
+        if event.WhichOneof("change") == "snapshot":
+            self._recount()
+        now = time.monotonic()
+        if now - self._drawn >= self.REFRESH_SECONDS:
+            self._drawn = now
+            self.live.update(self._render(), refresh=True)
 
     def close(self) -> None:
-        self.live.update(self._render())
+        self.live.update(self._render(), refresh=True)
         self.live.stop()
+
+    # Drawing
+
+    def _room(self) -> int:
+        return max(stderr.size.height - self.RESERVED_LINES, 5)
+
+    def shown(self) -> tuple[list[rollout_pb2.RolloutHost], int]:
+        """The hosts to draw (by name) and how many are folded into one line."""
+        hosts = self.hosts.values()
+        room = self._room()
+        if len(self.hosts) <= room:
+            return sorted(hosts, key=lambda h: h.agent_name), 0
+        room -= 1  # the fold line
+        failed = [h for h in hosts if h.state in BAD]
+        active = [h for h in hosts if h.state not in DONE and h.state not in BAD]
+        slowest = heapq.nsmallest(
+            max(room - len(failed), 0),
+            active,
+            key=lambda h: (h.state in WAITING, h.done_bytes / (h.total_bytes or 1)),
+        )
+        shown = sorted(failed, key=lambda h: h.agent_name)[:room]
+        shown += sorted(slowest, key=lambda h: h.agent_name)
+        return shown, len(self.hosts) - len(shown)
 
     def _render(self) -> RenderableType:
         rollout = self.rollout
-        hosts = sorted(self.hosts.values(), key=lambda h: h.agent_name)
-        total = sum(h.total_bytes for h in hosts) or 1
-        done = sum(h.total_bytes if h.state in DONE else h.done_bytes for h in hosts)
-        finished = sum(1 for h in hosts if h.state in DONE)
-        failed = sum(1 for h in hosts if h.state in BAD)
-        rate = sum(h.rate_bytes_per_second for h in hosts)
+        count = len(self.hosts)
+        finished = self._counts.get(agent_pb2.TASK_STATE_SUCCEEDED, 0)
+        failed = sum(self._counts.get(s, 0) for s in BAD)
         header = Table.grid(padding=(0, 1))
         header.add_row(
             Text(f"{rollout.image_name}", style="bold"),
-            ProgressBar(total=total, completed=done, width=40),
+            ProgressBar(total=self._total or 1, completed=self._done, width=40),
             Text(
-                f"{finished}/{len(hosts)} done"
+                f"{finished}/{count} done"
                 + (f", {failed} failed" if failed else "")
-                + f"  {human_size(done)}/{human_size(total)}  {human_size(rate)}/s"
+                + f"  {human_size(self._done)}/{human_size(self._total)}"
+                + f"  {human_size(self._rate)}/s"
                 + f"  {time.monotonic() - self.started:.0f}s"
             ),
         )
+        tally = Text("  ".join(f"{n} {s}" for s, n in self.tally()), style="dim")
         table = Table.grid(padding=(0, 1))
         for column in ("host", "state", "bar", "bytes", "rate", "peers", "eta"):
             table.add_column(column, no_wrap=True)
-        shown = hosts
-        folded = 0
-        if len(hosts) > self.MAX_LINES:
-            # Finished hosts fold away first; the failed and the slowest stay in view.
-            keep = [h for h in hosts if h.state not in DONE]
-            keep.sort(key=lambda h: (h.state not in BAD, h.done_bytes / (h.total_bytes or 1)))
-            shown = sorted(keep[: self.MAX_LINES], key=lambda h: h.agent_name)
-            folded = len(hosts) - len(shown)
+        shown, folded = self.shown()
         for host in shown:
             table.add_row(*self._host_row(host))
         if folded:
             table.add_row(Text(f"… {folded} more hosts ({finished} succeeded)", style="dim"))
-        return Group(header, table)
+        return Group(header, tally, table) if count > 1 else Group(header, table)
+
+    def tally(self) -> list[tuple[str, int]]:
+        """Hosts by state, in the order a task goes through them."""
+        return [(TASK_STATES[s], self._counts[s]) for s in FLOW if self._counts.get(s)]
 
     def _host_row(self, host: rollout_pb2.RolloutHost) -> list[RenderableType]:
         state = state_name(host)
