@@ -250,3 +250,86 @@ async def test_a_rollout_to_many_hosts_with_a_fast_and_a_stalled_watcher(
         peak = max(peak, running)
     assert peak <= parallel
     assert fast_events >= count  # every host's change reached the watcher that kept up
+
+
+# The live view with many hosts
+
+
+class _NoLive:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def start(self, refresh: bool = False) -> None:
+        pass
+
+    def update(self, renderable: Any, refresh: bool = False) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def test_the_live_view_of_1000_hosts_fits_the_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from docket_cli import render, rollout_view
+
+    monkeypatch.setattr(rollout_view, "Live", _NoLive)
+    monkeypatch.setattr(render.stderr, "size", (120, 40))
+    mb = 1_000_000
+    states = (
+        [agent_pb2.TASK_STATE_FAILED] * 10
+        + [agent_pb2.TASK_STATE_SUCCEEDED] * 500
+        + [agent_pb2.TASK_STATE_DOWNLOADING] * 300
+        + [agent_pb2.TASK_STATE_QUEUED] * 190
+    )
+    hosts = [
+        rollout_pb2.RolloutHost(
+            agent_name=f"h{i:04d}",
+            state=state,
+            total_bytes=10 * mb,
+            done_bytes=(i % 300) * 10_000 if state == agent_pb2.TASK_STATE_DOWNLOADING else 0,
+            rate_bytes_per_second=mb if state == agent_pb2.TASK_STATE_DOWNLOADING else 0,
+            error="boom" if state == agent_pb2.TASK_STATE_FAILED else "",
+        )
+        for i, state in enumerate(states)
+    ]
+    view = rollout_view.LiveView(rollout_pb2.Rollout(id="r", image_name="app:1", hosts=hosts))
+    shown, folded = view.shown()
+    assert len(shown) + 1 <= 40 - view.RESERVED_LINES  # the hosts and the fold line
+    assert folded == 1000 - len(shown)
+    names = {h.agent_name for h in shown}
+    assert {f"h{i:04d}" for i in range(10)} <= names  # every failed host is in view
+    downloading = [h for h in shown if h.state == agent_pb2.TASK_STATE_DOWNLOADING]
+    assert downloading
+    slowest = max(h.done_bytes for h in downloading)
+    others = [h for h in hosts[510:810] if h.agent_name not in names]
+    assert all(h.done_bytes >= slowest for h in others)  # the slowest are the ones shown
+    assert view.tally() == [
+        ("queued", 190),
+        ("downloading", 300),
+        ("succeeded", 500),
+        ("failed", 10),
+    ]
+
+    # Totals kept as events arrive agree with a sum over the hosts.
+    for i in range(510, 810):
+        done = rollout_pb2.RolloutHost()
+        done.CopyFrom(hosts[i])
+        done.state = agent_pb2.TASK_STATE_SUCCEEDED
+        done.rate_bytes_per_second = 0
+        view.event(rollout_pb2.RolloutEvent(host=done))
+    assert view._done == sum(
+        h.total_bytes if h.state == agent_pb2.TASK_STATE_SUCCEEDED else h.done_bytes
+        for h in view.hosts.values()
+    )
+    assert view._rate == 0
+    assert view.tally() == [("queued", 190), ("succeeded", 800), ("failed", 10)]
+    out = io.StringIO()
+    Console(file=out, width=120, height=40).print(view._render())
+    lines = out.getvalue().splitlines()
+    assert len(lines) <= 40 - 2
+    assert "800/1000 done, 10 failed" in lines[0]
+    assert lines[-1].startswith("… ")
