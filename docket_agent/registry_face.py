@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -40,7 +39,7 @@ from docket_agent.cache import BlobCache
 from docket_agent.orders import OrderManager, OrderRunner
 from docket_common.digest import is_digest, sha256_digest
 from docket_common.errors import error_info
-from docket_common.fetch import BlobDownload, BlobFetcher, FetchError
+from docket_common.fetch import BlobDownload, BlobFetcher, DigestMismatchError, FetchError
 from docket_common.manifest import IMAGE_CONFIG_TYPES, ManifestError, parse_manifest
 from docket_common.oci_http import (
     API_VERSION,
@@ -485,8 +484,10 @@ class AgentRegistry:
         response, body = await start_body(request, status, headers, count)
         if not body:
             return response
+        # A whole blob goes out as its pieces pass the in-order sha256 the fetcher computes
+        # anyway, its last piece once the blob matched; a range, as libtorrent checks pieces.
         whole = offset == 0 and count == download.spec.size
-        sha256 = hashlib.sha256() if whole else None
+        read_next = self.fetcher.verified_piece if whole else self.fetcher.read_piece
         length = download.piece_length
         first, last = offset // length, (offset + count - 1) // length
         # Reads of the next pieces are under way while one is sent: each read is a round
@@ -497,30 +498,26 @@ class AgentRegistry:
             for index in range(first, last + 1):
                 self.fetcher.prioritize(download, index, AHEAD)
                 while ahead <= min(last, index + READ_AHEAD - 1):
-                    reads.append(asyncio.ensure_future(self.fetcher.read_piece(download, ahead)))
+                    reads.append(asyncio.ensure_future(read_next(download, ahead)))
                     ahead += 1
                 try:
                     data = await reads.popleft()
                 except (FetchError, TimeoutError) as e:
-                    log.warning(
-                        "stream broken off: the blob's download failed", blob=digest, error=str(e)
-                    )
-                    _cut(request)
-                    return response
-                begin = max(offset - index * length, 0)
-                part = data[begin : min(offset + count - index * length, len(data))]
-                if sha256 is not None:
-                    if len(part) >= 1 << 20:
-                        await asyncio.to_thread(sha256.update, part)
-                    else:
-                        sha256.update(part)
-                    if index == last and "sha256:" + sha256.hexdigest() != digest:
+                    if isinstance(e, DigestMismatchError):
                         log.error(
                             "blob failed its sha256: stream broken off, blob dropped", blob=digest
                         )
                         self.fetcher.drop(digest, delete_files=True)
-                        _cut(request)
-                        return response
+                    else:
+                        log.warning(
+                            "stream broken off: the blob's download failed",
+                            blob=digest,
+                            error=str(e),
+                        )
+                    _cut(request)
+                    return response
+                begin = max(offset - index * length, 0)
+                part = data[begin : min(offset + count - index * length, len(data))]
                 await response.write(part)
         finally:
             for read in reads:

@@ -70,6 +70,10 @@ class FetchError(Exception):
     """A blob could not be fetched or failed its checks; str() is one line."""
 
 
+class DigestMismatchError(FetchError):
+    """A blob's bytes, every piece checked, do not hash to its digest: it was discarded."""
+
+
 class BlobGoneError(FetchError):
     """The server no longer has the blob (its image was deleted): waiting cannot help."""
 
@@ -416,7 +420,7 @@ class BlobFetcher(TorrentSession):
                 raise FetchError(f"blob {download.spec.digest}: the download stopped") from None
             raise
         if actual != download.spec.digest:
-            raise FetchError(
+            raise DigestMismatchError(
                 f"blob {download.spec.digest} hashes to {actual} after download: discarded"
             )
 
@@ -518,7 +522,9 @@ class BlobFetcher(TorrentSession):
             actual = await asyncio.to_thread(_sha256_file, self.partial_path(digest))
             if actual != digest:
                 self.drop(digest, delete_files=True)
-                raise FetchError(f"blob {digest} hashes to {actual} after download: discarded")
+                raise DigestMismatchError(
+                    f"blob {digest} hashes to {actual} after download: discarded"
+                )
         self.checkpoint_path(digest).unlink(missing_ok=True)
         final_dir = self.blob_path(digest).parent
         final_dir.mkdir(parents=True, exist_ok=True)
