@@ -37,14 +37,12 @@ import secrets
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -53,9 +51,14 @@ for _path in (BENCH, ROOT):
         sys.path.insert(0, str(_path))
 
 from benchimage import MiB, write_random_image  # noqa: E402
-from cluster import Cluster, Host, unavailable_reason  # noqa: E402
+from cluster import Cluster, unavailable_reason  # noqa: E402
+from dockerhosts import (  # noqa: E402
+    copy_image,
+    engines_inside,
+    pull_everywhere,
+    remove_everywhere,
+)
 from rollout_bench import (  # noqa: E402
-    REGISTRY_PORT,
     CentralSide,
     DocketSide,
     log,
@@ -121,95 +124,6 @@ def results_table(rows: Sequence[Row]) -> str:
             f"{busy:.0f}% / {busy_central:.0f}% |"
         )
     return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def engines_inside(hosts: Sequence[Host], h0: Host) -> Iterator[dict[int, Any]]:
-    """A dockerd inside each agent host's namespace, trusting h0's registry over HTTP."""
-    from tests.support.dockerd import DockerEngine
-
-    config = {"insecure-registries": [f"{h0.ip}:{REGISTRY_PORT}"]}
-    with contextlib.ExitStack() as stack:
-        engines: dict[int, Any] = {}
-        for host in hosts:
-            engine = stack.enter_context(
-                DockerEngine(netns=host.ns, daemon_config=config, storage_drivers=("overlay2",))
-            )
-            engines[host.index] = engine
-            log(f"dockerd in {host.name}: {engine.host}")
-        yield engines
-
-
-def copy_image(source: str, dest: str, repository: str, tag: str) -> None:
-    """Copies an image's manifest and blobs, byte for byte, between two registries (run in
-    h0, where both listen)."""
-    import requests
-
-    accept = "application/vnd.oci.image.manifest.v1+json"
-    # The source is docket-server's registry face: TLS, and the admin's token (from the
-    # environment DocketSide gives docketctl).
-    docket = requests.Session()
-    docket.trust_env = False  # $REQUESTS_CA_BUNDLE would replace the CA below
-    docket.verify = os.environ["DOCKET_CA"]
-    docket.auth = ("docket", os.environ["DOCKET_TOKEN"])
-    got = docket.get(
-        f"https://{source}/v2/{repository}/manifests/{tag}", headers={"Accept": accept}, timeout=60
-    )
-    got.raise_for_status()
-    manifest = got.json()
-    for blob in [manifest["config"], *manifest["layers"]]:
-        body = docket.get(
-            f"https://{source}/v2/{repository}/blobs/{blob['digest']}", timeout=600
-        ).content
-        start = requests.post(f"http://{dest}/v2/{repository}/blobs/uploads/", timeout=60)
-        start.raise_for_status()
-        location = start.headers["Location"]
-        if location.startswith("/"):
-            location = f"http://{dest}{location}"
-        done = requests.put(location, params={"digest": blob["digest"]}, data=body, timeout=600)
-        done.raise_for_status()
-    put = requests.put(
-        f"http://{dest}/v2/{repository}/manifests/{tag}",
-        data=got.content,
-        headers={"Content-Type": got.headers["Content-Type"]},
-        timeout=60,
-    )
-    put.raise_for_status()
-
-
-def pull_everywhere(engines: Sequence[Any], refs: Sequence[str], logs: Path, tag: str) -> float:
-    """`docker pull` of refs[i] by engines[i], all at once; seconds until the last is done."""
-    procs = []
-    started = time.monotonic()
-    for engine, ref in zip(engines, refs, strict=True):
-        err = (logs / f"{tag}-{engine.dir.name}.err").open("w")
-        procs.append(
-            (
-                subprocess.Popen(
-                    ["docker", "pull", "-q", ref],
-                    env=engine.env(),
-                    stdout=subprocess.DEVNULL,
-                    stderr=err,
-                ),
-                err,
-            )
-        )
-    failed = []
-    for proc, err in procs:
-        if proc.wait(timeout=1800) != 0:
-            failed.append(err.name)
-        err.close()
-    seconds = time.monotonic() - started
-    if failed:
-        raise RuntimeError(f"docker pull failed; see {', '.join(failed)}")
-    return seconds
-
-
-def remove_everywhere(engines: Sequence[Any], ref: str) -> None:
-    """`docker rmi` of an image on every engine, with its layers: the next pull fetches
-    everything again."""
-    for engine in engines:
-        subprocess.run(["docker", "rmi", "-f", ref], env=engine.env(), capture_output=True)
 
 
 def bench_one(n: int, args: argparse.Namespace, logs: Path, work: Path) -> Row:
