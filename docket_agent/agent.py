@@ -26,7 +26,7 @@ from docket_agent.registry_face import AgentRegistry, ManifestCache
 from docket_agent.stream import CHANNEL_OPTIONS, StreamClient, agent_channel
 from docket_common.bt import split_host_port
 from docket_common.fetch import BlobFetcher
-from docket_common.loadable import LoadableImage, PendingBlob, load_from_env
+from docket_common.loadable import LoadableImage, PendingBlob, load_from_env, pull_from_env
 from docket_common.manifest import Platform, this_platform
 from docket_common.oci_http import HttpFace
 from docket_common.pb import agent_pb2, agent_service_pb2_grpc, image_service_pb2_grpc
@@ -56,6 +56,9 @@ class AgentConfig:
     max_download_rate: int = 0
     max_upload_rate: int = 0
     load_while_downloading: bool = True
+    # "archive": `docker load` of an archive made from the blobs; "registry": the engine
+    # pulls from this agent's registry face (which must be on).
+    load_via: str = "archive"
     platform: Platform | None = None  # None: the engine's, or this machine's
 
 
@@ -228,6 +231,16 @@ class Agent:
             pending=pending,
         )
 
+        if self.config.load_via == "registry" and self.registry_port:
+            # The engine pulls from this agent's registry face, which streams each blob as its
+            # pieces pass the sha256 (the order's downloads are the face's too).
+            repository = order.image_name.rsplit("@", 1)[0]
+            if ":" in repository.rsplit("/", 1)[-1]:
+                repository = repository.rsplit(":", 1)[0]
+            source = f"127.0.0.1:{self.registry_port}/{repository}@{order.image_digest}"
+            return await asyncio.to_thread(
+                pull_from_env, source, order.image_name, order.config.digest
+            )
         return await asyncio.to_thread(load_from_env, image)
 
     async def _hello(self) -> agent_pb2.Hello:

@@ -160,6 +160,15 @@ def _platform(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     "only once every blob is verified in the cache.",
 )
 @click.option(
+    "--load-via",
+    type=click.Choice(["archive", "registry"]),
+    default="archive",
+    show_default=True,
+    help="How images go into the engine: `docker load` of an archive streamed from the "
+    "blobs, or a pull by the engine from this agent's registry face (--registry-listen), "
+    "which streams each blob as its pieces pass the sha256.",
+)
+@click.option(
     "--max-upload-rate",
     type=click.IntRange(min=0),
     default=0,
@@ -219,6 +228,7 @@ def main(
     fallback_after: float,
     max_download_rate: int,
     load_while_downloading: bool,
+    load_via: str,
     max_upload_rate: int,
     platform: Platform | None,
     join_token: str | None,
@@ -253,6 +263,8 @@ def main(
     configure_logging(log_level, json=log_json)
     if insecure and (join_token or ca_file or ca_hash):
         raise click.UsageError("--insecure joins without enrolling: no --join-token or CA")
+    if load_via == "registry" and not registry_listen:
+        raise click.UsageError("--load-via registry needs the registry face (--registry-listen)")
     if ca_file and ca_hash:
         raise click.UsageError("--ca and --ca-hash are two ways to say the same: give one")
     config = AgentConfig(
@@ -274,6 +286,7 @@ def main(
         max_download_rate=max_download_rate,
         max_upload_rate=max_upload_rate,
         load_while_downloading=load_while_downloading,
+        load_via=load_via,
         platform=platform,
     )
     try:

@@ -564,3 +564,57 @@ def load_from_env(image: LoadableImage) -> str:
         return load_into_docker(client, image)
     finally:
         client.close()
+
+
+def pull_into_docker(
+    client: docker.DockerClient, source: str, name: str, config_digest: str
+) -> str:
+    """Has the engine pull ``source`` ("host:port/repo@sha256:…", a registry on loopback:
+    the agent's own registry face) and tag it ``name``; the source reference is removed
+    again. Returns the image id, which must be ``config_digest``. LoadError otherwise."""
+    import docker.errors
+    import requests.exceptions
+
+    engine = _engine_label(client)
+    repository, _, digest = source.partition("@")
+    try:
+        refusal: str | None = None
+        for message in client.api.pull(repository, tag=digest, stream=True, decode=True):
+            refusal = refusal or _error_of(message)
+        if refusal is not None:
+            raise LoadError(f"the Docker engine at {engine} could not pull {source}: {refusal}")
+        pulled = client.images.get(source)
+        if pulled.id != config_digest:
+            raise LoadError(
+                f"the Docker engine at {engine} pulled {source} as image {pulled.id}, "
+                f"not {config_digest}"
+            )
+        repo, _, tag = name.rpartition(":") if ":" in name.rsplit("/", 1)[-1] else (name, "", "")
+        if not client.api.tag(pulled.id, repo, tag or "latest"):
+            raise LoadError(f"the Docker engine at {engine} did not tag {pulled.id} as {name}")
+        client.api.remove_image(source)  # the name stays; only the face's reference goes
+    except docker.errors.APIError as e:
+        raise LoadError(
+            f"the Docker engine at {engine} refused to pull {source}: "
+            f"{_one_line(e.explanation or e)}"
+        ) from e
+    except (OSError, requests.exceptions.RequestException, docker.errors.DockerException) as e:
+        raise LoadError(
+            f"cannot pull {source} into the Docker engine at {engine}: {_reason(e)}"
+        ) from e
+    return config_digest
+
+
+def pull_from_env(source: str, name: str, config_digest: str) -> str:
+    """pull_into_docker into the engine at DOCKER_HOST (blocking: run it in a thread)."""
+    import docker
+    from docker.errors import DockerException
+
+    try:
+        client = docker.from_env(timeout=600)
+    except DockerException as e:
+        raise LoadError(f"cannot reach the Docker engine (DOCKER_HOST): {e}") from e
+    try:
+        return pull_into_docker(client, source, name, config_digest)
+    finally:
+        client.close()

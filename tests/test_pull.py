@@ -545,3 +545,39 @@ def lt_info(metainfo: bytes) -> Any:
 
     decoded: Any = lt.bdecode(bytes(metainfo))
     return decoded[b"info"]
+
+
+@pytest.mark.docker
+def test_load_via_the_registry_face_pulls_while_the_layers_arrive(
+    tmp_path: Path, agents: StartAgent, agent_engines: list[DockerEngine]
+) -> None:
+    """--load-via registry: the engine pulls the image from the agent's own registry face
+    during the rollout, and ends up with the image under its name only."""
+    server = make_server(tmp_path)
+    try:
+        archive = push_archive(
+            server,
+            tmp_path,
+            "via/face:2",
+            [layer_tar({"a": random_bytes(3 * MiB, 31)}), layer_tar({"b": random_bytes(MiB, 32)})],
+        )
+        engine = agent_engines[1]
+        port = free_port()
+        agent = agents(
+            server,
+            "puller",
+            groups=["v"],
+            docker_host=engine.host,
+            extra_args=["--registry-listen", f"127.0.0.1:{port}", "--load-via", "registry"],
+        )
+        wait_for_states(server, {"puller": "online"})
+        code, _, hosts = rollout(server, "via/face:2", "--hosts", "v")
+        assert code == 0, hosts
+        assert hosts["puller"]["image_id"] == archive.config_digest
+        image = engine.client.images.get("via/face:2")
+        assert image.id == archive.config_digest
+        assert image.tags == ["via/face:2"]
+        assert not any(str(port) in d for d in image.attrs.get("RepoDigests", []))
+        assert "overlapped" in agent.log_tail(200)
+    finally:
+        server.stop()
