@@ -209,6 +209,9 @@ class DocketRun:
     cached_seconds: float | None = None
     loaded_seconds: float | None = None
     dockerd_cpu: float | None = None  # the hosts' dockerds (and children), when loading
+    # The rollout's create_time (server clock, the same machine's) less the command's start:
+    # docketctl's start-up and the CreateRollout call, before any order goes out.
+    created_seconds: float | None = None
     side: str = "TLS"
     loaded: bool = False
     agent_events: list[dict[str, Any]] = field(default_factory=list)  # per host, from logs
@@ -817,6 +820,7 @@ class DocketSide:
             cached_seconds=_last([e.get("cached_s") for e in events]),
             loaded_seconds=_last([e.get("loaded_s") for e in events]) if load else None,
             dockerd_cpu=dockerd_cpu,
+            created_seconds=_since(summary.get("create_time"), wall_start),
             side=self.label,
             loaded=load,
             agent_events=events,
@@ -907,6 +911,11 @@ def _wall(stamp: Any) -> float | None:
         return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
+
+
+def _since(stamp: Any, wall_start: float) -> float | None:
+    at = _wall(stamp)
+    return None if at is None else round(at - wall_start, 3)
 
 
 def _last(values: Sequence[float | None]) -> float | None:
@@ -1137,7 +1146,7 @@ def estimate_seconds(groups: Sequence[Group], args: argparse.Namespace) -> float
     total = 0.0
     for g in groups:
         loaded = any(c.loaded for c in g.cases)
-        total += 15 + 1.5 * g.n + (2.5 * g.n if loaded else 0) + 10  # up, agents, down
+        total += 8 + 1.0 * g.n + (0.7 * g.n if loaded else 0) + 5  # up, agents, down
         for c in g.cases:
             f = c.total_mib * MiB
             t_min = f * 8 / (g.rate_mbit * 1e6) / 0.96
@@ -1184,6 +1193,7 @@ def bench_cluster(
         for c in group.cases
     ]
     loading = any(c.loaded for c in group.cases)
+    who = f"N={n}" + ("" if group.rate_mbit == args.rate else f" {group.rate_mbit:g} Mbit/s")
     with contextlib.ExitStack() as stack:
         cluster = stack.enter_context(Cluster(n, group.rate_mbit, args.prefix))
         log(f"{prefix}: cluster up ({cluster.bridge_ns}, {len(cluster.hosts)} hosts)")
@@ -1225,7 +1235,7 @@ def bench_cluster(
             for case, row in zip(group.cases, rows, strict=True):
                 if run < case.runs:
                     many = len(group.cases) > 1
-                    run_case(case, row, run, docket, others, central, engines, data, many)
+                    run_case(case, row, run, docket, others, central, engines, data, many, who)
     return rows
 
 
@@ -1239,6 +1249,7 @@ def run_case(
     engines: dict[int, DockerEngine],
     data: Path,
     many: bool,
+    who: str,
 ) -> None:
     """One run of one case: the fleets in turns (the first one first in even runs, last in
     odd ones), each on fresh random bytes (so no host, and no dockerd, has any of them),
@@ -1248,7 +1259,7 @@ def run_case(
     name = f"{case.key}-run{run}" if many else f"run{run}"
     layers = f"-{case.layer_count}l" if case.layer_count > 1 else ""
     tag = f"bench/r{int(case.total_mib)}m{layers}:n{n}-run{run}-{secrets.token_hex(4)}"
-    what = f"N={n} {row.rate_mbit:g}M {case.image} {case.mode}" if many else f"N={n}"
+    what = f"{who} {case.image} {case.mode}" if many else who
     runs = f"run {run + 1}/{case.runs}"
     sides: list[tuple[DocketSide, str]] = [(docket, "docket"), *others]
     if run % 2 == 1:
@@ -1316,7 +1327,8 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> bool:
         label="Docket (first pieces from the server, the rest between hosts)",
     )
     if any(r.central for r in rows):
-        ax.plot(ns, [r.central_s for r in rows], "s-", label="central registry (skopeo)")
+        kind = next(r.central[0].kind for r in rows if r.central)
+        ax.plot(ns, [r.central_s for r in rows], "s-", label=f"central registry ({kind})")
     ax.plot(ns, [r.t_min for r in rows], "k--", label="lower bound T_min = F/r")
     ax.set_xlabel("hosts N")
     ax.set_ylabel("seconds until every host has the image")
@@ -1459,11 +1471,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         not args.matrix
         and not args.no_plot
         and rows
-        and plot(rows, args.plot, f"{rows[0].image}, {args.rate:g} Mbit/s links")
+        and plot(rows, args.plot, f"{plot_image(rows[0])}, {args.rate:g} Mbit/s links")
     ):
         print(f"\nplot: {args.plot}")
     print(f"logs: {logs}")
     return 0
+
+
+def plot_image(row: Row) -> str:
+    if row.case is None or row.case.layer_count == 1:
+        return f"{row.size_mib:g} MiB image"
+    return f"{row.case.image} image"
 
 
 TTR_NOTES = (
