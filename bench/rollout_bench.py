@@ -95,6 +95,7 @@ SERVER_AGENT_PORT = 7801
 PLAINTEXT_PORT_OFFSET = 100  # --compare-plaintext: the plaintext side's ports
 COMPARE_PORT_OFFSET = 200  # --compare-agent-args: the second TLS side's ports
 AGENT_BT_PORT = 6881
+AGENT_REGISTRY_PORT = 5001  # the agents' registry face, inside each host, when on
 REGISTRY_PORT = 5000
 GROUP = "bench"
 
@@ -705,7 +706,7 @@ class DocketSide:
                 "--server",
                 self.server_address,
                 *joining,
-                *([] if self.registry else ["--registry-listen", "off"]),
+                *self._agent_registry_args(),
                 "--bt-listen",
                 f"{host.ip}:{AGENT_BT_PORT + self.port_offset}",
                 "--data-dir",
@@ -735,6 +736,21 @@ class DocketSide:
             agent_log.close()
             self.names[self.procs[-1].pid] = f"{self.label} docket-agent in {host.name}"
         wait_for(f"{self.n} {self.label} agents online", self._all_online, 90, interval=0.5)
+
+    def _agent_registry_args(self) -> list[str]:
+        """The agents' registry face: on with ``registry``; on, at a port of this side's, for
+        agents told to load through it (--load-via registry) without saying where; else off."""
+        if self.registry:
+            return []
+        args = " ".join(self.agent_args).replace("=", " ").split()
+        via = (
+            args[args.index("--load-via") + 1 : args.index("--load-via") + 2]
+            if ("--load-via" in args)
+            else []
+        )
+        if via == ["registry"] and "--registry-listen" not in args:
+            return ["--registry-listen", f"127.0.0.1:{AGENT_REGISTRY_PORT + self.port_offset}"]
+        return ["--registry-listen", "off"]
 
     def _alive(self) -> bool:
         for proc in self.procs:
@@ -1138,6 +1154,11 @@ def matrix_groups(args: argparse.Namespace) -> list[Group]:
     return groups
 
 
+def warming_up(args: argparse.Namespace) -> bool:
+    warmup = getattr(args, "warmup", None)
+    return bool(warmup) or (warmup is None and bool(getattr(args, "matrix", False)))
+
+
 def estimate_seconds(groups: Sequence[Group], args: argparse.Namespace) -> float:
     """Rough wall time of the whole invocation on this 2-core machine (from measured runs:
     links at ~96% of the rate, Docket at ~1.3 T_min + 1.5 s, push and image writing at
@@ -1147,6 +1168,7 @@ def estimate_seconds(groups: Sequence[Group], args: argparse.Namespace) -> float
     for g in groups:
         loaded = any(c.loaded for c in g.cases)
         total += 8 + 1.0 * g.n + (0.7 * g.n if loaded else 0) + 5  # up, agents, down
+        total += 4 * sides if warming_up(args) else 0
         for c in g.cases:
             f = c.total_mib * MiB
             t_min = f * 8 / (g.rate_mbit * 1e6) / 0.96
@@ -1231,6 +1253,15 @@ def bench_cluster(
         for other, _ in others:
             other.start()
             log(f"{prefix}: and a {other.label} docket-server with {n} agents beside it")
+        if warming_up(args):
+            for fleet in [docket, *(other for other, _ in others)]:
+                warm = Case(1).write(data / "warmup.tar", f"bench/warmup:{secrets.token_hex(4)}")
+                fleet.push(warm)
+                took = fleet.rollout(warm, 0, load=False, name="warmup").seconds
+                warm.path.unlink()
+                log(
+                    f"{prefix}: {fleet.label} warmed up (1 MiB, prefetch, {took:.2f}s, not counted)"
+                )
         for run in range(max(c.runs for c in group.cases)):
             for case, row in zip(group.cases, rows, strict=True):
                 if run < case.runs:
@@ -1408,6 +1439,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=1,
         help="--matrix: central runs of the 256 MiB and 8-layer rows at 100 Mbit/s",
+    )
+    parser.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="roll a 1 MiB image out on every fleet once before the measured runs, not "
+        "counted (the first rollout of a fresh fleet pays for first connections); default: "
+        "on with --matrix, off otherwise",
     )
     parser.add_argument(
         "--estimate", action="store_true", help="print the estimated wall time and exit"
