@@ -207,6 +207,7 @@ class OrderRunner:
             blobs=len(self.downloads),
             download_s=round(last_piece - started, 3),
             verify_s=round(time.monotonic() - last_piece, 3),
+            timelines=[d.timeline() for d in self.downloads.values()],
         )
 
     def _start_load(self) -> asyncio.Task[str] | None:

@@ -109,6 +109,9 @@ class BlobDownload:
     first_pieces: asyncio.Future[None] | None = None
     first_pieces_ended: float | None = None  # monotonic time the server ran out of pieces
     last_piece_time: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)
+    first_piece_time: float | None = None  # monotonic time the first piece was in
+    seed_released: float | None = None  # monotonic time the held-back peers were dialled
     # Peers dialled only once first pieces ran out and peers stopped delivering: the seed.
     held_peers: list[str] = field(default_factory=list)
     # Set (and replaced) whenever a piece arrives or the download ends: what readers of its
@@ -176,6 +179,23 @@ class BlobDownload:
     @property
     def server_bytes(self) -> int:
         return sum(b for e, b in self.peer_bytes.items() if e in self.server_endpoints)
+
+    def timeline(self) -> dict[str, object]:
+        """When things happened, in seconds since the download started: for the log."""
+
+        def since(t: float | None) -> float | None:
+            return None if t is None else round(t - self.started, 3)
+
+        return {
+            "digest": self.spec.digest,
+            "bytes": self.spec.size,
+            "first_piece_s": since(self.first_piece_time),
+            "last_piece_s": since(self.last_piece_time),
+            "first_pieces_ended_s": since(self.first_pieces_ended),
+            "seed_dialled_s": since(self.seed_released),
+            "first_piece_bytes": self.first_piece_bytes,
+            "bittorrent_bytes": self.bittorrent_bytes,
+        }
 
 
 class BlobFetcher(TorrentSession):
@@ -484,6 +504,8 @@ class BlobFetcher(TorrentSession):
 
     def release_held(self, download: BlobDownload) -> None:
         """Dials the held-back peers now."""
+        if download.held_peers and download.seed_released is None:
+            download.seed_released = time.monotonic()
         held, download.held_peers = download.held_peers, []
         self.add_peers(download, held)
 
@@ -627,6 +649,8 @@ class BlobFetcher(TorrentSession):
                 download.new_pieces.append(int(alert.piece_index))
                 download.held.add(int(alert.piece_index))
                 download.last_piece_time = time.monotonic()
+                if download.first_piece_time is None:
+                    download.first_piece_time = download.last_piece_time
                 download.notify()
         elif isinstance(alert, lt.torrent_checked_alert):
             if download is not None and download.handle.is_valid():

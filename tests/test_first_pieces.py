@@ -107,3 +107,13 @@ def test_failed_and_cancelled_tasks_hold_nothing() -> None:
     w.tasks["order-b"].hold(*range(PIECES))
     w.tasks["order-b"].state = TaskState.FAILED
     assert w.claim("a") == [0]
+
+
+def test_a_one_piece_blob_goes_to_every_host_that_asks_once_each() -> None:
+    w = World("a", "b", "c")
+    w.tasks["order-b"].hold(0)  # even one that holds it: a config costs a few KiB a host
+    claim = w.first.claim
+    assert [claim(DIGEST, 1, 4096, x, PIECE) for x in ("a", "b", "c")] == [[0], [0], [0]]
+    assert claim(DIGEST, 1, 4096, "a", PIECE) == []  # once each, not once per call
+    w.now += CLAIM_SECONDS + 1
+    assert claim(DIGEST, 1, 4096, "a", PIECE) == [0]  # it never said it got it: again

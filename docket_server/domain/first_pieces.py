@@ -9,6 +9,10 @@ rollout claim pieces from the server (``AgentService.ClaimFirstPieces``) and get
 that no online host holds or was handed moments ago; they take everything else from each
 other over BitTorrent, and dial the server's seed only when that runs dry.
 
+A blob of one piece (an image config: a few KiB) goes to every host that asks, once each:
+passing it on would cost each host a round of BitTorrent connections and requests (about a
+second at a rollout's start, measured), while a copy for each host costs the server a few KiB.
+
 A host that took pieces and then died leaves them with nobody: after ``CLAIM_SECONDS`` without
 a host reporting a piece, the piece is handed out again; until then the others get it from the
 server's seed once their peers stop delivering.
@@ -35,6 +39,8 @@ class _Handed:
     to: list[str]
     at: list[float]
     last_claim: float = 0.0
+    # A one-piece blob: who was handed its piece, and when.
+    each: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -55,6 +61,11 @@ class FirstPieces:
         if handed is None or len(handed.to) != piece_count:
             handed = self._blobs[digest] = _Handed([""] * piece_count, [0.0] * piece_count)
         handed.last_claim = now
+        if piece_count == 1:
+            if now - handed.each.get(agent, -CLAIM_SECONDS) < CLAIM_SECONDS:
+                return []
+            handed.each[agent] = now
+            return [0]
         held = self._held(digest, piece_count)
         online = self.orders.fleet.sessions
         want = max(1, min(max_bytes, MAX_CLAIM_BYTES) // max(piece_length, 1))
@@ -79,6 +90,8 @@ class FirstPieces:
         for index in pieces:
             if 0 <= index < len(handed.to):
                 handed.to[index], handed.at[index] = "", 0.0
+        if len(handed.to) == 1 and pieces == [0]:
+            handed.each.clear()
 
     def _held(self, digest: str, piece_count: int) -> int | None:
         """The pieces online hosts hold (from their progress), as an int whose bit i is piece
