@@ -112,6 +112,7 @@ class BlobDownload:
     started: float = field(default_factory=time.monotonic)
     first_piece_time: float | None = None  # monotonic time the first piece was in
     seed_released: float | None = None  # monotonic time the held-back peers were dialled
+    claim_workers: int = 0  # the most ClaimFirstPieces calls that were in flight at once
     # Peers dialled only once first pieces ran out and peers stopped delivering: the seed.
     held_peers: list[str] = field(default_factory=list)
     # Set (and replaced) whenever a piece arrives or the download ends: what readers of its
@@ -194,6 +195,7 @@ class BlobDownload:
             "first_pieces_ended_s": since(self.first_pieces_ended),
             "seed_dialled_s": since(self.seed_released),
             "first_piece_bytes": self.first_piece_bytes,
+            "claim_workers": self.claim_workers,
             "bittorrent_bytes": self.bittorrent_bytes,
         }
 
@@ -460,6 +462,7 @@ class BlobFetcher(TorrentSession):
 
     async def _first_pieces(self, download: BlobDownload, claim: ClaimPieces) -> None:
         workers: set[asyncio.Task[None]] = set()
+        most = CLAIM_WORKERS
 
         async def worker() -> None:
             want = MIN_CLAIM_BYTES  # one piece first: it can be passed on soonest
@@ -479,6 +482,8 @@ class BlobFetcher(TorrentSession):
                 # than calls one after another can fill (a 1 Gbit/s host alone): one more.
                 if rate * CLAIM_SECONDS > MAX_CLAIM_BYTES and len(workers) < MAX_CLAIM_WORKERS:
                     workers.add(asyncio.ensure_future(worker()))
+                    nonlocal most
+                    most = max(most, len(workers))
 
         try:
             workers.update(asyncio.ensure_future(worker()) for _ in range(CLAIM_WORKERS))
@@ -501,6 +506,7 @@ class BlobFetcher(TorrentSession):
             for task in workers:
                 task.cancel()
             download.first_pieces_ended = time.monotonic()
+            download.claim_workers = most
 
     def release_held(self, download: BlobDownload) -> None:
         """Dials the held-back peers now."""

@@ -581,3 +581,27 @@ def test_load_via_the_registry_face_pulls_while_the_layers_arrive(
         assert "overlapped" in agent.log_tail(200)
     finally:
         server.stop()
+
+
+def test_a_lone_agent_on_a_fast_link_claims_more_at_once_and_still_gets_each_piece_once(
+    tmp_path: Path, agents: StartAgent
+) -> None:
+    """On loopback the largest claims come back in well under 100 ms, so the agent adds
+    ClaimFirstPieces calls beyond the first two; the server still hands out each piece once:
+    the agent's first pieces are exactly the blob."""
+    server = make_server(tmp_path)
+    try:
+        size = 24 * MiB
+        push_archive(server, tmp_path, "fast/link:1", [layer_tar({"f": random_bytes(size, 41)})])
+        agent = agents(server, "alone", groups=["fast"])
+        wait_for_states(server, {"alone": "online"})
+        code, _, hosts = rollout(server, "fast/link:1", "--hosts", "fast", "--prefetch-only")
+        assert code == 0, hosts
+        (line,) = [x for x in agent.log_tail(200).splitlines() if "blobs in the cache" in x]
+        timelines = json.loads(line)["timelines"]
+        layer = max(timelines, key=lambda t: t["bytes"])
+        assert layer["claim_workers"] > 2
+        assert layer["first_piece_bytes"] == layer["bytes"]  # all from the server, once each
+        assert hosts["alone"]["first_piece_bytes"] == sum(t["bytes"] for t in timelines)
+    finally:
+        server.stop()
