@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from docket_common.cli import xdg_dir
-from docket_common.pki import write_private
 
 DEFAULT_SERVER = "127.0.0.1:7800"
 
@@ -82,6 +81,8 @@ def save_config(config: Config, path: Path | None = None) -> Path:
         "current_context": config.current_context,
         "contexts": {name: asdict(c) for name, c in sorted(config.contexts.items())},
     }
+    from docket_common.pki import write_private  # cryptography: only for a write
+
     write_private(path, (json.dumps(body, indent=2) + "\n").encode())
     return path
 

@@ -6,29 +6,80 @@ Data goes to stdout, progress and diagnostics to stderr. Every failure prints on
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
-from docket_cli.agents import agents_cmd
-from docket_cli.client import DEFAULT_SERVER, ServerError
 from docket_cli.command import GlobalOptions
-from docket_cli.config import ConfigError
-from docket_cli.images import images_cmd, inspect_cmd, rm_cmd
-from docket_cli.pull import PullError, pull_cmd
-from docket_cli.pulls import pulls_cmd
-from docket_cli.push import PushError, push_cmd
-from docket_cli.rollout import rollout_cmd, rollouts_group
-from docket_cli.security import audit_cmd, contexts_cmd, login_cmd, logout_cmd, tokens_group
-from docket_common.archive import ArchiveError
-from docket_common.bt import TorrentSessionError
-from docket_common.fetch import FetchError
-from docket_common.loadable import LoadError
-from docket_common.reference import InvalidReferenceError
-from docket_common.selector import InvalidSelectorError
+from docket_cli.config import DEFAULT_SERVER, ConfigError
+
+# Each command is imported when it runs (or for --help), not at every start: importing them
+# all (libtorrent, the archive and engine code, rich's progress bars) cost about a quarter of
+# a second of every `docketctl rollout`.
+COMMANDS = {
+    "push": "docket_cli.push:push_cmd",
+    "images": "docket_cli.images:images_cmd",
+    "inspect": "docket_cli.images:inspect_cmd",
+    "rm": "docket_cli.images:rm_cmd",
+    "agents": "docket_cli.agents:agents_cmd",
+    "rollout": "docket_cli.rollout:rollout_cmd",
+    "rollouts": "docket_cli.rollout:rollouts_group",
+    "pull": "docket_cli.pull:pull_cmd",
+    "pulls": "docket_cli.pulls:pulls_cmd",
+    "login": "docket_cli.security:login_cmd",
+    "logout": "docket_cli.security:logout_cmd",
+    "contexts": "docket_cli.security:contexts_cmd",
+    "tokens": "docket_cli.security:tokens_group",
+    "audit": "docket_cli.security:audit_cmd",
+}
+
+# Errors that are the user's to act on: one line, exit 1. By module, so that a module not
+# imported (its command did not run) is not imported only to be told so.
+USER_ERRORS = {
+    "docket_cli.client": ("ServerError",),
+    "docket_cli.push": ("PushError",),
+    "docket_cli.pull": ("PullError",),
+    "docket_common.archive": ("ArchiveError",),
+    "docket_common.bt": ("TorrentSessionError",),
+    "docket_common.fetch": ("FetchError",),
+    "docket_common.loadable": ("LoadError",),
+    "docket_common.reference": ("InvalidReferenceError",),
+    "docket_common.selector": ("InvalidSelectorError",),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, _, attr = target.partition(":")
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command)
+        return command
+
+
+def _user_error(error: BaseException) -> str | None:
+    """The one line to print for an error the user can act on; None for anything else."""
+    for module_name, names in USER_ERRORS.items():
+        module = sys.modules.get(module_name)
+        if module is None:
+            continue
+        for name in names:
+            if isinstance(error, getattr(module, name)):
+                message = getattr(error, "message", None)
+                reason = getattr(error, "reason", None)
+                if name == "ServerError" and isinstance(message, str):
+                    return f"{message} [{reason}]" if reason else message
+                return str(error)
+    return None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--server",
     envvar="DOCKET_SERVER",
@@ -80,22 +131,6 @@ def cli(
     ctx.obj = GlobalOptions(server, token, ca, insecure, context_name)
 
 
-cli.add_command(push_cmd)
-cli.add_command(images_cmd)
-cli.add_command(inspect_cmd)
-cli.add_command(rm_cmd)
-cli.add_command(agents_cmd)
-cli.add_command(rollout_cmd)
-cli.add_command(rollouts_group)
-cli.add_command(pull_cmd)
-cli.add_command(pulls_cmd)
-cli.add_command(login_cmd)
-cli.add_command(logout_cmd)
-cli.add_command(contexts_cmd)
-cli.add_command(tokens_group)
-cli.add_command(audit_cmd)
-
-
 def main() -> None:
     try:
         # Outside standalone mode click returns a command's exit code instead of exiting.
@@ -108,24 +143,17 @@ def main() -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except ServerError as e:
-        _fail(f"{e.message} [{e.reason}]" if e.reason else e.message)
-    except (
-        ArchiveError,
-        InvalidReferenceError,
-        InvalidSelectorError,
-        PushError,
-        PullError,
-        FetchError,
-        LoadError,
-        TorrentSessionError,
-        ConfigError,
-    ) as e:
+    except ConfigError as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted", code=130)
     except BrokenPipeError:
         sys.exit(1)
+    except Exception as e:
+        message = _user_error(e)
+        if message is None:
+            raise
+        _fail(message)
 
 
 def _fail(message: str, code: int = 1) -> None:

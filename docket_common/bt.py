@@ -15,6 +15,7 @@ from typing import Any
 import libtorrent as lt
 import structlog
 
+from docket_common.hostport import split_host_port as split_host_port
 from docket_common.pki import DH_PARAMS
 
 log = structlog.get_logger()
@@ -69,19 +70,6 @@ def _overrides() -> dict[str, Any]:
     if not isinstance(value, dict):
         raise TypeError("DOCKET_LIBTORRENT_SETTINGS must be a JSON object")
     return value
-
-
-def split_host_port(value: str, default_port: int | None = None) -> tuple[str, int]:
-    """Parses "host:port" (or "[v6]:port"); raises ValueError with a readable message."""
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        if default_port is None:
-            raise ValueError(f"{value!r} is not HOST:PORT")
-        host, port = value, str(default_port)
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{value!r} is not HOST:PORT")
-    return host, int(port)
 
 
 class TorrentSessionError(Exception):

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from docket_common.bt import split_host_port
+from docket_common.hostport import split_host_port
 
 F = TypeVar("F", bound=Callable[..., Any])
 

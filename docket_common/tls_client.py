@@ -18,7 +18,7 @@ import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from docket_common.bt import split_host_port
+from docket_common.hostport import split_host_port
 from docket_common.pki import CertificateError, fingerprint, load_certs
 
 HANDSHAKE_TIMEOUT = 5.0
