@@ -190,6 +190,14 @@ class DocketServer:
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # grpc.aio takes new calls off the core's queue one per turn of the event
+                # loop: when 10,000 agents connect at once, calls wait there for many
+                # seconds. By default the core cancels a call unserved for 30 s (the agent
+                # sees CANCELLED) and sheds calls beyond 1000 waiting (RESOURCE_EXHAUSTED):
+                # a fleet's reconnect storm is work to get through, not to refuse.
+                ("grpc.server_max_unrequested_time_in_server", 600),
+                ("grpc.server.max_pending_requests", 50_000),
+                ("grpc.server.max_pending_requests_hard_limit", 100_000),
             ],
         )
         image_service_pb2_grpc.add_ImageServiceServicer_to_server(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import resource
 import sys
 from pathlib import Path
 
 import click
+import structlog
 
 from docket_common.bt import TorrentSessionError
 from docket_common.cli import duration, host_port, host_port_or_off, logging_options, xdg_dir
@@ -15,6 +17,20 @@ from docket_common.logs import configure_logging
 from docket_common.pki import CertificateError
 from docket_server.app import DocketServer, ServerConfig
 from docket_server.domain.orders import PeerSource
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raises the soft open-files limit to the hard one (every agent stream is a socket:
+    10,000 agents need more than the usual 1024); the (before, after) soft limits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft, soft
+        return soft, target
+    return soft, soft
 
 
 def default_data_dir() -> Path:
@@ -195,6 +211,15 @@ def main(
     Stops gracefully on SIGTERM or SIGINT: calls in flight get up to 10 seconds to finish.
     """
     configure_logging(log_level, json=log_json)
+    before, after = raise_open_files_limit()
+    if after < 4096:
+        structlog.get_logger().warning(
+            "few open files allowed: each agent stream is one; raise the hard limit "
+            "(ulimit -Hn, LimitNOFILE=) for a large fleet",
+            limit=after,
+        )
+    elif after != before:
+        structlog.get_logger().debug("open files limit raised", before=before, after=after)
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
     if (tls_ca_cert is None) != (tls_ca_key is None):

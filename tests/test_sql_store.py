@@ -9,11 +9,16 @@ import json
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
-from docket_common.manifest import oci_manifest
-from docket_server.domain.models import Descriptor, Image
+from docket_common.manifest import DOCKER_CONFIG, oci_manifest
+from docket_server.domain.fleet import AgentInfo, AgentState, Fleet
+from docket_server.domain.models import Blob, Descriptor, Image
+from docket_server.domain.orders import OrderBook, TaskReport, TaskState
+from docket_server.domain.registry import Registry
+from docket_server.domain.rollouts import Rollouts, RolloutState
 from docket_server.store import sql
 from docket_server.store.sql import MIGRATIONS, SqlMetadataStore
 
@@ -174,3 +179,93 @@ async def _open_close(url: str) -> None:
     store = SqlMetadataStore(url)
     await store.open()
     await store.close()
+
+
+# Batched writes: the fleet's and the rollouts' writers
+
+
+class _Registry:
+    """What Rollouts.create asks of the registry: one image, its one blob."""
+
+    def __init__(self, image: Image, blob: Blob) -> None:
+        self.image = image
+        self.blob = blob
+        self.metadata = self
+
+    async def get_image(self, name: str) -> Image:
+        return self.image
+
+    async def get_blob(self, digest: str) -> Blob | None:
+        return self.blob if digest == self.blob.digest else None
+
+
+class _FlakyStore(SqlMetadataStore):
+    """Fails two rollout transactions after the first (CreateRollout's, which would fail
+    the call), as a locked database would."""
+
+    calls = 0
+    failures = 2
+
+    async def save_rollout_changes(self, *args: Any, **kwargs: Any) -> None:
+        self.calls += 1
+        if self.calls > 1 and self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database is locked (injected)")
+        await super().save_rollout_changes(*args, **kwargs)
+
+
+async def test_every_change_lands_with_two_writers_at_once(tmp_path: Path) -> None:
+    """A rollout to 600 hosts whose changes the rollouts' writer batches while the fleet's
+    writer writes the same 600 agents connecting and going away: every host's row and every
+    record lands, in order, also through failed transactions."""
+    count = 600
+    now = datetime.now(UTC)
+    config = Descriptor("sha256:" + "c" * 64, 10, DOCKER_CONFIG)
+    image = Image("app", "1", config, (), (), None, now, "linux/amd64")
+    store = _FlakyStore(f"sqlite+aiosqlite:///{tmp_path / 'docket.db'}")
+    await store.open()
+    try:
+        fleet = Fleet(store, 60.0, lambda: None)
+        await fleet.start()
+        orders = OrderBook(fleet, "server:6881")
+        registry = _Registry(image, Blob(config.digest, 10, now, None))
+        rollouts = Rollouts(cast(Registry, registry), fleet, orders, store)
+        await rollouts.start()
+        sessions = [fleet.connect(AgentInfo(f"h{i:04d}", f"id{i}"), "peer") for i in range(count)]
+        rollout = await rollouts.create("app:1", "all", prefetch_only=True)
+        assert len(rollout.tasks) == count
+        steps = [TaskState.ACCEPTED, TaskState.DOWNLOADING, TaskState.VERIFYING]
+        for step in [*steps, TaskState.SUCCEEDED]:
+            for task in rollout.tasks.values():
+                orders.on_update(task.agent, TaskReport(task.order_id, step))
+            await asyncio.sleep(0)  # the writers run meanwhile, batch after batch
+            for session in sessions[: count // 4]:
+                fleet.heard(session)
+        for session in sessions[: count // 2]:
+            fleet.disconnect(session, "gone")
+        records = await rollouts.records(rollout.id)  # waits for what was queued
+        await fleet.flush()
+        assert store.failures == 0  # the injected failures happened, and were retried
+        assert rollout.state is RolloutState.SUCCEEDED
+        by_host: dict[str, list[TaskState | None]] = {}
+        for record in records:
+            by_host.setdefault(record.agent, []).append(record.task_state)
+        want = [TaskState.PENDING, *steps, TaskState.SUCCEEDED]
+        assert len(by_host) == count + 1  # and the rollout's own ("")
+        assert all(by_host[t.agent] == want for t in rollout.tasks.values())
+        assert [r.rollout_state for r in records if not r.agent] == [
+            RolloutState.RUNNING,
+            RolloutState.SUCCEEDED,
+        ]
+        stored = await store.load_rollout(rollout.id)
+        assert stored is not None
+        assert stored.state is RolloutState.SUCCEEDED
+        assert {t.state for t in stored.tasks.values()} == {TaskState.SUCCEEDED}
+        assert len(stored.tasks) == count
+        agents = {a.name: a.state for a in await store.list_agents()}
+        assert len(agents) == count
+        assert sum(1 for s in agents.values() if s is AgentState.OFFLINE) == count // 2
+        await rollouts.stop()
+        await fleet.stop()
+    finally:
+        await store.close()

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -227,7 +228,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         validate(info)
         _as_agent(info.name, f"connect as agent {info.name!r}")
         self.identities.check_claims(info.name, info.groups, info.labels)
-        session = await self.fleet.connect(info, peer)
+        session = self.fleet.connect(info, peer)
         reader = asyncio.create_task(self._read(request_iterator, session))
         ended = "stream closed by the server"
         try:
@@ -238,6 +239,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     server_version=self.server_version,
                 )
             )
+            # Its silence counts from when it could know the interval: a welcome that waited
+            # in a busy server (10,000 agents connecting at once) is not the agent's delay.
+            session.last_heard = time.monotonic()
             self.orders.agent_connected(session)
             while (message := await session.next_message()) is not None:
                 yield message
@@ -249,20 +253,19 @@ class AgentService(pb_grpc.AgentServiceServicer):
             ended = "stream cancelled"
             raise
         finally:
+            self.fleet.disconnect(session, ended)  # first: nothing awaited can cut it short
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
-            # Shielded: a second cancellation must not cut the offline write short.
-            await asyncio.shield(self.fleet.disconnect(session, ended))
 
     async def _read(self, requests: AsyncIterator[pb.ConnectRequest], session: Session) -> None:
         try:
             async for request in requests:
                 kind = request.WhichOneof("body")
                 if kind == "heartbeat":
-                    await self.fleet.heard(session, request.heartbeat.disk_free_bytes)
+                    self.fleet.heard(session, request.heartbeat.disk_free_bytes)
                     continue
-                await self.fleet.heard(session)
+                self.fleet.heard(session)
                 if kind == "piece_progress":
                     self.orders.on_progress(session.name, progress_from_pb(request.piece_progress))
                 elif kind == "task_update":

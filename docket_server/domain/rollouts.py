@@ -18,7 +18,7 @@ import contextlib
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -41,6 +41,10 @@ log = structlog.get_logger()
 WATCH_INTERVAL = 0.25
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 MAX_TIMEOUT = timedelta(days=7)
+# The writer takes everything queued, up to this many changes, into one transaction; a
+# failed one is tried again (WRITE_ATTEMPTS in all, backing off) before it is given up.
+WRITE_BATCH = 5000
+WRITE_ATTEMPTS = 8
 
 
 class RolloutState(StrEnum):
@@ -161,6 +165,16 @@ class RolloutStore(Protocol):
     async def save_task(self, task: Task) -> None: ...
 
     async def add_record(self, rollout_id: str, record: RolloutRecord) -> None: ...
+
+    async def save_rollout_changes(
+        self,
+        rollouts_: Sequence[Rollout],
+        tasks: Sequence[Task],
+        records: Sequence[tuple[str, RolloutRecord]],
+    ) -> None:
+        """Writes rollouts, then tasks (each inserted or updated), then appends records: all
+        in one transaction."""
+        ...
 
     async def list_records(self, rollout_id: str) -> list[RolloutRecord]: ...
 
@@ -299,32 +313,34 @@ class Rollouts:
                 task.error = why
                 task.end_time = now
             rollout.tasks[agent.name] = task
+        offline = sorted(a.name for a in agents if a.name not in self.fleet.sessions)
+        records = [
+            (
+                rollout.id,
+                RolloutRecord(
+                    now,
+                    "",
+                    None,
+                    RolloutState.RUNNING,
+                    f"started: {image.name} to {len(agents)} hosts"
+                    + (f"; offline for now: {', '.join(offline)}" if offline else ""),
+                ),
+            )
+        ]
+        records += [
+            (rollout.id, RolloutRecord(now, t.agent, t.state, None, t.error))
+            for t in rollout.tasks.values()
+            if t.state is TaskState.FAILED  # no image for its platform
+        ]
+        # The rollout, its hosts and its start in one transaction, before any order goes
+        # out: a crash leaves all of it or none (10,000 hosts: one executemany, not 10,000
+        # awaited round trips).
+        await self.store.save_rollout_changes([rollout], list(rollout.tasks.values()), records)
+        for task in rollout.tasks.values():
             self.orders.add(task)
             self._recorded[task.order_id] = task.state
         self.rollouts[rollout.id] = rollout
         self._track(rollout)
-        await self.store.save_rollout(rollout)
-        # The hosts' rows go through the writer, in order, right behind the rollout's: one
-        # awaited transaction a host held every order back (10,000 of them: tens of seconds).
-        for task in rollout.tasks.values():
-            self._write("task", task)
-        offline = sorted(a.name for a in agents if a.name not in self.fleet.sessions)
-        await self.store.add_record(
-            rollout.id,
-            RolloutRecord(
-                now,
-                "",
-                None,
-                RolloutState.RUNNING,
-                f"started: {image.name} to {len(agents)} hosts"
-                + (f"; offline for now: {', '.join(offline)}" if offline else ""),
-            ),
-        )
-        for task in rollout.tasks.values():
-            if task.state is TaskState.FAILED:  # no image for its platform
-                await self.store.add_record(
-                    rollout.id, RolloutRecord(now, task.agent, task.state, None, task.error)
-                )
         log.info(
             "rollout started",
             rollout=rollout.id,
@@ -548,24 +564,51 @@ class Rollouts:
         self._writes.put_nowait((kind, item))
 
     async def _write_forever(self) -> None:
-        """Writes state changes in the order they happened, off the callers' paths."""
+        """Writes state changes in the order they happened, off the callers' paths: what
+        queued while one transaction ran goes into the next (each host's row once, as it is
+        then; every record, in order)."""
         while True:
-            kind, item = await self._writes.get()
-            try:
-                if kind == "task":
-                    assert isinstance(item, Task)
-                    self._unsaved.discard(item.order_id)
-                    await self.store.save_task(item)
-                elif kind == "rollout":
-                    assert isinstance(item, Rollout)
-                    await self.store.save_rollout(item)
+            items = [await self._writes.get()]
+            while not self._writes.empty() and len(items) < WRITE_BATCH:
+                items.append(self._writes.get_nowait())
+            rollouts: dict[str, Rollout] = {}
+            tasks: dict[str, Task] = {}
+            records: list[tuple[str, RolloutRecord]] = []
+            for kind, item in items:
+                if isinstance(item, Task):
+                    self._unsaved.discard(item.order_id)  # a change from now on saves again
+                    tasks[item.order_id] = item
+                elif isinstance(item, Rollout):
+                    rollouts[item.id] = item
                 else:
-                    assert isinstance(item, _Record)
-                    await self.store.add_record(item.rollout_id, item.record)
-            except Exception:
-                log.exception("cannot record a rollout change", kind=kind)
+                    assert isinstance(item, _Record), kind
+                    records.append((item.rollout_id, item.record))
+            try:
+                await self._save(list(rollouts.values()), list(tasks.values()), records)
             finally:
-                self._writes.task_done()
+                for _ in items:
+                    self._writes.task_done()
+
+    async def _save(
+        self,
+        rollouts: list[Rollout],
+        tasks: list[Task],
+        records: list[tuple[str, RolloutRecord]],
+    ) -> None:
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                await self.store.save_rollout_changes(rollouts, tasks, records)
+                return
+            except Exception:
+                if attempt == WRITE_ATTEMPTS:
+                    log.exception(
+                        "cannot record rollout changes: given up",
+                        tasks=len(tasks),
+                        records=len(records),
+                    )
+                    return
+                log.warning("cannot record rollout changes: trying again", attempt=attempt)
+                await asyncio.sleep(min(0.1 * 2**attempt, 5.0))
 
     async def _blobs(self, image: Image, missing_ok: bool = False) -> dict[str, Blob]:
         blobs: dict[str, Blob] = {}

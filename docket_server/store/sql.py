@@ -552,6 +552,33 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
             if not updated.rowcount:
                 await conn.execute(table.insert().values({key.name: value, **values}))
 
+    async def _upsert_many(
+        self, conn: AsyncConnection, key: sa.Column[Any], rows: Sequence[dict[str, Any]]
+    ) -> None:
+        """``_upsert`` of many rows (each naming ``key`` and the same columns) on ``conn``:
+        one query for which exist, then one executemany of updates and one of inserts."""
+        if not rows:
+            return
+        table = key.table
+        values = [r[key.name] for r in rows]
+        existing: set[Any] = set()
+        for i in range(0, len(values), 500):
+            chunk = values[i : i + 500]
+            existing |= {v for (v,) in await conn.execute(sa.select(key).where(key.in_(chunk)))}
+        updates = [r for r in rows if r[key.name] in existing]
+        inserts = [r for r in rows if r[key.name] not in existing]
+        if updates:
+            # Bound as b_<column>: SQLAlchemy keeps the plain names for its own SET binds.
+            columns = [c for c in updates[0] if c != key.name]
+            await conn.execute(
+                table.update()
+                .where(key == sa.bindparam("b_key"))
+                .values({c: sa.bindparam("b_" + c) for c in columns}),
+                [{"b_key": r[key.name], **{"b_" + c: r[c] for c in columns}} for r in updates],
+            )
+        if inserts:
+            await conn.execute(table.insert(), list(inserts))
+
     # Blobs
 
     async def add_blob(self, blob: Blob) -> None:
@@ -1015,25 +1042,11 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
     # Agents
 
     async def upsert_agent(self, record: AgentRecord) -> None:
-        info = record.info
-        values = {
-            "agent_id": info.agent_id,
-            "groups": json.dumps(list(info.groups)),
-            "labels": json.dumps(info.labels, sort_keys=True),
-            "state": str(record.state),
-            "version": info.version,
-            "peer_address": record.peer_address,
-            "bt_endpoint": info.bt_endpoint,
-            "docker_version": info.docker_version,
-            "docker_error": info.docker_error,
-            "disk_free_bytes": info.disk_free_bytes,
-            "cached_digests": json.dumps(list(info.cached_digests)),
-            "platform": info.platform,
-            "connect_time": record.connect_time,
-            "last_seen_time": record.last_seen_time,
-            "create_time": record.create_time,
-        }
-        await self._upsert(agents.c.name, info.name, values)
+        await self.save_agents([record])
+
+    async def save_agents(self, records: Sequence[AgentRecord]) -> None:
+        async with self.engine.begin() as conn:
+            await self._upsert_many(conn, agents.c.name, [_agent_values(r) for r in records])
 
     async def get_agent(self, name: str) -> AgentRecord | None:
         async with self.engine.connect() as conn:
@@ -1066,44 +1079,29 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
     # Rollouts
 
     async def save_rollout(self, rollout: Rollout) -> None:
-        values = {
-            "image": json.dumps(image_to_dict(rollout.image)),
-            "selector": rollout.selector,
-            "prefetch_only": rollout.prefetch_only,
-            "canary": rollout.canary,
-            "max_parallel": rollout.max_parallel,
-            "max_failures": rollout.max_failures,
-            "deadline_time": rollout.deadline,
-            "state": str(rollout.state),
-            "reason": rollout.reason,
-            "cancelled": rollout.cancelled,
-            "create_time": rollout.create_time,
-            "end_time": rollout.end_time,
-        }
-        await self._upsert(rollouts.c.id, rollout.id, values)
+        await self.save_rollout_changes([rollout], [], [])
 
     async def save_task(self, task: Task) -> None:
-        values = {
-            "rollout_id": task.rollout_id,
-            "load": task.load,
-            "image_id": task.image_id,
-            "image": json.dumps(image_to_dict(task.image)) if task.index_digest else None,
-            **_outcome(task),
-        }
-        await self._upsert(rollout_tasks.c.order_id, task.order_id, values)
+        await self.save_rollout_changes([], [task], [])
 
     async def add_record(self, rollout_id: str, record: RolloutRecord) -> None:
+        await self.save_rollout_changes([], [], [(rollout_id, record)])
+
+    async def save_rollout_changes(
+        self,
+        rollouts_: Sequence[Rollout],
+        tasks: Sequence[Task],
+        records: Sequence[tuple[str, RolloutRecord]],
+    ) -> None:
         async with self.engine.begin() as conn:
-            await conn.execute(
-                rollout_records.insert().values(
-                    rollout_id=rollout_id,
-                    record_time=record.time,
-                    agent=record.agent,
-                    task_state=str(record.task_state) if record.task_state else None,
-                    rollout_state=str(record.rollout_state) if record.rollout_state else None,
-                    message=record.message,
-                )
+            await self._upsert_many(conn, rollouts.c.id, [_rollout_values(r) for r in rollouts_])
+            await self._upsert_many(
+                conn, rollout_tasks.c.order_id, [_task_values(t) for t in tasks]
             )
+            if records:
+                await conn.execute(
+                    rollout_records.insert(), [_record_values(i, r) for i, r in records]
+                )
 
     async def list_records(self, rollout_id: str) -> list[RolloutRecord]:
         async with self.engine.connect() as conn:
@@ -1268,6 +1266,68 @@ async def _manifests_by_id(
             create_time=_utc(r.create_time) or _now(),
         )
         for r in rows
+    }
+
+
+def _agent_values(record: AgentRecord) -> dict[str, Any]:
+    info = record.info
+    return {
+        "name": info.name,
+        "agent_id": info.agent_id,
+        "groups": json.dumps(list(info.groups)),
+        "labels": json.dumps(info.labels, sort_keys=True),
+        "state": str(record.state),
+        "version": info.version,
+        "peer_address": record.peer_address,
+        "bt_endpoint": info.bt_endpoint,
+        "docker_version": info.docker_version,
+        "docker_error": info.docker_error,
+        "disk_free_bytes": info.disk_free_bytes,
+        "cached_digests": json.dumps(list(info.cached_digests)),
+        "platform": info.platform,
+        "connect_time": record.connect_time,
+        "last_seen_time": record.last_seen_time,
+        "create_time": record.create_time,
+    }
+
+
+def _rollout_values(rollout: Rollout) -> dict[str, Any]:
+    return {
+        "id": rollout.id,
+        "image": json.dumps(image_to_dict(rollout.image)),
+        "selector": rollout.selector,
+        "prefetch_only": rollout.prefetch_only,
+        "canary": rollout.canary,
+        "max_parallel": rollout.max_parallel,
+        "max_failures": rollout.max_failures,
+        "deadline_time": rollout.deadline,
+        "state": str(rollout.state),
+        "reason": rollout.reason,
+        "cancelled": rollout.cancelled,
+        "create_time": rollout.create_time,
+        "end_time": rollout.end_time,
+    }
+
+
+def _task_values(task: Task) -> dict[str, Any]:
+    return {
+        "order_id": task.order_id,
+        "rollout_id": task.rollout_id,
+        "load": task.load,
+        "image_id": task.image_id,
+        "image": json.dumps(image_to_dict(task.image)) if task.index_digest else None,
+        **_outcome(task),
+    }
+
+
+def _record_values(rollout_id: str, record: RolloutRecord) -> dict[str, Any]:
+    return {
+        "rollout_id": rollout_id,
+        "record_time": record.time,
+        "agent": record.agent,
+        "task_state": str(record.task_state) if record.task_state else None,
+        "rollout_state": str(record.rollout_state) if record.rollout_state else None,
+        "message": record.message,
     }
 
 
