@@ -184,7 +184,7 @@ def main() -> None:
         )
         if r["ended"]:
             print(f"  ({r['ended']:.0f} streams were ended by the server during the run)")
-        for message, n in sorted(r["errors"].items(), key=lambda kv: -kv[1])[:5]:
+        for message, n in sorted(r["errors"].items(), key=lambda kv: -kv[1])[:8]:
             print(f"  {n} streams ended with {message}")
         for message, n in sorted(r["warnings"].items(), key=lambda kv: -kv[1])[:5]:
             print(f"  server warned {n} times: {message}")

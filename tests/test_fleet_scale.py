@@ -231,6 +231,10 @@ async def test_a_rollout_to_many_hosts_with_a_fast_and_a_stalled_watcher(
             last, fast_events, final = await asyncio.wait_for(fast, 90)
             pause.set()  # the stalled watcher reads only now, after the end
             slow_last, slow_events, slow_final = await asyncio.wait_for(stalled, 30)
+            # Every host's every state change was recorded (the writer batches them).
+            history = await stub.ListRolloutRecords(
+                rpb.ListRolloutRecordsRequest(id=rollout_id), metadata=md, timeout=60
+            )
         report = await fleet.report()
     finally:
         await fleet.stop()
@@ -250,6 +254,20 @@ async def test_a_rollout_to_many_hosts_with_a_fast_and_a_stalled_watcher(
         peak = max(peak, running)
     assert peak <= parallel
     assert fast_events >= count  # every host's change reached the watcher that kept up
+    per_host: dict[str, list[int]] = {}
+    for record in history.records:
+        if record.agent_name:
+            per_host.setdefault(record.agent_name, []).append(record.task_state)
+    states = [
+        agent_pb2.TASK_STATE_PENDING,
+        agent_pb2.TASK_STATE_ACCEPTED,
+        agent_pb2.TASK_STATE_DOWNLOADING,
+        agent_pb2.TASK_STATE_VERIFYING,
+        agent_pb2.TASK_STATE_LOADING,
+        succeeded,
+    ]
+    assert per_host == {name: states for name in names}
+    assert len(history.records) == 6 * count + 2  # and the rollout's start and end
 
 
 # The live view with many hosts

@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -286,6 +287,14 @@ class RolloutAgent(SimulatedAgent):
         )
 
 
+def _core_error(error: grpc.aio.AioRpcError) -> str:
+    """Where gRPC's core says the call ended (from the peer, or locally), without the
+    times and ports that make every stream's text different."""
+    text = error.debug_error_string() or ""
+    text = re.sub(r'created_time:"[^"]*"|ipv[46]:[^ ,}]*|\d+\.\d+s', "", text)
+    return " ".join(text.split())[:160]
+
+
 def _piece_length(blob: agent_pb2.OrderBlob) -> int:
     from docket_common.torrent import _info  # libtorrent: only for rollouts
 
@@ -368,7 +377,9 @@ async def _worker() -> None:
             report.errors = {}
             for a in agents:
                 if a.ended is not None:
-                    key = f"{a.ended.code().name}: {(a.ended.details() or '')[:80]}"
+                    details = re.sub(r"\d+(\.\d+)?", "N", a.ended.details() or "")
+                    key = f"{a.ended.code().name}: {details[:80]}"
+                    key += f" [{_core_error(a.ended)}]"
                     report.errors[key] = report.errors.get(key, 0) + 1
             usage = resource.getrusage(resource.RUSAGE_SELF)
             report.cpu_s = usage.ru_utime + usage.ru_stime
