@@ -265,8 +265,8 @@ class OrderRunner:
         peers = 0  # the largest swarm among the blobs: the same host is in each of them
         for download in self.downloads.values():
             new = download.take_new_pieces()
-            if full:
-                new = [i for i in range(download.piece_count) if download.handle.have_piece(i)]
+            if full:  # one question to libtorrent, not one a piece
+                new = download.held_pieces()
             status = download.status()
             rate += status.download_payload_rate
             peers = max(peers, len(download.sample_peers()))

@@ -113,6 +113,7 @@ class BlobDownload:
     first_piece_time: float | None = None  # monotonic time the first piece was in
     seed_released: float | None = None  # monotonic time the held-back peers were dialled
     claim_workers: int = 0  # the most ClaimFirstPieces calls that were in flight at once
+    first_claim: tuple[float, float] | None = None  # the first claim's call and answer
     # Peers dialled only once first pieces ran out and peers stopped delivering: the seed.
     held_peers: list[str] = field(default_factory=list)
     # Set (and replaced) whenever a piece arrives or the download ends: what readers of its
@@ -150,6 +151,13 @@ class BlobDownload:
     def notify_hashed(self) -> None:
         hashed, self.hashed = self.hashed, asyncio.Event()
         hashed.set()
+
+    def held_pieces(self) -> list[int]:
+        """The pieces libtorrent holds, asked of it once (and remembered in ``held``)."""
+        if self.handle.is_valid():
+            pieces = self.handle.status(lt.status_flags_t.query_pieces).pieces
+            self.held.update(i for i, have in enumerate(pieces) if have)
+        return sorted(self.held)
 
     def missing_pieces(self) -> list[int]:
         return [i for i in range(self.piece_count) if not self.handle.have_piece(i)]
@@ -196,6 +204,9 @@ class BlobDownload:
             "seed_dialled_s": since(self.seed_released),
             "first_piece_bytes": self.first_piece_bytes,
             "claim_workers": self.claim_workers,
+            "first_claim_s": None
+            if self.first_claim is None
+            else [since(self.first_claim[0]), since(self.first_claim[1])],
             "bittorrent_bytes": self.bittorrent_bytes,
         }
 
@@ -469,6 +480,8 @@ class BlobFetcher(TorrentSession):
             while not download.finished.is_set():
                 started = time.monotonic()
                 pieces = await claim(download.spec.digest, want)
+                if download.first_claim is None:
+                    download.first_claim = (started, time.monotonic())
                 if not pieces:
                     return
                 got = 0
@@ -659,9 +672,8 @@ class BlobFetcher(TorrentSession):
                     download.first_piece_time = download.last_piece_time
                 download.notify()
         elif isinstance(alert, lt.torrent_checked_alert):
-            if download is not None and download.handle.is_valid():
-                pieces = download.handle.status(lt.status_flags_t.query_pieces).pieces
-                download.held.update(i for i, have in enumerate(pieces) if have)
+            if download is not None:
+                download.held_pieces()
                 download.notify()
         elif isinstance(alert, lt.read_piece_alert):
             self._piece_read(name, alert)

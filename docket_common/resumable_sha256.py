@@ -27,8 +27,11 @@ STATE_SIZE = 256
 
 @functools.cache
 def _libcrypto() -> ctypes.CDLL | None:
-    names = ["libcrypto.so.3", ctypes.util.find_library("crypto") or ""]
-    for name in filter(None, names):
+    for name in ("libcrypto.so.3", None):
+        if name is None:  # find_library runs ldconfig: only when the usual name failed
+            name = ctypes.util.find_library("crypto")
+            if name is None:
+                break
         try:
             lib = ctypes.CDLL(name)
             init, update, final = lib.SHA256_Init, lib.SHA256_Update, lib.SHA256_Final
