@@ -59,6 +59,7 @@ class AgentConfig:
     # "archive": `docker load` of an archive made from the blobs; "registry": the engine
     # pulls from this agent's registry face (which must be on).
     load_via: str = "archive"
+    piece_order: str = "sequential"  # which pieces libtorrent asks peers for first
     platform: Platform | None = None  # None: the engine's, or this machine's
 
 
@@ -83,6 +84,7 @@ class Agent:
             user_agent=f"docket-agent/{VERSION}",
             download_rate_limit=config.max_download_rate,
             upload_rate_limit=config.max_upload_rate,
+            piece_order=config.piece_order,
         )
         self.settings = OrderSettings(
             fallback_after=config.fallback_after,

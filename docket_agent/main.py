@@ -18,6 +18,7 @@ from docket_agent.identity import EnrollError
 from docket_agent.stream import AgentRefusedError
 from docket_common.bt import TorrentSessionError
 from docket_common.cli import host_port, host_port_or_off, logging_options, xdg_dir
+from docket_common.fetch import PIECE_ORDERS
 from docket_common.logs import configure_logging
 from docket_common.manifest import Platform, normalize_platform
 from docket_common.selector import is_label, is_name
@@ -169,6 +170,15 @@ def _platform(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     "which streams each blob as its pieces pass the sha256.",
 )
 @click.option(
+    "--piece-order",
+    type=click.Choice(PIECE_ORDERS),
+    default="sequential",
+    show_default=True,
+    help="Which pieces to ask peers for first: the lowest missing (pieces then arrive near "
+    "enough in order for the sha256 and the load to keep up with them) or the rarest "
+    "(BitTorrent's usual order, for comparison).",
+)
+@click.option(
     "--max-upload-rate",
     type=click.IntRange(min=0),
     default=0,
@@ -229,6 +239,7 @@ def main(
     max_download_rate: int,
     load_while_downloading: bool,
     load_via: str,
+    piece_order: str,
     max_upload_rate: int,
     platform: Platform | None,
     join_token: str | None,
@@ -287,6 +298,7 @@ def main(
         max_upload_rate=max_upload_rate,
         load_while_downloading=load_while_downloading,
         load_via=load_via,
+        piece_order=piece_order,
         platform=platform,
     )
     try:

@@ -59,7 +59,7 @@ MAX_CLAIM_BYTES = 2 << 20
 # the server hands out first pieces in index order, one stripe to each host, so the swarm
 # still has every host holding pieces the others lack, while each host's pieces arrive near
 # enough in order for the in-order sha256 and a `docker load` fed from it to keep up.
-SEQUENTIAL = os.environ.get("DOCKET_PIECE_ORDER", "sequential") != "rarest-first"
+PIECE_ORDERS = ("sequential", "rarest-first")
 HASH_AHEAD = 8  # piece reads in flight ahead of the in-order hash
 CHECKPOINT_BYTES = 16 << 20  # the in-order hash's state is saved this often
 
@@ -222,7 +222,11 @@ class BlobFetcher(TorrentSession):
         user_agent: str,
         download_rate_limit: int = 0,
         upload_rate_limit: int = 0,
+        piece_order: str = "sequential",
     ) -> None:
+        if piece_order not in PIECE_ORDERS:
+            raise ValueError(f"piece order {piece_order!r} is not one of {PIECE_ORDERS}")
+        self.piece_order = piece_order
         super().__init__(
             listen,
             user_agent=user_agent,
@@ -331,7 +335,7 @@ class BlobFetcher(TorrentSession):
         # Peers added to a running torrent wait for libtorrent's once-a-second connect round
         # (measured: 0.4-1 s before the first byte from a peer, at every rollout's start).
         params.flags = (params.flags | lt.torrent_flags.paused) & ~lt.torrent_flags.auto_managed
-        if SEQUENTIAL:
+        if self.piece_order == "sequential":
             params.flags |= lt.torrent_flags.sequential_download
         handle = self.add_torrent(params)
         download = BlobDownload(spec, handle, info.num_pieces(), info.piece_length())
