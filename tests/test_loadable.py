@@ -683,3 +683,65 @@ def test_chunk_size_must_be_positive(tmp_path: Path) -> None:
     image, _ = synthetic_image(tmp_path, "loaded/z:1", [], seed="z")
     with pytest.raises(ValueError, match="chunk_size"):
         archive_chunks(image, 0)
+
+
+def test_pending_blobs_give_the_same_archive_as_files_and_a_short_one_fails(
+    tmp_path: Path,
+) -> None:
+    """Blobs still arriving (PendingBlob) are read from their body as the archive is made:
+    the archive is byte for byte the one made from the files; a body that ends early or
+    runs long raises OSError, which breaks a load off before the archive's end."""
+    from docket_common.loadable import PendingBlob
+
+    config = b'{"rootfs": {"type": "layers", "diff_ids": []}}'
+    layer = bytes(range(256)) * 700
+    paths = {}
+    for name, data in (("config", config), ("layer", layer)):
+        paths[name] = tmp_path / name
+        paths[name].write_bytes(data)
+    digests = {
+        k: "sha256:" + hashlib.sha256(v).hexdigest()
+        for k, v in (("config", config), ("layer", layer))
+    }
+    image = LoadableImage(
+        name="pending/one:1",
+        config_path=paths["config"],
+        config_digest=digests["config"],
+        layer_paths=(paths["layer"],),
+        layer_digests=(digests["layer"],),
+    )
+    whole = b"".join(archive_chunks(image))
+
+    def body_of(data: bytes) -> PendingBlob:
+        def body(chunk: int) -> Iterator[bytes]:
+            for i in range(0, len(data), 1000):  # as pieces come, not as chunk_size asks
+                yield data[i : i + 1000]
+
+        return PendingBlob(len(data), body)
+
+    gone = tmp_path / "not-yet"
+    pending = replace(
+        image,
+        config_path=gone,
+        layer_paths=(gone,),
+        pending={digests["config"]: body_of(config), digests["layer"]: body_of(layer)},
+    )
+    assert b"".join(archive_chunks(pending)) == whole
+    short = replace(
+        pending,
+        pending={
+            **pending.pending,
+            digests["layer"]: PendingBlob(len(layer), body_of(layer[:-1]).body),
+        },
+    )
+    with pytest.raises(OSError, match="ended after"):
+        b"".join(archive_chunks(short))
+    long = replace(
+        pending,
+        pending={
+            **pending.pending,
+            digests["layer"]: PendingBlob(len(layer), body_of(layer + b"x").body),
+        },
+    )
+    with pytest.raises(OSError, match="came with more"):
+        b"".join(archive_chunks(long))
