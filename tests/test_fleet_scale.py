@@ -90,6 +90,7 @@ class CountingSink:
     def __init__(self) -> None:
         self.orders: dict[str, list[PeerRef]] = {}
         self.hints: dict[str, int] = {}  # by the host told
+        self.hint_messages = 0
 
     def send_order(
         self, session: Session, task: Task, peers: list[PeerRef], *, first_pieces: bool
@@ -98,6 +99,7 @@ class CountingSink:
 
     def send_peers(self, session: Session, task: Task, peers: list[PeerRef]) -> None:
         self.hints[task.agent] = self.hints.get(task.agent, 0) + len(peers)
+        self.hint_messages += 1
 
     def send_cancel(self, session: Session, task: Task, reason: str) -> None:
         pass
@@ -154,6 +156,23 @@ def test_many_hosts_get_bounded_peers_and_hints() -> None:
     sink.orders.clear()
     book.agent_connected(book.fleet.sessions[tasks[-1].agent])
     assert list(sink.orders) == [tasks[-1].agent]
+
+
+def test_hosts_starting_together_are_announced_in_one_hint_per_host_told() -> None:
+    count = 300
+    one_by_one, one_sink, tasks = book_with(count)
+    for t in tasks:
+        one_by_one.start(t)
+    batched, sink, tasks = book_with(count)
+    with batched.hints_batched():
+        for t in tasks:
+            batched.start(t)
+        assert sink.hint_messages == 0  # held until the batch ends
+    # The same peers told to the same hosts, each host told in one message per MAX_PEERS.
+    assert sink.hints == one_sink.hints
+    assert one_sink.hint_messages == sum(one_sink.hints.values())
+    assert sink.hint_messages <= count
+    assert sink.hint_messages < one_sink.hint_messages / 10
 
 
 # End to end: a real server, simulated hosts in their own process

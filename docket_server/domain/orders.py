@@ -8,6 +8,7 @@ order in flight is sent again after a reconnect (the agent carries out each orde
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -175,6 +176,9 @@ class OrderBook:
         # Every task that was started, per blob, in the order they started (once each).
         self._started: dict[str, list[Task]] = {}
         self._random = random.Random()
+        # While hints are batched (hints_batched): the peers to tell each started task
+        # about, by order id, sent as one PeerHint each at the end.
+        self._hints: dict[str, tuple[Session, Task, list[PeerRef]]] | None = None
 
     def blobs_in_flight(self) -> set[str]:
         """The blobs of every task not done yet (queued ones too: they will fetch them)."""
@@ -217,6 +221,22 @@ class OrderBook:
         )
         self._changed(task)
 
+    @contextlib.contextmanager
+    def hints_batched(self) -> Iterator[None]:
+        """Within it, the hosts that start are announced to the others in one PeerHint per
+        host told, at the end (1000 hosts starting at once: 1000 messages, not 49,000)."""
+        if self._hints is not None:  # already batching: the outer one sends
+            yield
+            return
+        self._hints = {}
+        try:
+            yield
+        finally:
+            hints, self._hints = self._hints, None
+            if self.sink is not None:
+                for session, task, peers in hints.values():
+                    self.sink.send_peers(session, task, peers)
+
     def order_for(self, task: Task) -> tuple[list[PeerRef], bool]:
         """A task's order's peers, and whether its agent claims first pieces: where the
         server hands out peers, it also hands out the first copies of the pieces
@@ -237,10 +257,24 @@ class OrderBook:
         for other in self._latest_sharing(task):
             other_session = self.fleet.sessions.get(other.agent)
             if other_session is not None:
-                self.sink.send_peers(other_session, other, [me])
+                self._hint(other_session, other, me)
                 told += 1
                 if told >= MAX_PEERS - 1:
                     break
+
+    def _hint(self, session: Session, task: Task, peer: PeerRef) -> None:
+        if self.sink is None:
+            return
+        if self._hints is None:
+            self.sink.send_peers(session, task, [peer])
+            return
+        held = self._hints.get(task.order_id)
+        if held is None or held[0] is not session or len(held[2]) >= MAX_PEERS:
+            if held is not None:  # a full one (or for an old stream) goes now
+                self.sink.send_peers(*held)
+            self._hints[task.order_id] = (session, task, [peer])
+        else:
+            held[2].append(peer)
 
     def _latest_sharing(self, task: Task) -> Iterator[Task]:
         """The other started tasks on any of ``task``'s blobs, the latest started first."""

@@ -440,20 +440,21 @@ class Rollouts:
             def room() -> bool:
                 return not rollout.max_parallel or active < rollout.max_parallel
 
-            if all(t.state is TaskState.SUCCEEDED for t in canaries):
-                queued = self._queued[rollout.id]
-                while queued and room():
-                    task = queued.popleft()
-                    if task.state is TaskState.QUEUED:  # (a canary has gone already)
-                        self.orders.start(task)
-                        active += 1
-            else:
-                for task in canaries:
-                    if not room():
-                        break
-                    if task.state is TaskState.QUEUED:
-                        self.orders.start(task)
-                        active += 1
+            with self.orders.hints_batched():  # one PeerHint per host told, not per start
+                if all(t.state is TaskState.SUCCEEDED for t in canaries):
+                    queued = self._queued[rollout.id]
+                    while queued and room():
+                        task = queued.popleft()
+                        if task.state is TaskState.QUEUED:  # (a canary has gone already)
+                            self.orders.start(task)
+                            active += 1
+                else:
+                    for task in canaries:
+                        if not room():
+                            break
+                        if task.state is TaskState.QUEUED:
+                            self.orders.start(task)
+                            active += 1
         self._finish_if_done(rollout)
 
     def _stop(self, rollout: Rollout, reason: str) -> None:
