@@ -2,8 +2,9 @@
 
 A blob downloads into ``partial/<2 hex>/<hex>``; libtorrent checks every piece's SHA-1 as it
 arrives. Its sha256 is computed as the pieces complete, in index order (``hashed_pieces``):
-each piece is read back from libtorrent once it holds it and fed to the hash, so when the last
-piece is in, the hash is too, with no pass over the file at the end. The hash's state is saved
+the run of pieces held from the start is read from the file once libtorrent has flushed them
+(it checks a piece before its disk threads write it) and fed to the hash in a thread, so when
+the last piece is in, the hash is too, with no pass over the file at the end. The hash's state is saved
 next to the partial file every CHECKPOINT_BYTES (``<hex>.sha256``, see resumable_sha256), so
 an agent restarted mid-download goes on from there. Only when the sha256 matches is the blob
 moved (by libtorrent, which keeps seeding it) to the cache path ``blobs/sha256/<2 hex>/<hex>``:
@@ -30,11 +31,10 @@ import hashlib
 import json
 import os
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import libtorrent as lt
 import structlog
@@ -60,7 +60,8 @@ MAX_CLAIM_BYTES = 2 << 20
 # still has every host holding pieces the others lack, while each host's pieces arrive near
 # enough in order for the in-order sha256 and a `docker load` fed from it to keep up.
 PIECE_ORDERS = ("sequential", "rarest-first")
-HASH_AHEAD = 8  # piece reads in flight ahead of the in-order hash
+HASH_BATCH = 4 << 20  # the in-order hash reads the file in runs of at least this many bytes,
+HASH_WAIT = 0.1  # or of what came in this many seconds
 CHECKPOINT_BYTES = 16 << 20  # the in-order hash's state is saved this often
 
 # (digest, max_bytes) -> [(piece index, bytes)]; no pieces when the server has none left.
@@ -394,33 +395,38 @@ class BlobFetcher(TorrentSession):
     async def _hash_in_order(self, download: BlobDownload) -> str:
         """Hashes the blob's pieces in index order as libtorrent gets them; its digest.
 
-        Each piece is read back from libtorrent (which has checked its SHA-1) rather than
-        from the file: libtorrent checks a piece before its disk threads write it."""
+        libtorrent checks a piece's SHA-1 before its disk threads write it, so the file is
+        read only up to the pieces held when libtorrent last said it had flushed them
+        (``flush_cache``): in runs of at least HASH_BATCH bytes, or every HASH_WAIT seconds,
+        hashed in a thread straight from the file (no copy through Python per piece)."""
         sha, download.hashed_pieces = self._restore_hash(download)
-        since_saved = 0
-        reads: deque[asyncio.Future[bytes]] = deque()
-        ahead = download.hashed_pieces
-        try:
-            for _index in range(download.hashed_pieces, download.piece_count):
-                while ahead < min(download.piece_count, _index + HASH_AHEAD):
-                    reads.append(asyncio.ensure_future(self.read_piece(download, ahead)))
-                    ahead += 1
-                data = await reads.popleft()
-                if len(data) >= 1 << 20:
-                    await asyncio.to_thread(sha.update, data)
-                else:
-                    sha.update(data)
-                download.hashed_pieces += 1
-                since_saved += len(data)
-                more = download.hashed_pieces < download.piece_count
-                if since_saved >= CHECKPOINT_BYTES and more:
-                    self._save_hash(download, sha)
-                    since_saved = 0
-                download.notify_hashed()
-        finally:
-            for read in reads:
-                read.cancel()
+        saved_at = download.hashed_pieces
+        length, size = download.piece_length, download.spec.size
+        while download.hashed_pieces < download.piece_count:
+            await self.wait_for_piece(download, download.hashed_pieces)
+            end = self._held_prefix(download)
+            if (end - download.hashed_pieces) * length < HASH_BATCH and end < download.piece_count:
+                await asyncio.sleep(HASH_WAIT)  # let a run gather: one flush for many pieces
+                end = self._held_prefix(download)
+            await self._wait_for(self._flushes, download.spec.digest, download.handle.flush_cache)
+            first, last = download.hashed_pieces * length, min(end * length, size)
+            await asyncio.to_thread(
+                _hash_file_range, self.partial_path(download.spec.digest), sha, first, last
+            )
+            download.hashed_pieces = end
+            if (end - saved_at) * length >= CHECKPOINT_BYTES and end < download.piece_count:
+                self._save_hash(download, sha)
+                saved_at = end
+            download.notify_hashed()
         return f"sha256:{sha.hexdigest()}"
+
+    @staticmethod
+    def _held_prefix(download: BlobDownload) -> int:
+        """How many pieces from the start libtorrent holds without a gap."""
+        end = download.hashed_pieces
+        while end < download.piece_count and end in download.held:
+            end += 1
+        return end
 
     async def wait_hashed(self, download: BlobDownload, index: int) -> None:
         """Waits until piece ``index`` is in the blob's in-order sha256; FetchError when the
@@ -570,7 +576,7 @@ class BlobFetcher(TorrentSession):
         assert download.sha256 is not None
         try:
             actual = await asyncio.shield(download.sha256)
-        except FetchError as e:
+        except (FetchError, OSError, TimeoutError) as e:
             actual = f"(not hashed in order: {e})"
         if actual != digest:
             # Hash the file itself before discarding it: a saved hash state that is wrong must
@@ -730,39 +736,68 @@ class BlobFetcher(TorrentSession):
                 future.set_result(bytes(alert.buffer))
 
 
-STREAM_AHEAD = 16  # verified pieces asked for ahead of a reader in another thread
-
-
 def verified_stream(
     fetcher: BlobFetcher, download: BlobDownload, loop: asyncio.AbstractEventLoop
 ) -> Iterator[bytes]:
-    """A blob's bytes, piece by piece as they pass its in-order sha256 (the last one once the
-    whole blob matched), for a reader in another thread (a `docker load` body). OSError when
-    they cannot come: the download failed, was dropped, or the event loop stopped."""
-    window: deque[concurrent.futures.Future[bytes]] = deque()
-    ahead = 0
+    """A blob's bytes, in order, as they pass its in-order sha256 (the last piece once the
+    whole blob matched), for a reader in another thread (a `docker load` body). They are read
+    from the file, which holds every hashed byte. OSError when they cannot come: the download
+    failed, was dropped, or the event loop stopped."""
+
+    def wait(coro: Coroutine[Any, Any, None]) -> None:
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        while True:
+            try:
+                future.result(timeout=1.0)
+                return
+            except concurrent.futures.TimeoutError:
+                if loop.is_closed() or not loop.is_running():
+                    future.cancel()
+                    raise OSError("the agent is stopping") from None
+            except FetchError as e:
+                raise OSError(str(e)) from e
+            except concurrent.futures.CancelledError:
+                raise OSError(f"blob {download.spec.digest}: the download stopped") from None
+
+    size, length = download.spec.size, download.piece_length
+    digest = download.spec.digest
+    pos = 0
+    file: BinaryIO | None = None
     try:
-        for index in range(download.piece_count):
-            while ahead < min(download.piece_count, index + STREAM_AHEAD):
-                coro = fetcher.verified_piece(download, ahead)
-                window.append(asyncio.run_coroutine_threadsafe(coro, loop))
-                ahead += 1
-            future = window.popleft()
-            while True:
+        while pos < size:
+            wait(fetcher.wait_hashed(download, pos // length))
+            end = min(download.hashed_pieces * length, size)
+            if end >= size:
+                wait(fetcher.verified(download))
+            if file is None:  # the file exists once a piece is written; a move keeps it open
                 try:
-                    data = future.result(timeout=1.0)
-                    break
-                except concurrent.futures.TimeoutError:
-                    if loop.is_closed() or not loop.is_running():
-                        raise OSError("the agent is stopping") from None
-                except FetchError as e:
-                    raise OSError(str(e)) from e
-                except concurrent.futures.CancelledError:
-                    raise OSError(f"blob {download.spec.digest}: the download stopped") from None
-            yield data
+                    file = fetcher.partial_path(digest).open("rb", buffering=0)
+                except FileNotFoundError:
+                    file = fetcher.blob_path(digest).open("rb", buffering=0)
+            file.seek(pos)
+            while pos < end:
+                chunk = file.read(min(end - pos, 1 << 20))
+                if not chunk:
+                    raise OSError(f"blob {digest} ended at {pos} of {end} verified bytes")
+                pos += len(chunk)
+                yield chunk
     finally:
-        for future in window:
-            future.cancel()
+        if file is not None:
+            file.close()
+
+
+def _hash_file_range(path: Path, sha: ResumableSha256, first: int, last: int) -> None:
+    """Feeds bytes first..last-1 of the file to ``sha`` (in a thread: neither the reads nor
+    the hash hold the GIL)."""
+    with path.open("rb", buffering=0) as fh:
+        fh.seek(first)
+        left = last - first
+        while left > 0:
+            chunk = fh.read(min(left, 1 << 20))
+            if not chunk:
+                raise FetchError(f"{path} ended {left} bytes short of what libtorrent holds")
+            sha.update(chunk)
+            left -= len(chunk)
 
 
 def _sha256_file(path: Path) -> str:
