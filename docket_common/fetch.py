@@ -4,10 +4,11 @@ A blob downloads into ``partial/<2 hex>/<hex>``; libtorrent checks every piece's
 arrives. Its sha256 is computed as the pieces complete, in index order (``hashed_pieces``):
 the run of pieces held from the start is read from the file once libtorrent has flushed them
 (it checks a piece before its disk threads write it) and fed to the hash in a thread, so when
-the last piece is in, the hash is too, with no pass over the file at the end. The hash's state is saved
-next to the partial file every CHECKPOINT_BYTES (``<hex>.sha256``, see resumable_sha256), so
-an agent restarted mid-download goes on from there. Only when the sha256 matches is the blob
-moved (by libtorrent, which keeps seeding it) to the cache path ``blobs/sha256/<2 hex>/<hex>``:
+the last piece is in, the hash is too, with no pass over the file at the end. The hash's state
+is saved next to the partial file every CHECKPOINT_BYTES (``<hex>.sha256``, see
+resumable_sha256), so an agent restarted mid-download goes on from there. Only when the
+sha256 matches is the blob moved (by libtorrent, which keeps seeding it) to the cache path
+``blobs/sha256/<2 hex>/<hex>``:
 a blob under its name is always the right bytes. ``verified_piece`` hands out a piece only
 once it is in the hash, and a blob's last piece only once the whole blob matched: a reader
 streaming a blob while it downloads (a `docker load`, the registry face) never sends bytes
