@@ -551,8 +551,8 @@ def _reason(error: BaseException) -> str:
     return _one_line(error)
 
 
-def load_from_env(image: LoadableImage) -> str:
-    """load_into_docker into the engine at DOCKER_HOST (blocking: run it in a thread)."""
+def _from_env(action: Callable[[docker.DockerClient], str]) -> str:
+    """Runs ``action`` with a client of the engine at DOCKER_HOST, closed afterwards."""
     import docker
     from docker.errors import DockerException
 
@@ -561,9 +561,14 @@ def load_from_env(image: LoadableImage) -> str:
     except DockerException as e:
         raise LoadError(f"cannot reach the Docker engine (DOCKER_HOST): {e}") from e
     try:
-        return load_into_docker(client, image)
+        return action(client)
     finally:
         client.close()
+
+
+def load_from_env(image: LoadableImage) -> str:
+    """load_into_docker into the engine at DOCKER_HOST (blocking: run it in a thread)."""
+    return _from_env(lambda client: load_into_docker(client, image))
 
 
 def pull_into_docker(
@@ -607,14 +612,4 @@ def pull_into_docker(
 
 def pull_from_env(source: str, name: str, config_digest: str) -> str:
     """pull_into_docker into the engine at DOCKER_HOST (blocking: run it in a thread)."""
-    import docker
-    from docker.errors import DockerException
-
-    try:
-        client = docker.from_env(timeout=600)
-    except DockerException as e:
-        raise LoadError(f"cannot reach the Docker engine (DOCKER_HOST): {e}") from e
-    try:
-        return pull_into_docker(client, source, name, config_digest)
-    finally:
-        client.close()
+    return _from_env(lambda client: pull_into_docker(client, source, name, config_digest))
