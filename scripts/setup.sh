@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 section() { printf '\n==== %s ====\n' "$*"; }
 
 section "System packages"
-packages=(docker.io busybox-static opentracker skopeo docker-registry zstd iproute2 python3 python3-venv ca-certificates)
+packages=(docker.io busybox-static opentracker skopeo docker-registry zstd iproute2 python3 python3-venv ca-certificates postgresql prometheus systemd)
 # dockerd needs apparmor_parser where the kernel enforces AppArmor (it is only a Recommends).
 if [[ $(cat /sys/module/apparmor/parameters/enabled 2>/dev/null || true) == Y ]]; then
   packages+=(apparmor)

@@ -4,7 +4,8 @@
 #
 #   1-2. scripts/setup.sh: system packages (docker.io for dockerd/containerd/runc,
 #      busybox-static for test images, opentracker for the BitTorrent tests, skopeo and
-#      docker-registry for the benchmark smoke), then .venv at
+#      docker-registry for the benchmark smoke, postgresql and prometheus for the operations
+#      tests, systemd for systemd-analyze), then .venv at
 #      the repo root with the system python3 and `pip install -e '.[dev]'`
 #   3. scripts/check.sh (lint, types, generated code), if present
 #   4. the test suite: .venv/bin/pytest -q
