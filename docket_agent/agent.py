@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
@@ -26,7 +27,9 @@ from docket_agent.registry_face import AgentRegistry, ManifestCache
 from docket_agent.stream import CHANNEL_OPTIONS, StreamClient, agent_channel
 from docket_common.bt import split_host_port
 from docket_common.fetch import BlobFetcher
+from docket_common.health import Health
 from docket_common.loadable import LoadableImage, PendingBlob, load_from_env, pull_from_env
+from docket_common.logs import set_log_level
 from docket_common.manifest import Platform, this_platform
 from docket_common.oci_http import HttpFace
 from docket_common.pb import agent_pb2, agent_service_pb2_grpc, image_service_pb2_grpc
@@ -98,6 +101,35 @@ class Agent:
         self.orders: OrderManager | None = None
         self.identity: Identity | None = None
         self.credentials: Credentials | None = None
+        # /readyz on the registry face: connected to the server, BitTorrent up, the engine
+        # answering (unless --no-docker).
+        self.checks = Health()
+        self.checks.add("server", self._server_problem)
+        self.checks.add("bittorrent", self._bittorrent_problem)
+        if config.docker:
+            self.checks.add("docker", self._docker_problem)
+
+    def apply_live(self, changed: dict[str, Any]) -> list[str]:
+        """Applies the settings that can change while the agent runs (SIGHUP); returns the
+        names it applied and leaves the others in ``changed``."""
+        applied = []
+        if "log_level" in changed:
+            set_log_level(changed.pop("log_level"))
+            applied.append("log_level")
+        download = changed.pop("max_download_rate", None)
+        upload = changed.pop("max_upload_rate", None)
+        if download is not None or upload is not None:
+            self.fetcher.set_rate_limits(download=download, upload=upload)
+            self.config.max_download_rate = self.fetcher.download_rate_limit
+            self.config.max_upload_rate = self.fetcher.upload_rate_limit
+            # gRPC's first pieces would bypass libtorrent's limiter.
+            self.settings.claim_first_pieces = not self.config.max_download_rate
+            applied += [
+                n
+                for n, v in (("max_download_rate", download), ("max_upload_rate", upload))
+                if v is not None
+            ]
+        return applied
 
     async def run(self) -> None:
         cfg = self.config
@@ -151,7 +183,9 @@ class Agent:
                 ManifestCache(cfg.data_dir / "manifests"),
             )
             host, registry_port = split_host_port(cfg.registry_listen)
-            face = HttpFace(registry.application(), host, registry_port)
+            app = registry.application()
+            self.checks.add_routes(app)
+            face = HttpFace(app, host, registry_port)
             self.registry_port = await face.start()
         log.info(
             "agent starting",
@@ -166,9 +200,11 @@ class Agent:
             if self.credentials is not None
             else None
         )
+        self.checks.start()  # the first round once the stream has had time to connect
         try:
             await self.stream.run()
         finally:
+            await self.checks.stop()
             if renewer is not None:
                 renewer.cancel()
             if face is not None:
@@ -176,6 +212,17 @@ class Agent:
             await self.orders.close()
             self.fetcher.close()
             await channels.close()
+
+    async def _server_problem(self) -> str | None:
+        if self.stream is None or not self.stream.connected:
+            return f"not connected to the server at {self.config.server}"
+        return None
+
+    async def _bittorrent_problem(self) -> str | None:
+        return self.fetcher.problem()
+
+    async def _docker_problem(self) -> str | None:
+        return (await asyncio.to_thread(probe_docker, True)).error or None
 
     async def _join(self) -> ServerChannel:
         """The channel to the server: plaintext with --insecure; else mutual TLS on the

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+import structlog
 
 from docket_agent.agent import Agent, AgentConfig
 from docket_agent.hostinfo import DataDirInUseError
@@ -18,6 +19,7 @@ from docket_agent.identity import EnrollError
 from docket_agent.stream import AgentRefusedError
 from docket_common.bt import TorrentSessionError
 from docket_common.cli import host_port, host_port_or_off, logging_options, xdg_dir
+from docket_common.config import Reloader, config_options, names, print_config_requested
 from docket_common.fetch import PIECE_ORDERS
 from docket_common.logs import configure_logging
 from docket_common.manifest import Platform, normalize_platform
@@ -67,6 +69,7 @@ def _platform(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     invoke_without_command=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+@config_options("DOCKET_AGENT_CONFIG")
 @click.option(
     "--server",
     envvar="DOCKET_SERVER",
@@ -269,7 +272,7 @@ def main(
     127.0.0.1:5001/IMAGE`, or containerd with the file `docket-agent containerd-config`
     prints, pull through it; layers come over the swarm and the server records every pull.
     """
-    if ctx.invoked_subcommand is not None:
+    if ctx.invoked_subcommand is not None or print_config_requested(ctx):
         return
     configure_logging(log_level, json=log_json)
     if insecure and (join_token or ca_file or ca_hash):
@@ -302,7 +305,7 @@ def main(
         platform=platform,
     )
     try:
-        asyncio.run(_run(Agent(config)))
+        asyncio.run(_run(Agent(config), Reloader(ctx)))
     except AgentRefusedError as e:
         click.echo(f"docket-agent: error: the server refused this agent: {e}", err=True)
         sys.exit(1)
@@ -374,9 +377,34 @@ def containerd_hosts_toml(
     )
 
 
-async def _run(agent: Agent) -> None:
+def reload_config(agent: Agent, reloader: Reloader) -> None:
+    """SIGHUP: re-reads the --config file; the log level and rate limits change live, and
+    anything else the file changed is logged as needing a restart."""
+    log = structlog.get_logger()
+    if reloader.path is None:
+        log.info("SIGHUP: no --config file to re-read")
+        return
+    try:
+        reload = reloader.reload()
+    except click.BadParameter as e:
+        log.error("config not reloaded: nothing changed", error=e.format_message())
+        return
+    if reload is None:
+        return
+    changed = dict(reload.changed)
+    applied = agent.apply_live(changed)
+    log.info("config reloaded", file=str(reload.path), applied=names(applied))
+    if changed:
+        log.warning(
+            "config changed but not applied: restart docket-agent to apply",
+            settings=names(changed),
+        )
+
+
+async def _run(agent: Agent, reloader: Reloader) -> None:
     task = asyncio.create_task(agent.run())
     loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, reload_config, agent, reloader)
 
     def shut_down() -> None:
         # A watchdog: should shutdown ever hang, print every thread's stack and exit.

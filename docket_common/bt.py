@@ -129,11 +129,7 @@ class TorrentSession:
         settings["download_rate_limit"] = self.download_rate_limit
         settings["upload_rate_limit"] = self.upload_rate_limit
         self._session = lt.session(settings)  # type: ignore[call-overload]  # a dict works
-        if self.download_rate_limit or self.upload_rate_limit:
-            # libtorrent exempts local-network peers from limits; a limit here means all peers.
-            everyone = lt.ip_filter()
-            everyone.add_rule("0.0.0.0", "255.255.255.255", 1 << lt.session.global_peer_class_id)
-            self._session.set_peer_class_filter(everyone)
+        self._limit_everyone()
         self._pump = threading.Thread(
             target=self._wait_for_alerts,
             args=(self._session, self._loop),
@@ -147,6 +143,38 @@ class TorrentSession:
         except TimeoutError as e:
             raise TorrentSessionError(f"BitTorrent listener on {self.listen} did not start") from e
         return self.port
+
+    def _limit_everyone(self) -> None:
+        if self._session is not None and (self.download_rate_limit or self.upload_rate_limit):
+            # libtorrent exempts local-network peers from limits; a limit here means all peers.
+            everyone = lt.ip_filter()
+            everyone.add_rule("0.0.0.0", "255.255.255.255", 1 << lt.session.global_peer_class_id)
+            self._session.set_peer_class_filter(everyone)
+
+    def set_rate_limits(self, *, download: int | None = None, upload: int | None = None) -> None:
+        """Changes the session's limits (bytes a second, 0 for none) while it runs."""
+        if download is not None:
+            self.download_rate_limit = download
+        if upload is not None:
+            self.upload_rate_limit = upload
+        if self._session is not None:
+            self._session.apply_settings(
+                {
+                    "download_rate_limit": self.download_rate_limit,
+                    "upload_rate_limit": self.upload_rate_limit,
+                }
+            )
+            self._limit_everyone()
+
+    def problem(self) -> str | None:
+        """Why the session cannot serve (for health checks), or None."""
+        if self._session is None:
+            return "the BitTorrent session is not started"
+        if self._pump is None or not self._pump.is_alive():
+            return "the BitTorrent alert thread has stopped"
+        if not self._session.is_listening():
+            return f"BitTorrent is not listening on {self.listen}"
+        return None
 
     @property
     def ssl(self) -> bool:

@@ -10,12 +10,17 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import grpc
+import sqlalchemy as sa
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from docket_common.bt import split_host_port
+from docket_common.config import Reloader, names
+from docket_common.health import Health
+from docket_common.logs import set_log_level
 from docket_common.oci_http import HttpFace
 from docket_common.pb import (
     agent_admin_service_pb2,
@@ -151,9 +156,15 @@ class DocketServer:
         self.audit = Audit(self.metadata)
         self.tls: ServerTls | None = None
         self.health = health.aio.HealthServicer()
+        self.checks = Health()  # what health (gRPC, /readyz) reports, checked every 5 s
+        self.checks.add("database", self._database_problem)
+        self.checks.add("seed", self._seed_problem)
+        self.checks.on_change(self._set_serving)
         self._server: grpc.aio.Server | None = None
         self._http: HttpFace | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self.reloader: Reloader | None = None  # the --config file, re-read on SIGHUP
+        self._stopping = False
         self.port = 0
         self.agent_port = 0
         self.bt_port = 0
@@ -253,8 +264,10 @@ class DocketServer:
         self._server = server
         if self.config.registry_listen:
             host, port = split_host_port(self.config.registry_listen)
+            app = RegistryApp(self.registry, self.uploads, guard, self.audit).application()
+            self.checks.add_routes(app)
             http = HttpFace(
-                RegistryApp(self.registry, self.uploads, guard, self.audit).application(),
+                app,
                 host,
                 port,
                 ssl_context=self.tls.ssl_context() if self.tls is not None else None,
@@ -264,8 +277,8 @@ class DocketServer:
             self.uploads.start_sweeping()
         if self.tls is not None:
             self._refresher = asyncio.create_task(self._refresh_tls(), name="tls-refresh")
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set("docket.v1.ImageService", health_pb2.HealthCheckResponse.SERVING)
+        await self.checks.check_now()
+        self.checks.start()
         log.info(
             "docket-server ready",
             listen=self.config.listen,
@@ -277,6 +290,30 @@ class DocketServer:
             data_dir=str(self.config.data_dir),
             blobs_seeded=seeded,
         )
+
+    async def _database_problem(self) -> str | None:
+        try:
+            async with self.metadata.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+        except (sa.exc.SQLAlchemyError, OSError) as e:
+            return f"the database does not answer: {e.__class__.__name__}: {e}"
+        return None
+
+    async def _seed_problem(self) -> str | None:
+        return self.seeder.problem()
+
+    async def _set_serving(self, ready: bool) -> None:
+        """The gRPC health of the server and each service: SERVING while every check
+        passes (the services share the server's state: one database, one seed)."""
+        if self._stopping:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", *SERVICE_NAMES):
+            await self.health.set(service, status)
 
     async def _secure(self) -> Guard:
         """TLS and tokens (or, asked for, neither): the CA and serving certificate, the first
@@ -338,6 +375,8 @@ class DocketServer:
         if self._refresher is not None:
             self._refresher.cancel()
             self._refresher = None
+        self._stopping = True
+        await self.checks.stop()
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
             # Stop taking calls, then end the agents' streams (which never end by themselves)
@@ -358,11 +397,54 @@ class DocketServer:
         await self.metadata.close()
         log.info("docket-server stopped")
 
+    async def reload(self) -> None:
+        """SIGHUP: re-reads the tokens, and the --config file. The log level and the seed's
+        upload rate change live; anything else the file changed is logged as needing a
+        restart. A file that cannot be read or is wrong changes nothing."""
+        if not self.config.insecure:
+            try:
+                await self.tokens.load()
+            except Exception:
+                log.exception("tokens not reloaded: the database did not answer")
+        if self.reloader is None:
+            log.info("reloaded: tokens (no --config file)")
+            return
+        try:
+            reload = self.reloader.reload()
+        except click.BadParameter as e:
+            log.error("config not reloaded: nothing changed", error=e.format_message())
+            return
+        if reload is None:
+            return
+        changed = dict(reload.changed)
+        applied = []
+        if "log_level" in changed:
+            set_log_level(changed.pop("log_level"))
+            applied.append("log_level")
+        if "max_upload_rate" in changed:
+            self.seeder.set_rate_limits(upload=changed.pop("max_upload_rate"))
+            self.config.max_upload_rate = self.seeder.upload_rate_limit
+            applied.append("max_upload_rate")
+        log.info("reloaded: tokens and config", file=str(reload.path), applied=names(applied))
+        if changed:
+            log.warning(
+                "config changed but not applied: restart docket-server to apply",
+                settings=names(changed),
+            )
+
     async def run_until_signalled(self) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        reloads: set[asyncio.Task[None]] = set()
+
+        def hang_up() -> None:
+            task = asyncio.create_task(self.reload(), name="reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, hang_up)
         await self.start()
         try:
             await stop.wait()

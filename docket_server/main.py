@@ -13,6 +13,7 @@ import structlog
 
 from docket_common.bt import TorrentSessionError
 from docket_common.cli import duration, host_port, host_port_or_off, logging_options, xdg_dir
+from docket_common.config import Reloader, config_options, print_config_requested
 from docket_common.logs import configure_logging
 from docket_common.pki import CertificateError
 from docket_server.app import DocketServer, ServerConfig
@@ -38,6 +39,7 @@ def default_data_dir() -> Path:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@config_options("DOCKET_SERVER_CONFIG")
 @click.option(
     "--listen",
     default="127.0.0.1:7800",
@@ -209,7 +211,12 @@ def main(
     data dir (clients trust ca.pem), and a first admin token in admin.token (0600).
 
     Stops gracefully on SIGTERM or SIGINT: calls in flight get up to 10 seconds to finish.
+    SIGHUP re-reads the --config file (the log level and the upload rate change live) and
+    the tokens.
     """
+    ctx = click.get_current_context()
+    if print_config_requested(ctx):
+        return
     configure_logging(log_level, json=log_json)
     before, after = raise_open_files_limit()
     if after < 4096:
@@ -249,7 +256,9 @@ def main(
         hello_timeout=hello_timeout,
     )
     try:
-        asyncio.run(DocketServer(config).run_until_signalled())
+        server = DocketServer(config)
+        server.reloader = Reloader(ctx)
+        asyncio.run(server.run_until_signalled())
     except (OSError, TorrentSessionError, RuntimeError, CertificateError) as e:
         click.echo(f"docket-server: error: {e}", err=True)
         sys.exit(1)
