@@ -106,6 +106,11 @@ class StreamClient:
         self.disk_free = disk_free
         self.backoff = backoff or Backoff()
 
+    @property
+    def connected(self) -> bool:
+        """Whether a stream is up (the server welcomed it)."""
+        return self._outbox is not None
+
     def send(self, message: pb.ConnectRequest) -> None:
         """Sends on the current stream; dropped while disconnected (on_connected re-sends
         what matters)."""

@@ -34,6 +34,7 @@ import structlog
 from aiohttp import web
 from aiohttp.client_exceptions import ClientError
 
+from docket_common.health import HEALTH_PATHS
 from docket_common.manifest import OCI_INDEX
 from docket_common.oci_http import (
     API_VERSION,
@@ -169,6 +170,8 @@ class RegistryApp:
     async def _middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        if request.path in HEALTH_PATHS:  # probes: no token, no audit, no log
+            return await handler(request)
         start = time.monotonic()
         found = self._route(request) if request.path.startswith("/v2") else None
         face = found[0].face if found else Face.OTHER
