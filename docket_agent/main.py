@@ -259,7 +259,8 @@ def main(
     Down the stream come pull orders: the agent fetches the blobs it lacks over BitTorrent
     (from the server and the other hosts), reports every piece, verifies each blob's sha256,
     loads the image into the Docker engine at $DOCKER_HOST, and keeps seeding its cache.
-    When the server goes away it reconnects by itself, with backoff.
+    When the server goes away it reconnects by itself, with backoff. SIGHUP re-reads the
+    --config file (the log level and rate limits change live).
 
     \b
     Joining: on its first start the agent makes a key, enrolls with --join-token (and --ca or

@@ -164,8 +164,11 @@ class OrderRunner:
             await self._finish(started)
         finally:
             loading = self.loading
-            if loading is not None and not loading.done():
-                loading.cancel()
+            if loading is not None:
+                if not loading.done():
+                    loading.cancel()
+                # Its outcome, taken: a load that failed because the order had (a sha256 that
+                # did not match) is part of that failure, not an error never retrieved.
                 with contextlib.suppress(BaseException):
                     await loading
 
