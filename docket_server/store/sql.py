@@ -11,6 +11,7 @@ writer's row (the same blob, tag, agent or rollout) are upserts in the database'
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -412,7 +413,8 @@ def _async_url(text: str) -> sa.URL:
     try:
         url = sa.make_url(text)
     except sa.exc.ArgumentError as e:
-        raise StoreOpenError(f"invalid database URL {text!r}: {e}") from None
+        shown = re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", text)  # no password in logs
+        raise StoreOpenError(f"invalid database URL {shown!r}: {e}") from None
     backend = "postgresql" if url.get_backend_name() == "postgres" else url.get_backend_name()
     driver = DRIVERS.get(backend)
     if driver is None:
