@@ -329,6 +329,14 @@ async def test_a_database_url_it_cannot_use_is_refused(url: str, message: str) -
     assert "secret" not in str(caught.value)
 
 
+@pytest.mark.parametrize("query", ["?ssl=disable", "?sslmode=disable"])
+async def test_a_postgresql_url_as_libpq_writes_it_is_understood(
+    postgres_url: str, query: str
+) -> None:
+    """No driver named (postgresql://) means asyncpg; libpq's sslmode means asyncpg's ssl."""
+    await _open_close(postgres_url.replace("postgresql+asyncpg://", "postgresql://") + query)
+
+
 async def test_a_wrong_password_is_refused_in_the_servers_own_words(postgres_url: str) -> None:
     url = sa.make_url(postgres_url).set(password="wrong")
     with pytest.raises(StoreOpenError, match="password authentication failed") as caught:

@@ -408,8 +408,8 @@ class StoreOpenError(RuntimeError):
 
 
 def _async_url(text: str) -> sa.URL:
-    """The URL, with the async driver where it names none (``postgresql://``); refuses any
-    other database or driver."""
+    """The URL, with the async driver where it names none (``postgresql://``) and asyncpg's
+    ``ssl`` for libpq's ``sslmode``; refuses any other database or driver."""
     try:
         url = sa.make_url(text)
     except sa.exc.ArgumentError as e:
@@ -428,6 +428,11 @@ def _async_url(text: str) -> sa.URL:
         raise StoreOpenError(
             f"unsupported database driver {url.drivername!r}: use {backend}+{driver}://..."
         )
+    if backend == "postgresql" and "sslmode" in url.query:
+        # libpq's name (what most PostgreSQL URLs carry); asyncpg takes the same values as ssl.
+        query = dict(url.query)
+        query.setdefault("ssl", query.pop("sslmode"))
+        url = url.set(query=query)
     return url
 
 
