@@ -470,6 +470,34 @@ async def test_manifests_tags_and_blobs(database_url: str) -> None:
         await store.close()
 
 
+async def test_long_names_media_types_and_versions_are_kept_whole(database_url: str) -> None:
+    """Strings longer than the columns were first sized for: SQLite always kept them, and
+    PostgreSQL must too (it enforces VARCHAR lengths, so they are TEXT there)."""
+    store = SqlMetadataStore(database_url)
+    await store.open()
+    try:
+        repository = "/".join(["team"] * 80)  # 399 characters: no limit in the spec
+        manifest, blobs = _manifest(repository)
+        manifest = dataclasses.replace(manifest, artifact_type="application/" + "x" * 300)
+        for blob in blobs:
+            await store.add_blob(blob)
+        await store.put_manifest(manifest, "1")
+        found = await store.resolve_tag(repository, "1")
+        assert found is not None
+        assert found.artifact_type == manifest.artifact_type
+        agent = _agent("h1")
+        info = dataclasses.replace(agent.info, version="1.0+" + "b" * 200, platform="p" * 200)
+        await store.upsert_agent(dataclasses.replace(agent, info=info))
+        [stored] = await store.list_agents()
+        assert (stored.info.version, stored.info.platform) == (info.version, info.platform)
+        action = "/docket.v1.ImageService/" + "A" * 300
+        await store.add_audit(AuditEntry(now(), "u" * 200, action, "", "", "p" * 300))
+        [entry] = await store.list_audit(None, 0, 10)
+        assert (len(entry.actor), entry.action, len(entry.peer)) == (200, action, 300)
+    finally:
+        await store.close()
+
+
 async def test_concurrent_puts_of_one_manifest_and_tag_all_succeed(database_url: str) -> None:
     """Pushes of the same image at once (CI jobs): each put succeeds, one manifest results."""
     store = SqlMetadataStore(database_url)

@@ -74,6 +74,13 @@ class UtcDateTime(sa.TypeDecorator[datetime]):
         return _utc(value)
 
 
+def _string(length: int) -> sa.types.TypeEngine[str]:
+    """VARCHAR(length) on SQLite, which holds longer strings all the same; TEXT on PostgreSQL,
+    which would refuse them (revision 0002): names, versions and media types that pushes and
+    agents send are kept whole on both."""
+    return sa.String(length).with_variant(sa.Text(), "postgresql")
+
+
 meta = sa.MetaData()
 
 schema_migrations = sa.Table(
@@ -86,11 +93,11 @@ schema_migrations = sa.Table(
 blobs = sa.Table(
     "blobs",
     meta,
-    sa.Column("digest", sa.String(71), primary_key=True),
+    sa.Column("digest", _string(71), primary_key=True),
     sa.Column("size_bytes", sa.BigInteger, nullable=False),
     sa.Column("create_time", UtcDateTime(), nullable=False),
     sa.Column("metainfo", sa.LargeBinary, nullable=True),
-    sa.Column("info_hash", sa.String(40), nullable=True),
+    sa.Column("info_hash", _string(40), nullable=True),
     sa.Column("piece_length", sa.Integer, nullable=True),
     sa.Column("piece_count", sa.Integer, nullable=True),
 )
@@ -100,20 +107,20 @@ manifests = sa.Table(
     "manifests",
     meta,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("repository", sa.String(255), nullable=False),
-    sa.Column("digest", sa.String(71), nullable=False),
-    sa.Column("media_type", sa.String(255), nullable=False),
+    sa.Column("repository", _string(255), nullable=False),
+    sa.Column("digest", _string(71), nullable=False),
+    sa.Column("media_type", _string(255), nullable=False),
     sa.Column("content", sa.LargeBinary, nullable=False),
-    sa.Column("config_digest", sa.String(71), sa.ForeignKey("blobs.digest"), nullable=True),
+    sa.Column("config_digest", _string(71), sa.ForeignKey("blobs.digest"), nullable=True),
     sa.Column("config_size_bytes", sa.BigInteger, nullable=True),
-    sa.Column("config_media_type", sa.String(255), nullable=True),
+    sa.Column("config_media_type", _string(255), nullable=True),
     sa.Column("diff_ids", sa.Text, nullable=False),
     sa.Column("build_time", UtcDateTime(), nullable=True),
-    sa.Column("platform", sa.String(128), nullable=False),
-    sa.Column("artifact_type", sa.String(255), nullable=False),
-    sa.Column("subject_digest", sa.String(71), nullable=True),
+    sa.Column("platform", _string(128), nullable=False),
+    sa.Column("artifact_type", _string(255), nullable=False),
+    sa.Column("subject_digest", _string(71), nullable=True),
     sa.Column("subject_size_bytes", sa.BigInteger, nullable=True),
-    sa.Column("subject_media_type", sa.String(255), nullable=True),
+    sa.Column("subject_media_type", _string(255), nullable=True),
     sa.Column("create_time", UtcDateTime(), nullable=False),
     sa.UniqueConstraint("repository", "digest", name="uq_manifests_digest"),
     sa.Index("ix_manifests_subject", "repository", "subject_digest"),
@@ -130,9 +137,9 @@ manifest_layers = sa.Table(
         primary_key=True,
     ),
     sa.Column("position", sa.Integer, primary_key=True),
-    sa.Column("digest", sa.String(71), sa.ForeignKey("blobs.digest"), nullable=False, index=True),
+    sa.Column("digest", _string(71), sa.ForeignKey("blobs.digest"), nullable=False, index=True),
     sa.Column("size_bytes", sa.BigInteger, nullable=False),
-    sa.Column("media_type", sa.String(255), nullable=False),
+    sa.Column("media_type", _string(255), nullable=False),
 )
 
 # An index's entries: each names a manifest of the same repository (which must exist first).
@@ -147,18 +154,18 @@ manifest_children = sa.Table(
     ),
     sa.Column("position", sa.Integer, primary_key=True),
     sa.Column("child_id", sa.Integer, sa.ForeignKey("manifests.id"), nullable=False, index=True),
-    sa.Column("digest", sa.String(71), nullable=False),
+    sa.Column("digest", _string(71), nullable=False),
     sa.Column("size_bytes", sa.BigInteger, nullable=False),
-    sa.Column("media_type", sa.String(255), nullable=False),
-    sa.Column("platform", sa.String(128), nullable=True),
-    sa.Column("artifact_type", sa.String(255), nullable=False),
+    sa.Column("media_type", _string(255), nullable=False),
+    sa.Column("platform", _string(128), nullable=True),
+    sa.Column("artifact_type", _string(255), nullable=False),
 )
 
 tags = sa.Table(
     "tags",
     meta,
-    sa.Column("repository", sa.String(255), primary_key=True),
-    sa.Column("tag", sa.String(128), primary_key=True),
+    sa.Column("repository", _string(255), primary_key=True),
+    sa.Column("tag", _string(128), primary_key=True),
     sa.Column("manifest_id", sa.Integer, sa.ForeignKey("manifests.id"), nullable=False, index=True),
     sa.Column("update_time", UtcDateTime(), nullable=False),
 )
@@ -168,7 +175,7 @@ tags = sa.Table(
 deferred_blob_deletes = sa.Table(
     "deferred_blob_deletes",
     meta,
-    sa.Column("digest", sa.String(71), primary_key=True),
+    sa.Column("digest", _string(71), primary_key=True),
     sa.Column("defer_time", UtcDateTime(), nullable=False),
 )
 
@@ -176,15 +183,15 @@ deferred_blob_deletes = sa.Table(
 agents = sa.Table(
     "agents",
     meta,
-    sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("agent_id", sa.String(64), nullable=False),
+    sa.Column("name", _string(64), primary_key=True),
+    sa.Column("agent_id", _string(64), nullable=False),
     sa.Column("groups", sa.Text, nullable=False),
     sa.Column("labels", sa.Text, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("version", sa.String(64), nullable=False),
-    sa.Column("peer_address", sa.String(255), nullable=False),
-    sa.Column("bt_endpoint", sa.String(255), nullable=False),
-    sa.Column("docker_version", sa.String(64), nullable=False),
+    sa.Column("state", _string(16), nullable=False),
+    sa.Column("version", _string(64), nullable=False),
+    sa.Column("peer_address", _string(255), nullable=False),
+    sa.Column("bt_endpoint", _string(255), nullable=False),
+    sa.Column("docker_version", _string(64), nullable=False),
     sa.Column("docker_error", sa.Text, nullable=False),
     sa.Column("disk_free_bytes", sa.BigInteger, nullable=False),
     sa.Column("cached_digests", sa.Text, nullable=False),
@@ -192,14 +199,14 @@ agents = sa.Table(
     sa.Column("last_seen_time", UtcDateTime(), nullable=False),
     sa.Column("create_time", UtcDateTime(), nullable=False),
     # Added by migration 5.
-    sa.Column("platform", sa.String(128), nullable=False, server_default=""),
+    sa.Column("platform", _string(128), nullable=False, server_default=""),
 )
 
 
 rollouts = sa.Table(
     "rollouts",
     meta,
-    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("id", _string(32), primary_key=True),
     sa.Column("image", sa.Text, nullable=False),  # the image as it was (JSON)
     sa.Column("selector", sa.Text, nullable=False),
     sa.Column("prefetch_only", sa.Boolean, nullable=False),
@@ -207,7 +214,7 @@ rollouts = sa.Table(
     sa.Column("max_parallel", sa.Integer, nullable=False),
     sa.Column("max_failures", sa.Integer, nullable=False),
     sa.Column("deadline_time", UtcDateTime(), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("state", _string(16), nullable=False, index=True),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("cancelled", sa.Boolean, nullable=False),
     sa.Column("create_time", UtcDateTime(), nullable=False, index=True),
@@ -217,15 +224,13 @@ rollouts = sa.Table(
 rollout_tasks = sa.Table(
     "rollout_tasks",
     meta,
-    sa.Column("order_id", sa.String(32), primary_key=True),
-    sa.Column(
-        "rollout_id", sa.String(32), sa.ForeignKey("rollouts.id"), nullable=False, index=True
-    ),
-    sa.Column("agent", sa.String(64), nullable=False),
+    sa.Column("order_id", _string(32), primary_key=True),
+    sa.Column("rollout_id", _string(32), sa.ForeignKey("rollouts.id"), nullable=False, index=True),
+    sa.Column("agent", _string(64), nullable=False),
     sa.Column("load", sa.Boolean, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("state", _string(16), nullable=False),
     sa.Column("error", sa.Text, nullable=False),
-    sa.Column("image_id", sa.String(71), nullable=False),
+    sa.Column("image_id", _string(71), nullable=False),
     sa.Column("cached_bytes", sa.BigInteger, nullable=False),
     sa.Column("bittorrent_bytes", sa.BigInteger, nullable=False),
     sa.Column("server_bytes", sa.BigInteger, nullable=False),
@@ -243,13 +248,11 @@ rollout_records = sa.Table(
     "rollout_records",
     meta,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column(
-        "rollout_id", sa.String(32), sa.ForeignKey("rollouts.id"), nullable=False, index=True
-    ),
+    sa.Column("rollout_id", _string(32), sa.ForeignKey("rollouts.id"), nullable=False, index=True),
     sa.Column("record_time", UtcDateTime(), nullable=False),
-    sa.Column("agent", sa.String(64), nullable=False),
-    sa.Column("task_state", sa.String(16), nullable=True),
-    sa.Column("rollout_state", sa.String(16), nullable=True),
+    sa.Column("agent", _string(64), nullable=False),
+    sa.Column("task_state", _string(16), nullable=True),
+    sa.Column("rollout_state", _string(16), nullable=True),
     sa.Column("message", sa.Text, nullable=False),
 )
 
@@ -258,11 +261,11 @@ rollout_records = sa.Table(
 pulls = sa.Table(
     "pulls",
     meta,
-    sa.Column("id", sa.String(32), primary_key=True),
-    sa.Column("agent", sa.String(64), nullable=False, index=True),
+    sa.Column("id", _string(32), primary_key=True),
+    sa.Column("agent", _string(64), nullable=False, index=True),
     sa.Column("image_name", sa.Text, nullable=False),
     sa.Column("image", sa.Text, nullable=False),  # the image pulled (JSON): digests and sizes
-    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("state", _string(16), nullable=False, index=True),
     sa.Column("error", sa.Text, nullable=False),
     sa.Column("cached_bytes", sa.BigInteger, nullable=False),
     sa.Column("bittorrent_bytes", sa.BigInteger, nullable=False),
@@ -279,9 +282,9 @@ pulls = sa.Table(
 tokens = sa.Table(
     "tokens",
     meta,
-    sa.Column("id", sa.String(32), primary_key=True),
-    sa.Column("secret_hash", sa.String(64), nullable=False),
-    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("id", _string(32), primary_key=True),
+    sa.Column("secret_hash", _string(64), nullable=False),
+    sa.Column("role", _string(16), nullable=False),
     sa.Column("description", sa.Text, nullable=False),
     sa.Column("create_time", UtcDateTime(), nullable=False),
     sa.Column("expire_time", UtcDateTime(), nullable=True),
@@ -290,18 +293,18 @@ tokens = sa.Table(
     sa.Column("groups", sa.Text, nullable=False),  # JSON
     sa.Column("labels", sa.Text, nullable=False),  # JSON
     sa.Column("revoked", sa.Boolean, nullable=False),
-    sa.Column("creator", sa.String(64), nullable=False),
+    sa.Column("creator", _string(64), nullable=False),
 )
 
 agent_identities = sa.Table(
     "agent_identities",
     meta,
-    sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("key_hash", sa.String(71), nullable=False),
+    sa.Column("name", _string(64), primary_key=True),
+    sa.Column("key_hash", _string(71), nullable=False),
     sa.Column("serials", sa.Text, nullable=False),  # JSON: the certificates issued to it
     sa.Column("groups", sa.Text, nullable=True),  # JSON; NULL: any
     sa.Column("labels", sa.Text, nullable=True),
-    sa.Column("token_id", sa.String(32), nullable=False),
+    sa.Column("token_id", _string(32), nullable=False),
     sa.Column("enroll_time", UtcDateTime(), nullable=False),
 )
 
@@ -310,11 +313,11 @@ audit_records = sa.Table(
     meta,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("record_time", UtcDateTime(), nullable=False, index=True),
-    sa.Column("actor", sa.String(128), nullable=False),
-    sa.Column("action", sa.String(255), nullable=False),
+    sa.Column("actor", _string(128), nullable=False),
+    sa.Column("action", _string(255), nullable=False),
     sa.Column("target", sa.Text, nullable=False),
     sa.Column("outcome", sa.Text, nullable=False),
-    sa.Column("peer", sa.String(255), nullable=False),
+    sa.Column("peer", _string(255), nullable=False),
 )
 
 
