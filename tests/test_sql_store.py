@@ -624,3 +624,38 @@ async def test_every_change_lands_with_two_writers_at_once(database_url: str) ->
         await fleet.stop()
     finally:
         await store.close()
+
+
+async def test_two_stores_writing_one_rollout_at_once_lose_no_record(database_url: str) -> None:
+    """Two servers' worth of writers (two engines, two pools) upserting the same tasks, in
+    opposite orders, while each adds records of its own: every transaction commits (no
+    deadlock, no unique violation) and every record lands, in each writer's order."""
+    manifest, _ = _manifest("app")
+    rollout = _rollout("r1", manifest)
+    base = next(iter(rollout.tasks.values()))
+    tasks = [dataclasses.replace(base, order_id=f"o{i:02d}", agent=f"h{i:02d}") for i in range(20)]
+    stores = [SqlMetadataStore(database_url) for _ in range(2)]
+    for store in stores:
+        await store.open()
+    try:
+
+        async def write(n: int, store: SqlMetadataStore) -> None:
+            for step in range(15):
+                mine = tasks if n == 0 else tasks[::-1]
+                changed = [dataclasses.replace(t, bittorrent_bytes=step) for t in mine]
+                record = RolloutRecord(now(), f"w{n}", None, None, str(step))
+                await store.save_rollout_changes([], changed, [("r1", record)] * 3)
+
+        await stores[0].save_rollout(rollout)
+        await asyncio.gather(*(write(n, s) for n, s in enumerate(stores)))
+        records = await stores[0].list_records("r1")
+        for n in range(2):
+            mine = [int(r.message) for r in records if r.agent == f"w{n}"]
+            assert mine == [step for step in range(15) for _ in range(3)]
+        loaded = await stores[1].load_rollout("r1")
+        assert loaded is not None
+        assert len(loaded.tasks) == 20
+        assert {t.bittorrent_bytes for t in loaded.tasks.values()} == {14}
+    finally:
+        for store in stores:
+            await store.close()

@@ -533,8 +533,10 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
         if not rows:
             return
         # The last change to a key wins (PostgreSQL refuses one statement that updates a row
-        # twice).
-        latest = list({r[key.name]: r for r in rows}.values())
+        # twice), and rows go in key order: two writers lock shared rows in the same order, so
+        # neither waits for the other in a deadlock.
+        by_key = {r[key.name]: r for r in rows}
+        latest = [by_key[k] for k in sorted(by_key)]
         insert = self._insert(key.table)
         columns = [c for c in latest[0] if c != key.name]
         await conn.execute(
