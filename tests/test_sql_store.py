@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import socket
 import sqlite3
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -335,6 +336,20 @@ async def test_a_postgresql_url_as_libpq_writes_it_is_understood(
 ) -> None:
     """No driver named (postgresql://) means asyncpg; libpq's sslmode means asyncpg's ssl."""
     await _open_close(postgres_url.replace("postgresql+asyncpg://", "postgresql://") + query)
+
+
+async def test_a_postgresql_that_never_answers_is_given_up_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A port that takes the connection and says nothing (a hung server, a half-open
+    firewall): open() gives up after CONNECT_TIMEOUT with that reason."""
+    monkeypatch.setattr(sql, "CONNECT_TIMEOUT", 0.5)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        with pytest.raises(StoreOpenError, match=r"no answer within 0.5 s"):
+            await _open_close(f"postgresql+asyncpg://docket:pw@127.0.0.1:{port}/docket")
 
 
 async def test_a_wrong_password_is_refused_in_the_servers_own_words(postgres_url: str) -> None:

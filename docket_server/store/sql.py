@@ -441,6 +441,8 @@ def _async_url(text: str) -> sa.URL:
 
 def _reason(error: BaseException) -> str:
     """The driver's own words for why a connection or statement failed, on one line."""
+    if isinstance(error, TimeoutError):
+        return f"no answer within {CONNECT_TIMEOUT:g} s"
     cause: BaseException = error
     if isinstance(error, sa.exc.DBAPIError) and error.orig is not None:
         # asyncpg's and aiosqlite's errors come wrapped twice: take the innermost.
@@ -490,10 +492,11 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
         """Connects and brings the schema up to date; a StoreOpenError says why it cannot."""
         url = _async_url(self.url)
         shown = url.render_as_string(hide_password=True)
-        connect_args: dict[str, Any] = {}
+        options: dict[str, Any] = {}
         if url.get_backend_name() == "postgresql":
-            connect_args["timeout"] = CONNECT_TIMEOUT
-        self._engine = create_async_engine(url, connect_args=connect_args)
+            # A connection PostgreSQL dropped (a restart, a failover) is replaced on checkout.
+            options = {"connect_args": {"timeout": CONNECT_TIMEOUT}, "pool_pre_ping": True}
+        self._engine = create_async_engine(url, **options)
         if url.get_backend_name() == "sqlite":
             sa.event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
         try:
@@ -900,7 +903,7 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
 
     async def list_tokens(self) -> list[TokenRecord]:
         async with self.engine.connect() as conn:
-            rows = await conn.execute(tokens.select().order_by(tokens.c.create_time))
+            rows = await conn.execute(tokens.select().order_by(tokens.c.create_time, tokens.c.id))
             return [
                 TokenRecord(
                     id=r.id,
@@ -1123,7 +1126,7 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
             rows = await conn.execute(
                 sa.select(rollouts.c.id)
                 .where(rollouts.c.state == str(RolloutState.RUNNING))
-                .order_by(rollouts.c.create_time)
+                .order_by(rollouts.c.create_time, rollouts.c.id)
             )
             return [r.id for r in rows]
 
