@@ -322,6 +322,7 @@ async def test_a_database_of_a_newer_server_is_refused(database_url: str) -> Non
         ("mysql+aiomysql://u:secret@db/docket", "unsupported database URL"),
         ("postgresql+psycopg2://u@db/docket", "unsupported database driver"),
         ("not a url", "invalid database URL"),
+        ("sqlite+aiosqlite:////nonexistent/docket.db", "no directory /nonexistent"),
     ],
 )
 async def test_a_database_url_it_cannot_use_is_refused(url: str, message: str) -> None:

@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -492,6 +493,10 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
         """Connects and brings the schema up to date; a StoreOpenError says why it cannot."""
         url = _async_url(self.url)
         shown = url.render_as_string(hide_password=True)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            folder = Path(url.database).parent
+            if not folder.is_dir():
+                raise StoreOpenError(f"cannot open the database {shown}: no directory {folder}")
         options: dict[str, Any] = {}
         if url.get_backend_name() == "postgresql":
             # A connection PostgreSQL dropped (a restart, a failover) is replaced on checkout.
