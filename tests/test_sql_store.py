@@ -34,6 +34,7 @@ from docket_server.store import migrations, sql
 from docket_server.store.migrations import legacy
 from docket_server.store.sql import SqlMetadataStore, StoreOpenError
 
+DATA = Path(__file__).parent / "data"
 # What schema_migrations holds once Alembic has a database: the hand-written 1-7, then 8.
 ADOPTED = list(range(1, len(legacy.MIGRATIONS) + 2))
 
@@ -214,56 +215,70 @@ async def _open_close(url: str) -> None:
 
 
 def test_a_version_7_database_is_adopted_by_alembic_with_its_rows(tmp_path: Path) -> None:
-    """The database of the last server before Alembic, with an image, a rollout, a token, an
-    agent and an audit entry, opens with every row and at Alembic's newest revision."""
+    """The database the last server before Alembic wrote (tests/data/docket-v7.sql: an image
+    tagged twice, a finished rollout, a token, an enrolled agent, an agent, an audit entry, a
+    pull) opens with every row as it was, at Alembic's newest revision, and with the schema
+    the code declares."""
     db = tmp_path / "docket.db"
-    url = f"sqlite+aiosqlite:///{db}"
-    hand_written_db(db, 7)
-    manifest, blobs = _manifest("app")
-    rollout = _rollout("r7", manifest)
-    token = TokenRecord("t7", "h" * 64, Role.OPERATOR, "ci", now(), None, groups=("g1",))
-
-    async def write() -> None:
-        # The store's writes, on the hand-written schema as it was (no open(): no Alembic).
-        store = SqlMetadataStore(url)
-        store._engine = create_async_engine(url)
-        try:
-            for blob in blobs:
-                await store.add_blob(blob)
-            await store.put_manifest(manifest, "1")
-            await store.save_rollout_changes(
-                [rollout],
-                list(rollout.tasks.values()),
-                [("r7", RolloutRecord(now(), "h1", TaskState.SUCCEEDED, None, "done"))],
-            )
-            await store.save_token(token)
-            await store.upsert_agent(_agent("h1"))
-            await store.add_audit(AuditEntry(now(), "admin", "CreateRollout", "r7", "ok", "p"))
-        finally:
-            await store.close()
-
-    asyncio.run(write())
     with sqlite3.connect(db) as conn:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert "alembic_version" not in tables
+        conn.executescript((DATA / "docket-v7.sql").read_text())
+    conn.close()
+    url = f"sqlite+aiosqlite:///{db}"
+    when = datetime(2026, 11, 30, 12, 0, 0, 250000, tzinfo=UTC)
 
     async def check() -> None:
         store = SqlMetadataStore(url)
         await store.open()
         try:
-            found = await store.resolve_tag("app", "1")
+            found = await store.resolve_tag("app", "latest")
             assert found is not None
-            assert found.digest == manifest.digest
-            assert found.content == manifest.content
-            assert [b.digest for b in await store.list_blobs()] == sorted(b.digest for b in blobs)
-            loaded = await store.load_rollout("r7")
-            assert loaded is not None
-            assert loaded.state is RolloutState.SUCCEEDED
-            assert {t.agent: t.bittorrent_bytes for t in loaded.tasks.values()} == {"h1": 1000}
-            assert [r.message for r in await store.list_records("r7")] == ["done"]
-            assert [(t.id, t.groups) for t in await store.list_tokens()] == [("t7", ("g1",))]
-            assert [a.name for a in await store.list_agents()] == ["h1"]
-            assert [e.target for e in await store.list_audit(None, 0, 10)] == ["r7"]
+            assert [d.digest for d in found.layers] == ["sha256:" + "a" * 64]
+            assert sha256_digest(found.content) == found.digest
+            assert (found.create_time, found.build_time) == (when, when - timedelta(days=1))
+            assert await store.tags_of("app", found.digest) == ["1", "latest"]
+            assert len(await store.list_blobs()) == 2
+            rollout = await store.load_rollout("r1")
+            assert rollout is not None
+            assert (rollout.state, rollout.create_time) == (RolloutState.SUCCEEDED, when)
+            assert rollout.image.digest == found.digest
+            [task] = rollout.tasks.values()
+            assert (task.agent, task.state, task.bittorrent_bytes) == (
+                "h1",
+                TaskState.SUCCEEDED,
+                2 * 1024 * 1024,
+            )
+            records = await store.list_records("r1")
+            assert [(r.agent, r.task_state, r.rollout_state) for r in records] == [
+                ("", None, RolloutState.RUNNING),
+                ("h1", TaskState.PENDING, None),
+                ("h1", TaskState.SUCCEEDED, None),
+                ("", None, RolloutState.SUCCEEDED),
+            ]
+            [token] = await store.list_tokens()
+            assert (token.id, token.role, token.uses, token.groups) == (
+                "0123456789ab",
+                Role.AGENT,
+                1,
+                ("web",),
+            )
+            assert token.expire_time == when + timedelta(days=7)
+            [identity] = await store.list_identities()
+            assert (identity.name, identity.groups, identity.labels) == ("h1", ("web",), None)
+            [agent] = await store.list_agents()
+            assert (agent.name, agent.state, agent.info.platform) == (
+                "h1",
+                AgentState.OFFLINE,
+                "linux/amd64",
+            )
+            [entry] = await store.list_audit(None, 0, 10)
+            assert (entry.actor, entry.target, entry.time) == ("admin", "app:1", when)
+            [pull] = await store.list_pulls(None, 0, 10)
+            assert (pull.id, pull.image_name, pull.task.server_bytes) == ("p1", "app:1", 10)
+            async with store.engine.connect() as conn:
+                diffs = await conn.run_sync(
+                    lambda sync: compare_metadata(MigrationContext.configure(sync), sql.meta)
+                )
+            assert diffs == []
         finally:
             await store.close()
 
@@ -271,6 +286,7 @@ def test_a_version_7_database_is_adopted_by_alembic_with_its_rows(tmp_path: Path
     with sqlite3.connect(db) as conn:
         versions = sorted(v for (v,) in conn.execute("SELECT version FROM schema_migrations"))
         revisions = [r for (r,) in conn.execute("SELECT version_num FROM alembic_version")]
+    conn.close()
     assert versions == ADOPTED
     assert revisions == [head()]
 
