@@ -321,6 +321,32 @@ async def test_the_revisions_make_the_schema_the_code_declares(database_url: str
     assert revisions == (head(),)
 
 
+async def test_servers_starting_at_once_on_a_new_postgresql_database_both_serve(
+    postgres_url: str,
+) -> None:
+    """Two stores opening one new database together: one migrates while the other waits
+    (an advisory lock), then finds it at head; neither fails on the other's tables."""
+    stores = [SqlMetadataStore(postgres_url) for _ in range(3)]
+    try:
+        await asyncio.gather(*(s.open() for s in stores))
+        for store in stores:
+            assert await store.list_agents() == []
+    finally:
+        for store in stores:
+            await store.close()
+    assert await rows_of(postgres_url, "SELECT version_num FROM alembic_version") == [(head(),)]
+
+
+async def rows_of(url: str, query: str) -> list[tuple[Any, ...]]:
+    """The rows of one query, read on a connection of its own."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return [tuple(r) for r in await conn.execute(sa.text(query))]
+    finally:
+        await engine.dispose()
+
+
 async def test_a_database_of_a_newer_server_is_refused(database_url: str) -> None:
     await _open_close(database_url)
     store = SqlMetadataStore(database_url)

@@ -454,7 +454,11 @@ def _reason(error: BaseException) -> str:
 
 def _upgrade_schema(sync: sa.Connection) -> None:
     """Upgrades the database on ``sync`` to the newest Alembic revision; refuses one at a
-    revision this code does not have (a newer server wrote it)."""
+    revision this code does not have (a newer server wrote it).
+
+    Alembic keeps the running migration in module globals (``alembic.context``, ``op``): one
+    at a time per process. On PostgreSQL the advisory lock taken first sees to that; stores
+    on SQLite are opened one after another."""
     config = Config()
     config.set_main_option("script_location", str(migrations.DIRECTORY))
     config.attributes["connection"] = sync
