@@ -1,12 +1,14 @@
 """The metadata schema's Alembic migrations, run by ``SqlMetadataStore.open()``.
 
-A new revision (after changing the tables in docket_server/store/sql.py)::
+A new revision, after changing the tables in docket_server/store/sql.py (``-x url=`` names a
+database at the current head, e.g. one a server just made)::
 
-    alembic -c docket_server/store/migrations/alembic.ini revision --autogenerate \
-        -x url=sqlite+aiosqlite:///path/to/a/current.db -m "what changes"
+    alembic -c docket_server/store/migrations/alembic.ini -x url=sqlite+aiosqlite:///x.db \
+        revision --autogenerate --rev-id 0003 -m "what changes"
 
-Alembic writes it under versions/; read it, name it ``revNNNN_what.py``, and keep it working
-on both SQLite (batch mode: ALTER goes through a copy of the table) and PostgreSQL.
+Alembic writes versions/rev0003_what_changes.py: read it, and keep it working on SQLite (batch
+mode: an ALTER goes through a copy of the table) and on PostgreSQL. ``alembic ... check`` says
+whether a database matches the tables; tests/test_sql_store.py checks both databases.
 """
 
 from pathlib import Path

@@ -1,7 +1,7 @@
 """The schema as the hand-written migrations left it (version 7), and those migrations.
 
 Before Alembic, ``SqlMetadataStore.open()`` applied MIGRATIONS in order and recorded each in
-``schema_migrations``. The first Alembic revision runs them (versions/0001_hand_written.py):
+``schema_migrations``. The first Alembic revision runs them (versions/rev0001_hand_written.py):
 a new database gets all seven, an older one the ones it lacks. The tables here are a frozen
 copy of version 7: the live schema (docket_server/store/sql.py) changes by later revisions,
 never by editing these.
