@@ -99,7 +99,9 @@ def default_data_dir() -> Path:
 @click.option(
     "--database-url",
     default=None,
-    help="SQLAlchemy URL of the metadata database (default: SQLite in the data dir).",
+    help="The metadata database: postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DATABASE or "
+    "sqlite+aiosqlite:///PATH (default: docket.db in the data dir). Its schema is migrated at "
+    "start; blobs stay in the data dir.",
 )
 @click.option(
     "--agent-listen",

@@ -7,9 +7,13 @@ Sections (append new fixtures to the section they belong to, or add a section):
 3. Docket server: a real docket-server process per test (`server`).
 4. Agents: agents started by a test (`agents`), and three engines for agent hosts
    (`agent_engines`, once per session).
+5. Databases: a private PostgreSQL once per session (`postgres`), a fresh database on it per
+   test (`postgres_url`), and `database_url`: each test using it runs on SQLite and on
+   PostgreSQL.
 
 Tests that use these must be marked ``@pytest.mark.docker``. Without dockerd (or root) they
 are skipped, except under CI (the ``CI`` environment variable set), where that is an error.
+The same goes for PostgreSQL.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from tests.support.agents import AgentProcess, StartAgent
 from tests.support.dockerd import DockerEngine, docker_unavailable_reason
 from tests.support.images import ImagePair, make_image_pair
 from tests.support.netns import running_under_ci
+from tests.support.postgres import PostgresServer, postgres_unavailable_reason
 from tests.support.server import REGISTRY_AUTH_ENV, ServerProcess
 
 
@@ -118,3 +123,35 @@ def agents(tmp_path: Path) -> Iterator[StartAgent]:
     yield start
     for agent in started:
         agent.stop()
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Databases
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A private PostgreSQL server for the whole session (initdb in a temp dir)."""
+    reason = postgres_unavailable_reason()
+    if reason is not None:
+        if running_under_ci():
+            pytest.fail(f"CI needs PostgreSQL for these tests: {reason}", pytrace=False)
+        pytest.skip(reason)
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> str:
+    """The SQLAlchemy URL of a new, empty database on the session's PostgreSQL."""
+    return postgres.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty metadata database: a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'docket.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url

@@ -446,13 +446,14 @@ def test_database_newer_than_the_server_is_refused(server: ServerProcess) -> Non
 
     assert server.stop() == 0
     with sqlite3.connect(server.data_dir / "docket.db") as db:
-        db.execute("INSERT INTO schema_migrations VALUES (99, '2030-01-01')")
+        (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
+        db.execute("UPDATE alembic_version SET version_num = 'f00dfeed'")  # a newer server's
     db.close()
     with pytest.raises(RuntimeError, match="exited early"):
         server.start(timeout=15)
     assert "newer than this server" in server.log_tail()
     with sqlite3.connect(server.data_dir / "docket.db") as db:
-        db.execute("DELETE FROM schema_migrations WHERE version = 99")
+        db.execute("UPDATE alembic_version SET version_num = ?", (revision,))
     db.close()
     server.start()
 

@@ -1,21 +1,31 @@
-"""The metadata store on SQLAlchemy: SQLite under the data dir today, PostgreSQL by URL later.
+"""The metadata store on SQLAlchemy: SQLite (aiosqlite) in the data dir by default, or
+PostgreSQL (asyncpg) named by ``--database-url``; the same queries on both.
 
-The schema is brought up to date at open by MIGRATIONS, applied in order and recorded in the
-``schema_migrations`` table; a database newer than this code is refused.
+``open()`` brings the schema up to date with the Alembic revisions in migrations/versions
+(the first one applies the hand-written migrations of servers from before Alembic); a
+database at a revision this code does not know is refused. Writes that may meet another
+writer's row (the same blob, tag, agent or rollout) are upserts in the database's own
+``INSERT ... ON CONFLICT``, so no two transactions race between a read and an insert.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from docket_common.digest import sha256_digest
-from docket_common.manifest import OCI_MANIFEST, Platform, oci_manifest
+from docket_common.manifest import Platform
 from docket_common.torrent import TorrentInfo
 from docket_server.domain.fleet import AgentInfo, AgentRecord, AgentState, FleetStore
 from docket_server.domain.models import (
@@ -35,6 +45,7 @@ from docket_server.domain.security import (
     SecurityStore,
     TokenRecord,
 )
+from docket_server.store import migrations
 from docket_server.store.metadata import (
     DeleteResult,
     ManifestInUseError,
@@ -44,54 +55,52 @@ from docket_server.store.metadata import (
     Tagged,
 )
 
+
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """A point in time, stored as UTC and read back aware (in UTC) on every database: SQLite
+    keeps no offset (SQLAlchemy writes a datetime's wall time), PostgreSQL a timestamptz.
+    A naive datetime is taken to be UTC."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        return _utc(value)
+
+
+def _string(length: int) -> sa.types.TypeEngine[str]:
+    """VARCHAR(length) on SQLite, which holds longer strings all the same; TEXT on PostgreSQL,
+    which would refuse them (revision 0002): names, versions and media types that pushes and
+    agents send are kept whole on both."""
+    return sa.String(length).with_variant(sa.Text(), "postgresql")
+
+
 meta = sa.MetaData()
 
 schema_migrations = sa.Table(
     "schema_migrations",
     meta,
     sa.Column("version", sa.Integer, primary_key=True),
-    sa.Column("apply_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("apply_time", UtcDateTime(), nullable=False),
 )
 
 blobs = sa.Table(
     "blobs",
     meta,
-    sa.Column("digest", sa.String(71), primary_key=True),
+    sa.Column("digest", _string(71), primary_key=True),
     sa.Column("size_bytes", sa.BigInteger, nullable=False),
-    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("create_time", UtcDateTime(), nullable=False),
     sa.Column("metainfo", sa.LargeBinary, nullable=True),
-    sa.Column("info_hash", sa.String(40), nullable=True),
+    sa.Column("info_hash", _string(40), nullable=True),
     sa.Column("piece_length", sa.Integer, nullable=True),
     sa.Column("piece_count", sa.Integer, nullable=True),
-)
-
-# Before migration 5 an image was a tag and its config and layers; it is now a tag pointing at a
-# manifest. These two tables are what migration 1 made and migration 5 reads and drops.
-_legacy = sa.MetaData()
-legacy_images = sa.Table(
-    "images",
-    _legacy,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("repository", sa.String(255), nullable=False),
-    sa.Column("tag", sa.String(128), nullable=False),
-    sa.Column("digest", sa.String(71), nullable=False, index=True),
-    sa.Column("config_digest", sa.String(71), nullable=False),
-    sa.Column("config_size_bytes", sa.BigInteger, nullable=False),
-    sa.Column("config_media_type", sa.String(255), nullable=False),
-    sa.Column("diff_ids", sa.Text, nullable=False),
-    sa.Column("build_time", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("platform", sa.String(64), nullable=False),
-    sa.UniqueConstraint("repository", "tag", name="uq_images_name"),
-)
-legacy_image_layers = sa.Table(
-    "image_layers",
-    _legacy,
-    sa.Column("image_id", sa.Integer, primary_key=True),
-    sa.Column("position", sa.Integer, primary_key=True),
-    sa.Column("digest", sa.String(71), nullable=False, index=True),
-    sa.Column("size_bytes", sa.BigInteger, nullable=False),
-    sa.Column("media_type", sa.String(255), nullable=False),
 )
 
 # A manifest, stored in one repository: its exact bytes and what the registry read from them.
@@ -99,21 +108,21 @@ manifests = sa.Table(
     "manifests",
     meta,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("repository", sa.String(255), nullable=False),
-    sa.Column("digest", sa.String(71), nullable=False),
-    sa.Column("media_type", sa.String(255), nullable=False),
+    sa.Column("repository", _string(255), nullable=False),
+    sa.Column("digest", _string(71), nullable=False),
+    sa.Column("media_type", _string(255), nullable=False),
     sa.Column("content", sa.LargeBinary, nullable=False),
-    sa.Column("config_digest", sa.String(71), sa.ForeignKey("blobs.digest"), nullable=True),
+    sa.Column("config_digest", _string(71), sa.ForeignKey("blobs.digest"), nullable=True),
     sa.Column("config_size_bytes", sa.BigInteger, nullable=True),
-    sa.Column("config_media_type", sa.String(255), nullable=True),
+    sa.Column("config_media_type", _string(255), nullable=True),
     sa.Column("diff_ids", sa.Text, nullable=False),
-    sa.Column("build_time", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("platform", sa.String(128), nullable=False),
-    sa.Column("artifact_type", sa.String(255), nullable=False),
-    sa.Column("subject_digest", sa.String(71), nullable=True),
+    sa.Column("build_time", UtcDateTime(), nullable=True),
+    sa.Column("platform", _string(128), nullable=False),
+    sa.Column("artifact_type", _string(255), nullable=False),
+    sa.Column("subject_digest", _string(71), nullable=True),
     sa.Column("subject_size_bytes", sa.BigInteger, nullable=True),
-    sa.Column("subject_media_type", sa.String(255), nullable=True),
-    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("subject_media_type", _string(255), nullable=True),
+    sa.Column("create_time", UtcDateTime(), nullable=False),
     sa.UniqueConstraint("repository", "digest", name="uq_manifests_digest"),
     sa.Index("ix_manifests_subject", "repository", "subject_digest"),
     sa.Index("ix_manifests_config", "config_digest"),
@@ -129,9 +138,9 @@ manifest_layers = sa.Table(
         primary_key=True,
     ),
     sa.Column("position", sa.Integer, primary_key=True),
-    sa.Column("digest", sa.String(71), sa.ForeignKey("blobs.digest"), nullable=False, index=True),
+    sa.Column("digest", _string(71), sa.ForeignKey("blobs.digest"), nullable=False, index=True),
     sa.Column("size_bytes", sa.BigInteger, nullable=False),
-    sa.Column("media_type", sa.String(255), nullable=False),
+    sa.Column("media_type", _string(255), nullable=False),
 )
 
 # An index's entries: each names a manifest of the same repository (which must exist first).
@@ -146,20 +155,20 @@ manifest_children = sa.Table(
     ),
     sa.Column("position", sa.Integer, primary_key=True),
     sa.Column("child_id", sa.Integer, sa.ForeignKey("manifests.id"), nullable=False, index=True),
-    sa.Column("digest", sa.String(71), nullable=False),
+    sa.Column("digest", _string(71), nullable=False),
     sa.Column("size_bytes", sa.BigInteger, nullable=False),
-    sa.Column("media_type", sa.String(255), nullable=False),
-    sa.Column("platform", sa.String(128), nullable=True),
-    sa.Column("artifact_type", sa.String(255), nullable=False),
+    sa.Column("media_type", _string(255), nullable=False),
+    sa.Column("platform", _string(128), nullable=True),
+    sa.Column("artifact_type", _string(255), nullable=False),
 )
 
 tags = sa.Table(
     "tags",
     meta,
-    sa.Column("repository", sa.String(255), primary_key=True),
-    sa.Column("tag", sa.String(128), primary_key=True),
+    sa.Column("repository", _string(255), primary_key=True),
+    sa.Column("tag", _string(128), primary_key=True),
     sa.Column("manifest_id", sa.Integer, sa.ForeignKey("manifests.id"), nullable=False, index=True),
-    sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("update_time", UtcDateTime(), nullable=False),
 )
 
 # Blobs no manifest uses any more but that a rollout in flight still fetched when their last
@@ -167,72 +176,70 @@ tags = sa.Table(
 deferred_blob_deletes = sa.Table(
     "deferred_blob_deletes",
     meta,
-    sa.Column("digest", sa.String(71), primary_key=True),
-    sa.Column("defer_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("digest", _string(71), primary_key=True),
+    sa.Column("defer_time", UtcDateTime(), nullable=False),
 )
 
 
 agents = sa.Table(
     "agents",
     meta,
-    sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("agent_id", sa.String(64), nullable=False),
+    sa.Column("name", _string(64), primary_key=True),
+    sa.Column("agent_id", _string(64), nullable=False),
     sa.Column("groups", sa.Text, nullable=False),
     sa.Column("labels", sa.Text, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("version", sa.String(64), nullable=False),
-    sa.Column("peer_address", sa.String(255), nullable=False),
-    sa.Column("bt_endpoint", sa.String(255), nullable=False),
-    sa.Column("docker_version", sa.String(64), nullable=False),
+    sa.Column("state", _string(16), nullable=False),
+    sa.Column("version", _string(64), nullable=False),
+    sa.Column("peer_address", _string(255), nullable=False),
+    sa.Column("bt_endpoint", _string(255), nullable=False),
+    sa.Column("docker_version", _string(64), nullable=False),
     sa.Column("docker_error", sa.Text, nullable=False),
     sa.Column("disk_free_bytes", sa.BigInteger, nullable=False),
     sa.Column("cached_digests", sa.Text, nullable=False),
-    sa.Column("connect_time", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("last_seen_time", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("connect_time", UtcDateTime(), nullable=False),
+    sa.Column("last_seen_time", UtcDateTime(), nullable=False),
+    sa.Column("create_time", UtcDateTime(), nullable=False),
     # Added by migration 5.
-    sa.Column("platform", sa.String(128), nullable=False, server_default=""),
+    sa.Column("platform", _string(128), nullable=False, server_default=""),
 )
 
 
 rollouts = sa.Table(
     "rollouts",
     meta,
-    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("id", _string(32), primary_key=True),
     sa.Column("image", sa.Text, nullable=False),  # the image as it was (JSON)
     sa.Column("selector", sa.Text, nullable=False),
     sa.Column("prefetch_only", sa.Boolean, nullable=False),
     sa.Column("canary", sa.Integer, nullable=False),
     sa.Column("max_parallel", sa.Integer, nullable=False),
     sa.Column("max_failures", sa.Integer, nullable=False),
-    sa.Column("deadline_time", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("deadline_time", UtcDateTime(), nullable=False),
+    sa.Column("state", _string(16), nullable=False, index=True),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("cancelled", sa.Boolean, nullable=False),
-    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, index=True),
-    sa.Column("end_time", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("create_time", UtcDateTime(), nullable=False, index=True),
+    sa.Column("end_time", UtcDateTime(), nullable=True),
 )
 
 rollout_tasks = sa.Table(
     "rollout_tasks",
     meta,
-    sa.Column("order_id", sa.String(32), primary_key=True),
-    sa.Column(
-        "rollout_id", sa.String(32), sa.ForeignKey("rollouts.id"), nullable=False, index=True
-    ),
-    sa.Column("agent", sa.String(64), nullable=False),
+    sa.Column("order_id", _string(32), primary_key=True),
+    sa.Column("rollout_id", _string(32), sa.ForeignKey("rollouts.id"), nullable=False, index=True),
+    sa.Column("agent", _string(64), nullable=False),
     sa.Column("load", sa.Boolean, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("state", _string(16), nullable=False),
     sa.Column("error", sa.Text, nullable=False),
-    sa.Column("image_id", sa.String(71), nullable=False),
+    sa.Column("image_id", _string(71), nullable=False),
     sa.Column("cached_bytes", sa.BigInteger, nullable=False),
     sa.Column("bittorrent_bytes", sa.BigInteger, nullable=False),
     sa.Column("server_bytes", sa.BigInteger, nullable=False),
     sa.Column("fallback_bytes", sa.BigInteger, nullable=False),
-    sa.Column("start_time", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("start_time", UtcDateTime(), nullable=True),
     # Added by migration 4.
     sa.Column("first_piece_bytes", sa.BigInteger, nullable=False, server_default="0"),
-    sa.Column("end_time", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("end_time", UtcDateTime(), nullable=True),
     # Added by migration 5: the image this host gets when it is not the rollout's own (the
     # platform's image of a multi-platform index), as JSON.
     sa.Column("image", sa.Text, nullable=True),
@@ -242,13 +249,11 @@ rollout_records = sa.Table(
     "rollout_records",
     meta,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column(
-        "rollout_id", sa.String(32), sa.ForeignKey("rollouts.id"), nullable=False, index=True
-    ),
-    sa.Column("record_time", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("agent", sa.String(64), nullable=False),
-    sa.Column("task_state", sa.String(16), nullable=True),
-    sa.Column("rollout_state", sa.String(16), nullable=True),
+    sa.Column("rollout_id", _string(32), sa.ForeignKey("rollouts.id"), nullable=False, index=True),
+    sa.Column("record_time", UtcDateTime(), nullable=False),
+    sa.Column("agent", _string(64), nullable=False),
+    sa.Column("task_state", _string(16), nullable=True),
+    sa.Column("rollout_state", _string(16), nullable=True),
     sa.Column("message", sa.Text, nullable=False),
 )
 
@@ -257,20 +262,20 @@ rollout_records = sa.Table(
 pulls = sa.Table(
     "pulls",
     meta,
-    sa.Column("id", sa.String(32), primary_key=True),
-    sa.Column("agent", sa.String(64), nullable=False, index=True),
+    sa.Column("id", _string(32), primary_key=True),
+    sa.Column("agent", _string(64), nullable=False, index=True),
     sa.Column("image_name", sa.Text, nullable=False),
     sa.Column("image", sa.Text, nullable=False),  # the image pulled (JSON): digests and sizes
-    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("state", _string(16), nullable=False, index=True),
     sa.Column("error", sa.Text, nullable=False),
     sa.Column("cached_bytes", sa.BigInteger, nullable=False),
     sa.Column("bittorrent_bytes", sa.BigInteger, nullable=False),
     sa.Column("server_bytes", sa.BigInteger, nullable=False),
     sa.Column("first_piece_bytes", sa.BigInteger, nullable=False),
     sa.Column("fallback_bytes", sa.BigInteger, nullable=False),
-    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, index=True),
-    sa.Column("start_time", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("end_time", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("create_time", UtcDateTime(), nullable=False, index=True),
+    sa.Column("start_time", UtcDateTime(), nullable=True),
+    sa.Column("end_time", UtcDateTime(), nullable=True),
 )
 
 
@@ -278,174 +283,52 @@ pulls = sa.Table(
 tokens = sa.Table(
     "tokens",
     meta,
-    sa.Column("id", sa.String(32), primary_key=True),
-    sa.Column("secret_hash", sa.String(64), nullable=False),
-    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("id", _string(32), primary_key=True),
+    sa.Column("secret_hash", _string(64), nullable=False),
+    sa.Column("role", _string(16), nullable=False),
     sa.Column("description", sa.Text, nullable=False),
-    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("expire_time", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("create_time", UtcDateTime(), nullable=False),
+    sa.Column("expire_time", UtcDateTime(), nullable=True),
     sa.Column("max_uses", sa.Integer, nullable=False),
     sa.Column("uses", sa.Integer, nullable=False),
     sa.Column("groups", sa.Text, nullable=False),  # JSON
     sa.Column("labels", sa.Text, nullable=False),  # JSON
     sa.Column("revoked", sa.Boolean, nullable=False),
-    sa.Column("creator", sa.String(64), nullable=False),
+    sa.Column("creator", _string(64), nullable=False),
 )
 
 agent_identities = sa.Table(
     "agent_identities",
     meta,
-    sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("key_hash", sa.String(71), nullable=False),
+    sa.Column("name", _string(64), primary_key=True),
+    sa.Column("key_hash", _string(71), nullable=False),
     sa.Column("serials", sa.Text, nullable=False),  # JSON: the certificates issued to it
     sa.Column("groups", sa.Text, nullable=True),  # JSON; NULL: any
     sa.Column("labels", sa.Text, nullable=True),
-    sa.Column("token_id", sa.String(32), nullable=False),
-    sa.Column("enroll_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("token_id", _string(32), nullable=False),
+    sa.Column("enroll_time", UtcDateTime(), nullable=False),
 )
 
 audit_records = sa.Table(
     "audit_records",
     meta,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("record_time", sa.DateTime(timezone=True), nullable=False, index=True),
-    sa.Column("actor", sa.String(128), nullable=False),
-    sa.Column("action", sa.String(255), nullable=False),
+    sa.Column("record_time", UtcDateTime(), nullable=False, index=True),
+    sa.Column("actor", _string(128), nullable=False),
+    sa.Column("action", _string(255), nullable=False),
     sa.Column("target", sa.Text, nullable=False),
     sa.Column("outcome", sa.Text, nullable=False),
-    sa.Column("peer", sa.String(255), nullable=False),
+    sa.Column("peer", _string(255), nullable=False),
 )
 
 
-async def _migration_1(conn: AsyncConnection) -> None:
-    def create(sync: sa.Connection) -> None:
-        meta.create_all(sync, tables=[blobs])
-        _legacy.create_all(sync, tables=[legacy_images, legacy_image_layers])
-
-    await conn.run_sync(create)
-
-
-async def _migration_2(conn: AsyncConnection) -> None:
-    await conn.run_sync(lambda sync: meta.create_all(sync, tables=[agents]))
-
-
-async def _migration_3(conn: AsyncConnection) -> None:
-    await conn.run_sync(
-        lambda sync: meta.create_all(sync, tables=[rollouts, rollout_tasks, rollout_records])
-    )
-
-
-async def _migration_4(conn: AsyncConnection) -> None:
-    """rollout_tasks.first_piece_bytes (migration 3 creates it on a new database)."""
-
-    def add(sync: sa.Connection) -> None:
-        columns = {c["name"] for c in sa.inspect(sync).get_columns("rollout_tasks")}
-        if "first_piece_bytes" not in columns:
-            sync.execute(
-                sa.text(
-                    "ALTER TABLE rollout_tasks"
-                    " ADD COLUMN first_piece_bytes BIGINT NOT NULL DEFAULT 0"
-                )
-            )
-
-    await conn.run_sync(add)
-
-
-def _add_column(sync: sa.Connection, table: str, column: str, ddl: str) -> None:
-    if column not in {c["name"] for c in sa.inspect(sync).get_columns(table)}:
-        sync.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
-
-
-async def _migration_5(conn: AsyncConnection) -> None:
-    """Manifests: every image becomes the manifest Docket wrote for it (the same bytes, so the
-    same digest) and a tag; agents get a platform, rollout tasks an image of their own."""
-
-    def migrate(sync: sa.Connection) -> None:
-        meta.create_all(
-            sync,
-            tables=[manifests, manifest_layers, manifest_children, tags, deferred_blob_deletes],
-        )
-        _add_column(sync, "agents", "platform", "VARCHAR(128) NOT NULL DEFAULT ''")
-        _add_column(sync, "rollout_tasks", "image", "TEXT")
-        if not sa.inspect(sync).has_table("images"):
-            return
-        layer_rows: dict[int, list[Descriptor]] = {}
-        for lr in sync.execute(
-            legacy_image_layers.select().order_by(
-                legacy_image_layers.c.image_id, legacy_image_layers.c.position
-            )
-        ):
-            layer_rows.setdefault(lr.image_id, []).append(
-                Descriptor(lr.digest, lr.size_bytes, lr.media_type)
-            )
-        ids: dict[tuple[str, str], int] = {}
-        for row in sync.execute(legacy_images.select().order_by(legacy_images.c.id)):
-            config = Descriptor(row.config_digest, row.config_size_bytes, row.config_media_type)
-            layers = layer_rows.get(row.id, [])
-            content = oci_manifest(config, layers)
-            digest = sha256_digest(content)
-            key = (row.repository, digest)
-            if key not in ids:
-                ids[key] = _insert_manifest(
-                    sync,
-                    Manifest(
-                        repository=row.repository,
-                        digest=digest,
-                        media_type=OCI_MANIFEST,
-                        content=content,
-                        config=config,
-                        layers=tuple(layers),
-                        children=(),
-                        subject=None,
-                        artifact_type=config.media_type,
-                        diff_ids=tuple(json.loads(row.diff_ids)),
-                        build_time=row.build_time,
-                        platform=row.platform,
-                        create_time=row.create_time,
-                    ),
-                    {},
-                )
-            sync.execute(
-                tags.insert().values(
-                    repository=row.repository,
-                    tag=row.tag,
-                    manifest_id=ids[key],
-                    update_time=row.create_time,
-                )
-            )
-        legacy_image_layers.drop(sync)
-        legacy_images.drop(sync)
-
-    await conn.run_sync(migrate)
-
-
-async def _migration_6(conn: AsyncConnection) -> None:
-    await conn.run_sync(lambda sync: meta.create_all(sync, tables=[pulls]))
-
-
-async def _migration_7(conn: AsyncConnection) -> None:
-    await conn.run_sync(
-        lambda sync: meta.create_all(sync, tables=[tokens, agent_identities, audit_records])
-    )
-
-
-Migration = Callable[[AsyncConnection], Awaitable[None]]
-MIGRATIONS: list[Migration] = [
-    _migration_1,
-    _migration_2,
-    _migration_3,
-    _migration_4,
-    _migration_5,
-    _migration_6,
-    _migration_7,
-]
-
-
 def _insert_manifest(sync: sa.Connection, m: Manifest, child_ids: dict[str, int]) -> int:
-    """Inserts a manifest's rows; returns its id. ``child_ids`` maps an index's children's
+    """Inserts a manifest's rows unless its repository has it already (also when another
+    writer puts it meanwhile); returns its id. ``child_ids`` maps an index's children's
     digests to their ids."""
-    result = sync.execute(
-        manifests.insert().values(
+    insert = _insert_for(sync.dialect, manifests)
+    inserted = sync.execute(
+        insert.values(
             repository=m.repository,
             digest=m.digest,
             media_type=m.media_type,
@@ -462,8 +345,18 @@ def _insert_manifest(sync: sa.Connection, m: Manifest, child_ids: dict[str, int]
             subject_media_type=m.subject.media_type if m.subject else None,
             create_time=m.create_time,
         )
-    )
-    manifest_id = int(result.inserted_primary_key[0])  # type: ignore[index]
+        .on_conflict_do_nothing(index_elements=[manifests.c.repository, manifests.c.digest])
+        .returning(manifests.c.id)
+    ).first()
+    if inserted is None:
+        return int(
+            sync.execute(
+                sa.select(manifests.c.id).where(
+                    (manifests.c.repository == m.repository) & (manifests.c.digest == m.digest)
+                )
+            ).scalar_one()
+        )
+    manifest_id = int(inserted.id)
     if m.layers:
         sync.execute(
             manifest_layers.insert(),
@@ -499,10 +392,94 @@ def _insert_manifest(sync: sa.Connection, m: Manifest, child_ids: dict[str, int]
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes: they were stored as UTC."""
+    """``value`` in UTC; a naive one (SQLite hands them back) was stored as UTC."""
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    return value
+    return None if value is None else value.astimezone(UTC)
+
+
+# How long connecting to PostgreSQL may take before open() gives up.
+CONNECT_TIMEOUT = 15.0
+# The advisory lock PostgreSQL migrations hold (an arbitrary number: "dockt" in ASCII).
+MIGRATION_LOCK = 0x646F636B74
+
+# What --database-url may name: the backend, and the async driver used for it.
+DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
+
+
+class StoreOpenError(RuntimeError):
+    """The database cannot be used: a bad URL, unreachable, refused, or too new."""
+
+
+def _async_url(text: str) -> sa.URL:
+    """The URL, with the async driver where it names none (``postgresql://``) and asyncpg's
+    ``ssl`` for libpq's ``sslmode``; refuses any other database or driver."""
+    try:
+        url = sa.make_url(text)
+    except sa.exc.ArgumentError as e:
+        shown = re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", text)  # no password in logs
+        raise StoreOpenError(f"invalid database URL {shown!r}: {e}") from None
+    backend = "postgresql" if url.get_backend_name() == "postgres" else url.get_backend_name()
+    driver = DRIVERS.get(backend)
+    if driver is None:
+        raise StoreOpenError(
+            f"unsupported database URL {url.render_as_string(hide_password=True)!r}: use "
+            "sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DATABASE"
+        )
+    if url.drivername in (backend, url.get_backend_name()):
+        url = url.set(drivername=f"{backend}+{driver}")
+    elif url.get_driver_name() != driver:
+        raise StoreOpenError(
+            f"unsupported database driver {url.drivername!r}: use {backend}+{driver}://..."
+        )
+    if backend == "postgresql" and "sslmode" in url.query:
+        # libpq's name (what most PostgreSQL URLs carry); asyncpg takes the same values as ssl.
+        query = dict(url.query)
+        query.setdefault("ssl", query.pop("sslmode"))
+        url = url.set(query=query)
+    return url
+
+
+def _reason(error: BaseException) -> str:
+    """The driver's own words for why a connection or statement failed, on one line."""
+    if isinstance(error, TimeoutError):
+        return f"no answer within {CONNECT_TIMEOUT:g} s"
+    cause: BaseException = error
+    if isinstance(error, sa.exc.DBAPIError) and error.orig is not None:
+        # asyncpg's and aiosqlite's errors come wrapped twice: take the innermost.
+        cause = error.orig.__cause__ or error.orig
+    text = str(cause).strip() or type(cause).__name__
+    return " ".join(text.split())
+
+
+def _upgrade_schema(sync: sa.Connection) -> None:
+    """Upgrades the database on ``sync`` to the newest Alembic revision; refuses one at a
+    revision this code does not have (a newer server wrote it).
+
+    Alembic keeps the running migration in module globals (``alembic.context``, ``op``): one
+    at a time per process. On PostgreSQL the advisory lock taken first sees to that; stores
+    on SQLite are opened one after another."""
+    config = Config()
+    config.set_main_option("script_location", str(migrations.DIRECTORY))
+    config.attributes["connection"] = sync
+    script = ScriptDirectory.from_config(config)
+    current = set(MigrationContext.configure(sync).get_current_heads())
+    known = {r.revision for r in script.walk_revisions()}
+    unknown = sorted(current - known)
+    if unknown:
+        raise StoreOpenError(
+            f"the database's schema is at revision {', '.join(unknown)}, newer than this "
+            f"server knows (its newest is {script.get_current_head()}): upgrade docket-server"
+        )
+    if current != set(script.get_heads()):
+        command.upgrade(config, "head")
+
+
+def _insert_for(dialect: sa.Dialect, table: sa.Table) -> sqlite.Insert | postgresql.Insert:
+    """An INSERT that can say ON CONFLICT, in the database's dialect."""
+    if dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
 
 
 class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, SecurityStore):
@@ -517,10 +494,28 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
         return self._engine
 
     async def open(self) -> None:
-        self._engine = create_async_engine(self.url)
-        if self.url.startswith("sqlite"):
+        """Connects and brings the schema up to date; a StoreOpenError says why it cannot."""
+        url = _async_url(self.url)
+        shown = url.render_as_string(hide_password=True)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            folder = Path(url.database).parent
+            if not folder.is_dir():
+                raise StoreOpenError(f"cannot open the database {shown}: no directory {folder}")
+        options: dict[str, Any] = {}
+        if url.get_backend_name() == "postgresql":
+            # A connection PostgreSQL dropped (a restart, a failover) is replaced on checkout.
+            options = {"connect_args": {"timeout": CONNECT_TIMEOUT}, "pool_pre_ping": True}
+        self._engine = create_async_engine(url, **options)
+        if url.get_backend_name() == "sqlite":
             sa.event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
-        await self._migrate()
+        try:
+            await self._migrate()
+        except (OSError, sa.exc.DBAPIError) as e:
+            await self.close()
+            raise StoreOpenError(f"cannot open the database {shown}: {_reason(e)}") from e
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         if self._engine is not None:
@@ -529,55 +524,39 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
 
     async def _migrate(self) -> None:
         async with self.engine.begin() as conn:
-            await conn.run_sync(lambda sync: schema_migrations.create(sync, checkfirst=True))
-            current = (
-                await conn.execute(sa.select(sa.func.max(schema_migrations.c.version)))
-            ).scalar() or 0
-            if current > len(MIGRATIONS):
-                raise RuntimeError(
-                    f"the database is at schema version {current}, newer than this server "
-                    f"({len(MIGRATIONS)}): upgrade docket-server"
-                )
-            for version, migration in enumerate(MIGRATIONS[current:], start=current + 1):
-                await migration(conn)
-                await conn.execute(
-                    schema_migrations.insert().values(version=version, apply_time=_now())
-                )
+            if conn.dialect.name == "postgresql":
+                # Servers starting together on one database migrate it one after another.
+                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK)))
+            await conn.run_sync(_upgrade_schema)
+
+    def _insert(self, table: sa.Table) -> sqlite.Insert | postgresql.Insert:
+        return _insert_for(self.engine.dialect, table)
 
     async def _upsert(self, key: sa.Column[Any], value: str, values: dict[str, Any]) -> None:
-        """Updates the row whose ``key`` is ``value``, or inserts it (portable: no ON CONFLICT)."""
-        table = key.table
+        """Updates the row whose ``key`` is ``value``, or inserts it."""
         async with self.engine.begin() as conn:
-            updated = await conn.execute(table.update().where(key == value).values(**values))
-            if not updated.rowcount:
-                await conn.execute(table.insert().values({key.name: value, **values}))
+            await self._upsert_many(conn, key, [{key.name: value, **values}])
 
     async def _upsert_many(
         self, conn: AsyncConnection, key: sa.Column[Any], rows: Sequence[dict[str, Any]]
     ) -> None:
-        """``_upsert`` of many rows (each naming ``key`` and the same columns) on ``conn``:
-        one query for which exist, then one executemany of updates and one of inserts."""
+        """Inserts each row (each naming ``key`` and the same columns) or, where its key
+        exists, updates it: one executemany of ``INSERT ... ON CONFLICT DO UPDATE``."""
         if not rows:
             return
-        table = key.table
-        values = [r[key.name] for r in rows]
-        existing: set[Any] = set()
-        for i in range(0, len(values), 500):
-            chunk = values[i : i + 500]
-            existing |= {v for (v,) in await conn.execute(sa.select(key).where(key.in_(chunk)))}
-        updates = [r for r in rows if r[key.name] in existing]
-        inserts = [r for r in rows if r[key.name] not in existing]
-        if updates:
-            # Bound as b_<column>: SQLAlchemy keeps the plain names for its own SET binds.
-            columns = [c for c in updates[0] if c != key.name]
-            await conn.execute(
-                table.update()
-                .where(key == sa.bindparam("b_key"))
-                .values({c: sa.bindparam("b_" + c) for c in columns}),
-                [{"b_key": r[key.name], **{"b_" + c: r[c] for c in columns}} for r in updates],
-            )
-        if inserts:
-            await conn.execute(table.insert(), list(inserts))
+        # The last change to a key wins (PostgreSQL refuses one statement that updates a row
+        # twice), and rows go in key order: two writers lock shared rows in the same order, so
+        # neither waits for the other in a deadlock.
+        by_key = {r[key.name]: r for r in rows}
+        latest = [by_key[k] for k in sorted(by_key)]
+        insert = self._insert(key.table)
+        columns = [c for c in latest[0] if c != key.name]
+        await conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=[key], set_={c: insert.excluded[c] for c in columns}
+            ),
+            latest,
+        )
 
     # Blobs
 
@@ -595,11 +574,11 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
                 "piece_count": blob.torrent.piece_count,
             }
         async with self.engine.begin() as conn:
-            exists = await conn.execute(
-                sa.select(blobs.c.digest).where(blobs.c.digest == blob.digest)
+            await conn.execute(
+                self._insert(blobs)
+                .values(**values)
+                .on_conflict_do_nothing(index_elements=[blobs.c.digest])
             )
-            if exists.first() is None:
-                await conn.execute(blobs.insert().values(**values))
 
     async def set_torrents(self, torrents: Sequence[TorrentInfo]) -> None:
         async with self.engine.begin() as conn:
@@ -642,21 +621,15 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
             return unused
 
     async def defer_blob_deletes(self, digests: Sequence[str]) -> None:
+        if not digests:
+            return
         async with self.engine.begin() as conn:
-            known = {
-                r.digest
-                for r in await conn.execute(
-                    sa.select(deferred_blob_deletes.c.digest).where(
-                        deferred_blob_deletes.c.digest.in_(set(digests))
-                    )
-                )
-            }
-            new = sorted(set(digests) - known)
-            if new:
-                await conn.execute(
-                    deferred_blob_deletes.insert(),
-                    [{"digest": d, "defer_time": _now()} for d in new],
-                )
+            await conn.execute(
+                self._insert(deferred_blob_deletes).on_conflict_do_nothing(
+                    index_elements=[deferred_blob_deletes.c.digest]
+                ),
+                [{"digest": d, "defer_time": _now()} for d in sorted(set(digests))],
+            )
 
     async def deferred_blob_deletes(self) -> list[str]:
         async with self.engine.connect() as conn:
@@ -702,31 +675,25 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
                 ]
                 if missing:
                     raise MissingManifestsError(missing)
-            row = (
-                await conn.execute(
-                    sa.select(manifests.c.id).where(
-                        (manifests.c.repository == manifest.repository)
-                        & (manifests.c.digest == manifest.digest)
-                    )
-                )
-            ).first()
-            if row is not None:
-                manifest_id = row.id
-            else:
-                manifest_id = await conn.run_sync(
-                    lambda sync: _insert_manifest(sync, manifest, child_ids)
-                )
+            manifest_id = await conn.run_sync(
+                lambda sync: _insert_manifest(sync, manifest, child_ids)
+            )
             if tag is not None:
-                values = {"manifest_id": manifest_id, "update_time": _now()}
-                updated = await conn.execute(
-                    tags.update()
-                    .where((tags.c.repository == manifest.repository) & (tags.c.tag == tag))
-                    .values(**values)
+                insert = self._insert(tags).values(
+                    repository=manifest.repository,
+                    tag=tag,
+                    manifest_id=manifest_id,
+                    update_time=_now(),
                 )
-                if not updated.rowcount:
-                    await conn.execute(
-                        tags.insert().values(repository=manifest.repository, tag=tag, **values)
+                await conn.execute(
+                    insert.on_conflict_do_update(
+                        index_elements=[tags.c.repository, tags.c.tag],
+                        set_={
+                            "manifest_id": insert.excluded.manifest_id,
+                            "update_time": insert.excluded.update_time,
+                        },
                     )
+                )
 
     async def get_manifest(self, repository: str, digest: str) -> Manifest | None:
         found = await self.get_manifests(repository, [digest])
@@ -945,7 +912,7 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
 
     async def list_tokens(self) -> list[TokenRecord]:
         async with self.engine.connect() as conn:
-            rows = await conn.execute(tokens.select().order_by(tokens.c.create_time))
+            rows = await conn.execute(tokens.select().order_by(tokens.c.create_time, tokens.c.id))
             return [
                 TokenRecord(
                     id=r.id,
@@ -989,7 +956,7 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
 
     async def list_identities(self) -> list[AgentIdentity]:
         async with self.engine.connect() as conn:
-            rows = await conn.execute(agent_identities.select())
+            rows = await conn.execute(agent_identities.select().order_by(agent_identities.c.name))
             return [
                 AgentIdentity(
                     name=r.name,
@@ -1168,7 +1135,7 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
             rows = await conn.execute(
                 sa.select(rollouts.c.id)
                 .where(rollouts.c.state == str(RolloutState.RUNNING))
-                .order_by(rollouts.c.create_time)
+                .order_by(rollouts.c.create_time, rollouts.c.id)
             )
             return [r.id for r in rows]
 
