@@ -18,6 +18,7 @@ import pytest
 import requests
 import structlog
 from click.testing import CliRunner
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from docket_agent.main import main as agent_main
 from docket_common.config import ConfigError, Reloader, config_options, read_config
@@ -26,6 +27,7 @@ from docket_common.logs import configure_logging, set_log_level
 from docket_common.oci_http import HttpFace
 from docket_server.main import main as server_main
 from tests.support.agents import StartAgent
+from tests.support.postgres import PostgresServer
 from tests.support.server import BIN, ServerProcess, docketctl
 
 
@@ -427,4 +429,54 @@ def test_sighup_changes_the_agent_log_level(tmp_path: Path, agents: StartAgent) 
         # --name is given as a flag by the test: the flag wins, so it did not change at all.
         assert kept[0]["settings"] == "fallback-after"
     finally:
+        server.stop()
+
+
+def test_the_server_is_not_serving_while_its_database_is_gone(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    url = postgres.create_database()
+    database = url.rsplit("/", 1)[1]
+    server = ServerProcess(data_dir=tmp_path / "server", extra_args=["--database-url", url]).start()
+    ca = str(server.ca_path)
+
+    def wait_for(serving: bool) -> dict[str, object]:
+        want = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else (health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+        deadline = time.monotonic() + 30
+        with server.channel() as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                ready = requests.get(f"{server.registry_url}/readyz", verify=ca, timeout=10)
+                statuses = {
+                    service: stub.Check(
+                        health_pb2.HealthCheckRequest(service=service), timeout=10
+                    ).status
+                    for service in ("", "docket.v1.RolloutService")
+                }
+                if (ready.status_code == 200) == serving and set(statuses.values()) == {want}:
+                    return ready.json()  # type: ignore[no-any-return]
+                assert time.monotonic() < deadline, (ready.text, statuses, server.log_tail())
+                time.sleep(0.2)
+
+    try:
+        assert wait_for(True)["checks"] == {"database": "ok", "seed": "ok"}
+        # The database goes away: no new connection, the open ones ended.
+        postgres._admin(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        postgres._admin(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'"
+        )
+        checks = wait_for(False)["checks"]
+        assert isinstance(checks, dict)
+        assert checks["seed"] == "ok"
+        assert str(checks["database"]).startswith("the database does not answer")
+        # It comes back, and so does the server, by itself.
+        postgres._admin(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        wait_for(True)
+        assert server.alive()
+    finally:
+        postgres._admin(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
         server.stop()
