@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import faulthandler
 import signal
@@ -51,7 +52,7 @@ from docket_server.api.token_service import TokenService
 from docket_server.domain.fleet import Fleet
 from docket_server.domain.orders import OrderBook, PeerSource
 from docket_server.domain.pulls import Pulls
-from docket_server.domain.registry import Registry
+from docket_server.domain.registry import DEFAULT_GC_GRACE, Registry
 from docket_server.domain.rollouts import Rollouts
 from docket_server.domain.security import Audit, Identities, Tokens
 from docket_server.domain.uploads import Uploads
@@ -101,6 +102,11 @@ class ServerConfig:
     peer_source: PeerSource | None = None  # default: server, or both with a tracker
     max_upload_rate: int = 0  # the seed's upload limit, bytes a second
     registry_listen: str | None = None  # the registry HTTP face, HOST:PORT; None: off
+    # Disk: blobs no image uses are collected every gc_interval (None: never on its own)
+    # once older than gc_grace.
+    gc_interval: datetime.timedelta | None = DEFAULT_GC_GRACE
+    gc_grace: datetime.timedelta = DEFAULT_GC_GRACE
+    gc_untagged: bool = False  # the periodic runs also remove untagged image manifests
 
 
 TLS_REFRESH_SECONDS = 2.0
@@ -134,6 +140,9 @@ class DocketServer:
         )
         self.seeder = Seeder(config.bt_listen, self.blobs.local_path, config.max_upload_rate)
         self.registry = Registry(self.metadata, self.blobs, self.seeder, config.tracker_url)
+        self.registry.gc_grace = config.gc_grace
+        self.registry.gc_untagged = config.gc_untagged
+        self._gc: asyncio.Task[None] | None = None
         self.fleet = Fleet(self.metadata, config.heartbeat_interval, server_heartbeat)
         peer_source = config.peer_source or (
             PeerSource.BOTH if config.tracker_url else PeerSource.SERVER
@@ -180,6 +189,10 @@ class DocketServer:
         await self.rollouts.start()
         await self.pulls.start()
         await self.registry.collect_deferred()
+        if self.config.gc_interval is not None:
+            self._gc = asyncio.create_task(
+                self.registry.collect_periodically(self.config.gc_interval), name="gc"
+            )
         self.audit.start()
         server = grpc.aio.server(
             interceptors=[Gatekeeper(guard, self.audit)],
@@ -338,6 +351,11 @@ class DocketServer:
         if self._refresher is not None:
             self._refresher.cancel()
             self._refresher = None
+        if self._gc is not None:
+            self._gc.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gc
+            self._gc = None
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
             # Stop taking calls, then end the agents' streams (which never end by themselves)

@@ -12,7 +12,15 @@ import click
 import structlog
 
 from docket_common.bt import TorrentSessionError
-from docket_common.cli import duration, host_port, host_port_or_off, logging_options, xdg_dir
+from docket_common.cli import (
+    duration,
+    duration_or_off,
+    duration_or_zero,
+    host_port,
+    host_port_or_off,
+    logging_options,
+    xdg_dir,
+)
 from docket_common.logs import configure_logging
 from docket_common.pki import CertificateError
 from docket_server.app import DocketServer, ServerConfig
@@ -178,6 +186,28 @@ def default_data_dir() -> Path:
     show_default=True,
     help="Seconds a new agent stream may take to say hello before it is dropped.",
 )
+@click.option(
+    "--gc-interval",
+    default="1h",
+    show_default=True,
+    callback=duration_or_off,
+    help="How often to delete the blobs no image uses (a push that never recorded its image; "
+    "with --gc-untagged, a retag): 90s, 1h, 1d; 'off' or 0 for only `docketctl gc`.",
+)
+@click.option(
+    "--gc-grace",
+    default="1h",
+    show_default=True,
+    callback=duration_or_zero,
+    help="How long a blob no image uses is kept (a push uploads its blobs before its "
+    "manifest): only older ones, not asked for by a push within it, are collected.",
+)
+@click.option(
+    "--gc-untagged",
+    is_flag=True,
+    help="The periodic collections also remove image manifests no tag and no index names "
+    "(what a retag leaves behind; no longer pullable by digest), and so free their blobs.",
+)
 @logging_options
 def main(
     listen: str,
@@ -200,6 +230,9 @@ def main(
     insecure: bool,
     heartbeat_interval: float,
     hello_timeout: float,
+    gc_interval: datetime.timedelta | None,
+    gc_grace: datetime.timedelta,
+    gc_untagged: bool,
     log_level: str,
     log_json: bool | None,
 ) -> None:
@@ -247,6 +280,9 @@ def main(
         agent_cert_lifetime=agent_cert_ttl,
         heartbeat_interval=heartbeat_interval,
         hello_timeout=hello_timeout,
+        gc_interval=gc_interval,
+        gc_grace=gc_grace,
+        gc_untagged=gc_untagged,
     )
     try:
         asyncio.run(DocketServer(config).run_until_signalled())

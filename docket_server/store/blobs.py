@@ -21,6 +21,7 @@ import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from docket_common.digest import hex_part
@@ -31,6 +32,15 @@ from docket_server.domain.errors import InvalidArgument, ResourceExhausted
 READ_CHUNK = 1024 * 1024
 DIRECT_ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the block size
 STAGE_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A blob file in the store, as found on disk."""
+
+    digest: str
+    size: int
+    modify_time: float  # seconds since the epoch
 
 
 class BlobWriter(ABC):
@@ -81,6 +91,11 @@ class BlobStore(ABC):
     @abstractmethod
     async def delete(self, digest: str) -> None: ...
 
+    @abstractmethod
+    def stored(self) -> list[StoredFile]:
+        """Every blob file in the store (blocking: call it in a thread). Garbage collection
+        compares them with the blobs recorded, to find files a crash left without a record."""
+
 
 class FilesystemBlobStore(BlobStore):
     def __init__(self, root: Path) -> None:
@@ -89,6 +104,20 @@ class FilesystemBlobStore(BlobStore):
         self.tmp_dir = root / "tmp"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def stored(self) -> list[StoredFile]:
+        found = []
+        for sub in self.blob_dir.iterdir():
+            if not sub.is_dir():
+                continue
+            for entry in sub.iterdir():
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue  # deleted meanwhile
+                if entry.is_file():
+                    found.append(StoredFile(f"sha256:{entry.name}", st.st_size, st.st_mtime))
+        return found
 
     def clean_temporary(self) -> int:
         """Removes what interrupted writes left behind; run at start-up, before serving."""
