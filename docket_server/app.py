@@ -103,10 +103,11 @@ class ServerConfig:
     max_upload_rate: int = 0  # the seed's upload limit, bytes a second
     registry_listen: str | None = None  # the registry HTTP face, HOST:PORT; None: off
     # Disk: blobs no image uses are collected every gc_interval (None: never on its own)
-    # once older than gc_grace.
+    # once older than gc_grace; uploads are refused before free disk falls below the reserve.
     gc_interval: datetime.timedelta | None = DEFAULT_GC_GRACE
     gc_grace: datetime.timedelta = DEFAULT_GC_GRACE
     gc_untagged: bool = False  # the periodic runs also remove untagged image manifests
+    min_free_bytes: int = 0
 
 
 TLS_REFRESH_SECONDS = 2.0
@@ -134,7 +135,7 @@ class DocketServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.blobs = FilesystemBlobStore(config.data_dir)
+        self.blobs = FilesystemBlobStore(config.data_dir, config.min_free_bytes)
         self.metadata = SqlMetadataStore(
             config.database_url or f"sqlite+aiosqlite:///{config.data_dir / 'docket.db'}"
         )

@@ -19,6 +19,7 @@ from docket_common.cli import (
     host_port,
     host_port_or_off,
     logging_options,
+    size,
     xdg_dir,
 )
 from docket_common.logs import configure_logging
@@ -208,6 +209,14 @@ def default_data_dir() -> Path:
     help="The periodic collections also remove image manifests no tag and no index names "
     "(what a retag leaves behind; no longer pullable by digest), and so free their blobs.",
 )
+@click.option(
+    "--min-free-bytes",
+    default="1Gi",
+    show_default=True,
+    callback=size,
+    help="Free disk to keep in the data dir: uploads that would leave less are refused "
+    "(RESOURCE_EXHAUSTED; HTTP 413 on the registry face). Bytes, or 512Mi, 2G; 0 for none.",
+)
 @logging_options
 def main(
     listen: str,
@@ -233,6 +242,7 @@ def main(
     gc_interval: datetime.timedelta | None,
     gc_grace: datetime.timedelta,
     gc_untagged: bool,
+    min_free_bytes: int,
     log_level: str,
     log_json: bool | None,
 ) -> None:
@@ -283,6 +293,7 @@ def main(
         gc_interval=gc_interval,
         gc_grace=gc_grace,
         gc_untagged=gc_untagged,
+        min_free_bytes=min_free_bytes,
     )
     try:
         asyncio.run(DocketServer(config).run_until_signalled())
