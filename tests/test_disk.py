@@ -7,19 +7,22 @@ into it; nothing half-written stays and it goes on serving.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from docket_agent.cache import BlobCache, CacheFullError
 from docket_common.pb import image_service_pb2 as pb
 from docket_common.pb import image_service_pb2_grpc as pb_grpc
+from tests.support.agents import AgentProcess, StartAgent, wait_for_states
 from tests.support.archives import layer_tar, random_bytes, sha256, write_legacy_archive
 from tests.support.dockerd import DockerEngine
 from tests.support.images import ImagePair
 from tests.support.oci import error_code
-from tests.support.server import ServerProcess, docketctl
+from tests.support.server import ServerProcess, docketctl, rollout
 from tests.support.smallfs import free_bytes, small_filesystem
 
 MiB = 1024 * 1024
@@ -149,3 +152,67 @@ def test_docker_push_shows_why_the_server_refuses_a_layer(
         finally:
             code = server.stop()
         assert code == 0, server.log_tail()
+
+
+# The agent's cache
+
+
+def test_a_host_whose_cache_disk_is_too_small_fails_with_the_reason_and_the_others_succeed(
+    server: ServerProcess, agents: StartAgent, tmp_path: Path
+) -> None:
+    path, digest = archive(tmp_path, "wide", 14 * MiB, 5)
+    pushed = docketctl("push", "wide:1", "--archive", str(path), "-q", server=server)
+    assert pushed.returncode == 0, pushed.stderr
+    with small_filesystem(tmp_path / "small", 16) as mount:
+        small = AgentProcess(
+            server=server,
+            data_dir=mount,
+            name="tiny",
+            groups=["g"],
+            extra_args=["--min-free-bytes", str(RESERVE)],
+        ).start()
+        try:
+            agents(server, "roomy", groups=["g"])
+            wait_for_states(server, {"tiny": "online", "roomy": "online"})
+            code, _, hosts = rollout(server, "wide:1", "--hosts", "g", "--prefetch-only")
+            assert hosts["roomy"]["state"] == "succeeded", hosts["roomy"]
+            assert hosts["tiny"]["state"] == "failed", hosts["tiny"]
+            error = hosts["tiny"]["error"]
+            assert "not enough disk on tiny" in error
+            assert "kept in reserve (--min-free-bytes)" in error
+            assert code != 0
+            partial = [p for p in (mount / "partial").rglob("*") if p.is_file()]
+            assert partial == []
+            assert not (mount / "blobs" / "sha256" / digest[7:9] / digest[7:]).exists()
+            assert small.proc is not None
+            assert small.proc.poll() is None  # the agent goes on
+        finally:
+            small.stop()
+
+
+def test_the_cache_evicts_for_disk_and_never_a_pinned_blob(tmp_path: Path) -> None:
+    with small_filesystem(tmp_path / "small", 8) as mount:
+        cache = BlobCache(mount, min_free_bytes=RESERVE, host="h9")
+        old, used, pinned = (random_bytes(MiB, seed) for seed in (21, 22, 23))  # oldest first
+        for i, data in enumerate((old, used, pinned)):
+            blob = cache.path(sha256(data))
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_bytes(data)
+            os.utime(blob, (1000 + i, 1000 + i))
+        cache.pin(sha256(pinned))
+        free = cache.free_bytes()
+        # Room for this download takes evicting one blob, the least recently used one.
+        evicted = cache.make_disk_room([("sha256:" + "1" * 64, free - RESERVE + MiB // 2)])
+        assert evicted == [sha256(old)]
+        assert cache.has(sha256(used))
+        assert cache.has(sha256(pinned))
+        # More than evicting every unpinned blob frees: refused with the reason.
+        with pytest.raises(CacheFullError, match=r"not enough disk on h9: .* kept in reserve"):
+            cache.make_disk_room([("sha256:" + "2" * 64, cache.free_bytes() + 2 * MiB)])
+        assert cache.has(sha256(used))
+        assert cache.has(sha256(pinned))
+        # A download under way is stopped once something else takes the room it needs.
+        cache.check_disk(MiB)
+        (mount / "filler").write_bytes(bytes(cache.free_bytes() - RESERVE))
+        with pytest.raises(CacheFullError, match="not enough disk on h9"):
+            cache.check_disk(MiB)
