@@ -265,12 +265,15 @@ class OrderRunner:
     def _tick(self) -> None:
         self._send_progress(full=False)
         if self.m.cache.min_free_bytes:
-            remaining = 0
-            for download in self.downloads.values():
-                if not download.finished.is_set():
-                    done = download.status().total_wanted_done
-                    remaining += max(download.spec.size - done, 0)
-            self.m.cache.check_disk(remaining)
+            # What the partial files still lack, by the disk they take (written pieces, not
+            # only verified ones): what the downloads will still take of the disk.
+            cache = self.m.cache
+            remaining = sum(
+                max(d.spec.size - cache.partial_bytes(d.spec.digest), 0)
+                for d in self.downloads.values()
+                if not d.finished.is_set()
+            )
+            cache.check_disk(remaining)
 
     def _send_progress(self, full: bool) -> None:
         blobs: list[agent_pb2.BlobProgress] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from tests.support.archives import layer_tar, random_bytes, sha256, write_legacy
 from tests.support.dockerd import DockerEngine
 from tests.support.images import ImagePair
 from tests.support.oci import error_code
-from tests.support.server import ServerProcess, docketctl, rollout
+from tests.support.server import ServerProcess, background_rollout, docketctl, rollout
 from tests.support.smallfs import free_bytes, small_filesystem
 
 MiB = 1024 * 1024
@@ -216,3 +217,37 @@ def test_the_cache_evicts_for_disk_and_never_a_pinned_blob(tmp_path: Path) -> No
         (mount / "filler").write_bytes(bytes(cache.free_bytes() - RESERVE))
         with pytest.raises(CacheFullError, match="not enough disk on h9"):
             cache.check_disk(MiB)
+
+
+def test_a_download_stops_with_the_reason_when_the_disk_fills_under_it(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """Room at the start, taken by something else while the blob comes (slowly: 1 MB/s)."""
+    path, digest = archive(tmp_path, "slow", 8 * MiB, 6)
+    pushed = docketctl("push", "slow:1", "--archive", str(path), "-q", server=server)
+    assert pushed.returncode == 0, pushed.stderr
+    with small_filesystem(tmp_path / "small", 24) as mount:
+        agent = AgentProcess(
+            server=server,
+            data_dir=mount,
+            name="filling",
+            groups=["f"],
+            extra_args=["--min-free-bytes", str(RESERVE), "--max-download-rate", "1000000"],
+        ).start()
+        try:
+            wait_for_states(server, {"filling": "online"})
+            partial = mount / "partial" / digest[7:9] / digest[7:]
+            with background_rollout(server, "slow:1", "f") as proc:
+                deadline = time.monotonic() + 60
+                while not (partial.exists() and partial.stat().st_blocks):
+                    assert time.monotonic() < deadline, agent.log_tail()
+                    time.sleep(0.05)
+                # Leave half a MiB above the reserve: far less than the blob still needs.
+                (mount / "filler").write_bytes(bytes(free_bytes(mount) - RESERVE - MiB // 2))
+                out, _ = proc.communicate(timeout=120)
+            hosts = {h["host"]: h for h in json.loads(out.splitlines()[-1])["summary"]["hosts"]}
+            assert hosts["filling"]["state"] == "failed", hosts
+            assert "not enough disk on filling" in hosts["filling"]["error"]
+            assert not partial.exists()
+        finally:
+            agent.stop()
