@@ -216,3 +216,21 @@ def test_sizes_are_read_and_shown_in_binary_and_decimal_units() -> None:
     assert iec(3_250_000) == "3.1 MiB"
     assert iec(8 << 20) == "8 MiB"
     assert iec(512) == "512 B"
+
+
+def test_the_server_collects_on_its_own_every_interval(tmp_path: Any) -> None:
+    proc = ServerProcess(
+        data_dir=tmp_path / "server", extra_args=["--gc-grace", "0", "--gc-interval", "1s"]
+    ).start()
+    try:
+        layer = random_bytes(50_000, 9)
+        assert proc.registry_client().push_blob("left", layer).status_code == 201
+        path = proc.blob_path(sha256(layer))
+        deadline = time.monotonic() + 30
+        while path.exists():
+            assert time.monotonic() < deadline, proc.log_tail()
+            time.sleep(0.1)
+        assert '"garbage collected"' in proc.log_path.read_text()
+    finally:
+        code = proc.stop()
+    assert code == 0, proc.log_tail()
