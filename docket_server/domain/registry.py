@@ -632,7 +632,7 @@ class Registry:
             freed_bytes=result.freed_bytes,
             kept=kept,
             grace_seconds=grace.total_seconds(),
-            digests=[g.digest for g in collected],
+            digests=[g.digest for g in collected[:100]],  # the first ones: a log line, not a list
         )
         return result
 
