@@ -55,6 +55,7 @@ class AgentConfig:
     ca_file: Path | None = None
     ca_hash: str | None = None
     cache_max_bytes: int = 0
+    min_free_bytes: int = 0  # free disk the cache keeps on its filesystem
     fallback_after: float = 30.0
     max_download_rate: int = 0
     max_upload_rate: int = 0
@@ -80,7 +81,9 @@ def outbound_address(server: str) -> str:
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.cache = BlobCache(config.data_dir, config.cache_max_bytes)
+        self.cache = BlobCache(
+            config.data_dir, config.cache_max_bytes, config.min_free_bytes, config.name
+        )
         self.fetcher = BlobFetcher(
             config.bt_listen,
             config.data_dir,

@@ -3,7 +3,9 @@
 Blobs live at ``blobs/sha256/<2 hex>/<hex>`` (the fetcher moves them there once verified).
 Recency is the file's mtime, bumped whenever an order uses a blob. With ``--cache-max-bytes``
 the least recently used blobs go first when a download needs room; a blob an order in flight
-uses (pinned) never goes.
+uses (pinned) never goes. With ``--min-free-bytes`` the same goes for the disk: a download
+that would leave less free on the cache's filesystem (after evicting what may go) fails, up
+front or as soon as it would while it runs, with the reason.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import structlog
 
 from docket_common.digest import hex_part, sha256_digest
+from docket_common.sizes import iec
 
 log = structlog.get_logger()
 
@@ -35,12 +38,17 @@ class CachedBlob:
 
 
 class BlobCache:
-    def __init__(self, root: Path, max_bytes: int = 0) -> None:
+    def __init__(
+        self, root: Path, max_bytes: int = 0, min_free_bytes: int = 0, host: str = ""
+    ) -> None:
+        self.root = root
         self.blob_dir = root / "blobs" / "sha256"
         self.partial_dir = root / "partial"
         self.torrent_dir = root / "torrents"
         self.torrent_dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
+        self.min_free_bytes = min_free_bytes
+        self.host = host or "this host"
         self._pins: Counter[str] = Counter()
 
     def path(self, digest: str) -> Path:
@@ -123,3 +131,54 @@ class BlobCache:
             evicted.append(blob.digest)
             log.info("evicted from cache", digest=blob.digest, size_bytes=blob.size)
         return evicted
+
+    # The disk
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def partial_bytes(self, digest: str) -> int:
+        """Disk already taken by a partial download of the blob (resumed, not taken again)."""
+        hexd = hex_part(digest)
+        try:
+            return (self.partial_dir / hexd[:2] / hexd).stat().st_blocks * 512
+        except FileNotFoundError:
+            return 0
+
+    def make_disk_room(self, blobs: list[tuple[str, int]]) -> list[str]:
+        """Evicts least recently used unpinned blobs until downloading ``blobs`` (digest,
+        size) leaves the reserve free on the disk; returns the evicted digests. Raises
+        CacheFullError, naming the host, when evicting every unpinned blob is not enough."""
+        needed = sum(max(size - self.partial_bytes(d), 0) for d, size in blobs)
+        free = self.free_bytes()
+        if free - needed >= self.min_free_bytes:
+            return []
+        evictable = sorted(
+            (b for b in self.blobs() if b.digest not in self._pins), key=lambda b: b.used
+        )
+        if free + sum(b.size for b in evictable) - needed < self.min_free_bytes:
+            raise self._disk_error(free, needed)
+        evicted: list[str] = []
+        for blob in evictable:
+            if self.free_bytes() - needed >= self.min_free_bytes:
+                break
+            self.path(blob.digest).unlink(missing_ok=True)
+            self.torrent_path(blob.digest).unlink(missing_ok=True)
+            evicted.append(blob.digest)
+            log.info("evicted from cache for disk", digest=blob.digest, size_bytes=blob.size)
+        return evicted
+
+    def check_disk(self, remaining: int) -> None:
+        """CacheFullError when the ``remaining`` bytes of the downloads under way would leave
+        less than the reserve free (something else filled the disk meanwhile)."""
+        free = self.free_bytes()
+        if free - remaining < self.min_free_bytes:
+            raise self._disk_error(free, remaining)
+
+    def _disk_error(self, free: int, needed: int) -> CacheFullError:
+        return CacheFullError(
+            f"not enough disk on {self.host}: {iec(needed)} more needed for the cache "
+            f"({self.root}), {iec(free)} free, {iec(self.min_free_bytes)} kept in reserve "
+            "(--min-free-bytes)"
+        )

@@ -18,7 +18,7 @@ from docket_agent.hostinfo import DataDirInUseError
 from docket_agent.identity import EnrollError
 from docket_agent.stream import AgentRefusedError
 from docket_common.bt import TorrentSessionError
-from docket_common.cli import host_port, host_port_or_off, logging_options, xdg_dir
+from docket_common.cli import host_port, host_port_or_off, logging_options, size, xdg_dir
 from docket_common.config import Reloader, config_options, names, print_config_requested
 from docket_common.fetch import PIECE_ORDERS
 from docket_common.logs import configure_logging
@@ -140,6 +140,15 @@ def _platform(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     help="Most bytes the blob cache may hold; least recently used blobs go first.",
 )
 @click.option(
+    "--min-free-bytes",
+    default="1Gi",
+    show_default=True,
+    callback=size,
+    help="Free disk to keep where the cache lives (the data dir): least recently used blobs "
+    "go to make room, and a download that would still leave less fails its task with the "
+    "reason. Bytes, or 512Mi, 2G; 0 for none.",
+)
+@click.option(
     "--fallback-after",
     type=click.FloatRange(min=0.1),
     default=30.0,
@@ -238,6 +247,7 @@ def main(
     advertise_host: str | None,
     no_docker: bool,
     cache_max_bytes: int,
+    min_free_bytes: int,
     fallback_after: float,
     max_download_rate: int,
     load_while_downloading: bool,
@@ -297,6 +307,7 @@ def main(
         ca_file=ca_file,
         ca_hash=ca_hash,
         cache_max_bytes=cache_max_bytes,
+        min_free_bytes=min_free_bytes,
         fallback_after=fallback_after,
         max_download_rate=max_download_rate,
         max_upload_rate=max_upload_rate,

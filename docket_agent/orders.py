@@ -177,6 +177,9 @@ class OrderRunner:
         if missing:
             for digest in self.m.cache.make_room(sum(b.size_bytes for b in missing)):
                 self.m.fetcher.drop(digest)
+            blobs = [(b.digest, b.size_bytes) for b in missing]
+            for digest in self.m.cache.make_disk_room(blobs):
+                self.m.fetcher.drop(digest)
             for blob in missing:
                 download = self.m.fetcher.download(_spec(blob), self.peers, hold=self.held)
                 if self.claims:
@@ -196,7 +199,7 @@ class OrderRunner:
             self.downloads.values(),
             read_range=self.m.read_range,
             fallback_after=self.m.settings.fallback_after,
-            on_tick=lambda: self._send_progress(full=False),
+            on_tick=self._tick,
         )
         last_piece = time.monotonic()
         self.update(agent_pb2.TASK_STATE_VERIFYING)
@@ -261,6 +264,19 @@ class OrderRunner:
             order_s=round(time.monotonic() - started, 3),
         )
         self.update(agent_pb2.TASK_STATE_SUCCEEDED, image_id=image_id)
+
+    def _tick(self) -> None:
+        self._send_progress(full=False)
+        if self.m.cache.min_free_bytes:
+            # What the partial files still lack, by the disk they take (written pieces, not
+            # only verified ones): what the downloads will still take of the disk.
+            cache = self.m.cache
+            remaining = sum(
+                max(d.spec.size - cache.partial_bytes(d.spec.digest), 0)
+                for d in self.downloads.values()
+                if not d.finished.is_set()
+            )
+            cache.check_disk(remaining)
 
     def _send_progress(self, full: bool) -> None:
         blobs: list[agent_pb2.BlobProgress] = []

@@ -32,6 +32,7 @@ COMMANDS = {
     "contexts": "docket_cli.security:contexts_cmd",
     "tokens": "docket_cli.security:tokens_group",
     "audit": "docket_cli.security:audit_cmd",
+    "gc": "docket_cli.gc:gc_cmd",
 }
 
 # Errors that are the user's to act on: one line, exit 1. By module, so that a module not

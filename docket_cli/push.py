@@ -34,7 +34,7 @@ from docket_cli.engine_export import (
 from docket_cli.progress import PushProgress
 from docket_cli.render import human_size, image_json, print_json
 from docket_common.archive import ArchiveBlob, ArchiveImage, ImageArchive
-from docket_common.errors import Reason
+from docket_common.errors import Reason, error_info
 from docket_common.pb import image_pb2
 from docket_common.pb import image_service_pb2 as pb
 from docket_common.reference import Reference, parse_tagged
@@ -169,9 +169,11 @@ class _Streamer:
             async with self.slots:
                 self.progress.streaming(blob)
                 try:
-                    response = await self.conn.images.UploadBlob(
+                    response = await upload_blob(
+                        self.conn,
                         _spooled_requests(self.spool, member, pipe, blob, self.progress),
-                        metadata=self.conn.metadata,
+                        member.digest,
+                        member.size,
                     )
                 except grpc.aio.AioRpcError as e:
                     raise server_error(e, self.conn.target) from e
@@ -271,8 +273,8 @@ async def _upload_all(
 
     async def upload(blob: ArchiveBlob) -> None:
         async with slots:
-            response = await conn.images.UploadBlob(
-                _requests(archive, blob, progress), metadata=conn.metadata
+            response = await upload_blob(
+                conn, _requests(archive, blob, progress), blob.digest, blob.size
             )
             progress.done(blob, response.already_existed)
 
@@ -283,6 +285,30 @@ async def _upload_all(
     except ExceptionGroup as eg:
         # Report the first failure as itself; the other uploads were cancelled because of it.
         raise eg.exceptions[0] from None
+
+
+async def upload_blob(
+    conn: Connection, requests: AsyncIterator[pb.UploadBlobRequest], digest: str, size: int
+) -> pb.UploadBlobResponse:
+    """UploadBlob. A server that refuses a blob while its chunks still go out (no room on
+    its disk) may be reported by grpc.aio as INTERNAL "Internal error from Core" instead of
+    what it said (grpc/grpc#36066): the header alone is then sent again to learn why."""
+    try:
+        response: pb.UploadBlobResponse = await conn.images.UploadBlob(
+            requests, metadata=conn.metadata
+        )
+        return response
+    except grpc.aio.AioRpcError as e:
+        if e.code() != grpc.StatusCode.INTERNAL or size <= 0:
+            raise
+        header = pb.UploadBlobRequest(header=pb.UploadBlobHeader(digest=digest, size_bytes=size))
+        try:
+            await conn.images.UploadBlob(iter([header]), metadata=conn.metadata)
+        except grpc.aio.AioRpcError as why:
+            reason, _ = error_info(why.trailing_metadata())
+            if reason and reason != Reason.SIZE_MISMATCH:  # not just "no bytes came"
+                raise why from e
+        raise
 
 
 async def _requests(

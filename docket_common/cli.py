@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import click
 
 from docket_common.hostport import split_host_port
+from docket_common.sizes import parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -69,6 +70,38 @@ def duration(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
     parsed = parse_duration(value)
     if parsed <= timedelta(0):
         raise click.BadParameter(f"{value!r}: want a positive duration")
+    return parsed
+
+
+def size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    """A click callback: a size in bytes ("1073741824", "512Mi", "2G"; parse_size)."""
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+
+
+def duration_or_off(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> timedelta | None:
+    """A click callback: a duration (parse_duration), or "off" or 0 (None): turned off."""
+    if value is None or value.strip().lower() == "off":
+        return None
+    parsed = parse_duration(value)
+    return parsed if parsed > timedelta(0) else None
+
+
+def duration_or_zero(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> timedelta | None:
+    """A click callback: a duration that may be 0 (parse_duration)."""
+    if value is None:
+        return None
+    parsed = parse_duration(value)
+    if parsed < timedelta(0):
+        raise click.BadParameter(f"{value!r}: want a duration of 0 or more")
     return parsed
 
 

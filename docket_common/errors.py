@@ -57,6 +57,7 @@ class Reason(StrEnum):
     AGENT_NOT_ENROLLED = "AGENT_NOT_ENROLLED"
     AGENT_REMOVED = "AGENT_REMOVED"
     GROUP_NOT_ALLOWED = "GROUP_NOT_ALLOWED"
+    INVALID_GRACE_PERIOD = "INVALID_GRACE_PERIOD"
 
 
 def error_info(trailing_metadata: Iterable[tuple[str, Any]] | None) -> tuple[str, dict[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import faulthandler
 import signal
@@ -56,7 +57,7 @@ from docket_server.api.token_service import TokenService
 from docket_server.domain.fleet import Fleet
 from docket_server.domain.orders import OrderBook, PeerSource
 from docket_server.domain.pulls import Pulls
-from docket_server.domain.registry import Registry
+from docket_server.domain.registry import DEFAULT_GC_GRACE, Registry
 from docket_server.domain.rollouts import Rollouts
 from docket_server.domain.security import Audit, Identities, Tokens
 from docket_server.domain.uploads import Uploads
@@ -106,6 +107,12 @@ class ServerConfig:
     peer_source: PeerSource | None = None  # default: server, or both with a tracker
     max_upload_rate: int = 0  # the seed's upload limit, bytes a second
     registry_listen: str | None = None  # the registry HTTP face, HOST:PORT; None: off
+    # Disk: blobs no image uses are collected every gc_interval (None: never on its own)
+    # once older than gc_grace; uploads are refused before free disk falls below the reserve.
+    gc_interval: datetime.timedelta | None = DEFAULT_GC_GRACE
+    gc_grace: datetime.timedelta = DEFAULT_GC_GRACE
+    gc_untagged: bool = True  # the periodic runs also remove untagged image manifests
+    min_free_bytes: int = 0
 
 
 TLS_REFRESH_SECONDS = 2.0
@@ -133,12 +140,15 @@ class DocketServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.blobs = FilesystemBlobStore(config.data_dir)
+        self.blobs = FilesystemBlobStore(config.data_dir, config.min_free_bytes)
         self.metadata = SqlMetadataStore(
             config.database_url or f"sqlite+aiosqlite:///{config.data_dir / 'docket.db'}"
         )
         self.seeder = Seeder(config.bt_listen, self.blobs.local_path, config.max_upload_rate)
         self.registry = Registry(self.metadata, self.blobs, self.seeder, config.tracker_url)
+        self.registry.gc_grace = config.gc_grace
+        self.registry.gc_untagged = config.gc_untagged
+        self._gc: asyncio.Task[None] | None = None
         self.fleet = Fleet(self.metadata, config.heartbeat_interval, server_heartbeat)
         peer_source = config.peer_source or (
             PeerSource.BOTH if config.tracker_url else PeerSource.SERVER
@@ -191,6 +201,10 @@ class DocketServer:
         await self.rollouts.start()
         await self.pulls.start()
         await self.registry.collect_deferred()
+        if self.config.gc_interval is not None:
+            self._gc = asyncio.create_task(
+                self.registry.collect_periodically(self.config.gc_interval), name="gc"
+            )
         self.audit.start()
         server = grpc.aio.server(
             interceptors=[Gatekeeper(guard, self.audit)],
@@ -377,6 +391,11 @@ class DocketServer:
             self._refresher = None
         self._stopping = True
         await self.checks.stop()
+        if self._gc is not None:
+            self._gc.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gc
+            self._gc = None
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
             # Stop taking calls, then end the agents' streams (which never end by themselves)

@@ -12,7 +12,16 @@ import click
 import structlog
 
 from docket_common.bt import TorrentSessionError
-from docket_common.cli import duration, host_port, host_port_or_off, logging_options, xdg_dir
+from docket_common.cli import (
+    duration,
+    duration_or_off,
+    duration_or_zero,
+    host_port,
+    host_port_or_off,
+    logging_options,
+    size,
+    xdg_dir,
+)
 from docket_common.config import Reloader, config_options, print_config_requested
 from docket_common.logs import configure_logging
 from docket_common.pki import CertificateError
@@ -182,6 +191,38 @@ def default_data_dir() -> Path:
     show_default=True,
     help="Seconds a new agent stream may take to say hello before it is dropped.",
 )
+@click.option(
+    "--gc-interval",
+    default="1h",
+    show_default=True,
+    callback=duration_or_off,
+    help="How often to delete the blobs no image uses (a push that never recorded its image, "
+    "a retag): 90s, 1h, 1d; 'off' or 0 for only `docketctl gc`.",
+)
+@click.option(
+    "--gc-grace",
+    default="1h",
+    show_default=True,
+    callback=duration_or_zero,
+    help="How long a blob no image uses is kept (a push uploads its blobs before its "
+    "manifest): only older ones, not asked for by a push within it, are collected.",
+)
+@click.option(
+    "--gc-untagged/--gc-keep-untagged",
+    default=True,
+    show_default=True,
+    help="Whether the periodic collections also remove the image manifests no tag and no "
+    "index names, older than --gc-grace (what a retag leaves behind), and so free their "
+    "blobs. Keep them where hosts pull by digest (image@sha256:...) images no longer tagged.",
+)
+@click.option(
+    "--min-free-bytes",
+    default="1Gi",
+    show_default=True,
+    callback=size,
+    help="Free disk to keep in the data dir: uploads that would leave less are refused "
+    "(RESOURCE_EXHAUSTED; HTTP 413 on the registry face). Bytes, or 512Mi, 2G; 0 for none.",
+)
 @logging_options
 def main(
     listen: str,
@@ -204,6 +245,10 @@ def main(
     insecure: bool,
     heartbeat_interval: float,
     hello_timeout: float,
+    gc_interval: datetime.timedelta | None,
+    gc_grace: datetime.timedelta,
+    gc_untagged: bool,
+    min_free_bytes: int,
     log_level: str,
     log_json: bool | None,
 ) -> None:
@@ -256,6 +301,10 @@ def main(
         agent_cert_lifetime=agent_cert_ttl,
         heartbeat_interval=heartbeat_interval,
         hello_timeout=hello_timeout,
+        gc_interval=gc_interval,
+        gc_grace=gc_grace,
+        gc_untagged=gc_untagged,
+        min_free_bytes=min_free_bytes,
     )
     try:
         server = DocketServer(config)

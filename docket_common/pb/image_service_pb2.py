@@ -23,59 +23,66 @@ _sym_db = _symbol_database.Default()
 
 
 from docket_common.pb import image_pb2 as docket_dot_v1_dot_image__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ocket/v1/image_service.proto\x12\tdocket.v1\x1a\x15\x64ocket/v1/image.proto\"#\n\x10StatBlobsRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\",\n\x11StatBlobsResponse\x12\x17\n\x0fmissing_digests\x18\x01 \x03(\t\"6\n\x10UploadBlobHeader\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"\x8f\x01\n\x11UploadBlobRequest\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.docket.v1.UploadBlobHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12/\n\x07trailer\x18\x03 \x01(\x0b\x32\x1c.docket.v1.UploadBlobTrailerH\x00\x42\t\n\x07\x63ontent\"#\n\x11UploadBlobTrailer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"Q\n\x12UploadBlobResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x17\n\x0f\x61lready_existed\x18\x03 \x01(\x08\"m\n\x0fPutImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x15.docket.v1.Descriptor\x12%\n\x06layers\x18\x03 \x03(\x0b\x32\x15.docket.v1.Descriptor\"3\n\x10PutImageResponse\x12\x1f\n\x05image\x18\x01 \x01(\x0b\x32\x10.docket.v1.Image\"\x1f\n\x0fGetImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"3\n\x10GetImageResponse\x12\x1f\n\x05image\x18\x01 \x01(\x0b\x32\x10.docket.v1.Image\";\n\x12GetManifestRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\"J\n\x13GetManifestResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\"L\n\x0fListTagsRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"9\n\x10ListTagsResponse\x12\x0c\n\x04tags\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x11ListImagesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x12ListImagesResponse\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.docket.v1.Image\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x12\x44\x65leteImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x13\x44\x65leteImageResponse\x12\x15\n\rdeleted_names\x18\x01 \x03(\t\x12\x17\n\x0f\x64\x65leted_digests\x18\x02 \x03(\t\"M\n\x0fReadBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x14\n\x0coffset_bytes\x18\x02 \x01(\x03\x12\x14\n\x0clength_bytes\x18\x03 \x01(\x03\"!\n\x10ReadBlobResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\"#\n\x11GetTorrentRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"Y\n\x12GetTorrentResponse\x12#\n\x07torrent\x18\x01 \x01(\x0b\x32\x12.docket.v1.Torrent\x12\x1e\n\x05peers\x18\x02 \x03(\x0b\x32\x0f.docket.v1.Peer2\xeb\x05\n\x0cImageService\x12\x46\n\tStatBlobs\x12\x1b.docket.v1.StatBlobsRequest\x1a\x1c.docket.v1.StatBlobsResponse\x12K\n\nUploadBlob\x12\x1c.docket.v1.UploadBlobRequest\x1a\x1d.docket.v1.UploadBlobResponse(\x01\x12\x43\n\x08PutImage\x12\x1a.docket.v1.PutImageRequest\x1a\x1b.docket.v1.PutImageResponse\x12\x43\n\x08GetImage\x12\x1a.docket.v1.GetImageRequest\x1a\x1b.docket.v1.GetImageResponse\x12L\n\x0bGetManifest\x12\x1d.docket.v1.GetManifestRequest\x1a\x1e.docket.v1.GetManifestResponse\x12\x43\n\x08ListTags\x12\x1a.docket.v1.ListTagsRequest\x1a\x1b.docket.v1.ListTagsResponse\x12I\n\nListImages\x12\x1c.docket.v1.ListImagesRequest\x1a\x1d.docket.v1.ListImagesResponse\x12L\n\x0b\x44\x65leteImage\x12\x1d.docket.v1.DeleteImageRequest\x1a\x1e.docket.v1.DeleteImageResponse\x12\x45\n\x08ReadBlob\x12\x1a.docket.v1.ReadBlobRequest\x1a\x1b.docket.v1.ReadBlobResponse0\x01\x12I\n\nGetTorrent\x12\x1c.docket.v1.GetTorrentRequest\x1a\x1d.docket.v1.GetTorrentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ocket/v1/image_service.proto\x12\tdocket.v1\x1a\x15\x64ocket/v1/image.proto\x1a\x1egoogle/protobuf/duration.proto\"#\n\x10StatBlobsRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\",\n\x11StatBlobsResponse\x12\x17\n\x0fmissing_digests\x18\x01 \x03(\t\"6\n\x10UploadBlobHeader\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"\x8f\x01\n\x11UploadBlobRequest\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.docket.v1.UploadBlobHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12/\n\x07trailer\x18\x03 \x01(\x0b\x32\x1c.docket.v1.UploadBlobTrailerH\x00\x42\t\n\x07\x63ontent\"#\n\x11UploadBlobTrailer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"Q\n\x12UploadBlobResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x17\n\x0f\x61lready_existed\x18\x03 \x01(\x08\"m\n\x0fPutImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x15.docket.v1.Descriptor\x12%\n\x06layers\x18\x03 \x03(\x0b\x32\x15.docket.v1.Descriptor\"3\n\x10PutImageResponse\x12\x1f\n\x05image\x18\x01 \x01(\x0b\x32\x10.docket.v1.Image\"\x1f\n\x0fGetImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"3\n\x10GetImageResponse\x12\x1f\n\x05image\x18\x01 \x01(\x0b\x32\x10.docket.v1.Image\";\n\x12GetManifestRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\"J\n\x13GetManifestResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\"L\n\x0fListTagsRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"9\n\x10ListTagsResponse\x12\x0c\n\x04tags\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x11ListImagesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x12ListImagesResponse\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.docket.v1.Image\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x12\x44\x65leteImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x13\x44\x65leteImageResponse\x12\x15\n\rdeleted_names\x18\x01 \x03(\t\x12\x17\n\x0f\x64\x65leted_digests\x18\x02 \x03(\t\"M\n\x0fReadBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x14\n\x0coffset_bytes\x18\x02 \x01(\x03\x12\x14\n\x0clength_bytes\x18\x03 \x01(\x03\"!\n\x10ReadBlobResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\"#\n\x11GetTorrentRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"Y\n\x12GetTorrentResponse\x12#\n\x07torrent\x18\x01 \x01(\x0b\x32\x12.docket.v1.Torrent\x12\x1e\n\x05peers\x18\x02 \x03(\x0b\x32\x0f.docket.v1.Peer\"k\n\x15\x43ollectGarbageRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12/\n\x0cgrace_period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08untagged\x18\x03 \x01(\x08\"3\n\rCollectedBlob\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"\x96\x01\n\x16\x43ollectGarbageResponse\x12\'\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x18.docket.v1.CollectedBlob\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x03\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\x12\x12\n\nkept_blobs\x18\x04 \x01(\x05\x12\x19\n\x11removed_manifests\x18\x05 \x03(\t2\xc2\x06\n\x0cImageService\x12\x46\n\tStatBlobs\x12\x1b.docket.v1.StatBlobsRequest\x1a\x1c.docket.v1.StatBlobsResponse\x12K\n\nUploadBlob\x12\x1c.docket.v1.UploadBlobRequest\x1a\x1d.docket.v1.UploadBlobResponse(\x01\x12\x43\n\x08PutImage\x12\x1a.docket.v1.PutImageRequest\x1a\x1b.docket.v1.PutImageResponse\x12\x43\n\x08GetImage\x12\x1a.docket.v1.GetImageRequest\x1a\x1b.docket.v1.GetImageResponse\x12L\n\x0bGetManifest\x12\x1d.docket.v1.GetManifestRequest\x1a\x1e.docket.v1.GetManifestResponse\x12\x43\n\x08ListTags\x12\x1a.docket.v1.ListTagsRequest\x1a\x1b.docket.v1.ListTagsResponse\x12I\n\nListImages\x12\x1c.docket.v1.ListImagesRequest\x1a\x1d.docket.v1.ListImagesResponse\x12L\n\x0b\x44\x65leteImage\x12\x1d.docket.v1.DeleteImageRequest\x1a\x1e.docket.v1.DeleteImageResponse\x12\x45\n\x08ReadBlob\x12\x1a.docket.v1.ReadBlobRequest\x1a\x1b.docket.v1.ReadBlobResponse0\x01\x12I\n\nGetTorrent\x12\x1c.docket.v1.GetTorrentRequest\x1a\x1d.docket.v1.GetTorrentResponse\x12U\n\x0e\x43ollectGarbage\x12 .docket.v1.CollectGarbageRequest\x1a!.docket.v1.CollectGarbageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'docket_common.pb.image_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STATBLOBSREQUEST']._serialized_start=67
-  _globals['_STATBLOBSREQUEST']._serialized_end=102
-  _globals['_STATBLOBSRESPONSE']._serialized_start=104
-  _globals['_STATBLOBSRESPONSE']._serialized_end=148
-  _globals['_UPLOADBLOBHEADER']._serialized_start=150
-  _globals['_UPLOADBLOBHEADER']._serialized_end=204
-  _globals['_UPLOADBLOBREQUEST']._serialized_start=207
-  _globals['_UPLOADBLOBREQUEST']._serialized_end=350
-  _globals['_UPLOADBLOBTRAILER']._serialized_start=352
-  _globals['_UPLOADBLOBTRAILER']._serialized_end=387
-  _globals['_UPLOADBLOBRESPONSE']._serialized_start=389
-  _globals['_UPLOADBLOBRESPONSE']._serialized_end=470
-  _globals['_PUTIMAGEREQUEST']._serialized_start=472
-  _globals['_PUTIMAGEREQUEST']._serialized_end=581
-  _globals['_PUTIMAGERESPONSE']._serialized_start=583
-  _globals['_PUTIMAGERESPONSE']._serialized_end=634
-  _globals['_GETIMAGEREQUEST']._serialized_start=636
-  _globals['_GETIMAGEREQUEST']._serialized_end=667
-  _globals['_GETIMAGERESPONSE']._serialized_start=669
-  _globals['_GETIMAGERESPONSE']._serialized_end=720
-  _globals['_GETMANIFESTREQUEST']._serialized_start=722
-  _globals['_GETMANIFESTREQUEST']._serialized_end=781
-  _globals['_GETMANIFESTRESPONSE']._serialized_start=783
-  _globals['_GETMANIFESTRESPONSE']._serialized_end=857
-  _globals['_LISTTAGSREQUEST']._serialized_start=859
-  _globals['_LISTTAGSREQUEST']._serialized_end=935
-  _globals['_LISTTAGSRESPONSE']._serialized_start=937
-  _globals['_LISTTAGSRESPONSE']._serialized_end=994
-  _globals['_LISTIMAGESREQUEST']._serialized_start=996
-  _globals['_LISTIMAGESREQUEST']._serialized_end=1054
-  _globals['_LISTIMAGESRESPONSE']._serialized_start=1056
-  _globals['_LISTIMAGESRESPONSE']._serialized_end=1135
-  _globals['_DELETEIMAGEREQUEST']._serialized_start=1137
-  _globals['_DELETEIMAGEREQUEST']._serialized_end=1171
-  _globals['_DELETEIMAGERESPONSE']._serialized_start=1173
-  _globals['_DELETEIMAGERESPONSE']._serialized_end=1242
-  _globals['_READBLOBREQUEST']._serialized_start=1244
-  _globals['_READBLOBREQUEST']._serialized_end=1321
-  _globals['_READBLOBRESPONSE']._serialized_start=1323
-  _globals['_READBLOBRESPONSE']._serialized_end=1356
-  _globals['_GETTORRENTREQUEST']._serialized_start=1358
-  _globals['_GETTORRENTREQUEST']._serialized_end=1393
-  _globals['_GETTORRENTRESPONSE']._serialized_start=1395
-  _globals['_GETTORRENTRESPONSE']._serialized_end=1484
-  _globals['_IMAGESERVICE']._serialized_start=1487
-  _globals['_IMAGESERVICE']._serialized_end=2234
+  _globals['_STATBLOBSREQUEST']._serialized_start=99
+  _globals['_STATBLOBSREQUEST']._serialized_end=134
+  _globals['_STATBLOBSRESPONSE']._serialized_start=136
+  _globals['_STATBLOBSRESPONSE']._serialized_end=180
+  _globals['_UPLOADBLOBHEADER']._serialized_start=182
+  _globals['_UPLOADBLOBHEADER']._serialized_end=236
+  _globals['_UPLOADBLOBREQUEST']._serialized_start=239
+  _globals['_UPLOADBLOBREQUEST']._serialized_end=382
+  _globals['_UPLOADBLOBTRAILER']._serialized_start=384
+  _globals['_UPLOADBLOBTRAILER']._serialized_end=419
+  _globals['_UPLOADBLOBRESPONSE']._serialized_start=421
+  _globals['_UPLOADBLOBRESPONSE']._serialized_end=502
+  _globals['_PUTIMAGEREQUEST']._serialized_start=504
+  _globals['_PUTIMAGEREQUEST']._serialized_end=613
+  _globals['_PUTIMAGERESPONSE']._serialized_start=615
+  _globals['_PUTIMAGERESPONSE']._serialized_end=666
+  _globals['_GETIMAGEREQUEST']._serialized_start=668
+  _globals['_GETIMAGEREQUEST']._serialized_end=699
+  _globals['_GETIMAGERESPONSE']._serialized_start=701
+  _globals['_GETIMAGERESPONSE']._serialized_end=752
+  _globals['_GETMANIFESTREQUEST']._serialized_start=754
+  _globals['_GETMANIFESTREQUEST']._serialized_end=813
+  _globals['_GETMANIFESTRESPONSE']._serialized_start=815
+  _globals['_GETMANIFESTRESPONSE']._serialized_end=889
+  _globals['_LISTTAGSREQUEST']._serialized_start=891
+  _globals['_LISTTAGSREQUEST']._serialized_end=967
+  _globals['_LISTTAGSRESPONSE']._serialized_start=969
+  _globals['_LISTTAGSRESPONSE']._serialized_end=1026
+  _globals['_LISTIMAGESREQUEST']._serialized_start=1028
+  _globals['_LISTIMAGESREQUEST']._serialized_end=1086
+  _globals['_LISTIMAGESRESPONSE']._serialized_start=1088
+  _globals['_LISTIMAGESRESPONSE']._serialized_end=1167
+  _globals['_DELETEIMAGEREQUEST']._serialized_start=1169
+  _globals['_DELETEIMAGEREQUEST']._serialized_end=1203
+  _globals['_DELETEIMAGERESPONSE']._serialized_start=1205
+  _globals['_DELETEIMAGERESPONSE']._serialized_end=1274
+  _globals['_READBLOBREQUEST']._serialized_start=1276
+  _globals['_READBLOBREQUEST']._serialized_end=1353
+  _globals['_READBLOBRESPONSE']._serialized_start=1355
+  _globals['_READBLOBRESPONSE']._serialized_end=1388
+  _globals['_GETTORRENTREQUEST']._serialized_start=1390
+  _globals['_GETTORRENTREQUEST']._serialized_end=1425
+  _globals['_GETTORRENTRESPONSE']._serialized_start=1427
+  _globals['_GETTORRENTRESPONSE']._serialized_end=1516
+  _globals['_COLLECTGARBAGEREQUEST']._serialized_start=1518
+  _globals['_COLLECTGARBAGEREQUEST']._serialized_end=1625
+  _globals['_COLLECTEDBLOB']._serialized_start=1627
+  _globals['_COLLECTEDBLOB']._serialized_end=1678
+  _globals['_COLLECTGARBAGERESPONSE']._serialized_start=1681
+  _globals['_COLLECTGARBAGERESPONSE']._serialized_end=1831
+  _globals['_IMAGESERVICE']._serialized_start=1834
+  _globals['_IMAGESERVICE']._serialized_end=2668
 # @@protoc_insertion_point(module_scope)

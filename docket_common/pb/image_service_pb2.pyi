@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from docket_common.pb import image_pb2 as _image_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
@@ -616,3 +617,116 @@ class GetTorrentResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTorrentResponse: _TypeAlias = GetTorrentResponse  # noqa: Y015
+
+@_typing.final
+class CollectGarbageRequest(_message.Message):
+    """The request of CollectGarbage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    GRACE_PERIOD_FIELD_NUMBER: _builtins.int
+    UNTAGGED_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    """Delete nothing: list what would be deleted."""
+    untagged: _builtins.bool
+    """Also remove the image manifests no tag points at and no index includes (what a retag
+    leaves behind), older than the grace period and not fetched in flight, and then the
+    blobs only they used. Off by default (and in the server's own runs unless it runs with
+    `--gc-untagged`): an untagged manifest stays pullable by digest. Indexes and referrers
+    are never removed. A dry run lists the manifests; the blobs only they use are listed
+    by the run that removes them.
+    """
+    @_builtins.property
+    def grace_period(self) -> _duration_pb2.Duration:
+        """Collect only blobs unused for longer than this; unset: the server's `--gc-grace`
+        (1 hour by default). Zero collects every unused blob not in flight, including those
+        of a push in progress.
+        """
+
+    def __init__(
+        self,
+        *,
+        dry_run: _builtins.bool = ...,
+        grace_period: _duration_pb2.Duration | None = ...,
+        untagged: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["grace_period", b"grace_period"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "grace_period", b"grace_period", "untagged", b"untagged"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectGarbageRequest: _TypeAlias = CollectGarbageRequest  # noqa: Y015
+
+@_typing.final
+class CollectedBlob(_message.Message):
+    """A blob that garbage collection deleted (or would delete)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGEST_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    digest: _builtins.str
+    """The blob's digest."""
+    size_bytes: _builtins.int
+    """Its size."""
+    def __init__(
+        self,
+        *,
+        digest: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectedBlob: _TypeAlias = CollectedBlob  # noqa: Y015
+
+@_typing.final
+class CollectGarbageResponse(_message.Message):
+    """The response of CollectGarbage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOBS_FIELD_NUMBER: _builtins.int
+    FREED_BYTES_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    KEPT_BLOBS_FIELD_NUMBER: _builtins.int
+    REMOVED_MANIFESTS_FIELD_NUMBER: _builtins.int
+    freed_bytes: _builtins.int
+    """The bytes they held: freed, or with dry_run to be freed."""
+    dry_run: _builtins.bool
+    """Whether this was a dry run (nothing deleted)."""
+    kept_blobs: _builtins.int
+    """How many blobs no image uses were kept: younger than the grace period, asked for by a
+    push within it, or fetched by a rollout or pull in flight.
+    """
+    @_builtins.property
+    def blobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___CollectedBlob]:
+        """The blobs deleted, or with dry_run those that would be."""
+
+    @_builtins.property
+    def removed_manifests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The untagged manifests removed (or with dry_run to be removed), as
+        "repository@sha256:…".
+        """
+
+    def __init__(
+        self,
+        *,
+        blobs: _abc.Iterable[Global___CollectedBlob] | None = ...,
+        freed_bytes: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+        kept_blobs: _builtins.int = ...,
+        removed_manifests: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blobs", b"blobs", "dry_run", b"dry_run", "freed_bytes", b"freed_bytes", "kept_blobs", b"kept_blobs", "removed_manifests", b"removed_manifests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectGarbageResponse: _TypeAlias = CollectGarbageResponse  # noqa: Y015

@@ -34,7 +34,8 @@ class ImageServiceStub:
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
     SIZE_MISMATCH, UPLOAD_HEADER_MISSING, UPLOAD_TRAILER_MISSING, INVALID_IMAGE,
-    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE, MANIFEST_IN_USE. The ErrorInfo
+    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE, MANIFEST_IN_USE,
+    INVALID_GRACE_PERIOD. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -95,6 +96,11 @@ class ImageServiceStub:
                 request_serializer=docket_dot_v1_dot_image__service__pb2.GetTorrentRequest.SerializeToString,
                 response_deserializer=docket_dot_v1_dot_image__service__pb2.GetTorrentResponse.FromString,
                 _registered_method=True)
+        self.CollectGarbage = channel.unary_unary(
+                '/docket.v1.ImageService/CollectGarbage',
+                request_serializer=docket_dot_v1_dot_image__service__pb2.CollectGarbageRequest.SerializeToString,
+                response_deserializer=docket_dot_v1_dot_image__service__pb2.CollectGarbageResponse.FromString,
+                _registered_method=True)
 
 
 class ImageServiceServicer:
@@ -106,7 +112,8 @@ class ImageServiceServicer:
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
     SIZE_MISMATCH, UPLOAD_HEADER_MISSING, UPLOAD_TRAILER_MISSING, INVALID_IMAGE,
-    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE, MANIFEST_IN_USE. The ErrorInfo
+    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE, MANIFEST_IN_USE,
+    INVALID_GRACE_PERIOD. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -215,6 +222,19 @@ class ImageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CollectGarbage(self, request, context):
+        """Deletes the blobs no image uses (no manifest names them as its config or a layer: left
+        by a retag, a delete, or a push that never recorded its image) once they are older than
+        a grace period and no push asked for them within it, except those a rollout or pull in
+        flight fetches; they stop being seeded. Also deletes blob files the server holds no
+        record of. Manifests are kept unless asked (`untagged`): untagged ones stay pullable by
+        digest. The server also runs this every `--gc-interval`. Admins only.
+        Errors: INVALID_ARGUMENT (INVALID_GRACE_PERIOD) for a negative grace period.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -268,6 +288,11 @@ def add_ImageServiceServicer_to_server(servicer, server):
                     request_deserializer=docket_dot_v1_dot_image__service__pb2.GetTorrentRequest.FromString,
                     response_serializer=docket_dot_v1_dot_image__service__pb2.GetTorrentResponse.SerializeToString,
             ),
+            'CollectGarbage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectGarbage,
+                    request_deserializer=docket_dot_v1_dot_image__service__pb2.CollectGarbageRequest.FromString,
+                    response_serializer=docket_dot_v1_dot_image__service__pb2.CollectGarbageResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'docket.v1.ImageService', rpc_method_handlers)
@@ -285,7 +310,8 @@ class ImageService:
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
     SIZE_MISMATCH, UPLOAD_HEADER_MISSING, UPLOAD_TRAILER_MISSING, INVALID_IMAGE,
-    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE, MANIFEST_IN_USE. The ErrorInfo
+    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE, MANIFEST_IN_USE,
+    INVALID_GRACE_PERIOD. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -550,6 +576,33 @@ class ImageService:
             '/docket.v1.ImageService/GetTorrent',
             docket_dot_v1_dot_image__service__pb2.GetTorrentRequest.SerializeToString,
             docket_dot_v1_dot_image__service__pb2.GetTorrentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectGarbage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/docket.v1.ImageService/CollectGarbage',
+            docket_dot_v1_dot_image__service__pb2.CollectGarbageRequest.SerializeToString,
+            docket_dot_v1_dot_image__service__pb2.CollectGarbageResponse.FromString,
             options,
             channel_credentials,
             insecure,

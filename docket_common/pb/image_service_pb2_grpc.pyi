@@ -35,7 +35,8 @@ class ImageServiceStub:
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
     SIZE_MISMATCH, UPLOAD_HEADER_MISSING, UPLOAD_TRAILER_MISSING, INVALID_IMAGE,
-    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE, MANIFEST_IN_USE. The ErrorInfo
+    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE, MANIFEST_IN_USE,
+    INVALID_GRACE_PERIOD. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -108,6 +109,15 @@ class ImageServiceStub:
     """Returns the torrent the server seeds a blob with, and peers to fetch it from.
     Errors: INVALID_ARGUMENT (INVALID_DIGEST); NOT_FOUND (BLOB_NOT_FOUND).
     """
+    CollectGarbage: _grpc.UnaryUnaryMultiCallable[_image_service_pb2.CollectGarbageRequest, _image_service_pb2.CollectGarbageResponse]
+    """Deletes the blobs no image uses (no manifest names them as its config or a layer: left
+    by a retag, a delete, or a push that never recorded its image) once they are older than
+    a grace period and no push asked for them within it, except those a rollout or pull in
+    flight fetches; they stop being seeded. Also deletes blob files the server holds no
+    record of. Manifests are kept unless asked (`untagged`): untagged ones stay pullable by
+    digest. The server also runs this every `--gc-interval`. Admins only.
+    Errors: INVALID_ARGUMENT (INVALID_GRACE_PERIOD) for a negative grace period.
+    """
 
 @_typing.type_check_only
 class ImageServiceAsyncStub(ImageServiceStub):
@@ -119,7 +129,8 @@ class ImageServiceAsyncStub(ImageServiceStub):
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
     SIZE_MISMATCH, UPLOAD_HEADER_MISSING, UPLOAD_TRAILER_MISSING, INVALID_IMAGE,
-    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE, MANIFEST_IN_USE. The ErrorInfo
+    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE, MANIFEST_IN_USE,
+    INVALID_GRACE_PERIOD. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -189,6 +200,15 @@ class ImageServiceAsyncStub(ImageServiceStub):
     """Returns the torrent the server seeds a blob with, and peers to fetch it from.
     Errors: INVALID_ARGUMENT (INVALID_DIGEST); NOT_FOUND (BLOB_NOT_FOUND).
     """
+    CollectGarbage: _aio.UnaryUnaryMultiCallable[_image_service_pb2.CollectGarbageRequest, _image_service_pb2.CollectGarbageResponse]  # type: ignore[assignment]
+    """Deletes the blobs no image uses (no manifest names them as its config or a layer: left
+    by a retag, a delete, or a push that never recorded its image) once they are older than
+    a grace period and no push asked for them within it, except those a rollout or pull in
+    flight fetches; they stop being seeded. Also deletes blob files the server holds no
+    record of. Manifests are kept unless asked (`untagged`): untagged ones stay pullable by
+    digest. The server also runs this every `--gc-interval`. Admins only.
+    Errors: INVALID_ARGUMENT (INVALID_GRACE_PERIOD) for a negative grace period.
+    """
 
 class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
     """The registry: images as manifests over content-addressed blobs, and the torrents the
@@ -199,7 +219,8 @@ class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
     Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
     of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
     SIZE_MISMATCH, UPLOAD_HEADER_MISSING, UPLOAD_TRAILER_MISSING, INVALID_IMAGE,
-    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE, MANIFEST_IN_USE. The ErrorInfo
+    INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE, MANIFEST_IN_USE,
+    INVALID_GRACE_PERIOD. The ErrorInfo
     domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
     "expected", "actual", "name").
     """
@@ -326,6 +347,21 @@ class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_image_service_pb2.GetTorrentResponse, _abc.Awaitable[_image_service_pb2.GetTorrentResponse]]:
         """Returns the torrent the server seeds a blob with, and peers to fetch it from.
         Errors: INVALID_ARGUMENT (INVALID_DIGEST); NOT_FOUND (BLOB_NOT_FOUND).
+        """
+
+    @_abc_1.abstractmethod
+    def CollectGarbage(
+        self,
+        request: _image_service_pb2.CollectGarbageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_image_service_pb2.CollectGarbageResponse, _abc.Awaitable[_image_service_pb2.CollectGarbageResponse]]:
+        """Deletes the blobs no image uses (no manifest names them as its config or a layer: left
+        by a retag, a delete, or a push that never recorded its image) once they are older than
+        a grace period and no push asked for them within it, except those a rollout or pull in
+        flight fetches; they stop being seeded. Also deletes blob files the server holds no
+        record of. Manifests are kept unless asked (`untagged`): untagged ones stay pullable by
+        digest. The server also runs this every `--gc-interval`. Admins only.
+        Errors: INVALID_ARGUMENT (INVALID_GRACE_PERIOD) for a negative grace period.
         """
 
 def add_ImageServiceServicer_to_server(servicer: ImageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -62,6 +62,7 @@ RPCS: dict[str, Rule] = {
     _IMAGES + "ListImages": _r(READ),
     _IMAGES + "ReadBlob": _r(READ, NODE),
     _IMAGES + "GetTorrent": _r(READ, NODE),
+    _IMAGES + "CollectGarbage": _r(ADMIN, changes=True),
     _AGENTS + "Connect": _r(NODE),
     _AGENTS + "ClaimFirstPieces": _r(NODE),
     _AGENTS + "StartPull": _r(NODE),

@@ -123,6 +123,21 @@ class ImageService(pb_grpc.ImageServiceServicer):
         async for chunk in chunks:
             yield pb.ReadBlobResponse(chunk=chunk)
 
+    async def CollectGarbage(
+        self, request: pb.CollectGarbageRequest, context: Context
+    ) -> pb.CollectGarbageResponse:
+        grace = request.grace_period.ToTimedelta() if request.HasField("grace_period") else None
+        result = await self.registry.collect_garbage(
+            grace, dry_run=request.dry_run, untagged=request.untagged or None
+        )
+        return pb.CollectGarbageResponse(
+            blobs=[pb.CollectedBlob(digest=g.digest, size_bytes=g.size) for g in result.blobs],
+            freed_bytes=result.freed_bytes,
+            dry_run=result.dry_run,
+            kept_blobs=result.kept,
+            removed_manifests=result.manifests,
+        )
+
     async def GetTorrent(
         self, request: pb.GetTorrentRequest, context: Context
     ) -> pb.GetTorrentResponse:

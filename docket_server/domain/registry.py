@@ -11,11 +11,12 @@ import binascii
 import contextlib
 import json
 import os
+import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -57,6 +58,8 @@ log = structlog.get_logger()
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+DEFAULT_GC_GRACE = timedelta(hours=1)
+_PRESENT_BATCH = 500  # digests looked up in one query
 
 
 class BlobSeeder(Protocol):
@@ -71,6 +74,28 @@ class BlobSeeder(Protocol):
 class UploadResult:
     blob: Blob
     already_existed: bool
+
+
+@dataclass(frozen=True)
+class Garbage:
+    """A blob garbage collection deleted, or (a dry run) would delete."""
+
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Collection:
+    """What one garbage collection did."""
+
+    blobs: list[Garbage]  # deleted, or (dry_run) to be deleted
+    dry_run: bool
+    manifests: list[str]  # "repository@digest" of the untagged manifests removed (or to be)
+    kept: int  # blobs no image uses that were kept: too young, in use, or needed in flight
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(g.size for g in self.blobs)
 
 
 class _KeyedLocks:
@@ -115,6 +140,12 @@ class Registry:
         self._deferred: set[str] = set()
         self._collecting = asyncio.Lock()
         self._collector: asyncio.Future[None] | None = None
+        # Garbage collection: blobs no image uses go once they are older than the grace (a
+        # push uploads its blobs before its manifest) and were not asked for by a push
+        # within it (found present, mounted, uploaded again: its manifest may follow).
+        self.gc_grace = DEFAULT_GC_GRACE
+        self.gc_untagged = False  # also remove image manifests no tag or index names
+        self._asked_for: dict[str, float] = {}  # digest -> when (time.time())
 
     async def reseed_all(self) -> int:
         """Seeds every stored blob again, as after a restart: no hashing up front. Torrents
@@ -151,6 +182,7 @@ class Registry:
         for d in digests:
             valid_digest(d)
         present = await self.metadata.present_digests(digests)
+        self._asked(present)
         return [d for d in dict.fromkeys(digests) if d not in present or not self.blobs.exists(d)]
 
     async def upload_blob(
@@ -165,6 +197,7 @@ class Registry:
         too, the blob is stored under the sha256 of its bytes."""
         if digest or named_after is None:
             valid_digest(digest)
+            self._asked([digest])
         if size < 0:
             raise InvalidArgument(
                 Reason.SIZE_MISMATCH,
@@ -190,6 +223,7 @@ class Registry:
                 piece_length, pieces = await writer.commit(digest)
                 existing = await self.metadata.get_blob(digest)
                 if existing is not None:
+                    self._asked([digest])
                     return UploadResult(existing, already_existed=True)
                 size = writer.written
                 torrent = (
@@ -204,6 +238,7 @@ class Registry:
         except BaseException:
             writer.abort()
             raise
+        self._asked([digest])
         if torrent is not None:
             self.seeder.seed(blob)
         log.info("blob stored", digest=digest, size_bytes=size, pieces=len(pieces) // 20)
@@ -215,7 +250,10 @@ class Registry:
         if not is_digest(digest):
             return None
         blob = await self.metadata.get_blob(digest)
-        return digest if blob is not None and self.blobs.exists(digest) else None
+        if blob is None or not self.blobs.exists(digest):
+            return None
+        self._asked([digest])
+        return digest
 
     @staticmethod
     def check_repository(name: str) -> str:
@@ -228,6 +266,7 @@ class Registry:
         path = self.blobs.local_path(digest)
         if not path.is_file():
             raise NotFound(Reason.BLOB_NOT_FOUND, f"blob {digest} not found", digest=digest)
+        self._asked([digest])  # `docker push` asks with HEAD whether to upload a layer
         return blob, path
 
     async def read_blob(self, digest: str, offset: int, length: int) -> AsyncIterator[bytes]:
@@ -522,6 +561,122 @@ class Registry:
             await self.collect_deferred()
         except Exception:
             log.exception("cannot delete deferred blobs")
+
+    # Garbage collection
+
+    def _asked(self, digests: Iterable[str]) -> None:
+        now = time.time()
+        for digest in digests:
+            self._asked_for[digest] = now
+
+    async def collect_garbage(
+        self, grace: timedelta | None = None, dry_run: bool = False, untagged: bool | None = None
+    ) -> Collection:
+        """Deletes the blobs no image uses that are older than ``grace`` (default: gc_grace)
+        and that no push asked for within it, except those a rollout or pull in flight
+        fetches; and blob files with no record (left by a crash between deleting a blob's
+        record and its file). With ``dry_run``, deletes nothing and says what it would.
+
+        With ``untagged`` (default: gc_untagged), image manifests that no tag points at and
+        no index includes (what a retag leaves), older than the grace and not fetched in
+        flight, go first, and with them the blobs only they used. Off by default: an
+        untagged manifest is still pullable by digest, and registries keep it.
+
+        A blob's record goes first, in a transaction that checks again that no manifest uses
+        it (a manifest put meanwhile keeps it; one put after is refused as naming a blob the
+        server does not hold), then its torrent and its file, under the blob's lock (an
+        upload of the same bytes meanwhile keeps them)."""
+        grace = self.gc_grace if grace is None else grace
+        untagged = self.gc_untagged if untagged is None else untagged
+        if grace < timedelta(0):
+            raise InvalidArgument(
+                Reason.INVALID_GRACE_PERIOD,
+                f"a negative grace period ({grace.total_seconds():g} s) for garbage collection",
+            )
+        async with self._collecting:
+            now = time.time()
+            cutoff = now - grace.total_seconds()
+            keep_since = min(cutoff, now - self.gc_grace.total_seconds())
+            self._asked_for = {d: t for d, t in self._asked_for.items() if t >= keep_since}
+            needed = self.needed_blobs()
+
+            def young(digest: str) -> bool:
+                return self._asked_for.get(digest, 0.0) >= cutoff
+
+            manifests: list[str] = []
+            if untagged:
+                manifests = await self._collect_untagged(cutoff, needed, dry_run)
+            garbage: list[Garbage] = []
+            kept = 0
+            for blob in await self.metadata.unused_blobs():
+                recent = blob.create_time.timestamp() >= cutoff or young(blob.digest)
+                if recent or blob.digest in needed:
+                    kept += 1
+                else:
+                    garbage.append(Garbage(blob.digest, blob.size))
+            strays = await self._stray_files(cutoff)
+            if dry_run:
+                collected = garbage + strays
+            else:
+                deleted = set(
+                    await self._delete_orphans([g.digest for g in garbage if not young(g.digest)])
+                )
+                collected = [g for g in garbage if g.digest in deleted]
+                collected += [g for g in strays if await self._delete_stray(g.digest)]
+                kept += len(garbage) - len(deleted)
+        result = Collection(collected, dry_run, manifests, kept)
+        log.info(
+            "garbage collected" if not dry_run else "garbage found (dry run)",
+            manifests=manifests,
+            blobs=len(collected),
+            freed_bytes=result.freed_bytes,
+            kept=kept,
+            grace_seconds=grace.total_seconds(),
+            digests=[g.digest for g in collected[:100]],  # the first ones: a log line, not a list
+        )
+        return result
+
+    async def _collect_untagged(self, cutoff: float, needed: set[str], dry_run: bool) -> list[str]:
+        """Removes the untagged image manifests older than ``cutoff`` whose blobs are not
+        fetched in flight; their names. Their blobs are then unused, and old: collected next."""
+        removed = []
+        for m in await self.metadata.untagged_manifests():
+            if m.create_time.timestamp() >= cutoff or needed.intersection(m.blob_digests):
+                continue
+            if dry_run or (
+                await self.metadata.delete_untagged_manifest(m.repository, m.digest) is not None
+            ):
+                removed.append(f"{m.repository}@{m.digest}")
+        if removed and not dry_run:
+            log.info("untagged manifests removed", manifests=removed)
+        return removed
+
+    async def _stray_files(self, cutoff: float) -> list[Garbage]:
+        """Blob files older than ``cutoff`` with no record."""
+        old = [f for f in await asyncio.to_thread(self.blobs.stored) if f.modify_time < cutoff]
+        present: set[str] = set()
+        for i in range(0, len(old), _PRESENT_BATCH):
+            batch = [f.digest for f in old[i : i + _PRESENT_BATCH]]
+            present |= await self.metadata.present_digests(batch)
+        return [Garbage(f.digest, f.size) for f in old if f.digest not in present]
+
+    async def _delete_stray(self, digest: str) -> bool:
+        async with self._blob_locks.hold(digest):
+            if await self.metadata.get_blob(digest) is not None:
+                return False  # uploaded (and recorded) meanwhile
+            self.seeder.unseed(digest)
+            await self.blobs.delete(digest)
+            log.info("blob file without a record deleted", digest=digest)
+            return True
+
+    async def collect_periodically(self, interval: timedelta) -> None:
+        """Runs collect_garbage every ``interval``, until cancelled."""
+        while True:
+            await asyncio.sleep(interval.total_seconds())
+            try:
+                await self.collect_garbage()
+            except Exception:
+                log.exception("garbage collection failed")
 
     # Images, as the gRPC API and docketctl show them
 

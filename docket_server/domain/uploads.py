@@ -6,7 +6,8 @@ blob appear under its name and get its torrent. A chunk that does not continue t
 where it stands is refused and changes nothing; a chunk that breaks off (the client went
 away, or sent fewer or more bytes than it said) ends the upload and drops its bytes, so no
 half-known state is kept: the client starts again. After a server restart every upload is
-unknown (the temporary files are removed at start-up).
+unknown (the temporary files are removed at start-up). An upload that would eat into the
+blob store's reserve of free disk is refused (INSUFFICIENT_STORAGE) and ended the same way.
 """
 
 from __future__ import annotations
@@ -154,9 +155,11 @@ class Uploads:
     async def _write(
         self, upload: Upload, chunks: AsyncIterator[bytes], length: int | None
     ) -> None:
-        writer = self._writer(upload, length or 0)
-        before = writer.written
+        before = upload.offset
         try:
+            writer = self._writer(upload, length or 0)
+            if length and before:  # a chunk of known length: refused up front if too big
+                self.registry.blobs.check_space(length, written=before)
             await write_chunks(writer, chunks)
             _check_length(upload, length, writer.written - before)
         except BaseException as e:

@@ -5,6 +5,10 @@ Blobs live at ``blobs/sha256/<2 hex>/<hex>``. A write goes to a temporary file u
 digest and size it was announced with; so a blob whose bytes do not hash to its name never
 appears under that name, whatever happens to the writer. Two writers of the same blob at once
 both succeed: the first rename wins and the second finds the blob in place.
+
+The store keeps a reserve of free disk (``min_free_bytes``): a writer is refused up front when
+the blob's known size would eat into it, and stopped as soon as a write would (a chunked
+upload of unknown size), with INSUFFICIENT_STORAGE; its temporary file is removed.
 """
 
 from __future__ import annotations
@@ -16,21 +20,31 @@ import fcntl
 import hashlib
 import mmap
 import os
-import shutil
 import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from docket_common.digest import hex_part
 from docket_common.errors import Reason
+from docket_common.sizes import iec
 from docket_common.torrent import PieceHasher, piece_length_for
 from docket_server.domain.errors import InvalidArgument, ResourceExhausted
 
 READ_CHUNK = 1024 * 1024
 DIRECT_ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the block size
 STAGE_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A blob file in the store, as found on disk."""
+
+    digest: str
+    size: int
+    modify_time: float  # seconds since the epoch
 
 
 class BlobWriter(ABC):
@@ -81,14 +95,69 @@ class BlobStore(ABC):
     @abstractmethod
     async def delete(self, digest: str) -> None: ...
 
+    @abstractmethod
+    def check_space(self, needed: int, digest: str = "", written: int = -1) -> None:
+        """INSUFFICIENT_STORAGE unless ``needed`` more bytes leave the reserve free.
+        ``written`` (bytes of the blob already written) says the blob is under way."""
+
+    @abstractmethod
+    def stored(self) -> list[StoredFile]:
+        """Every blob file in the store (blocking: call it in a thread). Garbage collection
+        compares them with the blobs recorded, to find files a crash left without a record."""
+
 
 class FilesystemBlobStore(BlobStore):
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = root
         self.blob_dir = root / "blobs" / "sha256"
         self.tmp_dir = root / "tmp"
+        self.min_free_bytes = min_free_bytes
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def free_bytes(self) -> int:
+        """Free bytes on the store's filesystem, as an unprivileged writer may use them."""
+        st = os.statvfs(self.tmp_dir)
+        return st.f_bavail * st.f_frsize
+
+    def check_space(self, needed: int, digest: str = "", written: int = -1) -> None:
+        free = self.free_bytes()
+        if free - needed >= self.min_free_bytes:
+            return
+        name = digest or "(named later)"
+        reserve = f"{iec(self.min_free_bytes)} kept in reserve (--min-free-bytes)"
+        if written < 0:
+            of = f" of {iec(needed)}" if needed > 0 else ""
+            message = (
+                f"not enough disk on the server for blob {name}{of}: {iec(free)} free, {reserve}"
+            )
+        else:
+            message = (
+                f"not enough disk on the server for blob {name}: stopped after {iec(written)}, "
+                f"as {iec(needed)} more would leave less than the {reserve}; {iec(free)} free"
+            )
+        raise ResourceExhausted(
+            Reason.INSUFFICIENT_STORAGE,
+            message,
+            digest=digest,
+            size_bytes=needed,
+            free_bytes=free,
+            reserved_bytes=self.min_free_bytes,
+        )
+
+    def stored(self) -> list[StoredFile]:
+        found = []
+        for sub in self.blob_dir.iterdir():
+            if not sub.is_dir():
+                continue
+            for entry in sub.iterdir():
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue  # deleted meanwhile
+                if entry.is_file():
+                    found.append(StoredFile(f"sha256:{entry.name}", st.st_size, st.st_mtime))
+        return found
 
     def clean_temporary(self) -> int:
         """Removes what interrupted writes left behind; run at start-up, before serving."""
@@ -106,16 +175,7 @@ class FilesystemBlobStore(BlobStore):
         return self.local_path(digest).is_file()
 
     def writer(self, digest: str, size: int, size_hint: int = 0) -> BlobWriter:
-        free = shutil.disk_usage(self.tmp_dir).free
-        if max(size, size_hint) > free:
-            raise ResourceExhausted(
-                Reason.INSUFFICIENT_STORAGE,
-                f"blob {digest or '(named later)'} is {max(size, size_hint)} bytes but the "
-                f"server has only {free} bytes free",
-                digest=digest,
-                size_bytes=max(size, size_hint),
-                free_bytes=free,
-            )
+        self.check_space(max(size, size_hint), digest)
         return _FileBlobWriter(self, digest, size, size_hint)
 
     async def read(self, digest: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]:
@@ -182,6 +242,10 @@ class _FileBlobWriter(BlobWriter):
                 expected=self._size,
                 actual=f">{self._written + len(chunk) - 1}",
             )
+        # What is still to come counts when it is known: a push stops at its first chunk
+        # once another one has taken the room it was let in with.
+        remaining = self._size - self._written if self._size >= 0 else len(chunk)
+        self._store.check_space(remaining, self._digest, self._written)
         self._written += len(chunk)
         if self._pieces_valid and piece_length_for(self._written) > self._pieces.piece_length:
             self._pieces_valid = False  # outgrown: the follower takes over
@@ -198,8 +262,9 @@ class _FileBlobWriter(BlobWriter):
             if e.errno == errno.ENOSPC:
                 raise ResourceExhausted(
                     Reason.INSUFFICIENT_STORAGE,
-                    f"the server's disk is full after {self._written} bytes of blob "
-                    f"{self._digest or '(named later)'}",
+                    f"the server's disk is full after {iec(self._written)} of blob "
+                    f"{self._digest or '(named later)'} (raise --min-free-bytes to refuse "
+                    "uploads before it fills)",
                     digest=self._digest,
                 ) from e
             raise

@@ -95,6 +95,23 @@ class MetadataStore(ABC):
     @abstractmethod
     async def forget_blob_deletes(self, digests: Sequence[str]) -> None: ...
 
+    @abstractmethod
+    async def unused_blobs(self) -> list[Blob]:
+        """The blobs no manifest uses (as its config or a layer), oldest first: what garbage
+        collection looks at. A push uploads its blobs before its manifest, so a young one is
+        likely a push in progress; the caller decides by ``create_time``."""
+
+    @abstractmethod
+    async def untagged_manifests(self) -> list[Manifest]:
+        """The image manifests no tag points at and no index includes (not indexes, not
+        referrers): what a retag leaves behind."""
+
+    @abstractmethod
+    async def delete_untagged_manifest(self, repository: str, digest: str) -> list[str] | None:
+        """Removes the manifest if it is still one untagged_manifests lists, atomically;
+        returns the blobs it used that no manifest uses now, or None when it was not removed
+        (tagged or included meanwhile, or gone)."""
+
     # Manifests and tags
 
     @abstractmethod

@@ -1149,6 +1149,59 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
             )
             return [r.id for r in rows]
 
+    # Garbage collection (issue 15)
+
+    async def unused_blobs(self) -> list[Blob]:
+        used_as_config = sa.exists().where(manifests.c.config_digest == blobs.c.digest)
+        used_as_layer = sa.exists().where(manifest_layers.c.digest == blobs.c.digest)
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                blobs.select()
+                .where(~used_as_config, ~used_as_layer)
+                .order_by(blobs.c.create_time, blobs.c.digest)
+            )
+            return [_blob_from_row(r) for r in rows]
+
+    async def untagged_manifests(self) -> list[Manifest]:
+        async with self.engine.connect() as conn:
+            return await _select_manifests(conn, _untagged_image_manifest())
+
+    async def delete_untagged_manifest(self, repository: str, digest: str) -> list[str] | None:
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(manifests.c.id, manifests.c.config_digest).where(
+                        (manifests.c.repository == repository)
+                        & (manifests.c.digest == digest)
+                        & _untagged_image_manifest()
+                    )
+                )
+            ).first()
+            if row is None:
+                return None
+            layers = await conn.execute(
+                sa.select(manifest_layers.c.digest).where(manifest_layers.c.manifest_id == row.id)
+            )
+            used = {r.digest for r in layers}
+            if row.config_digest:
+                used.add(row.config_digest)
+            await conn.execute(
+                manifest_layers.delete().where(manifest_layers.c.manifest_id == row.id)
+            )
+            await conn.execute(manifests.delete().where(manifests.c.id == row.id))
+            return sorted(used - await _used_digests(conn, used))
+
+
+def _untagged_image_manifest() -> sa.ColumnElement[bool]:
+    """An image manifest that no tag points at, no index includes, that is not an index
+    itself and not a referrer (a signature or SBOM, kept for its subject)."""
+    return sa.and_(
+        ~sa.exists().where(tags.c.manifest_id == manifests.c.id),
+        ~sa.exists().where(manifest_children.c.child_id == manifests.c.id),
+        ~sa.exists().where(manifest_children.c.manifest_id == manifests.c.id),
+        manifests.c.subject_digest.is_(None),
+    )
+
 
 async def _present(conn: AsyncConnection, digests: Sequence[str]) -> set[str]:
     rows = await conn.execute(sa.select(blobs.c.digest).where(blobs.c.digest.in_(set(digests))))

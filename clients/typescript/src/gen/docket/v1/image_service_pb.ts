@@ -6,13 +6,15 @@ import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegen
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Descriptor, Image, Peer, Torrent } from "./image_pb.js";
 import { file_docket_v1_image } from "./image_pb.js";
+import type { Duration } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file docket/v1/image_service.proto.
  */
 export const file_docket_v1_image_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch1kb2NrZXQvdjEvaW1hZ2Vfc2VydmljZS5wcm90bxIJZG9ja2V0LnYxIiMKEFN0YXRCbG9ic1JlcXVlc3QSDwoHZGlnZXN0cxgBIAMoCSIsChFTdGF0QmxvYnNSZXNwb25zZRIXCg9taXNzaW5nX2RpZ2VzdHMYASADKAkiNgoQVXBsb2FkQmxvYkhlYWRlchIOCgZkaWdlc3QYASABKAkSEgoKc2l6ZV9ieXRlcxgCIAEoAyKPAQoRVXBsb2FkQmxvYlJlcXVlc3QSLQoGaGVhZGVyGAEgASgLMhsuZG9ja2V0LnYxLlVwbG9hZEJsb2JIZWFkZXJIABIPCgVjaHVuaxgCIAEoDEgAEi8KB3RyYWlsZXIYAyABKAsyHC5kb2NrZXQudjEuVXBsb2FkQmxvYlRyYWlsZXJIAEIJCgdjb250ZW50IiMKEVVwbG9hZEJsb2JUcmFpbGVyEg4KBmRpZ2VzdBgBIAEoCSJRChJVcGxvYWRCbG9iUmVzcG9uc2USDgoGZGlnZXN0GAEgASgJEhIKCnNpemVfYnl0ZXMYAiABKAMSFwoPYWxyZWFkeV9leGlzdGVkGAMgASgIIm0KD1B1dEltYWdlUmVxdWVzdBIMCgRuYW1lGAEgASgJEiUKBmNvbmZpZxgCIAEoCzIVLmRvY2tldC52MS5EZXNjcmlwdG9yEiUKBmxheWVycxgDIAMoCzIVLmRvY2tldC52MS5EZXNjcmlwdG9yIjMKEFB1dEltYWdlUmVzcG9uc2USHwoFaW1hZ2UYASABKAsyEC5kb2NrZXQudjEuSW1hZ2UiHwoPR2V0SW1hZ2VSZXF1ZXN0EgwKBG5hbWUYASABKAkiMwoQR2V0SW1hZ2VSZXNwb25zZRIfCgVpbWFnZRgBIAEoCzIQLmRvY2tldC52MS5JbWFnZSI7ChJHZXRNYW5pZmVzdFJlcXVlc3QSEgoKcmVwb3NpdG9yeRgBIAEoCRIRCglyZWZlcmVuY2UYAiABKAkiSgoTR2V0TWFuaWZlc3RSZXNwb25zZRIOCgZkaWdlc3QYASABKAkSEgoKbWVkaWFfdHlwZRgCIAEoCRIPCgdjb250ZW50GAMgASgMIkwKD0xpc3RUYWdzUmVxdWVzdBISCgpyZXBvc2l0b3J5GAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIjkKEExpc3RUYWdzUmVzcG9uc2USDAoEdGFncxgBIAMoCRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiOgoRTGlzdEltYWdlc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiTwoSTGlzdEltYWdlc1Jlc3BvbnNlEiAKBmltYWdlcxgBIAMoCzIQLmRvY2tldC52MS5JbWFnZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiIgoSRGVsZXRlSW1hZ2VSZXF1ZXN0EgwKBG5hbWUYASABKAkiRQoTRGVsZXRlSW1hZ2VSZXNwb25zZRIVCg1kZWxldGVkX25hbWVzGAEgAygJEhcKD2RlbGV0ZWRfZGlnZXN0cxgCIAMoCSJNCg9SZWFkQmxvYlJlcXVlc3QSDgoGZGlnZXN0GAEgASgJEhQKDG9mZnNldF9ieXRlcxgCIAEoAxIUCgxsZW5ndGhfYnl0ZXMYAyABKAMiIQoQUmVhZEJsb2JSZXNwb25zZRINCgVjaHVuaxgBIAEoDCIjChFHZXRUb3JyZW50UmVxdWVzdBIOCgZkaWdlc3QYASABKAkiWQoSR2V0VG9ycmVudFJlc3BvbnNlEiMKB3RvcnJlbnQYASABKAsyEi5kb2NrZXQudjEuVG9ycmVudBIeCgVwZWVycxgCIAMoCzIPLmRvY2tldC52MS5QZWVyMusFCgxJbWFnZVNlcnZpY2USRgoJU3RhdEJsb2JzEhsuZG9ja2V0LnYxLlN0YXRCbG9ic1JlcXVlc3QaHC5kb2NrZXQudjEuU3RhdEJsb2JzUmVzcG9uc2USSwoKVXBsb2FkQmxvYhIcLmRvY2tldC52MS5VcGxvYWRCbG9iUmVxdWVzdBodLmRvY2tldC52MS5VcGxvYWRCbG9iUmVzcG9uc2UoARJDCghQdXRJbWFnZRIaLmRvY2tldC52MS5QdXRJbWFnZVJlcXVlc3QaGy5kb2NrZXQudjEuUHV0SW1hZ2VSZXNwb25zZRJDCghHZXRJbWFnZRIaLmRvY2tldC52MS5HZXRJbWFnZVJlcXVlc3QaGy5kb2NrZXQudjEuR2V0SW1hZ2VSZXNwb25zZRJMCgtHZXRNYW5pZmVzdBIdLmRvY2tldC52MS5HZXRNYW5pZmVzdFJlcXVlc3QaHi5kb2NrZXQudjEuR2V0TWFuaWZlc3RSZXNwb25zZRJDCghMaXN0VGFncxIaLmRvY2tldC52MS5MaXN0VGFnc1JlcXVlc3QaGy5kb2NrZXQudjEuTGlzdFRhZ3NSZXNwb25zZRJJCgpMaXN0SW1hZ2VzEhwuZG9ja2V0LnYxLkxpc3RJbWFnZXNSZXF1ZXN0Gh0uZG9ja2V0LnYxLkxpc3RJbWFnZXNSZXNwb25zZRJMCgtEZWxldGVJbWFnZRIdLmRvY2tldC52MS5EZWxldGVJbWFnZVJlcXVlc3QaHi5kb2NrZXQudjEuRGVsZXRlSW1hZ2VSZXNwb25zZRJFCghSZWFkQmxvYhIaLmRvY2tldC52MS5SZWFkQmxvYlJlcXVlc3QaGy5kb2NrZXQudjEuUmVhZEJsb2JSZXNwb25zZTABEkkKCkdldFRvcnJlbnQSHC5kb2NrZXQudjEuR2V0VG9ycmVudFJlcXVlc3QaHS5kb2NrZXQudjEuR2V0VG9ycmVudFJlc3BvbnNlYgZwcm90bzM", [file_docket_v1_image]);
+  fileDesc("Ch1kb2NrZXQvdjEvaW1hZ2Vfc2VydmljZS5wcm90bxIJZG9ja2V0LnYxIiMKEFN0YXRCbG9ic1JlcXVlc3QSDwoHZGlnZXN0cxgBIAMoCSIsChFTdGF0QmxvYnNSZXNwb25zZRIXCg9taXNzaW5nX2RpZ2VzdHMYASADKAkiNgoQVXBsb2FkQmxvYkhlYWRlchIOCgZkaWdlc3QYASABKAkSEgoKc2l6ZV9ieXRlcxgCIAEoAyKPAQoRVXBsb2FkQmxvYlJlcXVlc3QSLQoGaGVhZGVyGAEgASgLMhsuZG9ja2V0LnYxLlVwbG9hZEJsb2JIZWFkZXJIABIPCgVjaHVuaxgCIAEoDEgAEi8KB3RyYWlsZXIYAyABKAsyHC5kb2NrZXQudjEuVXBsb2FkQmxvYlRyYWlsZXJIAEIJCgdjb250ZW50IiMKEVVwbG9hZEJsb2JUcmFpbGVyEg4KBmRpZ2VzdBgBIAEoCSJRChJVcGxvYWRCbG9iUmVzcG9uc2USDgoGZGlnZXN0GAEgASgJEhIKCnNpemVfYnl0ZXMYAiABKAMSFwoPYWxyZWFkeV9leGlzdGVkGAMgASgIIm0KD1B1dEltYWdlUmVxdWVzdBIMCgRuYW1lGAEgASgJEiUKBmNvbmZpZxgCIAEoCzIVLmRvY2tldC52MS5EZXNjcmlwdG9yEiUKBmxheWVycxgDIAMoCzIVLmRvY2tldC52MS5EZXNjcmlwdG9yIjMKEFB1dEltYWdlUmVzcG9uc2USHwoFaW1hZ2UYASABKAsyEC5kb2NrZXQudjEuSW1hZ2UiHwoPR2V0SW1hZ2VSZXF1ZXN0EgwKBG5hbWUYASABKAkiMwoQR2V0SW1hZ2VSZXNwb25zZRIfCgVpbWFnZRgBIAEoCzIQLmRvY2tldC52MS5JbWFnZSI7ChJHZXRNYW5pZmVzdFJlcXVlc3QSEgoKcmVwb3NpdG9yeRgBIAEoCRIRCglyZWZlcmVuY2UYAiABKAkiSgoTR2V0TWFuaWZlc3RSZXNwb25zZRIOCgZkaWdlc3QYASABKAkSEgoKbWVkaWFfdHlwZRgCIAEoCRIPCgdjb250ZW50GAMgASgMIkwKD0xpc3RUYWdzUmVxdWVzdBISCgpyZXBvc2l0b3J5GAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIjkKEExpc3RUYWdzUmVzcG9uc2USDAoEdGFncxgBIAMoCRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiOgoRTGlzdEltYWdlc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiTwoSTGlzdEltYWdlc1Jlc3BvbnNlEiAKBmltYWdlcxgBIAMoCzIQLmRvY2tldC52MS5JbWFnZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiIgoSRGVsZXRlSW1hZ2VSZXF1ZXN0EgwKBG5hbWUYASABKAkiRQoTRGVsZXRlSW1hZ2VSZXNwb25zZRIVCg1kZWxldGVkX25hbWVzGAEgAygJEhcKD2RlbGV0ZWRfZGlnZXN0cxgCIAMoCSJNCg9SZWFkQmxvYlJlcXVlc3QSDgoGZGlnZXN0GAEgASgJEhQKDG9mZnNldF9ieXRlcxgCIAEoAxIUCgxsZW5ndGhfYnl0ZXMYAyABKAMiIQoQUmVhZEJsb2JSZXNwb25zZRINCgVjaHVuaxgBIAEoDCIjChFHZXRUb3JyZW50UmVxdWVzdBIOCgZkaWdlc3QYASABKAkiWQoSR2V0VG9ycmVudFJlc3BvbnNlEiMKB3RvcnJlbnQYASABKAsyEi5kb2NrZXQudjEuVG9ycmVudBIeCgVwZWVycxgCIAMoCzIPLmRvY2tldC52MS5QZWVyImsKFUNvbGxlY3RHYXJiYWdlUmVxdWVzdBIPCgdkcnlfcnVuGAEgASgIEi8KDGdyYWNlX3BlcmlvZBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIQCgh1bnRhZ2dlZBgDIAEoCCIzCg1Db2xsZWN0ZWRCbG9iEg4KBmRpZ2VzdBgBIAEoCRISCgpzaXplX2J5dGVzGAIgASgDIpYBChZDb2xsZWN0R2FyYmFnZVJlc3BvbnNlEicKBWJsb2JzGAEgAygLMhguZG9ja2V0LnYxLkNvbGxlY3RlZEJsb2ISEwoLZnJlZWRfYnl0ZXMYAiABKAMSDwoHZHJ5X3J1bhgDIAEoCBISCgprZXB0X2Jsb2JzGAQgASgFEhkKEXJlbW92ZWRfbWFuaWZlc3RzGAUgAygJMsIGCgxJbWFnZVNlcnZpY2USRgoJU3RhdEJsb2JzEhsuZG9ja2V0LnYxLlN0YXRCbG9ic1JlcXVlc3QaHC5kb2NrZXQudjEuU3RhdEJsb2JzUmVzcG9uc2USSwoKVXBsb2FkQmxvYhIcLmRvY2tldC52MS5VcGxvYWRCbG9iUmVxdWVzdBodLmRvY2tldC52MS5VcGxvYWRCbG9iUmVzcG9uc2UoARJDCghQdXRJbWFnZRIaLmRvY2tldC52MS5QdXRJbWFnZVJlcXVlc3QaGy5kb2NrZXQudjEuUHV0SW1hZ2VSZXNwb25zZRJDCghHZXRJbWFnZRIaLmRvY2tldC52MS5HZXRJbWFnZVJlcXVlc3QaGy5kb2NrZXQudjEuR2V0SW1hZ2VSZXNwb25zZRJMCgtHZXRNYW5pZmVzdBIdLmRvY2tldC52MS5HZXRNYW5pZmVzdFJlcXVlc3QaHi5kb2NrZXQudjEuR2V0TWFuaWZlc3RSZXNwb25zZRJDCghMaXN0VGFncxIaLmRvY2tldC52MS5MaXN0VGFnc1JlcXVlc3QaGy5kb2NrZXQudjEuTGlzdFRhZ3NSZXNwb25zZRJJCgpMaXN0SW1hZ2VzEhwuZG9ja2V0LnYxLkxpc3RJbWFnZXNSZXF1ZXN0Gh0uZG9ja2V0LnYxLkxpc3RJbWFnZXNSZXNwb25zZRJMCgtEZWxldGVJbWFnZRIdLmRvY2tldC52MS5EZWxldGVJbWFnZVJlcXVlc3QaHi5kb2NrZXQudjEuRGVsZXRlSW1hZ2VSZXNwb25zZRJFCghSZWFkQmxvYhIaLmRvY2tldC52MS5SZWFkQmxvYlJlcXVlc3QaGy5kb2NrZXQudjEuUmVhZEJsb2JSZXNwb25zZTABEkkKCkdldFRvcnJlbnQSHC5kb2NrZXQudjEuR2V0VG9ycmVudFJlcXVlc3QaHS5kb2NrZXQudjEuR2V0VG9ycmVudFJlc3BvbnNlElUKDkNvbGxlY3RHYXJiYWdlEiAuZG9ja2V0LnYxLkNvbGxlY3RHYXJiYWdlUmVxdWVzdBohLmRvY2tldC52MS5Db2xsZWN0R2FyYmFnZVJlc3BvbnNlYgZwcm90bzM", [file_docket_v1_image, file_google_protobuf_duration]);
 
 /**
  * The request of StatBlobs.
@@ -624,6 +626,127 @@ export const GetTorrentResponseSchema: GenMessage<GetTorrentResponse> = /*@__PUR
   messageDesc(file_docket_v1_image_service, 21);
 
 /**
+ * The request of CollectGarbage.
+ *
+ * @generated from message docket.v1.CollectGarbageRequest
+ */
+export type CollectGarbageRequest = Message<"docket.v1.CollectGarbageRequest"> & {
+  /**
+   * Delete nothing: list what would be deleted.
+   *
+   * @generated from field: bool dry_run = 1;
+   */
+  dryRun: boolean;
+
+  /**
+   * Collect only blobs unused for longer than this; unset: the server's `--gc-grace`
+   * (1 hour by default). Zero collects every unused blob not in flight, including those
+   * of a push in progress.
+   *
+   * @generated from field: google.protobuf.Duration grace_period = 2;
+   */
+  gracePeriod?: Duration;
+
+  /**
+   * Also remove the image manifests no tag points at and no index includes (what a retag
+   * leaves behind), older than the grace period and not fetched in flight, and then the
+   * blobs only they used. Off by default (and in the server's own runs unless it runs with
+   * `--gc-untagged`): an untagged manifest stays pullable by digest. Indexes and referrers
+   * are never removed. A dry run lists the manifests; the blobs only they use are listed
+   * by the run that removes them.
+   *
+   * @generated from field: bool untagged = 3;
+   */
+  untagged: boolean;
+};
+
+/**
+ * Describes the message docket.v1.CollectGarbageRequest.
+ * Use `create(CollectGarbageRequestSchema)` to create a new message.
+ */
+export const CollectGarbageRequestSchema: GenMessage<CollectGarbageRequest> = /*@__PURE__*/
+  messageDesc(file_docket_v1_image_service, 22);
+
+/**
+ * A blob that garbage collection deleted (or would delete).
+ *
+ * @generated from message docket.v1.CollectedBlob
+ */
+export type CollectedBlob = Message<"docket.v1.CollectedBlob"> & {
+  /**
+   * The blob's digest.
+   *
+   * @generated from field: string digest = 1;
+   */
+  digest: string;
+
+  /**
+   * Its size.
+   *
+   * @generated from field: int64 size_bytes = 2;
+   */
+  sizeBytes: bigint;
+};
+
+/**
+ * Describes the message docket.v1.CollectedBlob.
+ * Use `create(CollectedBlobSchema)` to create a new message.
+ */
+export const CollectedBlobSchema: GenMessage<CollectedBlob> = /*@__PURE__*/
+  messageDesc(file_docket_v1_image_service, 23);
+
+/**
+ * The response of CollectGarbage.
+ *
+ * @generated from message docket.v1.CollectGarbageResponse
+ */
+export type CollectGarbageResponse = Message<"docket.v1.CollectGarbageResponse"> & {
+  /**
+   * The blobs deleted, or with dry_run those that would be.
+   *
+   * @generated from field: repeated docket.v1.CollectedBlob blobs = 1;
+   */
+  blobs: CollectedBlob[];
+
+  /**
+   * The bytes they held: freed, or with dry_run to be freed.
+   *
+   * @generated from field: int64 freed_bytes = 2;
+   */
+  freedBytes: bigint;
+
+  /**
+   * Whether this was a dry run (nothing deleted).
+   *
+   * @generated from field: bool dry_run = 3;
+   */
+  dryRun: boolean;
+
+  /**
+   * How many blobs no image uses were kept: younger than the grace period, asked for by a
+   * push within it, or fetched by a rollout or pull in flight.
+   *
+   * @generated from field: int32 kept_blobs = 4;
+   */
+  keptBlobs: number;
+
+  /**
+   * The untagged manifests removed (or with dry_run to be removed), as
+   * "repository@sha256:…".
+   *
+   * @generated from field: repeated string removed_manifests = 5;
+   */
+  removedManifests: string[];
+};
+
+/**
+ * Describes the message docket.v1.CollectGarbageResponse.
+ * Use `create(CollectGarbageResponseSchema)` to create a new message.
+ */
+export const CollectGarbageResponseSchema: GenMessage<CollectGarbageResponse> = /*@__PURE__*/
+  messageDesc(file_docket_v1_image_service, 24);
+
+/**
  * The registry: images as manifests over content-addressed blobs, and the torrents the
  * server seeds them with. The server also speaks the OCI Distribution API (the Docker
  * registry protocol) over HTTP, from the same store: an image pushed with `docker push` is
@@ -632,7 +755,8 @@ export const GetTorrentResponseSchema: GenMessage<GetTorrentResponse> = /*@__PUR
  * Errors carry a canonical status code and a google.rpc.ErrorInfo detail whose reason is one
  * of: INVALID_REFERENCE, INVALID_DIGEST, IMAGE_NOT_FOUND, BLOB_NOT_FOUND, DIGEST_MISMATCH,
  * SIZE_MISMATCH, UPLOAD_HEADER_MISSING, UPLOAD_TRAILER_MISSING, INVALID_IMAGE,
- * INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE, MANIFEST_IN_USE. The ErrorInfo
+ * INVALID_PAGE_TOKEN, INVALID_RANGE, INSUFFICIENT_STORAGE, MANIFEST_IN_USE,
+ * INVALID_GRACE_PERIOD. The ErrorInfo
  * domain is "docket.dev" and its metadata holds the values concerned (for example "digest",
  * "expected", "actual", "name").
  *
@@ -772,6 +896,22 @@ export const ImageService: GenService<{
     methodKind: "unary";
     input: typeof GetTorrentRequestSchema;
     output: typeof GetTorrentResponseSchema;
+  },
+  /**
+   * Deletes the blobs no image uses (no manifest names them as its config or a layer: left
+   * by a retag, a delete, or a push that never recorded its image) once they are older than
+   * a grace period and no push asked for them within it, except those a rollout or pull in
+   * flight fetches; they stop being seeded. Also deletes blob files the server holds no
+   * record of. Manifests are kept unless asked (`untagged`): untagged ones stay pullable by
+   * digest. The server also runs this every `--gc-interval`. Admins only.
+   * Errors: INVALID_ARGUMENT (INVALID_GRACE_PERIOD) for a negative grace period.
+   *
+   * @generated from rpc docket.v1.ImageService.CollectGarbage
+   */
+  collectGarbage: {
+    methodKind: "unary";
+    input: typeof CollectGarbageRequestSchema;
+    output: typeof CollectGarbageResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_docket_v1_image_service, 0);
