@@ -167,6 +167,8 @@ def render_config(ctx: click.Context) -> str:
         key = _key(param)
         if any(word in param.name for word in SECRET_WORDS) and value:
             lines.append(f"# {key} = (set, hidden)  # {note}")
+        elif value is None and param.default is not None and not param.multiple:
+            lines.append(f'{key} = "off"  # {note}')  # a default turned off (--registry-listen)
         elif value is None or (param.multiple and not value):
             lines.append(f"# {key} is not set  # {note}")
         else:

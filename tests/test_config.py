@@ -89,6 +89,19 @@ def test_print_config_is_a_config_file_that_gives_the_same_config(tmp_path: Path
     assert again == values
 
 
+def test_print_config_says_off_for_what_is_turned_off(tmp_path: Path) -> None:
+    first = tmp_path / "server.toml"
+    first.write_text('registry-listen = "off"\ngc-interval = "off"\nmin-free-bytes = "2Gi"\n')
+    values, output = print_config(server_main, "--config", str(first))
+    assert values["registry-listen"] == "off"
+    assert values["gc-interval"] == "off"
+    assert values["min-free-bytes"] == 2 * 1024**3
+    second = tmp_path / "printed.toml"
+    second.write_text(output)
+    again, _ = print_config(server_main, "--config", str(second))
+    assert again == values
+
+
 def test_print_config_hides_secrets(tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
     config.write_text('join-token = "dkt_secret_value"\n')
