@@ -48,20 +48,21 @@ def gc_table(response: pb.CollectGarbageResponse) -> str:
     "push in progress). Default: the server's --gc-grace.",
 )
 @click.option(
-    "--untagged",
-    is_flag=True,
-    help="Also remove the images no tag names (what a retag leaves behind, pullable only by "
-    "digest), and so the blobs only they use.",
+    "--untagged/--keep-untagged",
+    default=True,
+    show_default=True,
+    help="Also remove the images no tag names, older than the grace (what a retag leaves "
+    "behind, pullable only by digest), and so the blobs only they use.",
 )
 @output_option
 @with_connection
 async def gc_cmd(
     conn: Connection, dry_run: bool, grace: timedelta | None, untagged: bool, output: str
 ) -> None:
-    """Delete the blobs no image uses: left by a push that never recorded its image, or
-    (with --untagged) by a retag. Only blobs older than the grace period go, never one a
-    rollout or pull in flight fetches; tagged images are never removed, and untagged ones
-    (pullable only by digest) only with --untagged.
+    """Delete the blobs no image uses: left by a push that never recorded its image, or by
+    a retag. Only blobs older than the grace period go, never one a rollout or pull in
+    flight fetches; tagged images are never removed, and untagged ones (pullable only by
+    digest) unless --keep-untagged.
     The server also does this on its own every --gc-interval. Admins only.
     """
     request = pb.CollectGarbageRequest(dry_run=dry_run, untagged=untagged)

@@ -63,25 +63,28 @@ def test_a_retag_leaves_the_old_layer_to_collect_after_the_grace_not_the_shared_
     old_blobs = {sha256(old), sha256(config_for([base, old]))}
     kept_blobs = {sha256(base), sha256(new), sha256(config_for([base, new]))}
 
-    before = gc(gc_server, "--grace", "1h", "--untagged")
+    before = gc(gc_server, "--grace", "1h")
     assert before["blobs"] == []
     assert before["removed_manifests"] == []
     assert before["freed_bytes"] == 0
     time.sleep(GRACE + 0.2)  # older than the server's grace now
 
-    # Without --untagged the untagged image stays, pullable by digest, and so its blobs.
-    assert gc(gc_server)["blobs"] == []
+    # With --keep-untagged the untagged image stays, pullable by digest, and so its blobs.
+    kept = gc(gc_server, "--keep-untagged")
+    assert kept["blobs"] == []
+    assert kept["removed_manifests"] == []
     assert docketctl("inspect", f"app@{first}", server=gc_server).returncode == 0
 
-    dry = gc(gc_server, "--dry-run", "--untagged")
+    dry = gc(gc_server, "--dry-run")
     assert dry["dry_run"] is True
     assert dry["removed_manifests"] == [f"app@{first}"]
+    assert collected(dry) == old_blobs  # what removing it would free: not the shared base
     # Nothing deleted. (Looked at on disk: StatBlobs is what a push asks, and would keep
     # the blobs for another grace period.)
     assert all(gc_server.blob_path(d).is_file() for d in old_blobs | kept_blobs)
     assert docketctl("inspect", f"app@{first}", server=gc_server).returncode == 0
 
-    report = gc(gc_server, "--untagged")  # the server's own grace
+    report = gc(gc_server)  # the server's own grace
     assert report["dry_run"] is False
     assert report["removed_manifests"] == [f"app@{first}"]
     assert collected(report) == old_blobs
@@ -98,7 +101,7 @@ def test_a_retag_leaves_the_old_layer_to_collect_after_the_grace_not_the_shared_
     gone = docketctl("inspect", f"app@{first}", server=gc_server)
     assert gone.returncode == 1
     assert "IMAGE_NOT_FOUND" in gone.stderr
-    assert gc(gc_server, "--grace", "0", "--untagged")["blobs"] == []  # nothing left
+    assert gc(gc_server, "--grace", "0")["blobs"] == []  # nothing left
     assert '"garbage collected"' in gc_server.log_path.read_text()
 
 
@@ -176,7 +179,7 @@ def test_a_blob_a_running_rollout_fetches_is_not_collected(
                     assert sha256(old) in {b.digest for b in order.layers}
                     with gc_server.channel() as images:
                         push(pb_grpc.ImageServiceStub(images), "roll:1", [base, new])
-                    during = await asyncio.to_thread(gc, gc_server, "--grace", "0", "--untagged")
+                    during = await asyncio.to_thread(gc, gc_server, "--grace", "0")
                     host.send(
                         agent_service_pb2.ConnectRequest(
                             task_update=agent_pb2.TaskUpdate(
@@ -187,7 +190,7 @@ def test_a_blob_a_running_rollout_fetches_is_not_collected(
                         )
                     )
                     await asyncio.to_thread(proc.communicate, timeout=60)
-                after = await asyncio.to_thread(gc, gc_server, "--grace", "0", "--untagged")
+                after = await asyncio.to_thread(gc, gc_server, "--grace", "0")
                 return during, after
             finally:
                 stream.cancel()

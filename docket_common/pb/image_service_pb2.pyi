@@ -632,10 +632,10 @@ class CollectGarbageRequest(_message.Message):
     untagged: _builtins.bool
     """Also remove the image manifests no tag points at and no index includes (what a retag
     leaves behind), older than the grace period and not fetched in flight, and then the
-    blobs only they used. Off by default (and in the server's own runs unless it runs with
-    `--gc-untagged`): an untagged manifest stays pullable by digest. Indexes and referrers
-    are never removed. A dry run lists the manifests; the blobs only they use are listed
-    by the run that removes them.
+    blobs only they used. False here keeps them, pullable by digest (docketctl gc sends
+    true unless --keep-untagged; the server's own runs remove them unless it runs with
+    `--gc-keep-untagged`). Indexes and referrers are never removed. A dry run lists the
+    manifests and the blobs only they use.
     """
     @_builtins.property
     def grace_period(self) -> _duration_pb2.Duration:

@@ -114,8 +114,9 @@ class ImageServiceStub:
     by a retag, a delete, or a push that never recorded its image) once they are older than
     a grace period and no push asked for them within it, except those a rollout or pull in
     flight fetches; they stop being seeded. Also deletes blob files the server holds no
-    record of. Manifests are kept unless asked (`untagged`): untagged ones stay pullable by
-    digest. The server also runs this every `--gc-interval`. Admins only.
+    record of. Untagged image manifests go too when asked (`untagged`, as docketctl gc
+    asks unless --keep-untagged). The server also runs this every `--gc-interval`, with
+    `untagged` unless it runs with `--gc-keep-untagged`. Admins only.
     Errors: INVALID_ARGUMENT (INVALID_GRACE_PERIOD) for a negative grace period.
     """
 
@@ -205,8 +206,9 @@ class ImageServiceAsyncStub(ImageServiceStub):
     by a retag, a delete, or a push that never recorded its image) once they are older than
     a grace period and no push asked for them within it, except those a rollout or pull in
     flight fetches; they stop being seeded. Also deletes blob files the server holds no
-    record of. Manifests are kept unless asked (`untagged`): untagged ones stay pullable by
-    digest. The server also runs this every `--gc-interval`. Admins only.
+    record of. Untagged image manifests go too when asked (`untagged`, as docketctl gc
+    asks unless --keep-untagged). The server also runs this every `--gc-interval`, with
+    `untagged` unless it runs with `--gc-keep-untagged`. Admins only.
     Errors: INVALID_ARGUMENT (INVALID_GRACE_PERIOD) for a negative grace period.
     """
 
@@ -359,8 +361,9 @@ class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
         by a retag, a delete, or a push that never recorded its image) once they are older than
         a grace period and no push asked for them within it, except those a rollout or pull in
         flight fetches; they stop being seeded. Also deletes blob files the server holds no
-        record of. Manifests are kept unless asked (`untagged`): untagged ones stay pullable by
-        digest. The server also runs this every `--gc-interval`. Admins only.
+        record of. Untagged image manifests go too when asked (`untagged`, as docketctl gc
+        asks unless --keep-untagged). The server also runs this every `--gc-interval`, with
+        `untagged` unless it runs with `--gc-keep-untagged`. Admins only.
         Errors: INVALID_ARGUMENT (INVALID_GRACE_PERIOD) for a negative grace period.
         """
 

@@ -128,7 +128,7 @@ class ImageService(pb_grpc.ImageServiceServicer):
     ) -> pb.CollectGarbageResponse:
         grace = request.grace_period.ToTimedelta() if request.HasField("grace_period") else None
         result = await self.registry.collect_garbage(
-            grace, dry_run=request.dry_run, untagged=request.untagged or None
+            grace, dry_run=request.dry_run, untagged=request.untagged
         )
         return pb.CollectGarbageResponse(
             blobs=[pb.CollectedBlob(digest=g.digest, size_bytes=g.size) for g in result.blobs],

@@ -144,7 +144,7 @@ class Registry:
         # push uploads its blobs before its manifest) and were not asked for by a push
         # within it (found present, mounted, uploaded again: its manifest may follow).
         self.gc_grace = DEFAULT_GC_GRACE
-        self.gc_untagged = False  # also remove image manifests no tag or index names
+        self.gc_untagged = True  # also remove image manifests no tag or index names
         self._asked_for: dict[str, float] = {}  # digest -> when (time.time())
 
     async def reseed_all(self) -> int:
@@ -579,8 +579,8 @@ class Registry:
 
         With ``untagged`` (default: gc_untagged), image manifests that no tag points at and
         no index includes (what a retag leaves), older than the grace and not fetched in
-        flight, go first, and with them the blobs only they used. Off by default: an
-        untagged manifest is still pullable by digest, and registries keep it.
+        flight, go first, and with them the blobs only they used (what a retag leaves
+        behind would otherwise fill the disk: CI pushes app:latest many times a day).
 
         A blob's record goes first, in a transaction that checks again that no manifest uses
         it (a manifest put meanwhile keeps it; one put after is refused as naming a blob the
@@ -603,12 +603,13 @@ class Registry:
             def young(digest: str) -> bool:
                 return self._asked_for.get(digest, 0.0) >= cutoff
 
-            manifests: list[str] = []
+            manifests: list[tuple[str, str]] = []
             if untagged:
                 manifests = await self._collect_untagged(cutoff, needed, dry_run)
             garbage: list[Garbage] = []
             kept = 0
-            for blob in await self.metadata.unused_blobs():
+            # A dry run removed no manifest: it asks what their removal would leave unused.
+            for blob in await self.metadata.unused_blobs(manifests if dry_run else ()):
                 recent = blob.create_time.timestamp() >= cutoff or young(blob.digest)
                 if recent or blob.digest in needed:
                     kept += 1
@@ -624,10 +625,11 @@ class Registry:
                 collected = [g for g in garbage if g.digest in deleted]
                 collected += [g for g in strays if await self._delete_stray(g.digest)]
                 kept += len(garbage) - len(deleted)
-        result = Collection(collected, dry_run, manifests, kept)
+        names = [f"{repository}@{digest}" for repository, digest in manifests]
+        result = Collection(collected, dry_run, names, kept)
         log.info(
             "garbage collected" if not dry_run else "garbage found (dry run)",
-            manifests=manifests,
+            manifests=names,
             blobs=len(collected),
             freed_bytes=result.freed_bytes,
             kept=kept,
@@ -636,9 +638,12 @@ class Registry:
         )
         return result
 
-    async def _collect_untagged(self, cutoff: float, needed: set[str], dry_run: bool) -> list[str]:
+    async def _collect_untagged(
+        self, cutoff: float, needed: set[str], dry_run: bool
+    ) -> list[tuple[str, str]]:
         """Removes the untagged image manifests older than ``cutoff`` whose blobs are not
-        fetched in flight; their names. Their blobs are then unused, and old: collected next."""
+        fetched in flight; their (repository, digest). Their blobs are then unused, and old:
+        collected next."""
         removed = []
         for m in await self.metadata.untagged_manifests():
             if m.create_time.timestamp() >= cutoff or needed.intersection(m.blob_digests):
@@ -646,7 +651,7 @@ class Registry:
             if dry_run or (
                 await self.metadata.delete_untagged_manifest(m.repository, m.digest) is not None
             ):
-                removed.append(f"{m.repository}@{m.digest}")
+                removed.append((m.repository, m.digest))
         if removed and not dry_run:
             log.info("untagged manifests removed", manifests=removed)
         return removed

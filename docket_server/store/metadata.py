@@ -96,10 +96,11 @@ class MetadataStore(ABC):
     async def forget_blob_deletes(self, digests: Sequence[str]) -> None: ...
 
     @abstractmethod
-    async def unused_blobs(self) -> list[Blob]:
+    async def unused_blobs(self, ignoring: Sequence[tuple[str, str]] = ()) -> list[Blob]:
         """The blobs no manifest uses (as its config or a layer), oldest first: what garbage
         collection looks at. A push uploads its blobs before its manifest, so a young one is
-        likely a push in progress; the caller decides by ``create_time``."""
+        likely a push in progress; the caller decides by ``create_time``. With ``ignoring``
+        ((repository, digest) pairs), as if those manifests were gone: a dry run's answer."""
 
     @abstractmethod
     async def untagged_manifests(self) -> list[Manifest]:

@@ -1151,13 +1151,20 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
 
     # Garbage collection (issue 15)
 
-    async def unused_blobs(self) -> list[Blob]:
-        used_as_config = sa.exists().where(manifests.c.config_digest == blobs.c.digest)
-        used_as_layer = sa.exists().where(manifest_layers.c.digest == blobs.c.digest)
+    async def unused_blobs(self, ignoring: Sequence[tuple[str, str]] = ()) -> list[Blob]:
+        used_as_config = manifests.c.config_digest == blobs.c.digest
+        used_as_layer = manifest_layers.c.digest == blobs.c.digest
+        if ignoring:  # as if these manifests were gone (what a dry run would free)
+            gone_manifests = manifests.alias("gone")
+            gone = sa.select(gone_manifests.c.id).where(
+                sa.tuple_(gone_manifests.c.repository, gone_manifests.c.digest).in_(list(ignoring))
+            )
+            used_as_config = used_as_config & manifests.c.id.not_in(gone)
+            used_as_layer = used_as_layer & manifest_layers.c.manifest_id.not_in(gone)
         async with self.engine.connect() as conn:
             rows = await conn.execute(
                 blobs.select()
-                .where(~used_as_config, ~used_as_layer)
+                .where(~sa.exists().where(used_as_config), ~sa.exists().where(used_as_layer))
                 .order_by(blobs.c.create_time, blobs.c.digest)
             )
             return [_blob_from_row(r) for r in rows]

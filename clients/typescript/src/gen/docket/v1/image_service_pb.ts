@@ -650,10 +650,10 @@ export type CollectGarbageRequest = Message<"docket.v1.CollectGarbageRequest"> &
   /**
    * Also remove the image manifests no tag points at and no index includes (what a retag
    * leaves behind), older than the grace period and not fetched in flight, and then the
-   * blobs only they used. Off by default (and in the server's own runs unless it runs with
-   * `--gc-untagged`): an untagged manifest stays pullable by digest. Indexes and referrers
-   * are never removed. A dry run lists the manifests; the blobs only they use are listed
-   * by the run that removes them.
+   * blobs only they used. False here keeps them, pullable by digest (docketctl gc sends
+   * true unless --keep-untagged; the server's own runs remove them unless it runs with
+   * `--gc-keep-untagged`). Indexes and referrers are never removed. A dry run lists the
+   * manifests and the blobs only they use.
    *
    * @generated from field: bool untagged = 3;
    */
@@ -902,8 +902,9 @@ export const ImageService: GenService<{
    * by a retag, a delete, or a push that never recorded its image) once they are older than
    * a grace period and no push asked for them within it, except those a rollout or pull in
    * flight fetches; they stop being seeded. Also deletes blob files the server holds no
-   * record of. Manifests are kept unless asked (`untagged`): untagged ones stay pullable by
-   * digest. The server also runs this every `--gc-interval`. Admins only.
+   * record of. Untagged image manifests go too when asked (`untagged`, as docketctl gc
+   * asks unless --keep-untagged). The server also runs this every `--gc-interval`, with
+   * `untagged` unless it runs with `--gc-keep-untagged`. Admins only.
    * Errors: INVALID_ARGUMENT (INVALID_GRACE_PERIOD) for a negative grace period.
    *
    * @generated from rpc docket.v1.ImageService.CollectGarbage
