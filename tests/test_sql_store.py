@@ -717,3 +717,29 @@ async def test_two_stores_writing_one_rollout_at_once_lose_no_record(database_ur
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_a_blob_a_manifest_takes_while_it_is_deleted_stays(database_url: str) -> None:
+    collector, pusher = SqlMetadataStore(database_url), SqlMetadataStore(database_url)
+    await collector.open()
+    await pusher.open()
+    try:
+        manifest, blobs = _manifest("app")
+        for blob in blobs:
+            await collector.add_blob(blob)
+        digests = [b.digest for b in blobs]
+        async with pusher.engine.connect() as conn:
+            push = await conn.begin()
+            await conn.run_sync(lambda sync: sql._insert_manifest(sync, manifest, {}))
+            # The collector read no manifest naming them (the push is not committed), and
+            # waits to delete until the push commits.
+            deleting = asyncio.create_task(collector.delete_unused_blobs(digests))
+            await asyncio.sleep(0.5)
+            await push.commit()
+        assert await deleting == []
+        assert await collector.present_digests(digests) == set(digests)
+        found = await collector.get_manifest("app", manifest.digest)
+        assert found is not None
+    finally:
+        await collector.close()
+        await pusher.close()

@@ -82,6 +82,8 @@ def _string(length: int) -> sa.types.TypeEngine[str]:
     return sa.String(length).with_variant(sa.Text(), "postgresql")
 
 
+DELETE_ATTEMPTS = 3  # delete_unused_blobs, when a writer meanwhile makes it look again
+
 meta = sa.MetaData()
 
 schema_migrations = sa.Table(
@@ -613,12 +615,21 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
     async def delete_unused_blobs(self, digests: Sequence[str]) -> list[str]:
         if not digests:
             return []
-        async with self.engine.begin() as conn:
-            used = await _used_digests(conn, set(digests))
-            unused = sorted(set(digests) - used)
-            if unused:
-                await conn.execute(blobs.delete().where(blobs.c.digest.in_(unused)))
-            return unused
+        for attempt in range(1, DELETE_ATTEMPTS + 1):
+            try:
+                async with self.engine.begin() as conn:
+                    used = await _used_digests(conn, set(digests))
+                    unused = sorted(set(digests) - used)
+                    if unused:
+                        await conn.execute(blobs.delete().where(blobs.c.digest.in_(unused)))
+                    return unused
+            except (sa.exc.IntegrityError, sa.exc.OperationalError):
+                # A manifest naming one of them was written meanwhile: PostgreSQL refuses
+                # the delete at its foreign key, SQLite the write after our read. Look again:
+                # the manifest now keeps its blobs.
+                if attempt == DELETE_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
 
     async def defer_blob_deletes(self, digests: Sequence[str]) -> None:
         if not digests:
