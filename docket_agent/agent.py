@@ -34,6 +34,7 @@ from docket_common.manifest import Platform, this_platform
 from docket_common.oci_http import HttpFace
 from docket_common.pb import agent_pb2, agent_service_pb2_grpc, image_service_pb2_grpc
 from docket_common.readblob import grpc_claim_first_pieces, grpc_read_range
+from docket_common.sizes import iec
 from docket_common.version import VERSION
 
 log = structlog.get_logger()
@@ -109,6 +110,7 @@ class Agent:
         self.checks = Health()
         self.checks.add("server", self._server_problem)
         self.checks.add("bittorrent", self._bittorrent_problem)
+        self.checks.add("disk", self._disk_problem)
         if config.docker:
             self.checks.add("docker", self._docker_problem)
 
@@ -223,6 +225,15 @@ class Agent:
 
     async def _bittorrent_problem(self) -> str | None:
         return self.fetcher.problem()
+
+    async def _disk_problem(self) -> str | None:
+        free = await asyncio.to_thread(self.cache.free_bytes)
+        if free < self.cache.min_free_bytes:
+            return (
+                f"{iec(free)} free in {self.config.data_dir}, below the "
+                f"{iec(self.cache.min_free_bytes)} reserve (--min-free-bytes): downloads fail"
+            )
+        return None
 
     async def _docker_problem(self) -> str | None:
         return (await asyncio.to_thread(probe_docker, True)).error or None

@@ -6,7 +6,8 @@ HTTP face, for load balancers and Kubernetes probes:
 - ``/healthz`` (liveness): 200 while the process answers at all (its event loop turns);
 - ``/readyz`` (readiness): 200 when every check passes (run again when the latest round is
   over a second old), else 503; the body says each check's result either way:
-  ``{"ready": false, "checks": {"database": "ok", "seed": "BitTorrent is not listening"}}``.
+  ``{"ready": false, "checks": {"database": "ok", "seed": "ok", "disk": "3.1 MiB free in
+  /var/lib/docket/server, below the 1 GiB reserve (--min-free-bytes): uploads are refused"}}``.
 """
 
 from __future__ import annotations

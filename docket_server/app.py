@@ -39,6 +39,7 @@ from docket_common.pb import (
     token_service_pb2,
     token_service_pb2_grpc,
 )
+from docket_common.sizes import iec
 from docket_common.version import VERSION
 from docket_server.api.agent_service import (
     AgentAdminService,
@@ -169,6 +170,7 @@ class DocketServer:
         self.checks = Health()  # what health (gRPC, /readyz) reports, checked every 5 s
         self.checks.add("database", self._database_problem)
         self.checks.add("seed", self._seed_problem)
+        self.checks.add("disk", self._disk_problem)
         self.checks.on_change(self._set_serving)
         self._server: grpc.aio.Server | None = None
         self._http: HttpFace | None = None
@@ -315,6 +317,16 @@ class DocketServer:
 
     async def _seed_problem(self) -> str | None:
         return self.seeder.problem()
+
+    async def _disk_problem(self) -> str | None:
+        free = await asyncio.to_thread(self.blobs.free_bytes)
+        if free < self.blobs.min_free_bytes:
+            return (
+                f"{iec(free)} free in {self.config.data_dir}, below the "
+                f"{iec(self.blobs.min_free_bytes)} reserve (--min-free-bytes): uploads are "
+                "refused"
+            )
+        return None
 
     async def _set_serving(self, ready: bool) -> None:
         """The gRPC health of the server and each service: SERVING while every check

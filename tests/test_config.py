@@ -323,7 +323,10 @@ def test_the_server_runs_from_a_file_and_sighup_reloads_it(tmp_path: Path) -> No
         assert requests.get(f"{server.registry_url}/healthz", verify=ca, timeout=5).text == "ok\n"
         ready = requests.get(f"{server.registry_url}/readyz", verify=ca, timeout=5)
         assert ready.status_code == 200
-        assert ready.json() == {"ready": True, "checks": {"database": "ok", "seed": "ok"}}
+        assert ready.json() == {
+            "ready": True,
+            "checks": {"database": "ok", "seed": "ok", "disk": "ok"},
+        }
         assert requests.get(f"{server.registry_url}/v2/", verify=ca, timeout=5).status_code == 401
 
         # A token revoked in the database by someone else (another server on the same
@@ -398,13 +401,14 @@ def test_the_agent_is_ready_only_while_connected(tmp_path: Path, agents: StartAg
                 time.sleep(0.2)
             raise AssertionError(f"readyz never {want}: {body}\n{agent.log_tail()}")
 
-        assert wait_ready(True)["checks"] == {"server": "ok", "bittorrent": "ok"}
+        assert wait_ready(True)["checks"] == {"server": "ok", "bittorrent": "ok", "disk": "ok"}
         assert requests.get(f"http://{agent.registry}/healthz", timeout=5).status_code == 200
         server.stop()
         body = wait_ready(False)
         assert body["checks"] == {
             "server": f"not connected to the server at {server.address}",
             "bittorrent": "ok",
+            "disk": "ok",
         }
         server.start()
         wait_ready(True)
@@ -476,7 +480,7 @@ def test_the_server_is_not_serving_while_its_database_is_gone(
                 time.sleep(0.2)
 
     try:
-        assert wait_for(True)["checks"] == {"database": "ok", "seed": "ok"}
+        assert wait_for(True)["checks"] == {"database": "ok", "seed": "ok", "disk": "ok"}
         # The database goes away: no new connection, the open ones ended.
         postgres._admin(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
         postgres._admin(
@@ -485,6 +489,7 @@ def test_the_server_is_not_serving_while_its_database_is_gone(
         checks = wait_for(False)["checks"]
         assert isinstance(checks, dict)
         assert checks["seed"] == "ok"
+        assert checks["disk"] == "ok"
         assert str(checks["database"]).startswith("the database does not answer")
         # It comes back, and so does the server, by itself.
         postgres._admin(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from docket_agent.cache import BlobCache, CacheFullError
 from docket_common.pb import image_service_pb2 as pb
@@ -64,6 +66,36 @@ def archive(tmp_path: Path, name: str, size: int, seed: int) -> tuple[Path, str]
     path = tmp_path / f"{name}.tar"
     write_legacy_archive(path, f"{name}:1", [layer])
     return path, sha256(layer)
+
+
+def test_the_server_is_not_ready_while_its_disk_is_below_the_reserve(
+    small_server: ServerProcess,
+) -> None:
+    ca = str(small_server.ca_path)
+    url = f"{small_server.registry_url}/readyz"
+
+    def wait_ready(want: bool) -> dict[str, str]:
+        deadline = time.monotonic() + 30
+        while True:
+            r = requests.get(url, verify=ca, timeout=10)
+            if (r.status_code == 200) == want:
+                return r.json()["checks"]  # type: ignore[no-any-return]
+            assert time.monotonic() < deadline, (r.text, small_server.log_tail())
+            time.sleep(0.2)
+
+    assert wait_ready(True)["disk"] == "ok"
+    # Something else fills the disk: less than the reserve is left.
+    filler = small_server.data_dir / "filler"
+    filler.write_bytes(b"\0" * (free_bytes(small_server.data_dir) - RESERVE // 2))
+    try:
+        disk = wait_ready(False)["disk"]
+        assert "below the 4 MiB reserve (--min-free-bytes): uploads are refused" in disk
+        with small_server.channel() as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        filler.unlink()
+    assert wait_ready(True)["disk"] == "ok"
 
 
 def test_a_push_that_would_eat_into_the_reserve_is_refused_and_leaves_nothing(
