@@ -178,6 +178,13 @@ def default_data_dir() -> Path:
     show_default=True,
     help="Seconds a new agent stream may take to say hello before it is dropped.",
 )
+@click.option(
+    "--metrics-listen",
+    default=None,
+    callback=host_port_or_off,
+    help="Serve Prometheus metrics (/metrics) and /healthz over HTTP on HOST:PORT (port 0: "
+    "any free port, logged); default: off.",
+)
 @logging_options
 def main(
     listen: str,
@@ -200,6 +207,7 @@ def main(
     insecure: bool,
     heartbeat_interval: float,
     hello_timeout: float,
+    metrics_listen: str | None,
     log_level: str,
     log_json: bool | None,
 ) -> None:
@@ -247,6 +255,7 @@ def main(
         agent_cert_lifetime=agent_cert_ttl,
         heartbeat_interval=heartbeat_interval,
         hello_timeout=hello_timeout,
+        metrics_listen=metrics_listen,
     )
     try:
         asyncio.run(DocketServer(config).run_until_signalled())

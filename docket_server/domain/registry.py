@@ -115,6 +115,8 @@ class Registry:
         self._deferred: set[str] = set()
         self._collecting = asyncio.Lock()
         self._collector: asyncio.Future[None] | None = None
+        # Told of every upload's end: "stored", "existed" or "refused", and its bytes (metrics).
+        self.on_upload: Callable[[str, int], None] = lambda _result, _size: None
 
     async def reseed_all(self) -> int:
         """Seeds every stored blob again, as after a restart: no hashing up front. Torrents
@@ -178,6 +180,7 @@ class Registry:
                 digest = named_after()
                 digest = valid_digest(digest) if digest else writer.content_digest()
         except BaseException:
+            self.on_upload("refused", writer.written)
             writer.abort()
             raise
         return await self.commit_blob(writer, digest)
@@ -190,6 +193,7 @@ class Registry:
                 piece_length, pieces = await writer.commit(digest)
                 existing = await self.metadata.get_blob(digest)
                 if existing is not None:
+                    self.on_upload("existed", writer.written)
                     return UploadResult(existing, already_existed=True)
                 size = writer.written
                 torrent = (
@@ -202,10 +206,12 @@ class Registry:
                 blob = Blob(digest, size, datetime.now(UTC), torrent)
                 await self.metadata.add_blob(blob)
         except BaseException:
+            self.on_upload("refused", writer.written)
             writer.abort()
             raise
         if torrent is not None:
             self.seeder.seed(blob)
+        self.on_upload("stored", size)
         log.info("blob stored", digest=digest, size_bytes=size, pieces=len(pieces) // 20)
         return UploadResult(blob, already_existed=False)
 
