@@ -42,6 +42,7 @@ class BlobCache:
         self.torrent_dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self._pins: Counter[str] = Counter()
+        self.evictions = 0  # blobs evicted to make room, since the start (metrics)
 
     def path(self, digest: str) -> Path:
         hexd = hex_part(digest)
@@ -121,5 +122,6 @@ class BlobCache:
             self.torrent_path(blob.digest).unlink(missing_ok=True)
             used -= blob.size
             evicted.append(blob.digest)
+            self.evictions += 1
             log.info("evicted from cache", digest=blob.digest, size_bytes=blob.size)
         return evicted
