@@ -279,6 +279,16 @@ def test_prometheus_sees_a_rollout_as_it_was_reported(fleet: Fleet, tmp_path: Pa
         for name in agents:
             assert sum(by_source[name].values()) >= 3 * MiB, by_source
 
+        # The agents' states: the image in each cache, nothing in flight, no engine.
+        image_bytes = hosts["m1"]["total_bytes"]
+        assert prometheus.values("docket_agent_cache_bytes", "name") == dict.fromkeys(
+            agents, image_bytes
+        )
+        assert prometheus.values("docket_agent_downloads_in_flight", "name") == dict.fromkeys(
+            agents, 0
+        )
+        assert prometheus.values("docket_agent_engine_up", "name") == dict.fromkeys(agents, 0)
+
         # The server: two agents online, one rollout succeeded, the calls that made it.
         assert prometheus.values("docket_server_agents", "state") == {
             "online": 2,
@@ -287,6 +297,8 @@ def test_prometheus_sees_a_rollout_as_it_was_reported(fleet: Fleet, tmp_path: Pa
         }
         assert prometheus.value('docket_server_rollouts_ended_total{state="succeeded"}') == 1
         assert prometheus.value("docket_server_rollouts_running") == 0
+        duration = 'docket_server_rollout_duration_seconds_count{state="succeeded"}'
+        assert prometheus.value(duration) == 1
         create = prometheus.values(
             'grpc_server_handled_total{grpc_method="CreateRollout"}', "grpc_code"
         )
@@ -298,11 +310,27 @@ def test_prometheus_sees_a_rollout_as_it_was_reported(fleet: Fleet, tmp_path: Pa
         assert connects is not None
         assert connects >= 2
         assert prometheus.value('docket_server_uploads_total{result="stored"}') == 2  # + config
+        assert prometheus.value("docket_server_blob_bytes") == image_bytes
+        assert prometheus.value("docket_server_blobs") == 2
         egress = prometheus.value(
             "docket_server_seed_sent_bytes_total + docket_server_first_piece_sent_bytes_total"
         )
         assert egress is not None
         assert egress >= 3 * MiB
+
+        # Registry HTTP requests count by route template, never by path.
+        client = server.registry_client()
+        assert client.request("GET", "/v2/").status_code == 200
+        missing = "sha256:" + "0" * 64
+        assert client.request("HEAD", f"/v2/metrics/blobs/{missing}").status_code == 404
+        prometheus.wait_scraped_after(time.time())
+        requests = prometheus.query("docket_registry_http_requests_total")
+        labels = {
+            (s["metric"]["route"], s["metric"]["method"], s["metric"]["code"]) for s in requests
+        }
+        assert ("/v2/", "GET", "200") in labels, labels
+        assert ("/v2/{name}/blobs/{digest}", "HEAD", "404") in labels, labels
+        assert not any(missing in str(s["metric"]) for s in requests), requests
 
         # A stream counts in grpc_server_handled_total when it ends: stop one agent.
         agents["m2"].stop()

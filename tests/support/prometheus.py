@@ -178,8 +178,13 @@ class Prometheus:
         deadline = time.monotonic() + timeout
         seen: dict[str, float] = {}
         while time.monotonic() < deadline:
-            seen = self.values("timestamp(up == 1)", by="name")
-            seen = {name: t for name, t in seen.items() if name not in skipped}
+            # timestamp() of a selector is its sample's time (of anything else, the query's).
+            up = self.values("up", by="name")
+            seen = {
+                name: t
+                for name, t in self.values("timestamp(up)", by="name").items()
+                if name not in skipped and up.get(name) == 1
+            }
             if len(seen) == expected and min(seen.values()) >= when:
                 return
             time.sleep(0.2)
