@@ -306,6 +306,13 @@ def test_prometheus_sees_a_rollout_as_it_was_reported(fleet: Fleet, tmp_path: Pa
         assert (
             prometheus.value('grpc_server_handling_seconds_count{grpc_method="CreateRollout"}') == 1
         )
+        # A call that fails counts with its status code (the Gatekeeper aborts it).
+        assert docketctl("inspect", "nosuch:1", server=server).returncode != 0
+        prometheus.wait_scraped_after(time.time())
+        get_image = prometheus.values(
+            'grpc_server_handled_total{grpc_method="GetImage"}', "grpc_code"
+        )
+        assert get_image.get("NOT_FOUND") == 1, get_image
         connects = prometheus.value('grpc_server_started_total{grpc_method="Connect"}')
         assert connects is not None
         assert connects >= 2
