@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from docket_agent.orders import SOURCES, OrderRunner
 from docket_common.pb import agent_pb2
@@ -26,6 +27,7 @@ from docket_server.domain.errors import NotFound
 from docket_server.metrics import ServerMetrics
 from tests.support.agents import AgentProcess, wait_for_states
 from tests.support.archives import layer_tar, random_bytes, write_legacy_archive
+from tests.support.dockerd import DockerEngine
 from tests.support.prometheus import Prometheus, require_binary
 from tests.support.server import ServerProcess, docketctl, free_port, rollout
 
@@ -359,3 +361,42 @@ def test_prometheus_sees_a_rollout_as_it_was_reported(fleet: Fleet, tmp_path: Pa
     assert asked - exposed == set()
     with urllib.request.urlopen(f"http://127.0.0.1:{server_port}/healthz", timeout=5) as r:
         assert r.status == 200
+
+
+def _samples(text: str) -> dict[str, float]:
+    """A scrape's unlabelled samples by name."""
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
+
+
+def test_an_agent_times_its_loads_and_sees_its_engine(
+    tmp_path: Path, docker_engine: DockerEngine
+) -> None:
+    server = ServerProcess(data_dir=tmp_path / "server", extra_args=FAST).start()
+    port = free_port()
+    agent = AgentProcess(
+        server=server,
+        data_dir=tmp_path / "loader",
+        name="loader",
+        groups=["loaders"],
+        docker_host=docker_engine.host,
+        extra_args=["--metrics-listen", f"127.0.0.1:{port}"],
+    )
+    try:
+        agent.start()
+        wait_for_states(server, {"loader": "online"})
+        assert _samples(_scrape(port))["docket_agent_load_duration_seconds_count"] == 0
+        _push(server, tmp_path, "docket-metrics-loaded:1", MiB)
+        code, _events, hosts = rollout(server, "docket-metrics-loaded:1", "--hosts", "loaders")
+        assert code == 0, hosts
+        samples = _samples(_scrape(port))
+        assert samples["docket_agent_load_duration_seconds_count"] == 1
+        assert samples["docket_agent_engine_up"] == 1
+        assert samples["docket_agent_cache_bytes"] == hosts["loader"]["total_bytes"]
+    finally:
+        agent.stop()
+        server.stop()
