@@ -96,23 +96,28 @@ class OrderRunner:
         downloads = list(self.downloads.values())
         for download in downloads:
             download.sample_peers()
-        update = agent_pb2.TaskUpdate(
-            order_id=self.id,
-            state=state,  # type: ignore[arg-type]
-            error=error,
-            image_id=image_id,
-            cached_bytes=self.cached_bytes,
-            bittorrent_bytes=sum(d.bittorrent_bytes for d in downloads),
-            server_bytes=sum(d.server_bytes for d in downloads),
-            fallback_bytes=sum(d.fallback_bytes for d in downloads),
-            first_piece_bytes=sum(d.first_piece_bytes for d in downloads),
-        )
+        update = self._byte_counts(sum(d.bittorrent_bytes for d in downloads))
+        update.state = state  # type: ignore[assignment]
+        update.error = error
+        update.image_id = image_id
         self._count_received(update)
         message = pb.ConnectRequest(task_update=update)
         self.last = message
         self.m.send(message)
         if state in TERMINAL:
             self.m.remember(self.id, message)
+
+    def _byte_counts(self, bittorrent_bytes: int) -> agent_pb2.TaskUpdate:
+        """This order's bytes by source, as its task updates report them."""
+        downloads = self.downloads.values()
+        return agent_pb2.TaskUpdate(
+            order_id=self.id,
+            cached_bytes=self.cached_bytes,
+            bittorrent_bytes=bittorrent_bytes,
+            server_bytes=sum(d.server_bytes for d in downloads),
+            fallback_bytes=sum(d.fallback_bytes for d in downloads),
+            first_piece_bytes=sum(d.first_piece_bytes for d in downloads),
+        )
 
     def _count_received(self, now: agent_pb2.TaskUpdate) -> None:
         """Adds what arrived since the last count to the agent's bytes by source: the numbers
@@ -289,12 +294,14 @@ class OrderRunner:
     def _send_progress(self, full: bool) -> None:
         blobs: list[agent_pb2.BlobProgress] = []
         rate = 0
+        bittorrent_bytes = 0
         peers = 0  # the largest swarm among the blobs: the same host is in each of them
         for download in self.downloads.values():
             new = download.take_new_pieces()
             if full:  # one question to libtorrent, not one a piece
                 new = download.held_pieces()
             status = download.status()
+            bittorrent_bytes += int(status.total_payload_download)  # as bittorrent_bytes says
             rate += status.download_payload_rate
             peers = max(peers, len(download.sample_peers()))
             if new or full:
@@ -309,16 +316,7 @@ class OrderRunner:
                 )
         if not blobs and not full:
             return
-        downloads = list(self.downloads.values())
-        self._count_received(
-            agent_pb2.TaskUpdate(
-                cached_bytes=self.cached_bytes,
-                bittorrent_bytes=sum(d.bittorrent_bytes for d in downloads),
-                server_bytes=sum(d.server_bytes for d in downloads),
-                fallback_bytes=sum(d.fallback_bytes for d in downloads),
-                first_piece_bytes=sum(d.first_piece_bytes for d in downloads),
-            )
-        )
+        self._count_received(self._byte_counts(bittorrent_bytes))
         self.m.send(
             pb.ConnectRequest(
                 piece_progress=agent_pb2.PieceProgress(
