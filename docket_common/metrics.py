@@ -14,11 +14,15 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 
 from docket_common.hostport import split_host_port
 from docket_common.oci_http import HttpFace
 from docket_common.version import VERSION
+
+# The text format every Prometheus 2.x reads (newer prometheus_client versions call their
+# default 1.0.0; with our names, the bytes are the same).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def new_registry() -> CollectorRegistry:
@@ -67,7 +71,7 @@ class MetricsFace:
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         body = generate_latest(self.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def _healthz(self, _request: web.Request) -> web.Response:
         status, text = healthz()

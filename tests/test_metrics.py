@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import aiohttp
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from docket_agent.orders import SOURCES, OrderRunner
+from docket_common.metrics import MetricsFace
 from docket_common.pb import agent_pb2
 from docket_server.api.interceptors import code_of, split_method
 from docket_server.domain.errors import NotFound
@@ -73,6 +75,24 @@ def test_server_metrics_are_their_own_registry() -> None:
     assert one.registry.get_sample_value("docket_server_uploads_total", {"result": "stored"}) == 1
     assert two.registry.get_sample_value("docket_server_uploads_total", {"result": "stored"}) == 0
     assert one.registry.get_sample_value("docket_build_info", {"version": _version()}) == 1
+
+
+async def test_the_metrics_face_serves_metrics_and_healthz_on_a_free_port() -> None:
+    metrics = ServerMetrics()
+    face = MetricsFace(metrics.registry, "127.0.0.1:0")
+    port = await face.start()
+    try:
+        assert port > 0
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                assert response.status == 200
+                assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+                assert 'docket_build_info{version="' in await response.text()
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                assert response.status == 200
+                assert await response.text() == "ok\n"
+    finally:
+        await face.stop()
 
 
 def _version() -> str:
