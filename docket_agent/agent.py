@@ -22,6 +22,7 @@ from docket_agent.identity import (
     TrustSettings,
     secure_channel,
 )
+from docket_agent.metrics import AgentMetrics
 from docket_agent.orders import OrderManager, OrderSettings
 from docket_agent.registry_face import AgentRegistry, ManifestCache
 from docket_agent.stream import CHANNEL_OPTIONS, StreamClient, agent_channel
@@ -31,6 +32,7 @@ from docket_common.health import Health
 from docket_common.loadable import LoadableImage, PendingBlob, load_from_env, pull_from_env
 from docket_common.logs import set_log_level
 from docket_common.manifest import Platform, this_platform
+from docket_common.metrics import MetricsFace
 from docket_common.oci_http import HttpFace
 from docket_common.pb import agent_pb2, agent_service_pb2_grpc, image_service_pb2_grpc
 from docket_common.readblob import grpc_claim_first_pieces, grpc_read_range
@@ -66,6 +68,7 @@ class AgentConfig:
     load_via: str = "archive"
     piece_order: str = "sequential"  # which pieces libtorrent asks peers for first
     platform: Platform | None = None  # None: the engine's, or this machine's
+    metrics_listen: str | None = None  # /metrics and /healthz over HTTP, HOST:PORT; None: off
 
 
 def outbound_address(server: str) -> str:
@@ -105,6 +108,9 @@ class Agent:
         self.orders: OrderManager | None = None
         self.identity: Identity | None = None
         self.credentials: Credentials | None = None
+        self.metrics = AgentMetrics()
+        self.metrics_port = 0
+        self.engine_checked = False  # whether the Docker engine was asked yet (metrics)
         # /readyz on the registry face: connected to the server, BitTorrent up, the engine
         # answering (unless --no-docker).
         self.checks = Health()
@@ -192,11 +198,17 @@ class Agent:
             self.checks.add_routes(app)
             face = HttpFace(app, host, registry_port)
             self.registry_port = await face.start()
+        self.metrics.watch(self)
+        metrics_face: MetricsFace | None = None
+        if cfg.metrics_listen:
+            metrics_face = MetricsFace(self.metrics.registry, cfg.metrics_listen, self.checks)
+            self.metrics_port = await metrics_face.start()
         log.info(
             "agent starting",
             server=cfg.server,
             bt_endpoint=self.bt_endpoint,
             registry_port=self.registry_port or None,
+            metrics_port=self.metrics_port or None,
             id=self.agent_id,
             cached_blobs_seeded=seeded,
         )
@@ -214,6 +226,8 @@ class Agent:
                 renewer.cancel()
             if face is not None:
                 await face.stop(5)
+            if metrics_face is not None:
+                await metrics_face.stop()
             await self.orders.close()
             self.fetcher.close()
             await channels.close()
@@ -311,6 +325,7 @@ class Agent:
         cfg = self.config
         docker = await asyncio.to_thread(probe_docker, cfg.docker)
         self.settings.docker_error = docker.error
+        self.engine_checked = True
         if docker.error:
             log.warning("no Docker engine: images will stop at downloaded", why=docker.error)
         blobs = await asyncio.to_thread(self.cache.blobs)

@@ -50,6 +50,7 @@ class BlobCache:
         self.min_free_bytes = min_free_bytes
         self.host = host or "this host"
         self._pins: Counter[str] = Counter()
+        self.evictions = 0  # blobs evicted to make room, since the start (metrics)
 
     def path(self, digest: str) -> Path:
         hexd = hex_part(digest)
@@ -129,6 +130,7 @@ class BlobCache:
             self.torrent_path(blob.digest).unlink(missing_ok=True)
             used -= blob.size
             evicted.append(blob.digest)
+            self.evictions += 1
             log.info("evicted from cache", digest=blob.digest, size_bytes=blob.size)
         return evicted
 

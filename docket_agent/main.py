@@ -233,6 +233,13 @@ def _platform(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     is_flag=True,
     help="Plaintext and no certificate, for a server running with --insecure (a lab).",
 )
+@click.option(
+    "--metrics-listen",
+    default=None,
+    callback=host_port_or_off,
+    help="Serve Prometheus metrics (/metrics), /healthz and /readyz over HTTP on HOST:PORT "
+    "(port 0: any free port, logged); default: off.",
+)
 @logging_options
 @click.pass_context
 def main(
@@ -259,6 +266,7 @@ def main(
     ca_file: Path | None,
     ca_hash: str | None,
     insecure: bool,
+    metrics_listen: str | None,
     log_level: str,
     log_json: bool | None,
 ) -> None:
@@ -315,6 +323,7 @@ def main(
         load_via=load_via,
         piece_order=piece_order,
         platform=platform,
+        metrics_listen=metrics_listen,
     )
     try:
         asyncio.run(_run(Agent(config), Reloader(ctx)))

@@ -37,6 +37,9 @@ log = structlog.get_logger()
 
 PROGRESS_EVERY = 0.25
 SEED_NAME = "server"  # how orders name the server's seed among their peers
+# Where an order's bytes came from (metrics): other hosts, the server's first pieces, the
+# server's seed, the gRPC fallback, and the cache (already held).
+SOURCES = ("peers", "first_pieces", "seed", "fallback", "cache")
 TERMINAL = {
     agent_pb2.TASK_STATE_SUCCEEDED,
     agent_pb2.TASK_STATE_FAILED,
@@ -80,6 +83,7 @@ class OrderRunner:
         self.task: asyncio.Task[None] | None = None
         self.loading: asyncio.Task[str] | None = None  # a load started while blobs arrive
         self.claims = order.claim_first_pieces and manager.settings.claim_first_pieces
+        self.counted = dict.fromkeys(SOURCES, 0)  # of the bytes reported, those counted
         self.peers, self.held = self.split_peers(order)
 
     def split_peers(self, order: agent_pb2.PullOrder) -> tuple[list[str], list[str]]:
@@ -92,23 +96,50 @@ class OrderRunner:
         downloads = list(self.downloads.values())
         for download in downloads:
             download.sample_peers()
-        message = pb.ConnectRequest(
-            task_update=agent_pb2.TaskUpdate(
-                order_id=self.id,
-                state=state,  # type: ignore[arg-type]
-                error=error,
-                image_id=image_id,
-                cached_bytes=self.cached_bytes,
-                bittorrent_bytes=sum(d.bittorrent_bytes for d in downloads),
-                server_bytes=sum(d.server_bytes for d in downloads),
-                fallback_bytes=sum(d.fallback_bytes for d in downloads),
-                first_piece_bytes=sum(d.first_piece_bytes for d in downloads),
-            )
-        )
+        update = self._byte_counts(sum(d.bittorrent_bytes for d in downloads))
+        update.state = state  # type: ignore[assignment]
+        update.error = error
+        update.image_id = image_id
+        self._count_received(update)
+        message = pb.ConnectRequest(task_update=update)
         self.last = message
         self.m.send(message)
         if state in TERMINAL:
             self.m.remember(self.id, message)
+
+    def _byte_counts(self, bittorrent_bytes: int) -> agent_pb2.TaskUpdate:
+        """This order's bytes by source, as its task updates report them."""
+        downloads = self.downloads.values()
+        return agent_pb2.TaskUpdate(
+            order_id=self.id,
+            cached_bytes=self.cached_bytes,
+            bittorrent_bytes=bittorrent_bytes,
+            server_bytes=sum(d.server_bytes for d in downloads),
+            fallback_bytes=sum(d.fallback_bytes for d in downloads),
+            first_piece_bytes=sum(d.first_piece_bytes for d in downloads),
+        )
+
+    def _count_received(self, now: agent_pb2.TaskUpdate) -> None:
+        """Adds what arrived since the last count to the agent's bytes by source: the numbers
+        this order reports, so that the metrics and the rollout's report agree."""
+        counted = self.counted
+        bt = now.bittorrent_bytes
+        values = {
+            "first_pieces": now.first_piece_bytes,
+            "fallback": now.fallback_bytes,
+            "cache": now.cached_bytes,
+        }
+        if bt >= counted["seed"] + counted["peers"]:
+            # The seed's share of the BitTorrent bytes (sampled from its connection): never
+            # less than counted before, nor so much that the peers' share shrinks. Each source
+            # only grows, and seed and peers add up to the BitTorrent bytes.
+            seed = min(max(min(now.server_bytes, bt), counted["seed"]), bt - counted["peers"])
+            values["seed"], values["peers"] = seed, bt - seed
+        received = self.m.received
+        for source, value in values.items():
+            if value > counted[source]:
+                received[source] += value - counted[source]
+                counted[source] = value
 
     async def run(self) -> None:
         log.info("order received", order=self.id, image=self.order.image_name, load=self.order.load)
@@ -263,6 +294,7 @@ class OrderRunner:
             load_s=round(time.monotonic() - loaded_from, 3),
             order_s=round(time.monotonic() - started, 3),
         )
+        self.m.observe_load(time.monotonic() - loaded_from)
         self.update(agent_pb2.TASK_STATE_SUCCEEDED, image_id=image_id)
 
     def _tick(self) -> None:
@@ -281,12 +313,14 @@ class OrderRunner:
     def _send_progress(self, full: bool) -> None:
         blobs: list[agent_pb2.BlobProgress] = []
         rate = 0
+        bittorrent_bytes = 0
         peers = 0  # the largest swarm among the blobs: the same host is in each of them
         for download in self.downloads.values():
             new = download.take_new_pieces()
             if full:  # one question to libtorrent, not one a piece
                 new = download.held_pieces()
             status = download.status()
+            bittorrent_bytes += int(status.total_payload_download)  # as bittorrent_bytes says
             rate += status.download_payload_rate
             peers = max(peers, len(download.sample_peers()))
             if new or full:
@@ -301,6 +335,7 @@ class OrderRunner:
                 )
         if not blobs and not full:
             return
+        self._count_received(self._byte_counts(bittorrent_bytes))
         self.m.send(
             pb.ConnectRequest(
                 piece_progress=agent_pb2.PieceProgress(
@@ -341,6 +376,10 @@ class OrderManager:
         self.settings = settings
         self.runners: dict[str, OrderRunner] = {}
         self.cancel_reasons: dict[str, str] = {}
+        # For metrics: the bytes of every order by source (SOURCES), and each load's seconds
+        # from its last blob in the cache to the image loaded.
+        self.received = dict.fromkeys(SOURCES, 0)
+        self.observe_load: Callable[[float], None] = lambda _seconds: None
         state_dir.mkdir(parents=True, exist_ok=True)
 
     def keep_torrent(self, spec: BlobSpec) -> None:

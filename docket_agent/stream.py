@@ -105,6 +105,7 @@ class StreamClient:
         self.make_hello = make_hello
         self.disk_free = disk_free
         self.backoff = backoff or Backoff()
+        self.reconnects = 0  # streams that ended and were started again (metrics)
 
     @property
     def connected(self) -> bool:
@@ -127,6 +128,7 @@ class StreamClient:
             if time.monotonic() - started > 30:
                 self.backoff.reset()  # it was a real session, not a failed attempt
             delay = self.backoff.next_delay()
+            self.reconnects += 1
             log.warning("disconnected from server", why=why, retry_in_s=round(delay, 2))
             await asyncio.sleep(delay)
 

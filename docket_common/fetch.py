@@ -242,6 +242,12 @@ class BlobFetcher(TorrentSession):
         self._moves: dict[str, asyncio.Future[None]] = {}
         self._flushes: dict[str, asyncio.Future[None]] = {}
         self._reads: dict[tuple[str, int], list[asyncio.Future[bytes]]] = {}
+        self.hash_failed_pieces = 0  # pieces peers sent that failed their hash (metrics)
+
+    @property
+    def downloads_in_flight(self) -> int:
+        """How many blobs are being fetched now."""
+        return len(self._downloads)
 
     def in_flight(self, digest: str) -> BlobDownload | None:
         """The download of a blob, while it is being fetched (not once it is cached)."""
@@ -693,6 +699,7 @@ class BlobFetcher(TorrentSession):
                 download.finished.set()
                 download.notify()
         elif isinstance(alert, lt.hash_failed_alert):
+            self.hash_failed_pieces += 1
             if download is not None:
                 download.hash_failures += 1
             log.warning("piece failed its hash: dropping what the peer sent", blob=name)

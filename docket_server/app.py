@@ -22,6 +22,7 @@ from docket_common.bt import split_host_port
 from docket_common.config import Reloader, names
 from docket_common.health import Health
 from docket_common.logs import set_log_level
+from docket_common.metrics import MetricsFace
 from docket_common.oci_http import HttpFace
 from docket_common.pb import (
     agent_admin_service_pb2,
@@ -50,7 +51,7 @@ from docket_server.api.agent_service import (
 from docket_server.api.audit_service import AuditService
 from docket_server.api.authz import Guard
 from docket_server.api.image_service import ImageService
-from docket_server.api.interceptors import Gatekeeper
+from docket_server.api.interceptors import Gatekeeper, RpcMetrics
 from docket_server.api.pull_service import PullService
 from docket_server.api.registry_http import RegistryApp
 from docket_server.api.rollout_service import RolloutService
@@ -62,6 +63,7 @@ from docket_server.domain.registry import DEFAULT_GC_GRACE, Registry
 from docket_server.domain.rollouts import Rollouts
 from docket_server.domain.security import Audit, Identities, Tokens
 from docket_server.domain.uploads import Uploads
+from docket_server.metrics import ServerMetrics
 from docket_server.seeder import Seeder
 from docket_server.store.blobs import FilesystemBlobStore
 from docket_server.store.sql import SqlMetadataStore
@@ -114,6 +116,7 @@ class ServerConfig:
     gc_grace: datetime.timedelta = DEFAULT_GC_GRACE
     gc_untagged: bool = True  # the periodic runs also remove untagged image manifests
     min_free_bytes: int = 0
+    metrics_listen: str | None = None  # /metrics and /healthz over HTTP, HOST:PORT; None: off
 
 
 TLS_REFRESH_SECONDS = 2.0
@@ -181,6 +184,10 @@ class DocketServer:
         self.agent_port = 0
         self.bt_port = 0
         self.registry_port = 0
+        self.metrics = ServerMetrics()
+        self.metrics.watch(self)
+        self._metrics_face: MetricsFace | None = None
+        self.metrics_port = 0
 
     async def start(self) -> None:
         removed = self.blobs.clean_temporary()
@@ -209,7 +216,7 @@ class DocketServer:
             )
         self.audit.start()
         server = grpc.aio.server(
-            interceptors=[Gatekeeper(guard, self.audit)],
+            interceptors=[RpcMetrics(self.metrics), Gatekeeper(guard, self.audit)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 # A first piece (ClaimFirstPieces) can be 16 MiB.
@@ -230,21 +237,20 @@ class DocketServer:
         image_service_pb2_grpc.add_ImageServiceServicer_to_server(
             ImageService(self.registry, self.orders.blob_peers), server
         )
-        agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentService(
-                self.fleet,
-                self.orders,
-                self.registry,
-                self.config.hello_timeout,
-                VERSION,
-                self.pulls,
-                self.identities,
-                self.tokens,
-                self.tls,
-                self._agent_endpoint,
-            ),
-            server,
+        agent_service = AgentService(
+            self.fleet,
+            self.orders,
+            self.registry,
+            self.config.hello_timeout,
+            VERSION,
+            self.pulls,
+            self.identities,
+            self.tokens,
+            self.tls,
+            self._agent_endpoint,
         )
+        agent_service.on_first_pieces = self.metrics.first_piece_bytes.inc
+        agent_service_pb2_grpc.add_AgentServiceServicer_to_server(agent_service, server)
         pull_service_pb2_grpc.add_PullServiceServicer_to_server(PullService(self.pulls), server)
         rollout_service_pb2_grpc.add_RolloutServiceServicer_to_server(
             RolloutService(self.rollouts), server
@@ -280,7 +286,9 @@ class DocketServer:
         self._server = server
         if self.config.registry_listen:
             host, port = split_host_port(self.config.registry_listen)
-            app = RegistryApp(self.registry, self.uploads, guard, self.audit).application()
+            app = RegistryApp(
+                self.registry, self.uploads, guard, self.audit, self.metrics
+            ).application()
             self.checks.add_routes(app)
             http = HttpFace(
                 app,
@@ -291,6 +299,11 @@ class DocketServer:
             self.registry_port = await http.start()
             self._http = http
             self.uploads.start_sweeping()
+        if self.config.metrics_listen:
+            self._metrics_face = MetricsFace(
+                self.metrics.registry, self.config.metrics_listen, self.checks
+            )
+            self.metrics_port = await self._metrics_face.start()
         if self.tls is not None:
             self._refresher = asyncio.create_task(self._refresh_tls(), name="tls-refresh")
         await self.checks.check_now()
@@ -303,6 +316,7 @@ class DocketServer:
             tls=self.tls is not None,
             bt_port=self.bt_port,
             registry_port=self.registry_port or None,
+            metrics_port=self.metrics_port or None,
             data_dir=str(self.config.data_dir),
             blobs_seeded=seeded,
         )
@@ -422,6 +436,9 @@ class DocketServer:
                 self._http = None
             await stopping
             self._server = None
+        if self._metrics_face is not None:
+            await self._metrics_face.stop()
+            self._metrics_face = None
         await self.uploads.close()
         await self.audit.stop()
         self.seeder.close()

@@ -223,6 +223,13 @@ def default_data_dir() -> Path:
     help="Free disk to keep in the data dir: uploads that would leave less are refused "
     "(RESOURCE_EXHAUSTED; HTTP 413 on the registry face). Bytes, or 512Mi, 2G; 0 for none.",
 )
+@click.option(
+    "--metrics-listen",
+    default=None,
+    callback=host_port_or_off,
+    help="Serve Prometheus metrics (/metrics), /healthz and /readyz over HTTP on HOST:PORT "
+    "(port 0: any free port, logged); default: off.",
+)
 @logging_options
 def main(
     listen: str,
@@ -249,6 +256,7 @@ def main(
     gc_grace: datetime.timedelta,
     gc_untagged: bool,
     min_free_bytes: int,
+    metrics_listen: str | None,
     log_level: str,
     log_json: bool | None,
 ) -> None:
@@ -305,6 +313,7 @@ def main(
         gc_grace=gc_grace,
         gc_untagged=gc_untagged,
         min_free_bytes=min_free_bytes,
+        metrics_listen=metrics_listen,
     )
     try:
         server = DocketServer(config)

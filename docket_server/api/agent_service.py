@@ -107,6 +107,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         self.registry = registry
         self.pulls = pulls
         self.first_pieces = FirstPieces(orders)
+        self.on_first_pieces: Callable[[int], None] = lambda _bytes: None  # bytes handed out
         self.hello_timeout = hello_timeout
         self.server_version = server_version
 
@@ -141,6 +142,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         except BaseException:  # deleted meanwhile, or the call was cancelled: hand them out again
             self.first_pieces.release(torrent.digest, picked)
             raise
+        self.on_first_pieces(sum(len(d) for d in data))
         return pb.ClaimFirstPiecesResponse(
             pieces=[pb.FirstPiece(index=i, data=d) for i, d in zip(picked, data, strict=True)]
         )

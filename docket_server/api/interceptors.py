@@ -1,10 +1,12 @@
-"""The server's interceptor: who calls (a bearer token, or an enrolled agent's certificate on
+"""The server's interceptors: who calls (a bearer token, or an enrolled agent's certificate on
 the agent port), whether they may (api/authz.py), the audit record of every call that changes
-something, domain errors turned into statuses with ErrorInfo, and access logs.
+something, domain errors turned into statuses with ErrorInfo, and access logs (Gatekeeper);
+and every call counted and timed for Prometheus (RpcMetrics, outermost).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -18,6 +20,7 @@ from docket_server.api.authz import PUBLIC_PREFIXES, RPCS, Guard, current_caller
 from docket_server.api.errors import abort_with, status_code_of
 from docket_server.domain.errors import DocketError
 from docket_server.domain.security import ANONYMOUS, Audit, Caller
+from docket_server.metrics import ServerMetrics
 from docket_server.tls import peer_certificate
 
 log = structlog.get_logger()
@@ -135,6 +138,98 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
                 self._audited(method, caller, request, _outcome(e), context.peer())
                 await abort_with(context, e)
             _log_done(method, start, context)
+
+        return _replace(handler, streaming)
+
+
+GRPC_TYPES = {
+    (False, False): "unary",
+    (True, False): "client_stream",
+    (False, True): "server_stream",
+    (True, True): "bidi_stream",
+}
+
+
+def split_method(method: str) -> tuple[str, str]:
+    """ "/docket.v1.ImageService/GetImage" -> ("docket.v1.ImageService", "GetImage")."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    return service or "unknown", name or "unknown"
+
+
+def code_of(error: BaseException | None, context: Context) -> str:
+    """The status code a call ended with: OK, what it aborted with, or what its error maps
+    to (a client gone away is CANCELLED)."""
+    if error is None:
+        code = context.code()
+        return str(code.name) if isinstance(code, grpc.StatusCode) else "OK"
+    if isinstance(error, DocketError):
+        return str(status_code_of(error).name)
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"
+    code = context.code()
+    if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
+        return str(code.name)
+    return "UNKNOWN"
+
+
+class RpcMetrics(grpc.aio.ServerInterceptor):
+    """Counts every call as it starts and as it ends (with its status code), and times the
+    unary and client-streaming ones (grpc_server_* as go-grpc-prometheus names them).
+
+    Server-streaming and bidi calls (WatchRollout, ReadBlob, an agent's Connect, which lasts
+    for hours) are counted when they end but not put in the latency histogram: their length
+    is how long the client stays, not how fast the server answers. Calls to methods that do
+    not exist are not counted: their names come from clients, unbounded."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        m = self.metrics
+        kind = GRPC_TYPES[(handler.request_streaming, handler.response_streaming)]
+        service, name = split_method(handler_call_details.method)
+        started = m.rpc_started.labels(kind, service, name)
+        streams_out = handler.response_streaming
+        timed = None if streams_out else m.rpc_seconds.labels(kind, service, name)
+
+        def ended(error: BaseException | None, context: Context, start: float) -> None:
+            m.rpc_handled.labels(kind, service, name, code_of(error, context)).inc()
+            if timed is not None:
+                timed.observe(time.monotonic() - start)
+
+        if not streams_out:
+            behavior = handler.unary_unary or handler.stream_unary
+
+            async def unary(request: Any, context: Context) -> Any:
+                started.inc()
+                start = time.monotonic()
+                try:
+                    response = await behavior(request, context)
+                except BaseException as e:
+                    ended(e, context, start)
+                    raise
+                ended(None, context, start)
+                return response
+
+            return _replace(handler, unary)
+
+        stream_behavior = handler.unary_stream or handler.stream_stream
+
+        async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
+            started.inc()
+            start = time.monotonic()
+            try:
+                async for item in stream_behavior(request, context):
+                    yield item
+            except BaseException as e:
+                ended(e, context, start)
+                raise
+            ended(None, context, start)
 
         return _replace(handler, streaming)
 

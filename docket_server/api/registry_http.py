@@ -55,6 +55,7 @@ from docket_server.domain.models import Manifest
 from docket_server.domain.registry import Registry
 from docket_server.domain.security import ANONYMOUS, Audit, Caller
 from docket_server.domain.uploads import Uploads
+from docket_server.metrics import ServerMetrics
 
 log = structlog.get_logger()
 
@@ -63,6 +64,18 @@ MAX_MANIFEST_BODY = 4 * 1024 * 1024
 REALM = "docket"
 
 Handler = Callable[[web.Request, "re.Match[str]"], Awaitable[web.StreamResponse]]
+# Each route's template, as metrics label requests (never the path: it holds names and digests).
+TEMPLATES = {
+    "base": "/v2/",
+    "catalog": "/v2/_catalog",
+    "tags": "/v2/{name}/tags/list",
+    "manifest": "/v2/{name}/manifests/{reference}",
+    "uploads": "/v2/{name}/blobs/uploads/",
+    "upload": "/v2/{name}/blobs/uploads/{uuid}",
+    "blob": "/v2/{name}/blobs/{digest}",
+    "referrers": "/v2/{name}/referrers/{digest}",
+}
+METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"})
 
 
 @dataclass(frozen=True)
@@ -77,12 +90,18 @@ class RegistryApp:
     """The aiohttp application of the registry HTTP face."""
 
     def __init__(
-        self, registry: Registry, uploads: Uploads, guard: Guard, audit: Audit | None = None
+        self,
+        registry: Registry,
+        uploads: Uploads,
+        guard: Guard,
+        audit: Audit | None = None,
+        metrics: ServerMetrics | None = None,
     ):
         self.registry = registry
         self.uploads = uploads
         self.guard = guard
         self.audit = audit
+        self.metrics = metrics
         self.routes = [
             Route("base", re.compile(r"^$"), Face.OTHER, {"GET": self.base, "HEAD": self.base}),
             Route("catalog", re.compile(r"^_catalog$"), Face.OTHER, {"GET": self.catalog}),
@@ -206,6 +225,11 @@ class RegistryApp:
         if not response.prepared:
             response.headers[API_VERSION[0]] = API_VERSION[1]
         self._audited(request, found[0] if found else None, caller, response.status)
+        if self.metrics is not None:
+            route = TEMPLATES.get(found[0].name, "other") if found else "other"
+            method = request.method if request.method in METHODS else "other"
+            self.metrics.http_requests.labels(route, method, str(response.status)).inc()
+            self.metrics.http_seconds.labels(route, method).observe(time.monotonic() - start)
         log.debug(
             "registry request",
             method=request.method,

@@ -313,6 +313,13 @@ class Fleet:
             if chosen.matches(r.name, r.info.groups, r.info.labels)
         ]
 
+    def count_by_state(self) -> dict[AgentState, int]:
+        """How many known agents are in each state, as ``list`` shows them (for metrics)."""
+        counts = dict.fromkeys(AgentState, 0)
+        for record in self._records.values():
+            counts[self._current(record).state] += 1
+        return counts
+
     async def get(self, name: str) -> AgentRecord:
         record = self._records.get(name)
         if record is None:

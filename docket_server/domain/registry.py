@@ -146,6 +146,8 @@ class Registry:
         self.gc_grace = DEFAULT_GC_GRACE
         self.gc_untagged = True  # also remove image manifests no tag or index names
         self._asked_for: dict[str, float] = {}  # digest -> when (time.time())
+        # Told of every upload's end: "stored", "existed" or "refused", and its bytes (metrics).
+        self.on_upload: Callable[[str, int], None] = lambda _result, _size: None
 
     async def reseed_all(self) -> int:
         """Seeds every stored blob again, as after a restart: no hashing up front. Torrents
@@ -211,6 +213,7 @@ class Registry:
                 digest = named_after()
                 digest = valid_digest(digest) if digest else writer.content_digest()
         except BaseException:
+            self.on_upload("refused", writer.written)
             writer.abort()
             raise
         return await self.commit_blob(writer, digest)
@@ -224,6 +227,7 @@ class Registry:
                 existing = await self.metadata.get_blob(digest)
                 if existing is not None:
                     self._asked([digest])
+                    self.on_upload("existed", writer.written)
                     return UploadResult(existing, already_existed=True)
                 size = writer.written
                 torrent = (
@@ -236,11 +240,13 @@ class Registry:
                 blob = Blob(digest, size, datetime.now(UTC), torrent)
                 await self.metadata.add_blob(blob)
         except BaseException:
+            self.on_upload("refused", writer.written)
             writer.abort()
             raise
         self._asked([digest])
         if torrent is not None:
             self.seeder.seed(blob)
+        self.on_upload("stored", size)
         log.info("blob stored", digest=digest, size_bytes=size, pieces=len(pieces) // 20)
         return UploadResult(blob, already_existed=False)
 

@@ -18,7 +18,7 @@ import contextlib
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -206,6 +206,7 @@ class Rollouts:
         self._canaries: dict[str, list[Task]] = {}
         self._queued: dict[str, deque[Task]] = {}
         self._writer: asyncio.Task[None] | None = None
+        self.on_end: Callable[[Rollout], None] = lambda _rollout: None  # metrics watch this
         orders.listen(self._task_changed)
 
     # Life cycle
@@ -504,6 +505,18 @@ class Rollouts:
             "record", _Record(rollout.id, RolloutRecord(now, "", None, state, rollout.reason))
         )
         self._emit(rollout, RolloutEvent(now, state=state))
+        self.on_end(rollout)
+
+    def running(self) -> int:
+        """How many rollouts are running (for metrics)."""
+        return len(self._counts)
+
+    def host_states(self) -> Counter[TaskState]:
+        """The hosts of the running rollouts by state (for metrics)."""
+        total: Counter[TaskState] = Counter()
+        for counts in self._counts.values():
+            total.update(counts)
+        return total
 
     def _arm_deadline(self, rollout: Rollout) -> None:
         delay = max((rollout.deadline - datetime.now(UTC)).total_seconds(), 0)
