@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import click
-import structlog
 
 from docket_agent.agent import Agent, AgentConfig
 from docket_agent.hostinfo import DataDirInUseError
@@ -19,7 +18,12 @@ from docket_agent.identity import EnrollError
 from docket_agent.stream import AgentRefusedError
 from docket_common.bt import TorrentSessionError
 from docket_common.cli import host_port, host_port_or_off, logging_options, size, xdg_dir
-from docket_common.config import Reloader, config_options, names, print_config_requested
+from docket_common.config import (
+    Reloader,
+    config_options,
+    print_config_requested,
+    reload_and_apply,
+)
 from docket_common.fetch import PIECE_ORDERS
 from docket_common.logs import configure_logging
 from docket_common.manifest import Platform, normalize_platform
@@ -398,34 +402,13 @@ def containerd_hosts_toml(
     )
 
 
-def reload_config(agent: Agent, reloader: Reloader) -> None:
-    """SIGHUP: re-reads the --config file; the log level and rate limits change live, and
-    anything else the file changed is logged as needing a restart."""
-    log = structlog.get_logger()
-    if reloader.path is None:
-        log.info("SIGHUP: no --config file to re-read")
-        return
-    try:
-        reload = reloader.reload()
-    except click.BadParameter as e:
-        log.error("config not reloaded: nothing changed", error=e.format_message())
-        return
-    if reload is None:
-        return
-    changed = dict(reload.changed)
-    applied = agent.apply_live(changed)
-    log.info("config reloaded", file=str(reload.path), applied=names(applied))
-    if changed:
-        log.warning(
-            "config changed but not applied: restart docket-agent to apply",
-            settings=names(changed),
-        )
-
-
 async def _run(agent: Agent, reloader: Reloader) -> None:
     task = asyncio.create_task(agent.run())
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, reload_config, agent, reloader)
+    # SIGHUP: the --config file again; the log level and rate limits change live.
+    loop.add_signal_handler(
+        signal.SIGHUP, reload_and_apply, reloader, agent.apply_live, "docket-agent"
+    )
 
     def shut_down() -> None:
         # A watchdog: should shutdown ever hang, print every thread's stack and exit.

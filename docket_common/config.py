@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import structlog
 from click.core import ParameterSource
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = structlog.get_logger()
 
 _PATH = "docket.config_path"
 _PRINT = "docket.print_config"
@@ -256,6 +258,33 @@ class Reloader:
         changed = {k: v for k, v in fresh.items() if self.current.get(k) != v}
         self.current.update(changed)
         return Reload(changed, self.path)
+
+
+def reload_and_apply(
+    reloader: Reloader | None, apply: Callable[[dict[str, Any]], list[str]], command: str
+) -> None:
+    """What SIGHUP does with the --config file: re-reads it, has ``apply`` take out of the
+    changed settings those it applied live (returning their names), and logs the others as
+    needing a restart of ``command``. A file that cannot be read or is wrong changes nothing
+    and is logged."""
+    if reloader is None or reloader.path is None:
+        log.info("SIGHUP: no --config file to re-read")
+        return
+    try:
+        reload = reloader.reload()
+    except click.BadParameter as e:
+        log.error("config not reloaded: nothing changed", error=e.format_message())
+        return
+    if reload is None:
+        return
+    changed = dict(reload.changed)
+    applied = apply(changed)
+    log.info("config reloaded", file=str(reload.path), applied=names(applied))
+    if changed:
+        log.warning(
+            f"config changed but not applied: restart {command} to apply",
+            settings=names(changed),
+        )
 
 
 def names(values: Iterable[str]) -> str:

@@ -10,8 +10,8 @@ import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import click
 import grpc
 import sqlalchemy as sa
 import structlog
@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from docket_common.bt import split_host_port
-from docket_common.config import Reloader, names
+from docket_common.config import Reloader, reload_and_apply
 from docket_common.health import Health
 from docket_common.logs import set_log_level
 from docket_common.metrics import MetricsFace
@@ -454,17 +454,13 @@ class DocketServer:
                 await self.tokens.load()
             except Exception:
                 log.exception("tokens not reloaded: the database did not answer")
-        if self.reloader is None:
-            log.info("reloaded: tokens (no --config file)")
-            return
-        try:
-            reload = self.reloader.reload()
-        except click.BadParameter as e:
-            log.error("config not reloaded: nothing changed", error=e.format_message())
-            return
-        if reload is None:
-            return
-        changed = dict(reload.changed)
+            else:
+                log.info("tokens reloaded")
+        reload_and_apply(self.reloader, self._apply_live, "docket-server")
+
+    def _apply_live(self, changed: dict[str, Any]) -> list[str]:
+        """The settings a reload may change while the server runs: the log level and the
+        seed's upload rate (taken out of ``changed``; their names)."""
         applied = []
         if "log_level" in changed:
             set_log_level(changed.pop("log_level"))
@@ -473,12 +469,7 @@ class DocketServer:
             self.seeder.set_rate_limits(upload=changed.pop("max_upload_rate"))
             self.config.max_upload_rate = self.seeder.upload_rate_limit
             applied.append("max_upload_rate")
-        log.info("reloaded: tokens and config", file=str(reload.path), applied=names(applied))
-        if changed:
-            log.warning(
-                "config changed but not applied: restart docket-server to apply",
-                settings=names(changed),
-            )
+        return applied
 
     async def run_until_signalled(self) -> None:
         stop = asyncio.Event()

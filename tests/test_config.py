@@ -355,7 +355,8 @@ def test_the_server_runs_from_a_file_and_sighup_reloads_it(tmp_path: Path) -> No
         )
         since = _log_lines(server)
         server.proc.send_signal(signal.SIGHUP)
-        reloaded = _wait_for_log(server, "reloaded: tokens and config", since)
+        _wait_for_log(server, "tokens reloaded", since)
+        reloaded = _wait_for_log(server, "config reloaded", since)
         assert reloaded["applied"] == "log-level, max-upload-rate"
         kept = _wait_for_log(
             server, "config changed but not applied: restart docket-server to apply", since
