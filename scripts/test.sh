@@ -28,7 +28,7 @@ if [[ -f scripts/check.sh ]]; then
   bash scripts/check.sh
 fi
 
-section "Tests (.venv/bin/pytest -q)"
-.venv/bin/pytest -q
+section "Tests (.venv/bin/pytest -q --durations=30)"
+.venv/bin/pytest -q --durations=30  # the slowest, to keep the run short
 
 section "Done in $((SECONDS - started))s"
