@@ -36,7 +36,7 @@ from docket_common.metrics import MetricsFace
 from docket_common.oci_http import HttpFace
 from docket_common.pb import agent_pb2, agent_service_pb2_grpc, image_service_pb2_grpc
 from docket_common.readblob import grpc_claim_first_pieces, grpc_read_range
-from docket_common.sizes import iec
+from docket_common.sizes import below_reserve
 from docket_common.version import VERSION
 
 log = structlog.get_logger()
@@ -242,12 +242,9 @@ class Agent:
 
     async def _disk_problem(self) -> str | None:
         free = await asyncio.to_thread(self.cache.free_bytes)
-        if free < self.cache.min_free_bytes:
-            return (
-                f"{iec(free)} free in {self.config.data_dir}, below the "
-                f"{iec(self.cache.min_free_bytes)} reserve (--min-free-bytes): downloads fail"
-            )
-        return None
+        return below_reserve(
+            free, self.cache.min_free_bytes, self.config.data_dir, "downloads fail"
+        )
 
     async def _docker_problem(self) -> str | None:
         return (await asyncio.to_thread(probe_docker, True)).error or None

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import structlog
 
+from docket_agent.hostinfo import disk_free
 from docket_common.digest import hex_part, sha256_digest
 from docket_common.sizes import iec
 
@@ -126,19 +127,21 @@ class BlobCache:
                 break
             if blob.digest in self._pins:
                 continue
-            self.path(blob.digest).unlink(missing_ok=True)
-            self.torrent_path(blob.digest).unlink(missing_ok=True)
+            self._evict(blob, "the cache's limit")
             used -= blob.size
             evicted.append(blob.digest)
-            self.evictions += 1
-            log.info("evicted from cache", digest=blob.digest, size_bytes=blob.size)
         return evicted
+
+    def _evict(self, blob: CachedBlob, why: str) -> None:
+        self.path(blob.digest).unlink(missing_ok=True)
+        self.torrent_path(blob.digest).unlink(missing_ok=True)
+        self.evictions += 1
+        log.info("evicted from cache", digest=blob.digest, size_bytes=blob.size, to_keep=why)
 
     # The disk
 
     def free_bytes(self) -> int:
-        st = os.statvfs(self.root)
-        return st.f_bavail * st.f_frsize
+        return disk_free(self.root)
 
     def partial_bytes(self, digest: str) -> int:
         """Disk already taken by a partial download of the blob (resumed, not taken again)."""
@@ -165,10 +168,8 @@ class BlobCache:
         for blob in evictable:
             if self.free_bytes() - needed >= self.min_free_bytes:
                 break
-            self.path(blob.digest).unlink(missing_ok=True)
-            self.torrent_path(blob.digest).unlink(missing_ok=True)
+            self._evict(blob, "the free-disk reserve")
             evicted.append(blob.digest)
-            log.info("evicted from cache for disk", digest=blob.digest, size_bytes=blob.size)
         return evicted
 
     def check_disk(self, remaining: int) -> None:

@@ -28,6 +28,17 @@ def parse_size(text: str) -> int:
     return int(float(number) * _UNITS[(unit or "").lower()])
 
 
+def below_reserve(free: int, reserve: int, where: object, consequence: str) -> str | None:
+    """What a health check says when ``free`` bytes at ``where`` are below the ``reserve``
+    (--min-free-bytes), or None."""
+    if free >= reserve:
+        return None
+    return (
+        f"{iec(free)} free in {where}, below the {iec(reserve)} reserve (--min-free-bytes): "
+        f"{consequence}"
+    )
+
+
 def iec(n: int) -> str:
     """Bytes in binary units, to two or three significant digits: "3.1 MiB", "512 KiB"."""
     size = float(n)

@@ -40,7 +40,7 @@ from docket_common.pb import (
     token_service_pb2,
     token_service_pb2_grpc,
 )
-from docket_common.sizes import iec
+from docket_common.sizes import below_reserve
 from docket_common.version import VERSION
 from docket_server.api.agent_service import (
     AgentAdminService,
@@ -334,13 +334,9 @@ class DocketServer:
 
     async def _disk_problem(self) -> str | None:
         free = await asyncio.to_thread(self.blobs.free_bytes)
-        if free < self.blobs.min_free_bytes:
-            return (
-                f"{iec(free)} free in {self.config.data_dir}, below the "
-                f"{iec(self.blobs.min_free_bytes)} reserve (--min-free-bytes): uploads are "
-                "refused"
-            )
-        return None
+        return below_reserve(
+            free, self.blobs.min_free_bytes, self.config.data_dir, "uploads are refused"
+        )
 
     async def _set_serving(self, ready: bool) -> None:
         """The gRPC health of the server and each service: SERVING while every check

@@ -27,7 +27,6 @@ class Seeder(TorrentSession):
         """``blob_path`` tells where a blob's file is: the blob store's local_path."""
         super().__init__(listen, user_agent="docket-server", upload_rate_limit=upload_rate_limit)
         self._blob_path = blob_path
-        self.stored_bytes = 0  # the bytes of every blob seeded (every stored blob with bytes)
         self._handles: dict[str, lt.torrent_handle] = {}
         self._sizes: dict[str, int] = {}  # of the blobs seeded: what the store holds
 
@@ -48,13 +47,17 @@ class Seeder(TorrentSession):
         )
         self._handles[blob.digest] = self.add_torrent(params)
         self._sizes[blob.digest] = blob.size
-        self.stored_bytes += blob.size
 
     def unseed(self, digest: str) -> None:
         handle = self._handles.pop(digest, None)
-        self.stored_bytes -= self._sizes.pop(digest, 0)
+        self._sizes.pop(digest, None)
         if handle is not None:
             self.session.remove_torrent(handle)
+
+    @property
+    def stored_bytes(self) -> int:
+        """The bytes of every blob seeded (every stored blob with bytes)."""
+        return sum(self._sizes.values())
 
     @property
     def stored_blobs(self) -> int:
@@ -64,5 +67,4 @@ class Seeder(TorrentSession):
     def close(self) -> None:
         self._handles.clear()
         self._sizes.clear()
-        self.stored_bytes = 0
         super().close()
