@@ -141,7 +141,7 @@ def test_a_chunked_registry_upload_stops_at_the_reserve_and_leaves_nothing(
         "PATCH", location, data=body(), headers={"Content-Type": "application/octet-stream"}
     )
     assert response.status_code == 413, response.text
-    assert error_code(response) == "SIZE_INVALID"
+    assert error_code(response) == "DENIED"
     message = response.json()["errors"][0]["message"]
     assert "not enough disk on the server" in message
     assert "kept in reserve (--min-free-bytes)" in message
@@ -177,10 +177,10 @@ def test_docker_push_shows_why_the_server_refuses_a_layer(
                 timeout=300,
                 check=False,
             )
-            # docker retries a layer the registry refuses with 413 SIZE_INVALID (5 times,
-            # about 50 s) and then shows the message: "size invalid: not enough disk…".
+            # DENIED: docker does not retry the layer (it did 5 times, over 50 s, for
+            # SIZE_INVALID) and shows the message at once.
             assert result.returncode != 0
-            assert "size invalid: not enough disk on the server" in result.stderr
+            assert "denied: not enough disk on the server" in result.stderr
             assert list((mount / "tmp").iterdir()) == []
         finally:
             code = server.stop()

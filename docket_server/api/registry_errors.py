@@ -70,8 +70,10 @@ def _status_code(error: DocketError, face: Face) -> tuple[int, Code]:
         return 429, Code.TOOMANYREQUESTS
     if reason is Reason.INSUFFICIENT_STORAGE:
         # Not a size the client got wrong, but one the server cannot take: 413 tells clients
-        # not to send it again as it is.
-        return 413, Code.SIZE_INVALID
+        # not to send it again as it is, and DENIED (not SIZE_INVALID) is the code dockerd
+        # does not retry: with SIZE_INVALID `docker push` retried the layer 5 times over 50 s
+        # against the same full disk before it showed the message.
+        return 413, Code.DENIED
     if reason is Reason.UNAUTHENTICATED:
         return 401, Code.UNAUTHORIZED
     if isinstance(error, NotFound):
