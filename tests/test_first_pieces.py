@@ -117,3 +117,14 @@ def test_a_one_piece_blob_goes_to_every_host_that_asks_once_each() -> None:
     assert claim(DIGEST, 1, 4096, "a", PIECE) == []  # once each, not once per call
     w.now += CLAIM_SECONDS + 1
     assert claim(DIGEST, 1, 4096, "a", PIECE) == [0]  # it never said it got it: again
+
+
+def test_a_claim_takes_at_most_a_fair_share_of_the_blob() -> None:
+    """A small blob fits in one claim: the first host to ask must not take it all, or the
+    others wait on that host's uplink instead of getting a share each from the server."""
+    w = World("a", "b", "c", "d")
+    assert w.claim("a", 100 * PIECE) == [0, 1, 2]  # 10 pieces over 4 hosts: 3 each at most
+    assert w.claim("b", 100 * PIECE) == [3, 4, 5]
+    w.tasks["order-c"].state = TaskState.FAILED  # c and d no longer fetch: 2 hosts, 5 each
+    w.tasks["order-d"].state = TaskState.CANCELLED
+    assert w.claim("a", 100 * PIECE) == [6, 7, 8, 9]

@@ -66,9 +66,13 @@ class FirstPieces:
                 return []
             handed.each[agent] = now
             return [0]
-        held = self._held(digest, piece_count)
+        held, fetching = self._held(digest, piece_count)
         online = self.orders.fleet.sessions
         want = max(1, min(max_bytes, MAX_CLAIM_BYTES) // max(piece_length, 1))
+        # At most a fair share of the blob per claim: a small blob (1 MiB to 8 hosts) fits in
+        # one claim, and the first host to ask took it all; the others then waited for that
+        # host's uplink instead of each getting an eighth from the server and trading.
+        want = min(want, -(-piece_count // max(fetching, 1)))
         picked: list[int] = []
         for index in range(piece_count):
             if held is None or len(picked) >= want:
@@ -93,24 +97,26 @@ class FirstPieces:
         if len(handed.to) == 1 and pieces == [0]:
             handed.each.clear()
 
-    def _held(self, digest: str, piece_count: int) -> int | None:
+    def _held(self, digest: str, piece_count: int) -> tuple[int | None, int]:
         """The pieces online hosts hold (from their progress), as an int whose bit i is piece
-        i; None when one holds them all. Each claim asks, so the hosts' bitmaps are ORed as
-        big ints rather than byte by byte in Python."""
+        i, None when one holds them all; and how many online hosts are fetching the blob.
+        Each claim asks, so the hosts' bitmaps are ORed as big ints rather than byte by byte
+        in Python."""
         online = self.orders.fleet.sessions
         for session in online.values():
             if digest in session.record.info.cached_digests:
-                return None
-        held, size = 0, (piece_count + 7) // 8
+                return None, 0
+        held, size, fetching = 0, (piece_count + 7) // 8, set()
         for task in self.orders.tasks.values():
             if task.agent not in online or task.state in _GONE or digest not in task.blobs:
                 continue
             if task.state is TaskState.SUCCEEDED:
-                return None
+                return None, 0
+            fetching.add(task.agent)
             bits = task.pieces.get(digest)
             if bits is not None and len(bits) == size:
                 held |= int.from_bytes(bits, "little")
-        return held
+        return held, len(fetching)
 
     def _forget(self, now: float) -> None:
         for digest in [d for d, h in self._blobs.items() if now - h.last_claim > FORGET_SECONDS]:
