@@ -41,6 +41,8 @@ from typing import IO, Any
 
 import docker
 
+from tests.support.processes import stop_process
+
 #: Storage drivers tried in order. overlay2 is much faster; vfs works everywhere (full copies).
 DEFAULT_STORAGE_DRIVERS: tuple[str, ...] = ("overlay2", "vfs")
 #: Set to force one storage driver (e.g. ``vfs``) for the test engine.
@@ -432,15 +434,7 @@ class DockerEngine:
 
     def _stop_process(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait()
+        stop_process(proc, timeout=self.stop_timeout)
         if self._dir is not None:
             # A killed dockerd leaves its containers, containerd and shims behind. Container
             # processes are found by their cgroup (named after the container id); containerd

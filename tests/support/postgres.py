@@ -24,6 +24,7 @@ from typing import Any
 
 import asyncpg
 
+from tests.support.processes import stop_process
 from tests.support.server import free_port
 
 USER = "docket"
@@ -204,13 +205,7 @@ class PostgresServer:
             return "(no log)"
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # a fast shutdown
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGINT, 30)  # SIGINT: a fast shutdown
         self.proc = None
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.processes import stop_process
 from tests.support.server import free_port
 from tests.support.tracker import running_under_ci
 
@@ -133,15 +134,8 @@ class Prometheus:
             return "(no log)"
 
     def stop(self) -> None:
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.terminate()
-                try:
-                    self._proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait()
-            self._proc = None
+        stop_process(self._proc)
+        self._proc = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

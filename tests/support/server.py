@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.oci import RegistryClient
+from tests.support.processes import stop_process
 
 BIN = Path(sys.executable).parent
 # A docker config.json that docker and skopeo read (DOCKER_CONFIG, REGISTRY_AUTH_FILE, set
@@ -232,18 +233,9 @@ class ServerProcess:
             return "(no log)"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        code = self.proc.returncode
+        code = stop_process(self.proc, sig, timeout)
         self.proc = None
-        return code
+        return code or 0
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -32,6 +32,8 @@ from typing import Any
 import libtorrent as lt
 import pytest
 
+from tests.support.processes import stop_process
+
 START_TIMEOUT = 10.0
 WHITELIST = "whitelist"
 # A peer that announces only to check the tracker answers; removed again with event=stopped.
@@ -260,13 +262,7 @@ class Tracker:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc, timeout=5)
         if self._reservation is not None:
             self._reservation.close()
             self._reservation = None
