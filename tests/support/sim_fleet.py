@@ -14,9 +14,9 @@ parent talks to each worker over its stdin and stdout, one JSON object a line:
    order, and the wall-clock time of every report it sent), then ``stop``.
 
 In ``rollout`` mode each agent carries out every order it gets as a real agent reports it,
-without moving a byte: ACCEPTED and DOWNLOADING, then a PieceProgress every
-``report_interval`` with the pieces that "arrived", then VERIFYING, LOADING (when the order
-loads) and SUCCEEDED.
+without moving a byte: ACCEPTED, a PieceProgress naming every blob, DOWNLOADING, then a
+PieceProgress every ``report_interval`` with the pieces that "arrived", then VERIFYING,
+LOADING (when the order loads) and SUCCEEDED.
 """
 
 from __future__ import annotations
@@ -244,6 +244,12 @@ class RolloutAgent(SimulatedAgent):
         ticks = max(1, round(self.config.download_seconds / self.config.report_interval))
         per_tick = max(1, math.ceil(total_pieces / ticks))
         self._update(order.order_id, agent_pb2.TASK_STATE_ACCEPTED, 0)
+        # As docket-agent does: every blob it fetches, none held yet, before DOWNLOADING (the
+        # server counts a downloading host's unreported blobs as cached).
+        start = agent_pb2.PieceProgress(order_id=order.order_id)
+        for blob, _, count in pieces:
+            start.blobs.append(agent_pb2.BlobProgress(digest=blob.digest, total_pieces=count))
+        self._queue(pb.ConnectRequest(piece_progress=start), "", 0)
         self._update(order.order_id, agent_pb2.TASK_STATE_DOWNLOADING, 0)
         done = [0] * len(pieces)  # pieces held, per blob
         rate = total_bytes // max(self.config.download_seconds, 0.001)
