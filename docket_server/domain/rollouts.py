@@ -380,22 +380,25 @@ class Rollouts:
         await self._writes.join()  # what happened so far is written
         return await self.store.list_records(rollout_id)
 
-    async def watch(self, rollout_id: str) -> AsyncIterator[RolloutEvent]:
-        """A snapshot, then the changes: each host at most once per ``watch_interval``."""
+    async def watch(self, rollout_id: str) -> AsyncIterator[list[RolloutEvent]]:
+        """A snapshot, then the changes in rounds: each round is everything pending (each host
+        at most once, as it is when the caller reads it), the rounds ``watch_interval``
+        apart. The caller sends a round before it asks for the next, so a slow watcher's
+        rounds come further apart and hold fresher states, not more of them."""
         rollout = await self.get(rollout_id)
         queue = WatchQueue()
         watchers = self._watchers.setdefault(rollout_id, [])
         watchers.append(queue)
         try:
-            yield RolloutEvent(datetime.now(UTC), snapshot=rollout)
+            yield [RolloutEvent(datetime.now(UTC), snapshot=rollout)]
             if rollout.state is not RolloutState.RUNNING:
-                yield RolloutEvent(datetime.now(UTC), state=rollout.state)
+                yield [RolloutEvent(datetime.now(UTC), state=rollout.state)]
                 return
             while True:
                 events, end = await queue.get()
                 began = time.monotonic()
-                for event in events:
-                    yield event
+                if events:
+                    yield events
                 if end:
                     return
                 # What changes meanwhile waits, coalesced, for the next round.
