@@ -3,15 +3,17 @@
 A fresh docket-server (TLS, as shipped), a small real image pushed to it, and N simulated
 agents (tests/support/sim_fleet.py, spread over several client processes) that carry out their
 pull orders as docket-agent reports them, at the real 250 ms rate, without moving a byte:
-ACCEPTED, DOWNLOADING with a PieceProgress of new pieces every 250 ms, VERIFYING, LOADING,
-SUCCEEDED. One rollout goes to all of them while a WatchRollout client follows it.
+ACCEPTED, a PieceProgress naming the blobs, DOWNLOADING, a PieceProgress of new pieces every
+250 ms, VERIFYING, LOADING, SUCCEEDED. One rollout goes to all of them while a WatchRollout
+client follows it, in batches (WatchRolloutRequest.batched: many host changes to a message).
 
 Printed for each N: the time from CreateRollout until the last host had its order and until
 every host had succeeded (the watcher saw the rollout end), the server's CPU and RSS during the
 rollout, how fresh the watcher's view was (the lag from an agent sending a report to the
 watcher receiving it, for every report the watcher saw: p50/p99), how many host events it got
-against how many reports the agents sent (the server coalesces per host), whether its stream
-survived, and how long after the end the server's record of the rollout was written.
+against how many reports the agents sent (the server coalesces per host) and in how many
+messages, whether its stream survived, and how long after the end the server's record of the
+rollout was written.
 
     .venv/bin/python bench/rollout_sim.py                        # N = 1000, 3000, 10000
     .venv/bin/python bench/rollout_sim.py --hosts 1000 --watch-cli
@@ -87,6 +89,7 @@ class Watcher:
     # (agent, state, done bytes, when received, when the server got the change)
     seen: list[tuple[str, str, int, float, float]] = field(default_factory=list)
     host_events: int = 0
+    messages: int = 0  # WatchRolloutResponses: each holds many events
     end_time: float | None = None
     end_state: str = ""
     error: str = ""
@@ -96,21 +99,22 @@ class Watcher:
         before = resource.getrusage(resource.RUSAGE_SELF)
         try:
             async for response in stub.WatchRollout(
-                pb.WatchRolloutRequest(id=rollout_id), metadata=md
+                pb.WatchRolloutRequest(id=rollout_id, batched=True), metadata=md
             ):
                 now = time.time()
-                event = response.event
-                kind = event.WhichOneof("change")
-                if kind == "host":
-                    h = event.host
-                    self.host_events += 1
-                    server_t = event.event_time.ToNanoseconds() / 1e9
-                    self.seen.append(
-                        (h.agent_name, TASK_STATES[h.state], h.done_bytes, now, server_t)
-                    )
-                elif kind == "state":
-                    self.end_time = now
-                    self.end_state = rollout_pb2.RolloutState.Name(event.state)
+                self.messages += 1
+                for event in response.events:
+                    kind = event.WhichOneof("change")
+                    if kind == "host":
+                        h = event.host
+                        self.host_events += 1
+                        server_t = event.event_time.ToNanoseconds() / 1e9
+                        self.seen.append(
+                            (h.agent_name, TASK_STATES[h.state], h.done_bytes, now, server_t)
+                        )
+                    elif kind == "state":
+                        self.end_time = now
+                        self.end_state = rollout_pb2.RolloutState.Name(event.state)
         except Exception as e:  # the stream broke: say so in the table
             self.error = str(e)[:200]
         after = resource.getrusage(resource.RUSAGE_SELF)
@@ -316,6 +320,7 @@ async def run_one(args: argparse.Namespace, count: int) -> dict[str, Any]:
             "reports": len(report.sends),
             "progress_sent": progress_sent,
             "host_events": watcher.host_events,
+            "watch_messages": watcher.messages,
             "lag_p50_ms": 1000 * statistics.median(lag) if lag else float("nan"),
             "lag_p99_ms": 1000 * percentile(lag, 0.99),
             # Kept in --json only: sent to the server's event time, and on to the watcher,
@@ -377,7 +382,7 @@ def main() -> None:
         "server CPU % (1 core)",
         "server RSS MB",
         "agent reports",
-        "watcher host events",
+        "watcher host events / messages",
         "watcher lag p50 / p99 ms",
         "health check RTT p50 / max ms",
         "watcher live",
@@ -396,7 +401,7 @@ def main() -> None:
             f"{r['server_cpu_pct']:.0f}",
             f"{r['rss_mb']:.0f}",
             f"{r['reports']}",
-            f"{r['host_events']}",
+            f"{r['host_events']} / {r['watch_messages']}",
             f"{r['lag_p50_ms']:.0f} / {r['lag_p99_ms']:.0f}",
             f"{r['probe_p50_ms']:.0f} / {r['probe_max_ms']:.0f}",
             "yes" if r["watcher_live"] else f"no: {r['watcher_error']}",

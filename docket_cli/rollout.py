@@ -59,19 +59,21 @@ async def follow(conn: Connection, rollout_id: str, output: str) -> rollout_pb2.
 
     loop.add_signal_handler(signal.SIGINT, on_interrupt)
     try:
+        # Batched: the changes of many hosts in one message (thousands of hosts would
+        # otherwise cost the server a message each).
         async for response in conn.rollouts.WatchRollout(
-            pb.WatchRolloutRequest(id=rollout_id), metadata=conn.metadata
+            pb.WatchRolloutRequest(id=rollout_id, batched=True), metadata=conn.metadata
         ):
-            event = response.event
-            if view is None:
-                snapshot = event.snapshot
-                if output == "json":
-                    view = JsonView(snapshot)
-                elif stderr.is_terminal:
-                    view = LiveView(snapshot)
-                else:
-                    view = LineView(snapshot)
-            view.event(event)
+            for event in response.events:
+                if view is None:
+                    snapshot = event.snapshot
+                    if output == "json":
+                        view = JsonView(snapshot)
+                    elif stderr.is_terminal:
+                        view = LiveView(snapshot)
+                    else:
+                        view = LineView(snapshot)
+                view.event(event)
     except asyncio.CancelledError:
         if detached:
             raise Detached from None
