@@ -60,11 +60,12 @@ async def follow(conn: Connection, rollout_id: str, output: str) -> rollout_pb2.
     loop.add_signal_handler(signal.SIGINT, on_interrupt)
     try:
         # Batched: the changes of many hosts in one message (thousands of hosts would
-        # otherwise cost the server a message each).
+        # otherwise cost the server a message each). A server older than batches sends
+        # one event a message whatever the request said.
         async for response in conn.rollouts.WatchRollout(
             pb.WatchRolloutRequest(id=rollout_id, batched=True), metadata=conn.metadata
         ):
-            for event in response.events:
+            for event in watch_events(response):
                 if view is None:
                     snapshot = event.snapshot
                     if output == "json":
@@ -86,6 +87,13 @@ async def follow(conn: Connection, rollout_id: str, output: str) -> rollout_pb2.
         await conn.rollouts.GetRollout(pb.GetRolloutRequest(id=rollout_id), metadata=conn.metadata)
     ).rollout
     return ended
+
+
+def watch_events(response: pb.WatchRolloutResponse) -> list[rollout_pb2.RolloutEvent]:
+    """The events of one WatchRollout message, in either shape."""
+    if response.HasField("event"):
+        return [response.event]
+    return list(response.events)
 
 
 async def follow_to_the_end(conn: Connection, rollout_id: str, output: str) -> None:

@@ -203,8 +203,9 @@ async function main(argv: string[]): Promise<number> {
         return undefined;
     }
   };
-  for await (const { events } of rollouts.watchRollout({ id: watchId, batched: true })) {
-    for (const event of events) {
+  for await (const response of rollouts.watchRollout({ id: watchId, batched: true })) {
+    // A server older than batches sends one event a message, in `event`.
+    for (const event of response.event ? [response.event] : response.events) {
       const code = await show(event.change);
       if (code !== undefined) return code;
     }
