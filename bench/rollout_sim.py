@@ -10,7 +10,8 @@ client follows it, in batches (WatchRolloutRequest.batched: many host changes to
 Printed for each N: the time from CreateRollout until the last host had its order and until
 every host had succeeded (the watcher saw the rollout end), the server's CPU and RSS during the
 rollout, how fresh the watcher's view was (the lag from an agent sending a report to the
-watcher receiving it, for every report the watcher saw: p50/p99), how many host events it got
+watcher receiving it, for every report the watcher saw: p50/p99; and how far behind it was,
+for every report sent: until the watcher knew it or a later one), how many host events it got
 against how many reports the agents sent (the server coalesces per host) and in how many
 messages, whether its stream survived, and how long after the end the server's record of the
 rollout was written.
@@ -150,6 +151,34 @@ def lags(
                 upstream.append(server_t - sent)
                 downstream.append(t - server_t)
     return total, upstream, downstream
+
+
+def staleness(
+    sends: list[tuple[str, str, int, float]], seen: list[tuple[str, str, int, float, float]]
+) -> list[float]:
+    """For every report an agent sent, seen or not, seconds until the watcher knew it or a
+    later one of the same host. A watcher that skips reports (the server coalesces what
+    it has not sent yet) is not judged by only the ones it happened to get."""
+    by_agent: dict[str, list[float]] = {}  # each host's report times, in order
+    index: dict[tuple[str, str, int], int] = {}  # what a report says -> its place there
+    for agent, state, done, t in sends:
+        times = by_agent.setdefault(agent, [])
+        index[(agent, state, done if not state else 0)] = len(times)
+        times.append(t)
+    known: dict[str, int] = {}  # how many of each host's reports the watcher knows of
+    out: list[float] = []
+    for agent, state, done, t, _ in seen:
+        if state == "downloading" and done > 0:
+            at = index.get((agent, "", done))
+        else:
+            at = index.get((agent, state, 0))
+        if at is None:
+            continue
+        times = by_agent[agent]
+        for j in range(known.get(agent, 0), at + 1):
+            out.append(t - times[j])
+        known[agent] = max(known.get(agent, 0), at + 1)
+    return out
 
 
 class LoopProbe:
@@ -306,6 +335,7 @@ async def run_one(args: argparse.Namespace, count: int) -> dict[str, Any]:
             server.stop()
         progress_sent = sum(1 for s in report.sends if not s[1])
         lag, upstream, downstream = lags(report.sends, watcher.seen)
+        stale = staleness(report.sends, watcher.seen)
         succeeded = sum(1 for h in final.hosts if h.state == agent_pb2.TASK_STATE_SUCCEEDED)
         return {
             "hosts": count,
@@ -325,6 +355,9 @@ async def run_one(args: argparse.Namespace, count: int) -> dict[str, Any]:
             "watch_messages": watcher.messages,
             "lag_p50_ms": 1000 * statistics.median(lag) if lag else float("nan"),
             "lag_p99_ms": 1000 * percentile(lag, 0.99),
+            "stale_p50_ms": 1000 * percentile(stale, 0.5),
+            "stale_p99_ms": 1000 * percentile(stale, 0.99),
+            "stale_reports": len(stale),
             # Kept in --json only: sent to the server's event time, and on to the watcher,
             # for SUCCEEDED reports. Not trusted yet: at 3000 hosts the first came out
             # negative (-4.7 s p50), which a sound clock pairing cannot give.
@@ -395,6 +428,7 @@ def main() -> None:
         "agent reports",
         "watcher host events / messages",
         "watcher lag p50 / p99 ms",
+        "watcher behind p50 / p99 ms",
         "health check RTT p50 / max ms",
         "watcher live",
         "records written +s",
@@ -414,6 +448,7 @@ def main() -> None:
             f"{r['reports']}",
             f"{r['host_events']} / {r['watch_messages']}",
             f"{r['lag_p50_ms']:.0f} / {r['lag_p99_ms']:.0f}",
+            f"{r['stale_p50_ms']:.0f} / {r['stale_p99_ms']:.0f}",
             f"{r['probe_p50_ms']:.0f} / {r['probe_max_ms']:.0f}",
             "yes" if r["watcher_live"] else f"no: {r['watcher_error']}",
             f"{r['records_s']:.2f}",

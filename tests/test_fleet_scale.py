@@ -149,6 +149,35 @@ def test_batches_take_events_only_as_they_fill_one() -> None:
     assert sum(len(b) for b in out) + len(first) == 1000
 
 
+def test_timestamps_are_those_of_from_datetime() -> None:
+    from datetime import timedelta, timezone
+
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from docket_server.api.convert import timestamp
+
+    cases = [
+        NOW,
+        datetime(1970, 1, 1, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),  # before the epoch
+        datetime(2026, 3, 1, 12, 0, 0, 1, tzinfo=timezone(timedelta(hours=-5))),
+        datetime(2026, 3, 1, 12, 0, 0, 123_456),  # naive: taken as UTC
+        datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+    ]
+    for value in cases:
+        want = Timestamp()
+        want.FromDatetime(value)
+        assert timestamp(value) == want, value
+
+
+def test_a_hosts_pieces_are_counted_from_its_bitmaps() -> None:
+    t = task(1, TaskState.DOWNLOADING)
+    t.pieces = {BLOB.digest: bytearray(b"\xff\x01\x00\x80" + bytes(60))}
+    assert t.done_pieces == 10
+    t.pieces = {BLOB.digest: bytearray(b"\x0f"), "sha256:" + "b" * 64: bytearray(b"\x03\x00")}
+    assert t.done_pieces == 6
+
+
 # Peers and peer hints
 
 
