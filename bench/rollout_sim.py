@@ -373,6 +373,7 @@ async def run_one(args: argparse.Namespace, count: int) -> dict[str, Any]:
             "clients_cpu_s": report.cpu_s,
             "clients_rollout_cpu_s": report.cpu_s - report.connected_cpu_s,
             "streams_ended": report.ended,
+            "streams_ended_how": report.errors,
             "cli_cpu_s": cli.cpu_s if cli else None,
             "cli_rusage_s": cli.rusage_s if cli else None,
             "cli_code": cli.code if cli else None,
@@ -459,6 +460,8 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |")
         if r["succeeded"] != r["hosts"] or r["streams_ended"]:
             print(f"  ({r['succeeded']} succeeded; {r['streams_ended']} streams ended)")
+            for how, n in sorted(r["streams_ended_how"].items(), key=lambda kv: -kv[1])[:5]:
+                print(f"    {n} {how}")
 
 
 if __name__ == "__main__":

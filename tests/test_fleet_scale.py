@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import pytest
 
+from docket_cli.rollout_view import FLOW
 from docket_common.pb import agent_pb2, rollout_pb2
 from docket_common.pb import rollout_service_pb2 as rpb
 from docket_common.pb import rollout_service_pb2_grpc as rpb_grpc
@@ -424,18 +425,6 @@ async def _watch_all(
     return seen
 
 
-# The order a host's states come in (a later state never before an earlier one).
-_FLOW = [
-    agent_pb2.TASK_STATE_QUEUED,
-    agent_pb2.TASK_STATE_PENDING,
-    agent_pb2.TASK_STATE_ACCEPTED,
-    agent_pb2.TASK_STATE_DOWNLOADING,
-    agent_pb2.TASK_STATE_VERIFYING,
-    agent_pb2.TASK_STATE_LOADING,
-    agent_pb2.TASK_STATE_SUCCEEDED,
-]
-
-
 @pytest.mark.timeout(300)
 async def test_a_batched_watch_of_many_hosts_sees_every_host_to_its_end(
     scale_server: ServerProcess,
@@ -476,7 +465,7 @@ async def test_a_batched_watch_of_many_hosts_sees_every_host_to_its_end(
         assert sorted(seen.hosts) == names
         for name, events in seen.hosts.items():
             assert events[-1].state == agent_pb2.TASK_STATE_SUCCEEDED, name
-            flow = [_FLOW.index(e.state) for e in events]
+            flow = [FLOW.index(e.state) for e in events]
             assert flow == sorted(flow), (name, flow)
             done = [e.done_bytes for e in events]
             assert done == sorted(done), (name, done)

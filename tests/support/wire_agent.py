@@ -24,6 +24,7 @@ from pathlib import Path
 
 from docket_common.pb import agent_pb2
 from docket_common.pb import agent_service_pb2 as pb
+from tests.support.agents import sim_hello
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
@@ -181,15 +182,7 @@ class WireAgent(asyncio.Protocol):
         self._end("closed")
 
     def hello(self) -> pb.ConnectRequest:
-        return pb.ConnectRequest(
-            hello=agent_pb2.Hello(
-                name=self.name,
-                agent_id=self.agent_id,
-                groups=list(self.groups),
-                version="sim-wire",
-                bt_endpoint=self.bt_endpoint,
-            )
-        )
+        return sim_hello(self.name, self.agent_id, self.groups, self.bt_endpoint)
 
     # asyncio.Protocol
 
