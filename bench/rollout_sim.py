@@ -265,7 +265,9 @@ async def run_one(args: argparse.Namespace, count: int) -> dict[str, Any]:
         assert server.proc is not None
         pid = server.proc.pid
         push_image(server, Path(tmp), "sim/app:1", int(args.size_mib * MiB))
-        processes = args.processes or min(8, math.ceil(count / 1000))
+        # The wire clients are light enough that fewer processes share the cores better.
+        most = 4 if args.clients == "wire" else 8
+        processes = args.processes or min(most, math.ceil(count / 1000))
         fleet = SimFleet(
             server,
             [f"sim{i:05d}" for i in range(count)],
@@ -397,7 +399,10 @@ def main() -> None:
         "same cores say hello late: 10,000 of them on 2 cores need more than the default)",
     )
     parser.add_argument(
-        "--processes", type=int, default=0, help="client processes (default 1 per 1000, up to 8)"
+        "--processes",
+        type=int,
+        default=0,
+        help="client processes (default 1 per 1000 hosts, up to 4; up to 8 with --clients grpc)",
     )
     parser.add_argument(
         "--clients",

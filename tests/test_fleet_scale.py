@@ -179,6 +179,55 @@ def test_a_hosts_pieces_are_counted_from_its_bitmaps() -> None:
     assert t.done_pieces == 6
 
 
+# Starting many hosts
+
+
+async def test_a_rollout_starts_its_hosts_in_slices_and_lets_the_loop_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from docket_common.manifest import DOCKER_CONFIG
+    from docket_server.domain import rollouts as rollouts_module
+    from docket_server.domain.models import Descriptor
+    from docket_server.domain.registry import Registry
+    from docket_server.domain.rollouts import Rollouts
+    from docket_server.store.sql import SqlMetadataStore
+    from tests.test_sql_store import _Registry
+
+    monkeypatch.setattr(rollouts_module, "START_SLICE_SECONDS", 0.0)  # one host a slice
+    count = 40
+    config = Descriptor("sha256:" + "c" * 64, 10, DOCKER_CONFIG)
+    image = Image("app", "1", config, (), (), None, NOW, "linux/amd64")
+    store = SqlMetadataStore(f"sqlite+aiosqlite:///{tmp_path / 'docket.db'}")
+    await store.open()
+    fleet = Fleet(store, 60.0, lambda: None)
+    await fleet.start()
+    orders = OrderBook(fleet, "server:6881")
+    registry = _Registry(image, Blob(config.digest, 10, NOW, None))
+    rollouts = Rollouts(cast(Registry, registry), fleet, orders, store)
+    await rollouts.start()
+    try:
+        for i in range(count):
+            fleet.connect(AgentInfo(f"h{i:03d}", f"id{i}"), "peer")
+        seen: list[int] = []  # hosts started, at each turn of the loop while it starts
+
+        async def watch_turns() -> None:
+            while True:
+                seen.append(sum(1 for t in orders.tasks.values() if t.state is TaskState.PENDING))
+                await asyncio.sleep(0)
+
+        turns = asyncio.create_task(watch_turns())
+        rollout = await rollouts.create("app:1", "all", prefetch_only=True)
+        turns.cancel()
+        # Every host has its order once create returns, and the loop turned between them.
+        assert {t.state for t in rollout.tasks.values()} == {TaskState.PENDING}
+        assert len(set(seen)) > count / 2
+        assert seen == sorted(seen)
+        await rollouts.stop()
+        await fleet.stop()
+    finally:
+        await store.close()
+
+
 # Peers and peer hints
 
 
