@@ -3,15 +3,18 @@
 A fresh docket-server (TLS, as shipped), a small real image pushed to it, and N simulated
 agents (tests/support/sim_fleet.py, spread over several client processes) that carry out their
 pull orders as docket-agent reports them, at the real 250 ms rate, without moving a byte:
-ACCEPTED, DOWNLOADING with a PieceProgress of new pieces every 250 ms, VERIFYING, LOADING,
-SUCCEEDED. One rollout goes to all of them while a WatchRollout client follows it.
+ACCEPTED, a PieceProgress naming the blobs, DOWNLOADING, a PieceProgress of new pieces every
+250 ms, VERIFYING, LOADING, SUCCEEDED. One rollout goes to all of them while a WatchRollout
+client follows it, in batches (WatchRolloutRequest.batched: many host changes to a message).
 
 Printed for each N: the time from CreateRollout until the last host had its order and until
 every host had succeeded (the watcher saw the rollout end), the server's CPU and RSS during the
 rollout, how fresh the watcher's view was (the lag from an agent sending a report to the
-watcher receiving it, for every report the watcher saw: p50/p99), how many host events it got
-against how many reports the agents sent (the server coalesces per host), whether its stream
-survived, and how long after the end the server's record of the rollout was written.
+watcher receiving it, for every report the watcher saw: p50/p99; and how far behind it was,
+for every report sent: until the watcher knew it or a later one), how many host events it got
+against how many reports the agents sent (the server coalesces per host) and in how many
+messages, whether its stream survived, and how long after the end the server's record of the
+rollout was written.
 
     .venv/bin/python bench/rollout_sim.py                        # N = 1000, 3000, 10000
     .venv/bin/python bench/rollout_sim.py --hosts 1000 --watch-cli
@@ -49,6 +52,7 @@ import contextlib
 
 from procstat import cpu_seconds
 
+from docket_cli.rollout import watch_events
 from docket_common.pb import agent_pb2, rollout_pb2
 from docket_common.pb import rollout_service_pb2 as pb
 from docket_common.pb import rollout_service_pb2_grpc as pb_grpc
@@ -87,6 +91,7 @@ class Watcher:
     # (agent, state, done bytes, when received, when the server got the change)
     seen: list[tuple[str, str, int, float, float]] = field(default_factory=list)
     host_events: int = 0
+    messages: int = 0  # WatchRolloutResponses: each holds many events
     end_time: float | None = None
     end_state: str = ""
     error: str = ""
@@ -96,21 +101,22 @@ class Watcher:
         before = resource.getrusage(resource.RUSAGE_SELF)
         try:
             async for response in stub.WatchRollout(
-                pb.WatchRolloutRequest(id=rollout_id), metadata=md
+                pb.WatchRolloutRequest(id=rollout_id, batched=True), metadata=md
             ):
                 now = time.time()
-                event = response.event
-                kind = event.WhichOneof("change")
-                if kind == "host":
-                    h = event.host
-                    self.host_events += 1
-                    server_t = event.event_time.ToNanoseconds() / 1e9
-                    self.seen.append(
-                        (h.agent_name, TASK_STATES[h.state], h.done_bytes, now, server_t)
-                    )
-                elif kind == "state":
-                    self.end_time = now
-                    self.end_state = rollout_pb2.RolloutState.Name(event.state)
+                self.messages += 1
+                for event in watch_events(response):
+                    kind = event.WhichOneof("change")
+                    if kind == "host":
+                        h = event.host
+                        self.host_events += 1
+                        server_t = event.event_time.ToNanoseconds() / 1e9
+                        self.seen.append(
+                            (h.agent_name, TASK_STATES[h.state], h.done_bytes, now, server_t)
+                        )
+                    elif kind == "state":
+                        self.end_time = now
+                        self.end_state = rollout_pb2.RolloutState.Name(event.state)
         except Exception as e:  # the stream broke: say so in the table
             self.error = str(e)[:200]
         after = resource.getrusage(resource.RUSAGE_SELF)
@@ -145,6 +151,34 @@ def lags(
                 upstream.append(server_t - sent)
                 downstream.append(t - server_t)
     return total, upstream, downstream
+
+
+def staleness(
+    sends: list[tuple[str, str, int, float]], seen: list[tuple[str, str, int, float, float]]
+) -> list[float]:
+    """For every report an agent sent, seen or not, seconds until the watcher knew it or a
+    later one of the same host. A watcher that skips reports (the server coalesces what
+    it has not sent yet) is not judged by only the ones it happened to get."""
+    by_agent: dict[str, list[float]] = {}  # each host's report times, in order
+    index: dict[tuple[str, str, int], int] = {}  # what a report says -> its place there
+    for agent, state, done, t in sends:
+        times = by_agent.setdefault(agent, [])
+        index[(agent, state, done if not state else 0)] = len(times)
+        times.append(t)
+    known: dict[str, int] = {}  # how many of each host's reports the watcher knows of
+    out: list[float] = []
+    for agent, state, done, t, _ in seen:
+        if state == "downloading" and done > 0:
+            at = index.get((agent, "", done))
+        else:
+            at = index.get((agent, state, 0))
+        if at is None:
+            continue
+        times = by_agent[agent]
+        for j in range(known.get(agent, 0), at + 1):
+            out.append(t - times[j])
+        known[agent] = max(known.get(agent, 0), at + 1)
+    return out
 
 
 class LoopProbe:
@@ -231,13 +265,16 @@ async def run_one(args: argparse.Namespace, count: int) -> dict[str, Any]:
         assert server.proc is not None
         pid = server.proc.pid
         push_image(server, Path(tmp), "sim/app:1", int(args.size_mib * MiB))
-        processes = args.processes or min(8, math.ceil(count / 1000))
+        # The wire clients are light enough that fewer processes share the cores better.
+        most = 4 if args.clients == "wire" else 8
+        processes = args.processes or min(most, math.ceil(count / 1000))
         fleet = SimFleet(
             server,
             [f"sim{i:05d}" for i in range(count)],
             processes,
             mode="rollout",
             download_seconds=args.download_seconds,
+            client=args.clients,
         )
         cli: CliWatch | None = None
         try:
@@ -300,6 +337,7 @@ async def run_one(args: argparse.Namespace, count: int) -> dict[str, Any]:
             server.stop()
         progress_sent = sum(1 for s in report.sends if not s[1])
         lag, upstream, downstream = lags(report.sends, watcher.seen)
+        stale = staleness(report.sends, watcher.seen)
         succeeded = sum(1 for h in final.hosts if h.state == agent_pb2.TASK_STATE_SUCCEEDED)
         return {
             "hosts": count,
@@ -316,8 +354,12 @@ async def run_one(args: argparse.Namespace, count: int) -> dict[str, Any]:
             "reports": len(report.sends),
             "progress_sent": progress_sent,
             "host_events": watcher.host_events,
+            "watch_messages": watcher.messages,
             "lag_p50_ms": 1000 * statistics.median(lag) if lag else float("nan"),
             "lag_p99_ms": 1000 * percentile(lag, 0.99),
+            "stale_p50_ms": 1000 * percentile(stale, 0.5),
+            "stale_p99_ms": 1000 * percentile(stale, 0.99),
+            "stale_reports": len(stale),
             # Kept in --json only: sent to the server's event time, and on to the watcher,
             # for SUCCEEDED reports. Not trusted yet: at 3000 hosts the first came out
             # negative (-4.7 s p50), which a sound clock pairing cannot give.
@@ -331,7 +373,9 @@ async def run_one(args: argparse.Namespace, count: int) -> dict[str, Any]:
             "records": len(records.records),
             "records_s": records_s,
             "clients_cpu_s": report.cpu_s,
+            "clients_rollout_cpu_s": report.cpu_s - report.connected_cpu_s,
             "streams_ended": report.ended,
+            "streams_ended_how": report.errors,
             "cli_cpu_s": cli.cpu_s if cli else None,
             "cli_rusage_s": cli.rusage_s if cli else None,
             "cli_code": cli.code if cli else None,
@@ -355,7 +399,18 @@ def main() -> None:
         "same cores say hello late: 10,000 of them on 2 cores need more than the default)",
     )
     parser.add_argument(
-        "--processes", type=int, default=0, help="client processes (default 1 per 1000, up to 8)"
+        "--processes",
+        type=int,
+        default=0,
+        help="client processes (default 1 per 1000 hosts, up to 4; up to 8 with --clients grpc)",
+    )
+    parser.add_argument(
+        "--clients",
+        choices=("wire", "grpc"),
+        default="wire",
+        help="how the simulated agents speak: gRPC over HTTP/2 written by hand (wire, "
+        "tests/support/wire_agent.py), or through grpcio (grpc: about 0.6 ms of CPU a "
+        "message, which at thousands of hosts starves the server on the same cores)",
     )
     parser.add_argument("--timeout", type=float, default=480.0, help="per rollout, s")
     parser.add_argument("--watch-cli", action="store_true", help="also docketctl in a pty")
@@ -377,12 +432,13 @@ def main() -> None:
         "server CPU % (1 core)",
         "server RSS MB",
         "agent reports",
-        "watcher host events",
+        "watcher host events / messages",
         "watcher lag p50 / p99 ms",
+        "watcher behind p50 / p99 ms",
         "health check RTT p50 / max ms",
         "watcher live",
         "records written +s",
-        "clients CPU s",
+        "clients CPU s (in the rollout)",
     ]
     if args.watch_cli:
         header += ["docketctl CPU s", "docketctl exit"]
@@ -396,18 +452,21 @@ def main() -> None:
             f"{r['server_cpu_pct']:.0f}",
             f"{r['rss_mb']:.0f}",
             f"{r['reports']}",
-            f"{r['host_events']}",
+            f"{r['host_events']} / {r['watch_messages']}",
             f"{r['lag_p50_ms']:.0f} / {r['lag_p99_ms']:.0f}",
+            f"{r['stale_p50_ms']:.0f} / {r['stale_p99_ms']:.0f}",
             f"{r['probe_p50_ms']:.0f} / {r['probe_max_ms']:.0f}",
             "yes" if r["watcher_live"] else f"no: {r['watcher_error']}",
             f"{r['records_s']:.2f}",
-            f"{r['clients_cpu_s']:.0f}",
+            f"{r['clients_cpu_s']:.0f} ({r['clients_rollout_cpu_s']:.0f})",
         ]
         if args.watch_cli:
             cells += [f"{r['cli_rusage_s']:.2f}", f"{r['cli_code']}"]
         print("| " + " | ".join(cells) + " |")
         if r["succeeded"] != r["hosts"] or r["streams_ended"]:
             print(f"  ({r['succeeded']} succeeded; {r['streams_ended']} streams ended)")
+            for how, n in sorted(r["streams_ended_how"].items(), key=lambda kv: -kv[1])[:5]:
+                print(f"    {n} {how}")
 
 
 if __name__ == "__main__":

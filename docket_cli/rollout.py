@@ -59,19 +59,22 @@ async def follow(conn: Connection, rollout_id: str, output: str) -> rollout_pb2.
 
     loop.add_signal_handler(signal.SIGINT, on_interrupt)
     try:
+        # Batched: the changes of many hosts in one message (thousands of hosts would
+        # otherwise cost the server a message each). A server older than batches sends
+        # one event a message whatever the request said.
         async for response in conn.rollouts.WatchRollout(
-            pb.WatchRolloutRequest(id=rollout_id), metadata=conn.metadata
+            pb.WatchRolloutRequest(id=rollout_id, batched=True), metadata=conn.metadata
         ):
-            event = response.event
-            if view is None:
-                snapshot = event.snapshot
-                if output == "json":
-                    view = JsonView(snapshot)
-                elif stderr.is_terminal:
-                    view = LiveView(snapshot)
-                else:
-                    view = LineView(snapshot)
-            view.event(event)
+            for event in watch_events(response):
+                if view is None:
+                    snapshot = event.snapshot
+                    if output == "json":
+                        view = JsonView(snapshot)
+                    elif stderr.is_terminal:
+                        view = LiveView(snapshot)
+                    else:
+                        view = LineView(snapshot)
+                view.event(event)
     except asyncio.CancelledError:
         if detached:
             raise Detached from None
@@ -84,6 +87,13 @@ async def follow(conn: Connection, rollout_id: str, output: str) -> rollout_pb2.
         await conn.rollouts.GetRollout(pb.GetRolloutRequest(id=rollout_id), metadata=conn.metadata)
     ).rollout
     return ended
+
+
+def watch_events(response: pb.WatchRolloutResponse) -> list[rollout_pb2.RolloutEvent]:
+    """The events of one WatchRollout message, in either shape."""
+    if response.HasField("event"):
+        return [response.event]
+    return list(response.events)
 
 
 async def follow_to_the_end(conn: Connection, rollout_id: str, output: str) -> None:

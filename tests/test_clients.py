@@ -236,6 +236,8 @@ def test_reflection_alone_is_enough_to_call_the_api(server: ServerProcess, pushe
         rollouts = pool.FindServiceByName("docket.v1.RolloutService")
         watch = rollouts.methods_by_name["WatchRollout"]
         assert watch.server_streaming
+        assert "batched" in watch.input_type.fields_by_name
+        assert watch.output_type.fields_by_name["events"].message_type.name == "RolloutEvent"
         event = watch.output_type.fields_by_name["event"].message_type
         assert [o.name for o in event.oneofs] == ["change"]
         assert {f.name for f in event.oneofs[0].fields} == {"snapshot", "host", "state"}

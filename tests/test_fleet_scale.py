@@ -1,20 +1,25 @@
 """What keeps one server working at fleet scale: a watcher's events coalesced per host
-(bounded, never losing a terminal state), peers and peer hints bounded per host, and a
-rollout to many simulated hosts end to end with watchers that keep up and that do not."""
+(bounded, never losing a terminal state) and batched many to a message (under a size cap),
+peers and peer hints bounded per host, and a rollout to many simulated hosts end to end with
+watchers that keep up and that do not, batched and one event a message."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
+from docket_cli.rollout_view import FLOW
 from docket_common.pb import agent_pb2, rollout_pb2
 from docket_common.pb import rollout_service_pb2 as rpb
 from docket_common.pb import rollout_service_pb2_grpc as rpb_grpc
+from docket_server.api.rollout_service import MAX_WATCH_BATCH_BYTES, batches
 from docket_server.domain.fleet import AgentInfo, AgentRecord, AgentState, Fleet, Session
 from docket_server.domain.models import Blob, Image
 from docket_server.domain.orders import MAX_PEERS, OrderBook, PeerRef, Task, TaskState
@@ -81,6 +86,146 @@ async def test_a_watch_queue_wakes_its_reader_and_closes() -> None:
     events, end = await asyncio.wait_for(queue.get(), 5)
     assert events == []
     assert end
+
+
+# Batches of watch events
+
+
+def _host_event(i: int, note: str = "") -> rollout_pb2.RolloutEvent:
+    event = rollout_pb2.RolloutEvent(
+        host=rollout_pb2.RolloutHost(
+            agent_name=f"h{i:05d}",
+            order_id=f"order{i}",
+            state=agent_pb2.TASK_STATE_DOWNLOADING,
+            done_bytes=i * 1000,
+            total_bytes=10**9,
+            error=note,
+        )
+    )
+    event.event_time.FromDatetime(NOW)
+    return event
+
+
+def test_batches_keep_every_event_in_order_under_the_cap() -> None:
+    cap = 4096
+    # Host events of many sizes (notes of 0 to 300 bytes), then the rollout's end.
+    events = [_host_event(i, "x" * (i * 37 % 300)) for i in range(500)]
+    events.append(rollout_pb2.RolloutEvent(state=rollout_pb2.ROLLOUT_STATE_SUCCEEDED))
+    out = list(batches(events, cap))
+    assert [e for batch in out for e in batch] == events  # all of them, in order, once
+    sizes = [rpb.WatchRolloutResponse(events=batch).ByteSize() for batch in out]
+    assert max(sizes) <= cap
+    # Each batch is as full as the cap allows: with the next event it would be over.
+    for batch, following in itertools.pairwise(out):
+        assert rpb.WatchRolloutResponse(events=[*batch, following[0]]).ByteSize() > cap
+    assert len(out) < len(events) / 10
+    assert out[-1][-1].state == rollout_pb2.ROLLOUT_STATE_SUCCEEDED
+
+
+def test_an_event_larger_than_the_cap_goes_alone() -> None:
+    big = rollout_pb2.RolloutEvent(
+        snapshot=rollout_pb2.Rollout(id="r", hosts=[_host_event(i).host for i in range(100)])
+    )
+    small = [_host_event(i) for i in range(3)]
+    cap = big.ByteSize() // 4
+    out = list(batches([small[0], big, small[1], small[2]], cap))
+    assert out == [[small[0]], [big], small[1:]]
+    assert list(batches([], cap)) == []
+
+
+def test_batches_take_events_only_as_they_fill_one() -> None:
+    taken = 0
+
+    def lazily() -> Iterator[rollout_pb2.RolloutEvent]:
+        nonlocal taken
+        for i in range(1000):
+            taken += 1
+            yield _host_event(i)
+
+    out = batches(lazily(), 2048)
+    first = next(out)
+    # The first batch, and the one event that did not fit: not the thousand.
+    assert taken == len(first) + 1
+    assert 1 < len(first) < 100
+    assert sum(len(b) for b in out) + len(first) == 1000
+
+
+def test_timestamps_are_those_of_from_datetime() -> None:
+    from datetime import timedelta, timezone
+
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from docket_server.api.convert import timestamp
+
+    cases = [
+        NOW,
+        datetime(1970, 1, 1, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),  # before the epoch
+        datetime(2026, 3, 1, 12, 0, 0, 1, tzinfo=timezone(timedelta(hours=-5))),
+        datetime(2026, 3, 1, 12, 0, 0, 123_456),  # naive: taken as UTC
+        datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+    ]
+    for value in cases:
+        want = Timestamp()
+        want.FromDatetime(value)
+        assert timestamp(value) == want, value
+
+
+def test_a_hosts_pieces_are_counted_from_its_bitmaps() -> None:
+    t = task(1, TaskState.DOWNLOADING)
+    t.pieces = {BLOB.digest: bytearray(b"\xff\x01\x00\x80" + bytes(60))}
+    assert t.done_pieces == 10
+    t.pieces = {BLOB.digest: bytearray(b"\x0f"), "sha256:" + "b" * 64: bytearray(b"\x03\x00")}
+    assert t.done_pieces == 6
+
+
+# Starting many hosts
+
+
+async def test_a_rollout_starts_its_hosts_in_slices_and_lets_the_loop_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from docket_common.manifest import DOCKER_CONFIG
+    from docket_server.domain import rollouts as rollouts_module
+    from docket_server.domain.models import Descriptor
+    from docket_server.domain.registry import Registry
+    from docket_server.domain.rollouts import Rollouts
+    from docket_server.store.sql import SqlMetadataStore
+    from tests.test_sql_store import _Registry
+
+    monkeypatch.setattr(rollouts_module, "START_SLICE_SECONDS", 0.0)  # one host a slice
+    count = 40
+    config = Descriptor("sha256:" + "c" * 64, 10, DOCKER_CONFIG)
+    image = Image("app", "1", config, (), (), None, NOW, "linux/amd64")
+    store = SqlMetadataStore(f"sqlite+aiosqlite:///{tmp_path / 'docket.db'}")
+    await store.open()
+    fleet = Fleet(store, 60.0, lambda: None)
+    await fleet.start()
+    orders = OrderBook(fleet, "server:6881")
+    registry = _Registry(image, Blob(config.digest, 10, NOW, None))
+    rollouts = Rollouts(cast(Registry, registry), fleet, orders, store)
+    await rollouts.start()
+    try:
+        for i in range(count):
+            fleet.connect(AgentInfo(f"h{i:03d}", f"id{i}"), "peer")
+        seen: list[int] = []  # hosts started, at each turn of the loop while it starts
+
+        async def watch_turns() -> None:
+            while True:
+                seen.append(sum(1 for t in orders.tasks.values() if t.state is TaskState.PENDING))
+                await asyncio.sleep(0)
+
+        turns = asyncio.create_task(watch_turns())
+        rollout = await rollouts.create("app:1", "all", prefetch_only=True)
+        turns.cancel()
+        # Every host has its order once create returns, and the loop turned between them.
+        assert {t.state for t in rollout.tasks.values()} == {TaskState.PENDING}
+        assert len(set(seen)) > count / 2
+        assert seen == sorted(seen)
+        await rollouts.stop()
+        await fleet.stop()
+    finally:
+        await store.close()
 
 
 # Peers and peer hints
@@ -287,6 +432,101 @@ async def test_a_rollout_to_many_hosts_with_a_fast_and_a_stalled_watcher(
     ]
     assert per_host == {name: states for name in names}
     assert len(history.records) == 6 * count + 2  # and the rollout's start and end
+
+
+@dataclass
+class _Seen:
+    """What one watcher got: each host's events in order, and the stream's messages."""
+
+    hosts: dict[str, list[rollout_pb2.RolloutHost]] = field(default_factory=dict)
+    snapshot: rollout_pb2.Rollout | None = None
+    final: int = 0
+    final_last: bool = False  # the rollout's end came after every other event
+    messages: int = 0
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (bytes, events) a message
+    wrong_shape: int = 0  # messages in the other shape than the one asked for
+
+
+async def _watch_all(
+    stub: rpb_grpc.RolloutServiceStub, rollout_id: str, md: Any, batched: bool
+) -> _Seen:
+    seen = _Seen()
+    async for response in stub.WatchRollout(
+        rpb.WatchRolloutRequest(id=rollout_id, batched=batched), metadata=md
+    ):
+        seen.messages += 1
+        if batched:
+            events = list(response.events)
+            seen.wrong_shape += response.HasField("event") or not events
+        else:
+            events = [response.event]
+            seen.wrong_shape += len(response.events) > 0
+        seen.sizes.append((response.ByteSize(), len(events)))
+        for event in events:
+            kind = event.WhichOneof("change")
+            seen.final_last = kind == "state"
+            if kind == "snapshot":
+                seen.snapshot = event.snapshot
+            elif kind == "host":
+                seen.hosts.setdefault(event.host.agent_name, []).append(event.host)
+            elif kind == "state":
+                seen.final = event.state
+    return seen
+
+
+@pytest.mark.timeout(300)
+async def test_a_batched_watch_of_many_hosts_sees_every_host_to_its_end(
+    scale_server: ServerProcess,
+) -> None:
+    # Enough hosts reporting at once that a round of their changes is over the cap.
+    count = 600
+    names = [f"b{i:03d}" for i in range(count)]
+    fleet = SimFleet(scale_server, names, 2, mode="rollout", groups=("batch",), download_seconds=2)
+    md = (("authorization", f"Bearer {scale_server.admin_token}"),)
+    try:
+        await fleet.start()
+        _, refused = await fleet.connect()
+        assert refused == 0
+        async with scale_server.aio_channel() as channel:
+            stub = rpb_grpc.RolloutServiceStub(channel)
+            created = await stub.CreateRollout(
+                rpb.CreateRolloutRequest(image_name="scale/app:1", selector="batch"), metadata=md
+            )
+            rollout_id = created.rollout.id
+            batched, single = await asyncio.wait_for(
+                asyncio.gather(
+                    _watch_all(stub, rollout_id, md, batched=True),
+                    _watch_all(stub, rollout_id, md, batched=False),
+                ),
+                240,
+            )
+        report = await fleet.report()
+    finally:
+        await fleet.stop()
+    assert report.ended == 0
+    for seen in (batched, single):
+        assert seen.wrong_shape == 0
+        assert seen.snapshot is not None
+        assert sorted(h.agent_name for h in seen.snapshot.hosts) == names
+        assert seen.final == rollout_pb2.ROLLOUT_STATE_SUCCEEDED
+        assert seen.final_last
+        # Every host's last event is its end, and its events never go backwards.
+        assert sorted(seen.hosts) == names
+        for name, events in seen.hosts.items():
+            assert events[-1].state == agent_pb2.TASK_STATE_SUCCEEDED, name
+            flow = [FLOW.index(e.state) for e in events]
+            assert flow == sorted(flow), (name, flow)
+            done = [e.done_bytes for e in events]
+            assert done == sorted(done), (name, done)
+    # The batched watcher got the same hosts' changes in far fewer messages, none over the
+    # cap but the snapshot (alone in the first), and some rounds filled messages to near it.
+    assert batched.sizes[0][1] == 1
+    assert all(size <= MAX_WATCH_BATCH_BYTES for size, _ in batched.sizes[1:])
+    assert max(size for size, _ in batched.sizes[1:]) > MAX_WATCH_BATCH_BYTES / 2
+    host_events = sum(len(e) for e in batched.hosts.values())
+    assert host_events >= count
+    assert batched.messages < host_events / 20
+    assert single.messages == sum(len(e) for e in single.hosts.values()) + 2
 
 
 # The live view with many hosts

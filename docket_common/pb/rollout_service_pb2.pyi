@@ -291,16 +291,27 @@ class WatchRolloutRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    BATCHED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The rollout's id."""
+    batched: _builtins.bool
+    """True to receive the events in `WatchRolloutResponse.events`, many to a response: every
+    change pending when the server sends, in as many responses as the size cap needs. A
+    watcher of thousands of hosts should set it: one response a host change costs the server
+    far more than the change itself. False (the default, and what clients written before the
+    field existed send) gives one event a response, in `event`. It is a request field, not a
+    change of the response's shape, so that a client that reads only `event` never gets a
+    response whose events it does not see.
+    """
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        batched: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batched", b"batched", "id", b"id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -313,18 +324,28 @@ class WatchRolloutResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> _rollout_pb2.RolloutEvent:
-        """The event."""
+        """The event, when the request did not ask for batches; unset when it did."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_rollout_pb2.RolloutEvent]:
+        """The events, oldest first, when the request asked for batches (`batched`); empty when it
+        did not. Never empty in a batched watch. The first response holds the snapshot alone.
+        A response is at most 64 KiB encoded, unless its one event is larger (a snapshot of
+        hundreds of hosts: about 200 bytes a host).
+        """
 
     def __init__(
         self,
         *,
         event: _rollout_pb2.RolloutEvent | None = ...,
+        events: _abc.Iterable[_rollout_pb2.RolloutEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -119,7 +119,10 @@ class RolloutServiceServicer:
 
     def WatchRollout(self, request, context):
         """Streams a rollout: a snapshot first, then every change (host states, bytes, pieces, rate,
-        peers, errors) until the rollout ends.
+        peers, errors) until the rollout ends. Each host's changes come in the order they
+        happened, at most one a host every 250 ms: a watcher that falls behind gets each host's
+        latest state rather than a backlog, and always its last. With `batched` set, one response
+        carries the changes of many hosts (see WatchRolloutRequest.batched).
         Errors: NOT_FOUND (ROLLOUT_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -61,7 +61,10 @@ class RolloutServiceStub:
     """
     WatchRollout: _grpc.UnaryStreamMultiCallable[_rollout_service_pb2.WatchRolloutRequest, _rollout_service_pb2.WatchRolloutResponse]
     """Streams a rollout: a snapshot first, then every change (host states, bytes, pieces, rate,
-    peers, errors) until the rollout ends.
+    peers, errors) until the rollout ends. Each host's changes come in the order they
+    happened, at most one a host every 250 ms: a watcher that falls behind gets each host's
+    latest state rather than a backlog, and always its last. With `batched` set, one response
+    carries the changes of many hosts (see WatchRolloutRequest.batched).
     Errors: NOT_FOUND (ROLLOUT_NOT_FOUND).
     """
 
@@ -98,7 +101,10 @@ class RolloutServiceAsyncStub(RolloutServiceStub):
     """
     WatchRollout: _aio.UnaryStreamMultiCallable[_rollout_service_pb2.WatchRolloutRequest, _rollout_service_pb2.WatchRolloutResponse]  # type: ignore[assignment]
     """Streams a rollout: a snapshot first, then every change (host states, bytes, pieces, rate,
-    peers, errors) until the rollout ends.
+    peers, errors) until the rollout ends. Each host's changes come in the order they
+    happened, at most one a host every 250 ms: a watcher that falls behind gets each host's
+    latest state rather than a backlog, and always its last. With `batched` set, one response
+    carries the changes of many hosts (see WatchRolloutRequest.batched).
     Errors: NOT_FOUND (ROLLOUT_NOT_FOUND).
     """
 
@@ -168,7 +174,10 @@ class RolloutServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_rollout_service_pb2.WatchRolloutResponse], _abc.AsyncIterator[_rollout_service_pb2.WatchRolloutResponse]]:
         """Streams a rollout: a snapshot first, then every change (host states, bytes, pieces, rate,
-        peers, errors) until the rollout ends.
+        peers, errors) until the rollout ends. Each host's changes come in the order they
+        happened, at most one a host every 250 ms: a watcher that falls behind gets each host's
+        latest state rather than a backlog, and always its last. With `batched` set, one response
+        carries the changes of many hosts (see WatchRolloutRequest.batched).
         Errors: NOT_FOUND (ROLLOUT_NOT_FOUND).
         """
 

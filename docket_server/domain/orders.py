@@ -140,7 +140,7 @@ class Task:
     def done_pieces(self) -> int:
         if self.state is TaskState.SUCCEEDED:
             return self.total_pieces
-        held = sum(bin(byte).count("1") for bits in self.pieces.values() for byte in bits)
+        held = sum(int.from_bytes(bits, "little").bit_count() for bits in self.pieces.values())
         return held + sum(b.torrent.piece_count for b in self._cached() if b.torrent)
 
     @property

@@ -191,6 +191,26 @@ def _now() -> Timestamp:
     return ts
 
 
+def sim_hello(
+    name: str,
+    agent_id: str,
+    groups: tuple[str, ...],
+    bt_endpoint: str,
+    cached_digests: tuple[str, ...] = (),
+) -> pb.ConnectRequest:
+    """A simulated agent's first message on its stream."""
+    return pb.ConnectRequest(
+        hello=agent_pb2.Hello(
+            name=name,
+            agent_id=agent_id,
+            groups=list(groups),
+            version="sim",
+            bt_endpoint=bt_endpoint,
+            cached_digests=list(cached_digests),
+        )
+    )
+
+
 class SimulatedAgent:
     """One agent stream without an agent process: hello, then a heartbeat every interval.
     Orders it is sent land in ``orders``; ``send`` puts a message on its stream."""
@@ -224,15 +244,8 @@ class SimulatedAgent:
         self._outbox: asyncio.Queue[pb.ConnectRequest] = asyncio.Queue()
 
     def hello(self) -> pb.ConnectRequest:
-        return pb.ConnectRequest(
-            hello=agent_pb2.Hello(
-                name=self.name,
-                agent_id=self.agent_id,
-                groups=list(self.groups),
-                version="sim",
-                bt_endpoint=self.bt_endpoint,
-                cached_digests=list(self.cached_digests),
-            )
+        return sim_hello(
+            self.name, self.agent_id, self.groups, self.bt_endpoint, self.cached_digests
         )
 
     def send(self, message: pb.ConnectRequest) -> None:

@@ -14,9 +14,9 @@ parent talks to each worker over its stdin and stdout, one JSON object a line:
    order, and the wall-clock time of every report it sent), then ``stop``.
 
 In ``rollout`` mode each agent carries out every order it gets as a real agent reports it,
-without moving a byte: ACCEPTED and DOWNLOADING, then a PieceProgress every
-``report_interval`` with the pieces that "arrived", then VERIFYING, LOADING (when the order
-loads) and SUCCEEDED.
+without moving a byte: ACCEPTED, a PieceProgress naming every blob, DOWNLOADING, then a
+PieceProgress every ``report_interval`` with the pieces that "arrived", then VERIFYING,
+LOADING (when the order loads) and SUCCEEDED.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ import os
 import re
 import resource
 import sys
+import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ from docket_common.pb import agent_service_pb2 as pb
 from docket_common.pb import agent_service_pb2_grpc as pb_grpc
 from tests.support.agents import SimIdentity, SimulatedAgent, agent_channel, enroll
 from tests.support.server import ServerProcess
+from tests.support.wire_agent import WireAgent, client_context
 
 ENROLL_CONCURRENCY = 16
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +70,9 @@ class WorkerConfig:
     report_interval: float = 0.25
     download_seconds: float = 5.0
     bt_port_base: int = 20000  # agents advertise fake BitTorrent endpoints (never dialled)
+    # "grpc": each stream a grpcio call; "wire": written by hand (tests/support/wire_agent.py),
+    # the same protocol on the wire at a fraction of the CPU.
+    client: str = "grpc"
 
 
 @dataclass
@@ -81,6 +87,7 @@ class WorkerReport:
     # (agent, state name or "" for progress, done bytes, wall time) of every report sent.
     sends: list[tuple[str, str, int, float]] = field(default_factory=list)
     cpu_s: float = 0.0
+    connected_cpu_s: float = 0.0  # of which before every agent was welcomed (enrolling, TLS)
 
 
 class SimFleet:
@@ -96,7 +103,10 @@ class SimFleet:
         groups: tuple[str, ...] = ("sim",),
         report_interval: float = 0.25,
         download_seconds: float = 5.0,
+        client: str = "grpc",
     ) -> None:
+        if client not in ("grpc", "wire"):
+            raise ValueError(f"client is grpc or wire, not {client!r}")
         self.server = server
         self.names = names
         self.processes = max(1, min(processes, len(names)))
@@ -104,6 +114,7 @@ class SimFleet:
         self.groups = list(groups)
         self.report_interval = report_interval
         self.download_seconds = download_seconds
+        self.client = client
         self.workers: list[asyncio.subprocess.Process] = []
 
     @property
@@ -127,6 +138,7 @@ class SimFleet:
                 mode=self.mode,
                 report_interval=self.report_interval,
                 download_seconds=self.download_seconds,
+                client=self.client,
                 bt_port_base=20000 + i * (len(self.names) // self.processes + 1),
             )
             proc = await asyncio.create_subprocess_exec(
@@ -165,6 +177,7 @@ class SimFleet:
             for key, n in part.errors.items():
                 merged.errors[key] = merged.errors.get(key, 0) + n
             merged.cpu_s += part.cpu_s
+            merged.connected_cpu_s += part.connected_cpu_s
         return merged
 
     async def stop(self) -> None:
@@ -202,20 +215,24 @@ class SimFleet:
 # The worker's side.
 
 
-class RolloutAgent(SimulatedAgent):
-    """A simulated agent that carries out its orders, reporting as docket-agent does."""
+class Reporter:
+    """Carries out one simulated agent's orders as docket-agent reports them, on its stream
+    (a SimulatedAgent's, through grpcio, or a WireAgent's)."""
 
-    def __init__(self, *args: Any, config: WorkerConfig, report: WorkerReport, **kw: Any):
-        super().__init__(*args, **kw)
+    def __init__(
+        self, agent: SimulatedAgent | WireAgent, config: WorkerConfig, report: WorkerReport
+    ) -> None:
+        self.agent = agent
+        self.name = agent.name
         self.config = config
         self.report = report
         self.worker: asyncio.Task[None] | None = None
         self._meta: dict[int, tuple[str, int]] = {}  # queued reports: what each says
-        self.on_sent = self._sent
+        agent.on_sent = self._sent
 
     def _queue(self, message: pb.ConnectRequest, state: str, done: int) -> None:
         self._meta[id(message)] = (state, done)
-        self.send(message)
+        self.agent.send(message)
 
     def _sent(self, message: pb.ConnectRequest) -> None:
         """Records each report as it goes onto the stream (what the lag is measured from)."""
@@ -225,7 +242,7 @@ class RolloutAgent(SimulatedAgent):
 
     async def carry_out(self) -> None:
         while True:
-            order = await self.orders.get()
+            order = await self.agent.orders.get()
             self.report.order_times[self.name] = time.time()
             await self._one(order)
 
@@ -244,6 +261,12 @@ class RolloutAgent(SimulatedAgent):
         ticks = max(1, round(self.config.download_seconds / self.config.report_interval))
         per_tick = max(1, math.ceil(total_pieces / ticks))
         self._update(order.order_id, agent_pb2.TASK_STATE_ACCEPTED, 0)
+        # As docket-agent does: every blob it fetches, none held yet, before DOWNLOADING (the
+        # server counts a downloading host's unreported blobs as cached).
+        start = agent_pb2.PieceProgress(order_id=order.order_id)
+        for blob, _, count in pieces:
+            start.blobs.append(agent_pb2.BlobProgress(digest=blob.digest, total_pieces=count))
+        self._queue(pb.ConnectRequest(piece_progress=start), "", 0)
         self._update(order.order_id, agent_pb2.TASK_STATE_DOWNLOADING, 0)
         done = [0] * len(pieces)  # pieces held, per blob
         rate = total_bytes // max(self.config.download_seconds, 0.001)
@@ -338,36 +361,70 @@ async def _worker() -> None:
 
     assert (await reader.readline()).strip() == b'{"command": "connect"}'
     channels: list[grpc.aio.Channel] = []
-    agents: list[RolloutAgent] = []
+    agents: list[SimulatedAgent | WireAgent] = []
+    scratch = tempfile.TemporaryDirectory(prefix="docket-sim-")
     for i, (name, identity) in enumerate(zip(config.names, identities, strict=True)):
+        bt_endpoint = f"127.0.0.1:{config.bt_port_base + i}"
+        if config.client == "wire":
+            context = None
+            if identity is not None:
+                context = client_context(
+                    server.ca_pem, identity.cert_pem, identity.key_pem, Path(scratch.name)
+                )
+            port = config.port if config.insecure else config.agent_port
+            agents.append(
+                WireAgent(
+                    name,
+                    uuid.uuid4().hex,
+                    groups=tuple(config.groups),
+                    bt_endpoint=bt_endpoint,
+                    address=("127.0.0.1", port),
+                    context=context,
+                )
+            )
+            continue
         ch = agent_channel(server, identity)
         channels.append(ch)
         agents.append(
-            RolloutAgent(
+            SimulatedAgent(
                 pb_grpc.AgentServiceStub(ch),
                 name,
                 groups=tuple(config.groups),
-                bt_endpoint=f"127.0.0.1:{config.bt_port_base + i}",
+                bt_endpoint=bt_endpoint,
                 wait_for_ready=True,
-                config=config,
-                report=report,
             )
         )
+    scratch.cleanup()
     started = time.monotonic()
     latencies: list[float] = []
 
-    async def timed(agent: SimulatedAgent) -> None:
+    async def timed(agent: SimulatedAgent | WireAgent) -> None:
         await agent.welcomed.wait()
         if agent.welcome is None:
             report.refused += 1
         else:
             latencies.append(time.monotonic() - started)
 
+    async def heartbeats() -> None:
+        """The wire agents' heartbeats: one timer for all of them, not one each."""
+        while True:
+            await asyncio.sleep(0.5)
+            now = loop.time()
+            for agent in agents:
+                if isinstance(agent, WireAgent):
+                    agent.heartbeat_due(now)
+
     streams = [asyncio.create_task(a.run()) for a in agents]
+    beating = asyncio.create_task(heartbeats())
     await asyncio.gather(*(timed(a) for a in agents))
+    reporters: list[Reporter] = []
     if config.mode == "rollout":
         for agent in agents:
-            agent.worker = asyncio.create_task(agent.carry_out())
+            reporter = Reporter(agent, config, report)
+            reporter.worker = asyncio.create_task(reporter.carry_out())
+            reporters.append(reporter)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    report.connected_cpu_s = usage.ru_utime + usage.ru_stime
     answer({"welcomed": True, "welcome_s": latencies, "refused": report.refused})
 
     while line := await reader.readline():
@@ -377,23 +434,33 @@ async def _worker() -> None:
             report.errors = {}
             for a in agents:
                 if a.ended is not None:
-                    details = re.sub(r"\d+(\.\d+)?", "N", a.ended.details() or "")
-                    key = f"{a.ended.code().name}: {details[:80]}"
-                    key += f" [{_core_error(a.ended)}]"
+                    key = _ended_key(a.ended)
                     report.errors[key] = report.errors.get(key, 0) + 1
             usage = resource.getrusage(resource.RUSAGE_SELF)
             report.cpu_s = usage.ru_utime + usage.ru_stime
             answer({"report": asdict(report)})
         elif command == "stop":
             break
+    beating.cancel()
+    for reporter in reporters:
+        if reporter.worker is not None:
+            reporter.worker.cancel()
     for agent in agents:
-        if agent.worker is not None:
-            agent.worker.cancel()
+        if isinstance(agent, WireAgent):
+            agent.close()
     for task in streams:
         task.cancel()
-    await asyncio.gather(*streams, return_exceptions=True)
+    await asyncio.gather(*streams, beating, return_exceptions=True)
     for ch in channels:
         await ch.close()
+
+
+def _ended_key(ended: grpc.aio.AioRpcError | str) -> str:
+    """How a stream ended, without the numbers that make every stream's text different."""
+    if isinstance(ended, str):
+        return ended
+    details = re.sub(r"\d+(\.\d+)?", "N", ended.details() or "")
+    return f"{ended.code().name}: {details[:80]} [{_core_error(ended)}]"
 
 
 if __name__ == "__main__":

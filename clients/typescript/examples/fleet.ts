@@ -45,6 +45,7 @@ import { AgentAdminService } from "../src/gen/docket/v1/agent_admin_service_pb.j
 import { AgentStateSchema, TaskStateSchema } from "../src/gen/docket/v1/agent_pb.js";
 import { ImageService } from "../src/gen/docket/v1/image_service_pb.js";
 import {
+  type RolloutEvent,
   type RolloutHost,
   RolloutState,
   RolloutStateSchema,
@@ -164,12 +165,13 @@ async function main(argv: string[]): Promise<number> {
   }
   if (!watchId) return 0;
 
-  // A snapshot first, then every change until the rollout ends. Host events also carry
-  // progress (bytes, pieces, rate, peers) several times a second: print state changes only.
+  // A snapshot first, then every change until the rollout ends, many to a message
+  // (`batched`). Host events also carry progress (bytes, pieces, rate, peers) several times a
+  // second: print state changes only.
   const seen = new Map<string, number>();
-  for await (const { event } of rollouts.watchRollout({ id: watchId })) {
-    const change = event?.change;
-    switch (change?.case) {
+  /** Prints one event; the exit code once the rollout has ended. */
+  const show = async (change: RolloutEvent["change"]): Promise<number | undefined> => {
+    switch (change.case) {
       case "snapshot": {
         const r = change.value;
         console.log(
@@ -179,16 +181,16 @@ async function main(argv: string[]): Promise<number> {
           seen.set(host.agentName, host.state);
           console.log(hostLine(host));
         }
-        break;
+        return undefined;
       }
       case "host":
         if (seen.get(change.value.agentName) !== change.value.state) {
           seen.set(change.value.agentName, change.value.state);
           console.log(hostLine(change.value));
         }
-        break;
+        return undefined;
       case "state": {
-        if (change.value === RolloutState.RUNNING) break; // not an end
+        if (change.value === RolloutState.RUNNING) return undefined; // not an end
         let reason = "";
         if (change.value !== RolloutState.SUCCEEDED) {
           const { rollout } = await rollouts.getRollout({ id: watchId }, opts);
@@ -197,6 +199,15 @@ async function main(argv: string[]): Promise<number> {
         console.log(`event state ${enumName(RolloutStateSchema, change.value)}${reason}`);
         return EXIT_CODES[change.value] ?? 1;
       }
+      default:
+        return undefined;
+    }
+  };
+  for await (const response of rollouts.watchRollout({ id: watchId, batched: true })) {
+    // A server older than batches sends one event a message, in `event`.
+    for (const event of response.event ? [response.event] : response.events) {
+      const code = await show(event.change);
+      if (code !== undefined) return code;
     }
   }
   // The server ends a watch early only when it shuts down: watch again to go on.

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file docket/v1/rollout_service.proto.
  */
 export const file_docket_v1_rollout_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9kb2NrZXQvdjEvcm9sbG91dF9zZXJ2aWNlLnByb3RvEglkb2NrZXQudjEiuwEKFENyZWF0ZVJvbGxvdXRSZXF1ZXN0EhIKCmltYWdlX25hbWUYASABKAkSEAoIc2VsZWN0b3IYAiABKAkSFQoNcHJlZmV0Y2hfb25seRgDIAEoCBIOCgZjYW5hcnkYBCABKAUSFAoMbWF4X3BhcmFsbGVsGAUgASgFEhQKDG1heF9mYWlsdXJlcxgGIAEoBRIqCgd0aW1lb3V0GAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjwKE0xpc3RSb2xsb3V0c1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiVQoUTGlzdFJvbGxvdXRzUmVzcG9uc2USJAoIcm9sbG91dHMYASADKAsyEi5kb2NrZXQudjEuUm9sbG91dBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiIgoUQ2FuY2VsUm9sbG91dFJlcXVlc3QSCgoCaWQYASABKAkiPAoVQ2FuY2VsUm9sbG91dFJlc3BvbnNlEiMKB3JvbGxvdXQYASABKAsyEi5kb2NrZXQudjEuUm9sbG91dCInChlMaXN0Um9sbG91dFJlY29yZHNSZXF1ZXN0EgoKAmlkGAEgASgJIkcKGkxpc3RSb2xsb3V0UmVjb3Jkc1Jlc3BvbnNlEikKB3JlY29yZHMYASADKAsyGC5kb2NrZXQudjEuUm9sbG91dFJlY29yZCI8ChVDcmVhdGVSb2xsb3V0UmVzcG9uc2USIwoHcm9sbG91dBgBIAEoCzISLmRvY2tldC52MS5Sb2xsb3V0Ih8KEUdldFJvbGxvdXRSZXF1ZXN0EgoKAmlkGAEgASgJIjkKEkdldFJvbGxvdXRSZXNwb25zZRIjCgdyb2xsb3V0GAEgASgLMhIuZG9ja2V0LnYxLlJvbGxvdXQiIQoTV2F0Y2hSb2xsb3V0UmVxdWVzdBIKCgJpZBgBIAEoCSI+ChRXYXRjaFJvbGxvdXRSZXNwb25zZRImCgVldmVudBgBIAEoCzIXLmRvY2tldC52MS5Sb2xsb3V0RXZlbnQyigQKDlJvbGxvdXRTZXJ2aWNlElIKDUNyZWF0ZVJvbGxvdXQSHy5kb2NrZXQudjEuQ3JlYXRlUm9sbG91dFJlcXVlc3QaIC5kb2NrZXQudjEuQ3JlYXRlUm9sbG91dFJlc3BvbnNlEk8KDExpc3RSb2xsb3V0cxIeLmRvY2tldC52MS5MaXN0Um9sbG91dHNSZXF1ZXN0Gh8uZG9ja2V0LnYxLkxpc3RSb2xsb3V0c1Jlc3BvbnNlElIKDUNhbmNlbFJvbGxvdXQSHy5kb2NrZXQudjEuQ2FuY2VsUm9sbG91dFJlcXVlc3QaIC5kb2NrZXQudjEuQ2FuY2VsUm9sbG91dFJlc3BvbnNlEmEKEkxpc3RSb2xsb3V0UmVjb3JkcxIkLmRvY2tldC52MS5MaXN0Um9sbG91dFJlY29yZHNSZXF1ZXN0GiUuZG9ja2V0LnYxLkxpc3RSb2xsb3V0UmVjb3Jkc1Jlc3BvbnNlEkkKCkdldFJvbGxvdXQSHC5kb2NrZXQudjEuR2V0Um9sbG91dFJlcXVlc3QaHS5kb2NrZXQudjEuR2V0Um9sbG91dFJlc3BvbnNlElEKDFdhdGNoUm9sbG91dBIeLmRvY2tldC52MS5XYXRjaFJvbGxvdXRSZXF1ZXN0Gh8uZG9ja2V0LnYxLldhdGNoUm9sbG91dFJlc3BvbnNlMAFiBnByb3RvMw", [file_docket_v1_rollout, file_google_protobuf_duration]);
+  fileDesc("Ch9kb2NrZXQvdjEvcm9sbG91dF9zZXJ2aWNlLnByb3RvEglkb2NrZXQudjEiuwEKFENyZWF0ZVJvbGxvdXRSZXF1ZXN0EhIKCmltYWdlX25hbWUYASABKAkSEAoIc2VsZWN0b3IYAiABKAkSFQoNcHJlZmV0Y2hfb25seRgDIAEoCBIOCgZjYW5hcnkYBCABKAUSFAoMbWF4X3BhcmFsbGVsGAUgASgFEhQKDG1heF9mYWlsdXJlcxgGIAEoBRIqCgd0aW1lb3V0GAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjwKE0xpc3RSb2xsb3V0c1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiVQoUTGlzdFJvbGxvdXRzUmVzcG9uc2USJAoIcm9sbG91dHMYASADKAsyEi5kb2NrZXQudjEuUm9sbG91dBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiIgoUQ2FuY2VsUm9sbG91dFJlcXVlc3QSCgoCaWQYASABKAkiPAoVQ2FuY2VsUm9sbG91dFJlc3BvbnNlEiMKB3JvbGxvdXQYASABKAsyEi5kb2NrZXQudjEuUm9sbG91dCInChlMaXN0Um9sbG91dFJlY29yZHNSZXF1ZXN0EgoKAmlkGAEgASgJIkcKGkxpc3RSb2xsb3V0UmVjb3Jkc1Jlc3BvbnNlEikKB3JlY29yZHMYASADKAsyGC5kb2NrZXQudjEuUm9sbG91dFJlY29yZCI8ChVDcmVhdGVSb2xsb3V0UmVzcG9uc2USIwoHcm9sbG91dBgBIAEoCzISLmRvY2tldC52MS5Sb2xsb3V0Ih8KEUdldFJvbGxvdXRSZXF1ZXN0EgoKAmlkGAEgASgJIjkKEkdldFJvbGxvdXRSZXNwb25zZRIjCgdyb2xsb3V0GAEgASgLMhIuZG9ja2V0LnYxLlJvbGxvdXQiMgoTV2F0Y2hSb2xsb3V0UmVxdWVzdBIKCgJpZBgBIAEoCRIPCgdiYXRjaGVkGAIgASgIImcKFFdhdGNoUm9sbG91dFJlc3BvbnNlEiYKBWV2ZW50GAEgASgLMhcuZG9ja2V0LnYxLlJvbGxvdXRFdmVudBInCgZldmVudHMYAiADKAsyFy5kb2NrZXQudjEuUm9sbG91dEV2ZW50MooECg5Sb2xsb3V0U2VydmljZRJSCg1DcmVhdGVSb2xsb3V0Eh8uZG9ja2V0LnYxLkNyZWF0ZVJvbGxvdXRSZXF1ZXN0GiAuZG9ja2V0LnYxLkNyZWF0ZVJvbGxvdXRSZXNwb25zZRJPCgxMaXN0Um9sbG91dHMSHi5kb2NrZXQudjEuTGlzdFJvbGxvdXRzUmVxdWVzdBofLmRvY2tldC52MS5MaXN0Um9sbG91dHNSZXNwb25zZRJSCg1DYW5jZWxSb2xsb3V0Eh8uZG9ja2V0LnYxLkNhbmNlbFJvbGxvdXRSZXF1ZXN0GiAuZG9ja2V0LnYxLkNhbmNlbFJvbGxvdXRSZXNwb25zZRJhChJMaXN0Um9sbG91dFJlY29yZHMSJC5kb2NrZXQudjEuTGlzdFJvbGxvdXRSZWNvcmRzUmVxdWVzdBolLmRvY2tldC52MS5MaXN0Um9sbG91dFJlY29yZHNSZXNwb25zZRJJCgpHZXRSb2xsb3V0EhwuZG9ja2V0LnYxLkdldFJvbGxvdXRSZXF1ZXN0Gh0uZG9ja2V0LnYxLkdldFJvbGxvdXRSZXNwb25zZRJRCgxXYXRjaFJvbGxvdXQSHi5kb2NrZXQudjEuV2F0Y2hSb2xsb3V0UmVxdWVzdBofLmRvY2tldC52MS5XYXRjaFJvbGxvdXRSZXNwb25zZTABYgZwcm90bzM", [file_docket_v1_rollout, file_google_protobuf_duration]);
 
 /**
  * The request of CreateRollout.
@@ -294,6 +294,19 @@ export type WatchRolloutRequest = Message<"docket.v1.WatchRolloutRequest"> & {
    * @generated from field: string id = 1;
    */
   id: string;
+
+  /**
+   * True to receive the events in `WatchRolloutResponse.events`, many to a response: every
+   * change pending when the server sends, in as many responses as the size cap needs. A
+   * watcher of thousands of hosts should set it: one response a host change costs the server
+   * far more than the change itself. False (the default, and what clients written before the
+   * field existed send) gives one event a response, in `event`. It is a request field, not a
+   * change of the response's shape, so that a client that reads only `event` never gets a
+   * response whose events it does not see.
+   *
+   * @generated from field: bool batched = 2;
+   */
+  batched: boolean;
 };
 
 /**
@@ -310,11 +323,21 @@ export const WatchRolloutRequestSchema: GenMessage<WatchRolloutRequest> = /*@__P
  */
 export type WatchRolloutResponse = Message<"docket.v1.WatchRolloutResponse"> & {
   /**
-   * The event.
+   * The event, when the request did not ask for batches; unset when it did.
    *
    * @generated from field: docket.v1.RolloutEvent event = 1;
    */
   event?: RolloutEvent;
+
+  /**
+   * The events, oldest first, when the request asked for batches (`batched`); empty when it
+   * did not. Never empty in a batched watch. The first response holds the snapshot alone.
+   * A response is at most 64 KiB encoded, unless its one event is larger (a snapshot of
+   * hundreds of hosts: about 200 bytes a host).
+   *
+   * @generated from field: repeated docket.v1.RolloutEvent events = 2;
+   */
+  events: RolloutEvent[];
 };
 
 /**
@@ -393,7 +416,10 @@ export const RolloutService: GenService<{
   },
   /**
    * Streams a rollout: a snapshot first, then every change (host states, bytes, pieces, rate,
-   * peers, errors) until the rollout ends.
+   * peers, errors) until the rollout ends. Each host's changes come in the order they
+   * happened, at most one a host every 250 ms: a watcher that falls behind gets each host's
+   * latest state rather than a backlog, and always its last. With `batched` set, one response
+   * carries the changes of many hosts (see WatchRolloutRequest.batched).
    * Errors: NOT_FOUND (ROLLOUT_NOT_FOUND).
    *
    * @generated from rpc docket.v1.RolloutService.WatchRollout
