@@ -22,6 +22,7 @@ from docket_common.pb import agent_pb2
 from docket_common.pb import agent_service_pb2 as pb
 from docket_common.pb import agent_service_pb2_grpc as pb_grpc
 from docket_common.pki import key_pem, load_key, make_csr, new_key
+from tests.support.processes import stop_process
 from tests.support.server import BIN, ServerProcess, docketctl, free_port
 
 
@@ -98,15 +99,9 @@ class AgentProcess:
             return 0
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        code = self.proc.returncode
+        code = stop_process(self.proc, timeout=timeout)
         self.proc = None
-        return code
+        return code or 0
 
     def log_tail(self, lines: int = 30) -> str:
         try:
