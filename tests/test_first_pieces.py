@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 from docket_server.domain.first_pieces import CLAIM_SECONDS, FirstPieces
+from docket_server.domain.fleet import Session
 from docket_server.domain.orders import OrderBook, TaskState
 
 DIGEST = "sha256:" + "ab" * 32
@@ -39,7 +40,10 @@ class World:
 
     @staticmethod
     def _session(*cached: str) -> Any:
-        return SimpleNamespace(record=SimpleNamespace(info=SimpleNamespace(cached_digests=cached)))
+        info = SimpleNamespace(cached_digests=cached)
+        session = SimpleNamespace(record=SimpleNamespace(info=info), holds=set())
+        session.holds_any = lambda digests: Session.holds_any(cast(Session, session), digests)
+        return session
 
     def claim(self, agent: str, max_bytes: int = PIECE) -> list[int]:
         return self.first.claim(DIGEST, PIECES, PIECE, agent, max_bytes)
@@ -70,6 +74,9 @@ def test_nothing_is_handed_out_while_a_host_online_holds_the_blob() -> None:
     w = World("a", "b")
     w.sessions["b"] = World._session(DIGEST)  # b cached it: peers can serve everything
     assert w.claim("a") == []
+    w1 = World("a", "b")
+    w1.sessions["b"].holds.add(DIGEST)  # b fetched it in an order since it connected
+    assert w1.claim("a") == []
     w2 = World("a", "b")
     w2.tasks["order-b"].state = TaskState.SUCCEEDED
     assert w2.claim("a") == []

@@ -228,6 +228,65 @@ async def test_a_rollout_starts_its_hosts_in_slices_and_lets_the_loop_turn(
         await store.close()
 
 
+async def test_a_server_up_for_long_forgets_ended_work_and_still_knows_who_holds_what(
+    tmp_path: Path,
+) -> None:
+    """Ended tasks and rollouts leave memory RETIRE_SECONDS after they end (the store keeps
+    them): the book, the first-piece claims' scan of it, and the rollouts held stay the size
+    of the work in flight, not of every rollout ever run. A host that succeeded is still
+    offered as a peer of the blobs it holds."""
+    from docket_common.manifest import DOCKER_CONFIG
+    from docket_server.domain.models import Descriptor
+    from docket_server.domain.orders import RETIRE_SECONDS, TaskReport
+    from docket_server.domain.registry import Registry
+    from docket_server.domain.rollouts import Rollouts
+    from docket_server.store.sql import SqlMetadataStore
+    from tests.test_sql_store import _Registry
+
+    now = [1000.0]
+    config = Descriptor("sha256:" + "d" * 64, 10, DOCKER_CONFIG)
+    image = Image("app", "1", config, (), (), None, NOW, "linux/amd64")
+    store = SqlMetadataStore(f"sqlite+aiosqlite:///{tmp_path / 'docket.db'}")
+    await store.open()
+    fleet = Fleet(store, 60.0, lambda: None)
+    await fleet.start()
+    orders = OrderBook(fleet, "server:6881", clock=lambda: now[0])
+    sink = CountingSink()
+    orders.sink = sink
+    registry = _Registry(image, Blob(config.digest, 10, NOW, None))
+    rollouts = Rollouts(cast(Registry, registry), fleet, orders, store)
+    await rollouts.start()
+    try:
+        for i in range(3):
+            fleet.connect(AgentInfo(f"h{i}", f"id{i}", bt_endpoint=f"10.0.0.{i}:6881"), "p")
+        ids = []
+        for _ in range(20):  # a rollout every minute, each to h0 and h1
+            rollout = await rollouts.create("app:1", "h0,h1", prefetch_only=True)
+            for t in rollout.tasks.values():
+                orders.on_update(t.agent, TaskReport(t.order_id, TaskState.SUCCEEDED))
+            assert rollout.state is RolloutState.SUCCEEDED
+            ids.append(rollout.id)
+            now[0] += 60
+        # Only the last RETIRE_SECONDS of rollouts are held, 2 hosts each.
+        held = int(RETIRE_SECONDS // 60) + 1
+        assert held < 20  # so that some have left
+        assert len(rollouts.rollouts) <= held
+        assert len(orders.tasks) <= 2 * held < 40
+        assert len(orders.blobs_in_flight()) == 0
+        now[0] += RETIRE_SECONDS
+        await rollouts.create("app:1", "h2", prefetch_only=True)  # h2 asks: who holds it?
+        assert [t.agent for t in orders.tasks.values()] == ["h2"]  # the ended ones left
+        assert {p.name for p in sink.orders["h2"]} == {"server", "h0", "h1"}
+        # The ended ones are still there to look at, from the store.
+        first = await rollouts.get(ids[0])
+        assert first.state is RolloutState.SUCCEEDED
+        assert {t.agent for t in first.tasks.values()} == {"h0", "h1"}
+        await rollouts.stop()
+        await fleet.stop()
+    finally:
+        await store.close()
+
+
 # Peers and peer hints
 
 

@@ -104,7 +104,7 @@ class FirstPieces:
         in Python."""
         online = self.orders.fleet.sessions
         for session in online.values():
-            if digest in session.record.info.cached_digests:
+            if session.holds_any((digest,)):
                 return None, 0
         held, size, fetching = 0, (piece_count + 7) // 8, set()
         for task in self.orders.tasks.values():

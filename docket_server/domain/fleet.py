@@ -21,7 +21,7 @@ import contextlib
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -120,10 +120,18 @@ class Session:
         self.closed = asyncio.Event()
         self.error: DocketError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # Blobs the agent finished fetching (an order that succeeded) on this connection:
+        # with its hello's cached digests, what it holds and can serve.
+        self.holds: set[str] = set()
 
     @property
     def name(self) -> str:
         return self.record.name
+
+    def holds_any(self, digests: Iterable[str]) -> bool:
+        """Whether the agent holds any of these blobs (its hello, or an order since)."""
+        cached = self.record.info.cached_digests
+        return any(d in self.holds or d in cached for d in digests)
 
     def send(self, message: Any) -> None:
         """Queues a message for the agent; an agent that stops reading is dropped."""

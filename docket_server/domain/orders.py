@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,6 +31,10 @@ MAX_PEERS = 50
 # announced to the last MAX_PEERS that started rather than to every one: both bounded, so
 # that starting N hosts costs O(N), not O(N^2) messages and scans.
 SAMPLE_ABOVE = 4 * MAX_PEERS
+# An ended task leaves the book this long after it ended (its rollout or pull keeps its own
+# copy, and the database its record): a server up for months would otherwise hold every task
+# it ever ran, and look through all of them for every first-piece claim.
+RETIRE_SECONDS = 600.0
 
 
 class TaskState(StrEnum):
@@ -164,9 +170,15 @@ class OrderSink(Protocol):
 
 class OrderBook:
     def __init__(
-        self, fleet: Fleet, seed_endpoint: str, peer_source: PeerSource = PeerSource.SERVER
+        self,
+        fleet: Fleet,
+        seed_endpoint: str,
+        peer_source: PeerSource = PeerSource.SERVER,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.fleet = fleet
+        self.clock = clock
+        self._ended: deque[tuple[float, Task]] = deque()  # ended tasks, by when, to retire
         self.seed_endpoint = seed_endpoint
         self.peer_source = peer_source
         self.sink: OrderSink | None = None
@@ -193,10 +205,36 @@ class OrderBook:
 
     def add(self, task: Task) -> None:
         """Takes a task (queued, or in flight after a server restart) into the book."""
+        self._retire_ended()
         self.tasks[task.order_id] = task
         self._by_agent.setdefault(task.agent, {})[task.order_id] = task
         if task.state is not TaskState.QUEUED:
             self._index_started(task)
+
+    def _retire_ended(self) -> None:
+        """Drops the tasks that ended RETIRE_SECONDS ago or more from the book."""
+        until = self.clock() - RETIRE_SECONDS
+        if not self._ended or self._ended[0][0] > until:
+            return
+        gone: set[str] = set()
+        digests: set[str] = set()
+        while self._ended and self._ended[0][0] <= until:
+            _, task = self._ended.popleft()
+            if self.tasks.get(task.order_id) is not task:
+                continue
+            del self.tasks[task.order_id]
+            mine = self._by_agent.get(task.agent, {})
+            mine.pop(task.order_id, None)
+            if not mine:
+                self._by_agent.pop(task.agent, None)
+            gone.add(task.order_id)
+            digests.update(task.blobs)
+        for digest in digests:
+            kept = [t for t in self._started.get(digest, ()) if t.order_id not in gone]
+            if kept:
+                self._started[digest] = kept
+            else:
+                self._started.pop(digest, None)
 
     def _index_started(self, task: Task) -> None:
         for digest in task.blobs:
@@ -325,9 +363,7 @@ class OrderBook:
             return []
         peers = [PeerRef(self.seed_endpoint, "server")]
         holding = (
-            name
-            for name, session in self.fleet.sessions.items()
-            if not digests.isdisjoint(session.record.info.cached_digests)
+            name for name, session in self.fleet.sessions.items() if session.holds_any(digests)
         )
         seen = {asking}
         for source in (fetching, holding):  # lazily: the holders only when fetchers are few
@@ -412,6 +448,12 @@ class OrderBook:
         task.error = error
         task.rate = 0
         task.end_time = datetime.now(UTC)
+        if state is TaskState.SUCCEEDED:
+            session = self.fleet.sessions.get(task.agent)
+            if session is not None:  # it holds the blobs now, after the task leaves the book
+                session.holds.update(task.blobs)
+        self._ended.append((self.clock(), task))
+        self._retire_ended()
         log.info(
             "order ended",
             order=task.order_id,

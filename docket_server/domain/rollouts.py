@@ -31,7 +31,7 @@ from docket_common.manifest import Descriptor, Platform, select_platform
 from docket_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from docket_server.domain.fleet import Fleet
 from docket_server.domain.models import Blob, Image
-from docket_server.domain.orders import OrderBook, Task, TaskState
+from docket_server.domain.orders import RETIRE_SECONDS, OrderBook, Task, TaskState
 from docket_server.domain.registry import Registry
 
 log = structlog.get_logger()
@@ -210,6 +210,7 @@ class Rollouts:
         self._canaries: dict[str, list[Task]] = {}
         self._queued: dict[str, deque[Task]] = {}
         self._advancing: set[str] = set()  # rollouts with hosts to start on the next turn
+        self._ended: deque[tuple[float, str]] = deque()  # ended rollouts, by when, to retire
         self._writer: asyncio.Task[None] | None = None
         self.on_end: Callable[[Rollout], None] = lambda _rollout: None  # metrics watch this
         orders.listen(self._task_changed)
@@ -342,6 +343,7 @@ class Rollouts:
         # out: a crash leaves all of it or none (10,000 hosts: one executemany, not 10,000
         # awaited round trips).
         await self.store.save_rollout_changes([rollout], list(rollout.tasks.values()), records)
+        self._retire_ended()
         for task in rollout.tasks.values():
             self.orders.add(task)
             self._recorded[task.order_id] = task.state
@@ -533,12 +535,27 @@ class Rollouts:
         for table in (self._counts, self._canaries, self._queued):
             table.pop(rollout.id, None)
         log.info("rollout ended", rollout=rollout.id, state=str(state), reason=rollout.reason)
+        self._ended.append((self.orders.clock(), rollout.id))
+        self._retire_ended()
         self._write("rollout", rollout)
         self._write(
             "record", _Record(rollout.id, RolloutRecord(now, "", None, state, rollout.reason))
         )
         self._emit(rollout, RolloutEvent(now, state=state))
         self.on_end(rollout)
+
+    def _retire_ended(self) -> None:
+        """Forgets the rollouts that ended RETIRE_SECONDS ago or more (the store has them):
+        a server up for months would otherwise keep every rollout it ran, with its hosts."""
+        until = self.orders.clock() - RETIRE_SECONDS
+        while self._ended and self._ended[0][0] <= until:
+            _, rollout_id = self._ended.popleft()
+            rollout = self.rollouts.get(rollout_id)
+            if rollout is None or rollout.state is RolloutState.RUNNING:
+                continue
+            del self.rollouts[rollout_id]
+            for task in rollout.tasks.values():
+                self._recorded.pop(task.order_id, None)
 
     def running(self) -> int:
         """How many rollouts are running (for metrics)."""
