@@ -6,8 +6,10 @@ watchers that keep up and that do not, batched and one event a message."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +25,7 @@ from docket_server.api.rollout_service import MAX_WATCH_BATCH_BYTES, batches
 from docket_server.domain.fleet import AgentInfo, AgentRecord, AgentState, Fleet, Session
 from docket_server.domain.models import Blob, Image
 from docket_server.domain.orders import MAX_PEERS, OrderBook, PeerRef, Task, TaskState
-from docket_server.domain.rollouts import RolloutEvent, RolloutState, WatchQueue
+from docket_server.domain.rollouts import RolloutEvent, Rollouts, RolloutState, WatchQueue
 from tests.support.archives import layer_tar, random_bytes, write_legacy_archive
 from tests.support.server import ServerProcess, docketctl
 from tests.support.sim_fleet import SimFleet
@@ -182,30 +184,44 @@ def test_a_hosts_pieces_are_counted_from_its_bitmaps() -> None:
 # Starting many hosts
 
 
-async def test_a_rollout_starts_its_hosts_in_slices_and_lets_the_loop_turn(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@contextlib.asynccontextmanager
+async def rollouts_on_sqlite(
+    tmp_path: Path, clock: Callable[[], float] = time.monotonic
+) -> AsyncIterator[tuple[Fleet, OrderBook, Rollouts]]:
+    """The rollout controller over a real SQLite store, with one image, "app:1" (a config
+    blob alone), and no agent connected yet."""
     from docket_common.manifest import DOCKER_CONFIG
-    from docket_server.domain import rollouts as rollouts_module
     from docket_server.domain.models import Descriptor
     from docket_server.domain.registry import Registry
-    from docket_server.domain.rollouts import Rollouts
     from docket_server.store.sql import SqlMetadataStore
     from tests.test_sql_store import _Registry
 
-    monkeypatch.setattr(rollouts_module, "START_SLICE_SECONDS", 0.0)  # one host a slice
-    count = 40
     config = Descriptor("sha256:" + "c" * 64, 10, DOCKER_CONFIG)
     image = Image("app", "1", config, (), (), None, NOW, "linux/amd64")
     store = SqlMetadataStore(f"sqlite+aiosqlite:///{tmp_path / 'docket.db'}")
     await store.open()
-    fleet = Fleet(store, 60.0, lambda: None)
-    await fleet.start()
-    orders = OrderBook(fleet, "server:6881")
-    registry = _Registry(image, Blob(config.digest, 10, NOW, None))
-    rollouts = Rollouts(cast(Registry, registry), fleet, orders, store)
-    await rollouts.start()
     try:
+        fleet = Fleet(store, 60.0, lambda: None)
+        await fleet.start()
+        orders = OrderBook(fleet, "server:6881", clock=clock)
+        registry = _Registry(image, Blob(config.digest, 10, NOW, None))
+        rollouts = Rollouts(cast(Registry, registry), fleet, orders, store)
+        await rollouts.start()
+        yield fleet, orders, rollouts
+        await rollouts.stop()
+        await fleet.stop()
+    finally:
+        await store.close()
+
+
+async def test_a_rollout_starts_its_hosts_in_slices_and_lets_the_loop_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from docket_server.domain import rollouts as rollouts_module
+
+    monkeypatch.setattr(rollouts_module, "START_SLICE_SECONDS", 0.0)  # one host a slice
+    count = 40
+    async with rollouts_on_sqlite(tmp_path) as (fleet, orders, rollouts):
         for i in range(count):
             fleet.connect(AgentInfo(f"h{i:03d}", f"id{i}"), "peer")
         seen: list[int] = []  # hosts started, at each turn of the loop while it starts
@@ -222,10 +238,6 @@ async def test_a_rollout_starts_its_hosts_in_slices_and_lets_the_loop_turn(
         assert {t.state for t in rollout.tasks.values()} == {TaskState.PENDING}
         assert len(set(seen)) > count / 2
         assert seen == sorted(seen)
-        await rollouts.stop()
-        await fleet.stop()
-    finally:
-        await store.close()
 
 
 async def test_a_server_up_for_long_forgets_ended_work_and_still_knows_who_holds_what(
@@ -235,28 +247,12 @@ async def test_a_server_up_for_long_forgets_ended_work_and_still_knows_who_holds
     them): the book, the first-piece claims' scan of it, and the rollouts held stay the size
     of the work in flight, not of every rollout ever run. A host that succeeded is still
     offered as a peer of the blobs it holds."""
-    from docket_common.manifest import DOCKER_CONFIG
-    from docket_server.domain.models import Descriptor
     from docket_server.domain.orders import RETIRE_SECONDS, TaskReport
-    from docket_server.domain.registry import Registry
-    from docket_server.domain.rollouts import Rollouts
-    from docket_server.store.sql import SqlMetadataStore
-    from tests.test_sql_store import _Registry
 
     now = [1000.0]
-    config = Descriptor("sha256:" + "d" * 64, 10, DOCKER_CONFIG)
-    image = Image("app", "1", config, (), (), None, NOW, "linux/amd64")
-    store = SqlMetadataStore(f"sqlite+aiosqlite:///{tmp_path / 'docket.db'}")
-    await store.open()
-    fleet = Fleet(store, 60.0, lambda: None)
-    await fleet.start()
-    orders = OrderBook(fleet, "server:6881", clock=lambda: now[0])
-    sink = CountingSink()
-    orders.sink = sink
-    registry = _Registry(image, Blob(config.digest, 10, NOW, None))
-    rollouts = Rollouts(cast(Registry, registry), fleet, orders, store)
-    await rollouts.start()
-    try:
+    async with rollouts_on_sqlite(tmp_path, clock=lambda: now[0]) as (fleet, orders, rollouts):
+        sink = CountingSink()
+        orders.sink = sink
         for i in range(3):
             fleet.connect(AgentInfo(f"h{i}", f"id{i}", bt_endpoint=f"10.0.0.{i}:6881"), "p")
         ids = []
@@ -281,10 +277,6 @@ async def test_a_server_up_for_long_forgets_ended_work_and_still_knows_who_holds
         first = await rollouts.get(ids[0])
         assert first.state is RolloutState.SUCCEEDED
         assert {t.agent for t in first.tasks.values()} == {"h0", "h1"}
-        await rollouts.stop()
-        await fleet.stop()
-    finally:
-        await store.close()
 
 
 # Peers and peer hints
