@@ -316,6 +316,45 @@ def book_with(count: int) -> tuple[OrderBook, CountingSink, list[Task]]:
     return book, sink, tasks
 
 
+def test_ended_tasks_leave_the_book_in_batches_also_those_taken_in_ended() -> None:
+    """A task that ended (also one the book took in already ended, from a rollout running at a
+    restart) leaves it RETIRE_SECONDS later, in batches at most every RETIRE_EVERY_SECONDS;
+    the tasks in flight stay, in the blob's list of started tasks too."""
+    from docket_server.domain.orders import RETIRE_EVERY_SECONDS, RETIRE_SECONDS
+
+    now = [0.0]
+    fleet = cast(Fleet, type("F", (), {"sessions": {}})())
+    book = OrderBook(fleet, "server:6881", clock=lambda: now[0])
+
+    def ended(i: int) -> None:
+        t = task(i, TaskState.DOWNLOADING)
+        book.add(t)
+        book.fail(t, "gone")
+
+    def started() -> list[str]:
+        return [t.order_id for t in book._started.get(BLOB.digest, [])]
+
+    book.add(task(0, TaskState.SUCCEEDED))  # taken in ended, at 0
+    ended(1)  # at 0
+    now[0] = RETIRE_EVERY_SECONDS / 2
+    ended(2)
+    book.add(task(3, TaskState.DOWNLOADING))  # in flight
+    now[0] = RETIRE_SECONDS - 1
+    book.add(task(4))
+    assert set(book.tasks) == {"order0", "order1", "order2", "order3", "order4"}
+    now[0] = RETIRE_SECONDS
+    book.add(task(5))  # a batch: the two that ended at 0
+    assert set(book.tasks) == {"order2", "order3", "order4", "order5"}
+    assert started() == ["order2", "order3"]
+    now[0] = RETIRE_SECONDS + RETIRE_EVERY_SECONDS / 2  # order2 is due; the last batch too near
+    book.add(task(6))
+    assert "order2" in book.tasks
+    now[0] = RETIRE_SECONDS + RETIRE_EVERY_SECONDS
+    book.add(task(7))
+    assert "order2" not in book.tasks
+    assert started() == ["order3"]
+
+
 def test_a_few_hosts_all_hear_of_each_other() -> None:
     book, sink, tasks = book_with(10)
     for t in tasks:

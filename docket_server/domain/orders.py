@@ -35,6 +35,9 @@ SAMPLE_ABOVE = 4 * MAX_PEERS
 # copy, and the database its record): a server up for months would otherwise hold every task
 # it ever ran, and look through all of them for every first-piece claim.
 RETIRE_SECONDS = 600.0
+# ...in batches at most this often: each batch filters the per-blob lists of started tasks
+# once (a rollout to 10,000 hosts ends 10,000 tasks within seconds).
+RETIRE_EVERY_SECONDS = 10.0
 
 
 class TaskState(StrEnum):
@@ -179,6 +182,7 @@ class OrderBook:
         self.fleet = fleet
         self.clock = clock
         self._ended: deque[tuple[float, Task]] = deque()  # ended tasks, by when, to retire
+        self._next_retire = 0.0
         self.seed_endpoint = seed_endpoint
         self.peer_source = peer_source
         self.sink: OrderSink | None = None
@@ -208,14 +212,18 @@ class OrderBook:
         self._retire_ended()
         self.tasks[task.order_id] = task
         self._by_agent.setdefault(task.agent, {})[task.order_id] = task
+        if task.state.terminal:  # an ended host of a rollout still running at a restart
+            self._ended.append((self.clock(), task))
         if task.state is not TaskState.QUEUED:
             self._index_started(task)
 
     def _retire_ended(self) -> None:
         """Drops the tasks that ended RETIRE_SECONDS ago or more from the book."""
-        until = self.clock() - RETIRE_SECONDS
-        if not self._ended or self._ended[0][0] > until:
+        now = self.clock()
+        until = now - RETIRE_SECONDS
+        if now < self._next_retire or not self._ended or self._ended[0][0] > until:
             return
+        self._next_retire = now + RETIRE_EVERY_SECONDS
         gone: set[str] = set()
         digests: set[str] = set()
         while self._ended and self._ended[0][0] <= until:
