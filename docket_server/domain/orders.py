@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import structlog
 
@@ -24,6 +24,7 @@ from docket_server.domain.fleet import Fleet, Session
 from docket_server.domain.models import Blob, Image
 
 log = structlog.get_logger()
+_T = TypeVar("_T")
 
 MAX_PEERS = 50
 # Beyond this many hosts on a blob, an order's peers are a random sample of them rather than
@@ -38,6 +39,14 @@ RETIRE_SECONDS = 600.0
 # ...in batches at most this often: each batch filters the per-blob lists of started tasks
 # once (a rollout to 10,000 hosts ends 10,000 tasks within seconds).
 RETIRE_EVERY_SECONDS = 10.0
+
+
+def retired(ended: deque[tuple[float, _T]], now: float) -> Iterator[_T]:
+    """Takes from ``ended`` (what ended, oldest first, with when on the same clock as
+    ``now``) everything that ended RETIRE_SECONDS before ``now`` or earlier."""
+    until = now - RETIRE_SECONDS
+    while ended and ended[0][0] <= until:
+        yield ended.popleft()[1]
 
 
 class TaskState(StrEnum):
@@ -220,14 +229,12 @@ class OrderBook:
     def _retire_ended(self) -> None:
         """Drops the tasks that ended RETIRE_SECONDS ago or more from the book."""
         now = self.clock()
-        until = now - RETIRE_SECONDS
-        if now < self._next_retire or not self._ended or self._ended[0][0] > until:
+        if now < self._next_retire or not self._ended or self._ended[0][0] > now - RETIRE_SECONDS:
             return
         self._next_retire = now + RETIRE_EVERY_SECONDS
         gone: set[str] = set()
         digests: set[str] = set()
-        while self._ended and self._ended[0][0] <= until:
-            _, task = self._ended.popleft()
+        for task in retired(self._ended, now):
             if self.tasks.get(task.order_id) is not task:
                 continue
             del self.tasks[task.order_id]

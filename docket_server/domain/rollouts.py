@@ -31,7 +31,7 @@ from docket_common.manifest import Descriptor, Platform, select_platform
 from docket_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from docket_server.domain.fleet import Fleet
 from docket_server.domain.models import Blob, Image
-from docket_server.domain.orders import RETIRE_SECONDS, OrderBook, Task, TaskState
+from docket_server.domain.orders import OrderBook, Task, TaskState, retired
 from docket_server.domain.registry import Registry
 
 log = structlog.get_logger()
@@ -547,9 +547,7 @@ class Rollouts:
     def _retire_ended(self) -> None:
         """Forgets the rollouts that ended RETIRE_SECONDS ago or more (the store has them):
         a server up for months would otherwise keep every rollout it ran, with its hosts."""
-        until = self.orders.clock() - RETIRE_SECONDS
-        while self._ended and self._ended[0][0] <= until:
-            _, rollout_id = self._ended.popleft()
+        for rollout_id in retired(self._ended, self.orders.clock()):
             rollout = self.rollouts.get(rollout_id)
             if rollout is None or rollout.state is RolloutState.RUNNING:
                 continue
