@@ -2,10 +2,12 @@
 
 A fresh docket-server (TLS, as shipped), a small real image pushed to it, and N simulated
 agents (tests/support/sim_fleet.py, spread over several client processes) that carry out their
-pull orders as docket-agent reports them, at the real 250 ms rate, without moving a byte:
-ACCEPTED, a PieceProgress naming the blobs, DOWNLOADING, a PieceProgress of new pieces every
-250 ms, VERIFYING, LOADING, SUCCEEDED. One rollout goes to all of them while a WatchRollout
-client follows it, in batches (WatchRolloutRequest.batched: many host changes to a message).
+pull orders as docket-agent reports them, at the pace the server asks (every 250 ms, or
+longer past its --agent-messages-per-second), without moving a byte: ACCEPTED, a PieceProgress
+naming the blobs, DOWNLOADING, a PieceProgress of new pieces every progress interval,
+VERIFYING, LOADING, SUCCEEDED; and heartbeats at the interval the server's heartbeats set.
+One rollout goes to all of them while a WatchRollout client follows it, in batches
+(WatchRolloutRequest.batched: many host changes to a message).
 
 Printed for each N: the time from CreateRollout until the last host had its order and until
 every host had succeeded (the watcher saw the rollout end), the server's CPU and RSS during the
@@ -258,6 +260,8 @@ async def run_one(args: argparse.Namespace, count: int) -> dict[str, Any]:
                 str(args.heartbeat),
                 "--hello-timeout",
                 str(args.hello_timeout),
+                "--agent-messages-per-second",
+                str(args.agent_messages),
                 "--log-level",
                 "warning",
             ],
@@ -392,6 +396,14 @@ def main() -> None:
     )
     parser.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval, s")
     parser.add_argument(
+        "--agent-messages-per-second",
+        dest="agent_messages",
+        type=int,
+        default=2500,
+        help="the server's pacing budget (a large number, 10000000, turns pacing off: "
+        "heartbeats every --heartbeat, reports every 250 ms, as before pacing)",
+    )
+    parser.add_argument(
         "--hello-timeout",
         type=float,
         default=10.0,
@@ -422,7 +434,9 @@ def main() -> None:
         args.json.write_text(json.dumps(rows, indent=1))
     print(
         f"\n{args.size_mib:g} MiB image; each host 'downloads' for {args.download_seconds:g} s "
-        f"reporting every 250 ms; {os.cpu_count()} cores shared by the server, the client "
+        f"reporting as the server paces them (every 250 ms or longer; budget "
+        f"{args.agent_messages} agent messages a second); {os.cpu_count()} cores shared by "
+        f"the server, the client "
         f"processes and the watcher; times from CreateRollout"
     )
     header = [

@@ -85,6 +85,15 @@ class OrderRunner:
         self.claims = order.claim_first_pieces and manager.settings.claim_first_pieces
         self.counted = dict.fromkeys(SOURCES, 0)  # of the bytes reported, those counted
         self.peers, self.held = self.split_peers(order)
+        # Progress goes up every tick of follow() (PROGRESS_EVERY), or as seldom as the
+        # server asks when many hosts fetch at once.
+        self.progress_every = PROGRESS_EVERY
+        if order.HasField("progress_interval"):
+            self.progress_every = max(
+                order.progress_interval.ToTimedelta().total_seconds(), PROGRESS_EVERY
+            )
+        self.progress_sent = 0.0  # monotonic time of the last report
+        self.reports = 0  # progress reports sent
 
     def split_peers(self, order: agent_pb2.PullOrder) -> tuple[list[str], list[str]]:
         """The peers to dial now, and those held back: with first pieces from the server, its
@@ -142,7 +151,13 @@ class OrderRunner:
                 counted[source] = value
 
     async def run(self) -> None:
-        log.info("order received", order=self.id, image=self.order.image_name, load=self.order.load)
+        log.info(
+            "order received",
+            order=self.id,
+            image=self.order.image_name,
+            load=self.order.load,
+            progress_s=self.progress_every,
+        )
         for blob in self.unique:
             self.m.cache.pin(blob.digest)
         try:
@@ -251,6 +266,7 @@ class OrderRunner:
             blobs=len(self.downloads),
             download_s=round(last_piece - started, 3),
             verify_s=round(time.monotonic() - last_piece, 3),
+            reports=self.reports,
             timelines=[d.timeline() for d in self.downloads.values()],
         )
 
@@ -305,7 +321,9 @@ class OrderRunner:
         self.update(agent_pb2.TASK_STATE_SUCCEEDED, image_id=image_id)
 
     def _tick(self) -> None:
-        self._send_progress(full=False)
+        # (a tick comes every PROGRESS_EVERY, late or early by a little: not a tick short)
+        if time.monotonic() - self.progress_sent >= self.progress_every - PROGRESS_EVERY / 2:
+            self._send_progress(full=False)
         if self.m.cache.min_free_bytes:
             # What the partial files still lack, by the disk they take (written pieces, not
             # only verified ones): what the downloads will still take of the disk.
@@ -342,6 +360,8 @@ class OrderRunner:
                 )
         if not blobs and not full:
             return
+        self.progress_sent = time.monotonic()
+        self.reports += 1
         self._count_received(self._byte_counts(bittorrent_bytes))
         self.m.send(
             pb.ConnectRequest(

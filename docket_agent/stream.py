@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from docket_agent.identity import ServerChannel
@@ -78,6 +79,11 @@ def agent_channel(server: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(server, options=CHANNEL_OPTIONS)
 
 
+def interval_seconds(interval: Duration) -> float:
+    """A Duration the server sent, in seconds (never under 0.1: a broken one)."""
+    return max(interval.ToTimedelta().total_seconds(), 0.1)
+
+
 def _now_pb() -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(datetime.now(UTC))
@@ -106,6 +112,7 @@ class StreamClient:
         self.disk_free = disk_free
         self.backoff = backoff or Backoff()
         self.reconnects = 0  # streams that ended and were started again (metrics)
+        self.heartbeat_interval = 5.0  # the server's welcome and heartbeats set it
 
     @property
     def connected(self) -> bool:
@@ -147,27 +154,31 @@ class StreamClient:
             if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
                 return "the server did not welcome the agent"
             welcome = first.welcome
-            interval = max(welcome.heartbeat_interval.ToTimedelta().total_seconds(), 0.1)
+            self.heartbeat_interval = interval_seconds(welcome.heartbeat_interval)
             self.backoff.reset()
             log.info(
                 "connected to server",
                 server=self.server,
                 session=welcome.session_id,
                 server_version=welcome.server_version,
-                heartbeat_s=interval,
+                heartbeat_s=self.heartbeat_interval,
             )
-            heartbeats = asyncio.create_task(self._heartbeats(outbox, interval))
+            heartbeats = asyncio.create_task(self._heartbeats(outbox))
             self._outbox = outbox
             self.on_connected()
             while True:
+                wait = SILENT_INTERVALS * self.heartbeat_interval
                 try:
-                    async with asyncio.timeout(SILENT_INTERVALS * interval):
+                    async with asyncio.timeout(wait):
                         message = await call.read()
                 except TimeoutError:
-                    return f"no word from the server for {SILENT_INTERVALS * interval:g}s"
+                    return f"no word from the server for {wait:g}s"
                 if message is grpc.aio.EOF:
                     return "the server closed the stream"
-                if message.WhichOneof("body") != "heartbeat":  # heartbeats need no answer
+                if message.WhichOneof("body") == "heartbeat":  # it needs no answer
+                    if message.heartbeat.HasField("interval"):  # the fleet grew or shrank
+                        self._set_interval(interval_seconds(message.heartbeat.interval))
+                else:
                     self.on_message(message)
         except grpc.aio.AioRpcError as e:
             reason, _ = error_info(e.trailing_metadata())
@@ -180,9 +191,14 @@ class StreamClient:
                 heartbeats.cancel()
             call.cancel()
 
-    async def _heartbeats(self, outbox: asyncio.Queue[pb.ConnectRequest], interval: float) -> None:
+    def _set_interval(self, seconds: float) -> None:
+        if seconds != self.heartbeat_interval:
+            log.info("heartbeat interval changed", heartbeat_s=seconds)
+            self.heartbeat_interval = seconds
+
+    async def _heartbeats(self, outbox: asyncio.Queue[pb.ConnectRequest]) -> None:
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.heartbeat_interval)
             free = await asyncio.to_thread(self.disk_free)
             outbox.put_nowait(
                 pb.ConnectRequest(

@@ -105,6 +105,7 @@ class ServerConfig:
     agent_cert_lifetime: datetime.timedelta = datetime.timedelta(days=30)
     shutdown_grace_seconds: float = 10.0
     heartbeat_interval: float = 5.0
+    agent_messages_per_second: int = 2500  # a fifth for heartbeats, the rest for progress
     hello_timeout: float = 10.0
     bt_advertise: str | None = None  # the seed's endpoint as agents dial it
     peer_source: PeerSource | None = None  # default: server, or both with a tracker
@@ -153,11 +154,22 @@ class DocketServer:
         self.registry.gc_grace = config.gc_grace
         self.registry.gc_untagged = config.gc_untagged
         self._gc: asyncio.Task[None] | None = None
-        self.fleet = Fleet(self.metadata, config.heartbeat_interval, server_heartbeat)
+        heartbeats = config.agent_messages_per_second / 5
+        self.fleet = Fleet(
+            self.metadata,
+            config.heartbeat_interval,
+            server_heartbeat,
+            heartbeats_per_second=heartbeats,
+        )
         peer_source = config.peer_source or (
             PeerSource.BOTH if config.tracker_url else PeerSource.SERVER
         )
-        self.orders = OrderBook(self.fleet, config.bt_advertise or "", peer_source)
+        self.orders = OrderBook(
+            self.fleet,
+            config.bt_advertise or "",
+            peer_source,
+            progress_reports_per_second=config.agent_messages_per_second - heartbeats,
+        )
         self.orders.sink = StreamOrderSink()
         self.rollouts = Rollouts(self.registry, self.fleet, self.orders, self.metadata)
         # Blobs whose last image goes while a rollout fetches them are deleted once it is done.

@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,8 +25,9 @@ from docket_common.pb import rollout_service_pb2_grpc as rpb_grpc
 from docket_server.api.rollout_service import MAX_WATCH_BATCH_BYTES, batches
 from docket_server.domain.fleet import AgentInfo, AgentRecord, AgentState, Fleet, Session
 from docket_server.domain.models import Blob, Image
-from docket_server.domain.orders import MAX_PEERS, OrderBook, PeerRef, Task, TaskState
+from docket_server.domain.orders import MAX_PEERS, OrderBook, OrderPlan, PeerRef, Task, TaskState
 from docket_server.domain.rollouts import RolloutEvent, Rollouts, RolloutState, WatchQueue
+from tests.support.agents import StartAgent
 from tests.support.archives import layer_tar, random_bytes, write_legacy_archive
 from tests.support.server import ServerProcess, docketctl
 from tests.support.sim_fleet import SimFleet
@@ -201,7 +203,7 @@ async def rollouts_on_sqlite(
     store = SqlMetadataStore(f"sqlite+aiosqlite:///{tmp_path / 'docket.db'}")
     await store.open()
     try:
-        fleet = Fleet(store, 60.0, lambda: None)
+        fleet = Fleet(store, 60.0, lambda _interval: None)
         await fleet.start()
         orders = OrderBook(fleet, "server:6881", clock=clock)
         registry = _Registry(image, Blob(config.digest, 10, NOW, None))
@@ -238,6 +240,86 @@ async def test_a_rollout_starts_its_hosts_in_slices_and_lets_the_loop_turn(
         assert {t.state for t in rollout.tasks.values()} == {TaskState.PENDING}
         assert len(set(seen)) > count / 2
         assert seen == sorted(seen)
+
+
+async def test_orders_pace_their_hosts_reports_by_how_many_fetch_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the server's budget of progress reports, each order asks for them less often:
+    every host of a rollout gets the interval its last host will have (the first ones too,
+    started slices ahead), --max-parallel counts only the hosts that may fetch at once, and
+    hosts that ended count no more."""
+    from docket_server.domain import rollouts as rollouts_module
+    from docket_server.domain.orders import PROGRESS_EVERY, TaskReport
+
+    monkeypatch.setattr(rollouts_module, "START_SLICE_SECONDS", 0.0)  # one host a slice
+    async with rollouts_on_sqlite(tmp_path) as (fleet, orders, rollouts):
+        orders.progress_reports_per_second = 10
+        sink = CountingSink()
+        orders.sink = sink
+        for i in range(40):
+            fleet.connect(AgentInfo(f"h{i:03d}", f"id{i}"), "peer")
+
+        def end(rollout_tasks: Iterable[Task]) -> None:
+            for t in rollout_tasks:
+                orders.on_update(t.agent, TaskReport(t.order_id, TaskState.SUCCEEDED))
+
+        rollout = await rollouts.create("app:1", "all", prefetch_only=True)
+        assert {p.progress_interval for p in sink.plans.values()} == {4.0}  # 40 hosts / 10
+        assert len(sink.plans) == 40
+        end(rollout.tasks.values())
+        assert orders.progress_interval() == PROGRESS_EVERY  # none fetching
+
+        sink.plans.clear()
+        rollout = await rollouts.create("app:1", "all", prefetch_only=True, max_parallel=20)
+        assert {p.progress_interval for p in sink.plans.values()} == {2.0}
+        assert len(sink.plans) == 20
+        first = {t.agent for t in rollout.tasks.values() if t.state is not TaskState.QUEUED}
+        sink.plans.clear()
+        end(t for t in rollout.tasks.values() if t.agent in sorted(first)[:10])
+        await asyncio.sleep(0.1)  # ten ended: the ten that start next fetch beside ten
+        assert len(sink.plans) == 10
+        assert not first & set(sink.plans)
+        assert {p.progress_interval for p in sink.plans.values()} == {2.0}
+        while any(not t.state.terminal for t in rollout.tasks.values()):
+            end(list(rollout.tasks.values()))
+            await asyncio.sleep(0.01)
+        assert rollout.state is RolloutState.SUCCEEDED
+        assert orders.progress_interval() == PROGRESS_EVERY
+
+        sink.plans.clear()
+        await rollouts.create("app:1", "h000,h001", prefetch_only=True)  # few: the floor
+        assert {p.progress_interval for p in sink.plans.values()} == {PROGRESS_EVERY}
+
+
+async def test_the_heartbeat_interval_grows_with_the_fleet_and_shrinks_with_it(
+    tmp_path: Path,
+) -> None:
+    """Past the server's budget of heartbeats the interval grows, each sweep telling every
+    agent the new one; when it shrinks again, an agent still sleeping out a longer interval
+    it was told is judged by the longest of the last three told, not taken for silent."""
+    from docket_server.domain.fleet import OFFLINE_AFTER_INTERVALS
+
+    told: list[float] = []
+    async with rollouts_on_sqlite(tmp_path) as (fleet, _, _):
+        fleet.heartbeats_per_second = 10
+        fleet.heartbeat_interval = fleet.interval = 0.5
+        fleet._make_heartbeat = lambda interval: told.append(interval)
+        sessions = [fleet.connect(AgentInfo(f"h{i:03d}", f"id{i}"), "p") for i in range(40)]
+        fleet._sweep()
+        assert fleet.interval == 4.0  # 40 agents / 10 a second
+        assert told == [4.0]  # in the heartbeat every agent is sent
+        for session in sessions[1:]:
+            fleet.disconnect(session, "gone")
+        lone = sessions[0]
+        lone.last_heard = time.monotonic() - 6.0  # told 4 s: a beat late, not silent
+        fleet._sweep()
+        assert fleet.interval == 0.5  # one agent: the shortest
+        assert told[-1] == 0.5
+        assert not lone.closed.is_set()
+        for _ in range(OFFLINE_AFTER_INTERVALS - 1):
+            fleet._sweep()  # the 4 s told leaves the last three
+        assert lone.closed.is_set()  # 6 s silent, past 3 x 0.5 s
 
 
 async def test_a_server_up_for_long_forgets_ended_work_and_still_knows_who_holds_what(
@@ -285,13 +367,13 @@ async def test_a_server_up_for_long_forgets_ended_work_and_still_knows_who_holds
 class CountingSink:
     def __init__(self) -> None:
         self.orders: dict[str, list[PeerRef]] = {}
+        self.plans: dict[str, OrderPlan] = {}
         self.hints: dict[str, int] = {}  # by the host told
         self.hint_messages = 0
 
-    def send_order(
-        self, session: Session, task: Task, peers: list[PeerRef], *, first_pieces: bool
-    ) -> None:
-        self.orders[task.agent] = peers
+    def send_order(self, session: Session, task: Task, plan: OrderPlan) -> None:
+        self.orders[task.agent] = plan.peers
+        self.plans[task.agent] = plan
 
     def send_peers(self, session: Session, task: Task, peers: list[PeerRef]) -> None:
         self.hints[task.agent] = self.hints.get(task.agent, 0) + len(peers)
@@ -425,6 +507,67 @@ def scale_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPro
     assert pushed.returncode == 0, pushed.stderr
     yield server
     server.stop()
+
+
+def _json_log(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+
+
+@pytest.mark.timeout(120)
+async def test_past_the_servers_message_budget_agents_beat_and_report_less_often(
+    tmp_path: Path, agents: StartAgent
+) -> None:
+    """A real agent among 20 simulated ones, on a server paced for 50 agent messages a
+    second: the heartbeat interval grows from 0.3 s to 2.1 s (21 agents, 10 heartbeats a
+    second) and every agent follows it (one that kept to 0.3 s would give the server up
+    after 0.9 s of quiet, and reconnect), and in a rollout to all 21 each host reports its
+    progress every 0.525 s (21 hosts, 40 reports a second), not every 0.25 s."""
+    args = ["--heartbeat-interval", "0.3", "--agent-messages-per-second", "50"]
+    server = ServerProcess(data_dir=tmp_path / "server", extra_args=args).start()
+    try:
+        data = random_bytes(4 * 1024 * 1024, 7)
+        archive = write_legacy_archive(tmp_path / "a.tar", "pace/app:1", [layer_tar({"f": data})])
+        pushed = docketctl(
+            "push", "pace/app:1", "--archive", str(archive.path), "-q", server=server
+        )
+        assert pushed.returncode == 0, pushed.stderr
+        # Slow enough (seed only, 1 MiB/s) that its reports' pace shows.
+        agent = agents(
+            server, "real", groups=["pace"], extra_args=["--max-download-rate", str(1 << 20)]
+        )
+        names = [f"p{i:02d}" for i in range(20)]
+        fleet = SimFleet(server, names, 1, mode="rollout", groups=("pace",), download_seconds=4)
+        try:
+            await fleet.start()
+            _, refused = await fleet.connect()
+            assert refused == 0
+            deadline = time.monotonic() + 20
+            while not any(
+                e.get("event") == "heartbeat interval changed" and e["heartbeat_s"] == 2.1
+                for e in _json_log(agent.log_path)
+            ):
+                assert time.monotonic() < deadline, agent.log_tail()
+                await asyncio.sleep(0.2)
+            rolled = await asyncio.to_thread(
+                docketctl, "rollout", "pace/app:1", "--hosts", "pace", "--prefetch-only",
+                server=server, timeout=90,
+            )  # fmt: skip
+            assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+            report = await fleet.report()
+            log = _json_log(agent.log_path)  # (before the server stops, and the agent's stream)
+        finally:
+            await fleet.stop()
+    finally:
+        server.stop()
+    assert report.ended == 0  # no simulated stream was ended either
+    events = [e["event"] for e in log]
+    assert events.count("connected to server") == 1, agent.log_tail()
+    assert "disconnected from server" not in events
+    order = next(e for e in log if e["event"] == "order received")
+    assert order["progress_s"] == pytest.approx(21 / 40)
+    fetched = next(e for e in log if e["event"] == "blobs in the cache")
+    assert fetched["download_s"] > 2  # (else the count below says little)
+    assert 2 <= fetched["reports"] <= fetched["download_s"] / (21 / 40) + 3
 
 
 async def _watch(

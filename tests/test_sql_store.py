@@ -638,7 +638,7 @@ async def test_every_change_lands_with_two_writers_at_once(database_url: str) ->
     store = _FlakyStore(database_url)
     await store.open()
     try:
-        fleet = Fleet(store, 60.0, lambda: None)
+        fleet = Fleet(store, 60.0, lambda _interval: None)
         await fleet.start()
         orders = OrderBook(fleet, "server:6881")
         registry = _Registry(image, Blob(config.digest, 10, now, None))

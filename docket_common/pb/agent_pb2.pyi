@@ -341,7 +341,8 @@ class Welcome(_message.Message):
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
         """How often each side sends a heartbeat. Either side that hears nothing for three
-        intervals considers the other gone.
+        intervals considers the other gone. The server's heartbeats may change it (see
+        Heartbeat.interval).
         """
 
     def __init__(
@@ -367,21 +368,32 @@ class Heartbeat(_message.Message):
 
     SEND_TIME_FIELD_NUMBER: _builtins.int
     DISK_FREE_BYTES_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
     disk_free_bytes: _builtins.int
     """Free space where the agent keeps its blobs; set by agents only."""
     @_builtins.property
     def send_time(self) -> _timestamp_pb2.Timestamp:
         """When it was sent, by the sender's clock."""
 
+    @_builtins.property
+    def interval(self) -> _duration_pb2.Duration:
+        """Set by the server: the heartbeat interval from now on, for both sides. The server
+        lengthens it as the fleet grows (its --heartbeat-interval until the heartbeats would
+        take more than a fifth of its --agent-messages-per-second: 2,500 agents by default) and
+        shortens it as the fleet shrinks, judging silence by the longest interval it told in its
+        last three heartbeats. Unset: unchanged.
+        """
+
     def __init__(
         self,
         *,
         send_time: _timestamp_pb2.Timestamp | None = ...,
         disk_free_bytes: _builtins.int = ...,
+        interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["send_time", b"send_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "send_time", b"send_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_free_bytes", b"disk_free_bytes", "send_time", b"send_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_free_bytes", b"disk_free_bytes", "interval", b"interval", "send_time", b"send_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -437,6 +449,7 @@ class PullOrder(_message.Message):
     STRIPE_INDEX_FIELD_NUMBER: _builtins.int
     STRIPE_COUNT_FIELD_NUMBER: _builtins.int
     CLAIM_FIRST_PIECES_FIELD_NUMBER: _builtins.int
+    PROGRESS_INTERVAL_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """The order's id, unique on the server. An order received twice is carried out once."""
     image_name: _builtins.str
@@ -493,6 +506,14 @@ class PullOrder(_message.Message):
     def peers(self) -> _containers.RepeatedCompositeFieldContainer[_image_pb2.Peer]:
         """Peers to fetch from: the server's seed and other agents that hold or fetch these blobs."""
 
+    @_builtins.property
+    def progress_interval(self) -> _duration_pb2.Duration:
+        """How often to send a PieceProgress while fetching (state changes are sent at once, with
+        the pieces held by then). The server sets it from how many hosts fetch at once: 250 ms,
+        or longer once they would send more than four fifths of its --agent-messages-per-second
+        (500 hosts by default). Unset: 250 ms.
+        """
+
     def __init__(
         self,
         *,
@@ -506,10 +527,11 @@ class PullOrder(_message.Message):
         stripe_index: _builtins.int = ...,
         stripe_count: _builtins.int = ...,
         claim_first_pieces: _builtins.bool = ...,
+        progress_interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "progress_interval", b"progress_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_first_pieces", b"claim_first_pieces", "config", b"config", "image_digest", b"image_digest", "image_name", b"image_name", "layers", b"layers", "load", b"load", "order_id", b"order_id", "peers", b"peers", "stripe_count", b"stripe_count", "stripe_index", b"stripe_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_first_pieces", b"claim_first_pieces", "config", b"config", "image_digest", b"image_digest", "image_name", b"image_name", "layers", b"layers", "load", b"load", "order_id", b"order_id", "peers", b"peers", "progress_interval", b"progress_interval", "stripe_count", b"stripe_count", "stripe_index", b"stripe_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

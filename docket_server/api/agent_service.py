@@ -39,7 +39,7 @@ from docket_server.domain.errors import (
 )
 from docket_server.domain.first_pieces import FirstPieces
 from docket_server.domain.fleet import Fleet, Session, validate
-from docket_server.domain.orders import OrderBook, PeerRef, Task
+from docket_server.domain.orders import OrderBook, OrderPlan, PeerRef, Task
 from docket_server.domain.pulls import Pulls
 from docket_server.domain.registry import Registry, valid_digest
 from docket_server.domain.security import Identities, Tokens
@@ -53,19 +53,20 @@ DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 1000
 
 
-def server_heartbeat() -> pb.ConnectResponse:
-    return pb.ConnectResponse(heartbeat=agent_pb2.Heartbeat(send_time=timestamp(datetime.now(UTC))))
+def server_heartbeat(interval: float) -> pb.ConnectResponse:
+    """The server's heartbeat, with the interval in force from now on."""
+    return pb.ConnectResponse(
+        heartbeat=agent_pb2.Heartbeat(
+            send_time=timestamp(datetime.now(UTC)), interval=duration(interval)
+        )
+    )
 
 
 class StreamOrderSink:
     """Puts orders, peer hints and cancels on agents' streams."""
 
-    def send_order(
-        self, session: Session, task: Task, peers: list[PeerRef], *, first_pieces: bool
-    ) -> None:
-        session.send(
-            pb.ConnectResponse(pull_order=pull_order_to_pb(task, peers, first_pieces=first_pieces))
-        )
+    def send_order(self, session: Session, task: Task, plan: OrderPlan) -> None:
+        session.send(pb.ConnectResponse(pull_order=pull_order_to_pb(task, plan)))
 
     def send_peers(self, session: Session, task: Task, peers: list[PeerRef]) -> None:
         session.send(
@@ -167,9 +168,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
             request.blob_digests,
             request.display_name,
         )
-        peers, first_pieces = self.orders.order_for(pull.task)
         return pb.StartPullResponse(
-            order=pull_order_to_pb(pull.task, peers, first_pieces=first_pieces)
+            order=pull_order_to_pb(pull.task, self.orders.order_for(pull.task))
         )
 
     async def EnrollAgent(
@@ -246,7 +246,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             yield pb.ConnectResponse(
                 welcome=agent_pb2.Welcome(
                     session_id=session.id,
-                    heartbeat_interval=duration(self.fleet.heartbeat_interval),
+                    heartbeat_interval=duration(self.fleet.interval),
                     server_version=self.server_version,
                 )
             )

@@ -13,6 +13,7 @@ from docket_server.domain.fleet import AgentInfo, AgentRecord, AgentState
 from docket_server.domain.models import Blob, Descriptor, Image
 from docket_server.domain.orders import (
     BlobProgress,
+    OrderPlan,
     PeerRef,
     ProgressReport,
     Task,
@@ -158,18 +159,17 @@ def _order_blob(blob: Blob, media_type: str) -> agent_pb2.OrderBlob:
     )
 
 
-def pull_order_to_pb(
-    task: Task, peers: list[PeerRef], *, first_pieces: bool
-) -> agent_pb2.PullOrder:
+def pull_order_to_pb(task: Task, plan: OrderPlan) -> agent_pb2.PullOrder:
     image = task.image
     order = agent_pb2.PullOrder(
         order_id=task.order_id,
         image_name=image.name,
         image_digest=image.digest,
         layers=[_order_blob(task.blobs[d.digest], d.media_type) for d in image.layers],
-        peers=[peer_to_pb(p) for p in peers],
+        peers=[peer_to_pb(p) for p in plan.peers],
         load=task.load,
-        claim_first_pieces=first_pieces,
+        claim_first_pieces=plan.first_pieces,
+        progress_interval=duration(plan.progress_interval),
     )
     if image.config is not None:  # blobs pulled alone have none (and are not loaded)
         order.config.CopyFrom(_order_blob(task.blobs[image.config.digest], image.config.media_type))

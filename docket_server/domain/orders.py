@@ -39,6 +39,13 @@ RETIRE_SECONDS = 600.0
 # ...in batches at most this often: each batch filters the per-blob lists of started tasks
 # once (a rollout to 10,000 hosts ends 10,000 tasks within seconds).
 RETIRE_EVERY_SECONDS = 10.0
+# Agents report a fetch's progress every PROGRESS_EVERY seconds, or less often when so many
+# hosts fetch at once that the fleet would send more than PROGRESS_REPORTS_PER_SECOND: one
+# server reads about 2,500-3,000 agent messages a second on a core, and 10,000 hosts at four
+# reports a second each had their messages wait in its buffers until the fleet took them
+# for silent.
+PROGRESS_EVERY = 0.25
+PROGRESS_REPORTS_PER_SECOND = 2000
 
 
 def retired(ended: deque[tuple[float, _T]], now: float) -> Iterator[_T]:
@@ -78,6 +85,15 @@ class PeerSource(StrEnum):
 class PeerRef:
     endpoint: str
     name: str
+
+
+@dataclass(frozen=True)
+class OrderPlan:
+    """What an order tells its host besides the image: where to fetch, and how."""
+
+    peers: list[PeerRef]
+    first_pieces: bool  # whether it claims first pieces from the server
+    progress_interval: float  # seconds between its progress reports while it fetches
 
 
 @dataclass
@@ -171,9 +187,7 @@ class Task:
 class OrderSink(Protocol):
     """How orders reach agents (the API layer encodes them for the stream)."""
 
-    def send_order(
-        self, session: Session, task: Task, peers: list[PeerRef], *, first_pieces: bool
-    ) -> None: ...
+    def send_order(self, session: Session, task: Task, plan: OrderPlan) -> None: ...
 
     def send_peers(self, session: Session, task: Task, peers: list[PeerRef]) -> None: ...
 
@@ -187,8 +201,10 @@ class OrderBook:
         seed_endpoint: str,
         peer_source: PeerSource = PeerSource.SERVER,
         clock: Callable[[], float] = time.monotonic,
+        progress_reports_per_second: float = PROGRESS_REPORTS_PER_SECOND,
     ) -> None:
         self.fleet = fleet
+        self.progress_reports_per_second = progress_reports_per_second
         self.clock = clock
         self._ended: deque[tuple[float, Task]] = deque()  # ended tasks, by when, to retire
         self._next_retire = 0.0
@@ -204,6 +220,8 @@ class OrderBook:
         # While hints are batched (hints_batched): the peers to tell each started task
         # about, by order id, sent as one PeerHint each at the end.
         self._hints: dict[str, tuple[Session, Task, list[PeerRef]]] | None = None
+        self._fetching = 0  # tasks started and not ended
+        self._starting = 0  # hosts a rollout is about to start (starting())
 
     def blobs_in_flight(self) -> set[str]:
         """The blobs of every task not done yet (queued ones too: they will fetch them)."""
@@ -225,6 +243,8 @@ class OrderBook:
             self._ended.append((self.clock(), task))
         if task.state is not TaskState.QUEUED:
             self._index_started(task)
+            if not task.state.terminal:
+                self._fetching += 1
 
     def _retire_ended(self) -> None:
         """Drops the tasks that ended RETIRE_SECONDS ago or more from the book."""
@@ -263,6 +283,8 @@ class OrderBook:
         task.state = TaskState.PENDING
         task.start_time = datetime.now(UTC)
         self._index_started(task)
+        self._fetching += 1
+        self._starting = max(self._starting - 1, 0)
         session = self.fleet.sessions.get(task.agent)
         if session is not None:
             self._send(session, task, send_order=send)
@@ -290,18 +312,37 @@ class OrderBook:
                 for session, task, peers in hints.values():
                     self.sink.send_peers(session, task, peers)
 
-    def order_for(self, task: Task) -> tuple[list[PeerRef], bool]:
-        """A task's order's peers, and whether its agent claims first pieces: where the
-        server hands out peers, it also hands out the first copies of the pieces
-        (first_pieces.py); a tracker's peers include the seed, which would send more."""
-        return self.peers_for(task), self.peer_source is PeerSource.SERVER
+    @contextlib.contextmanager
+    def starting(self, hosts: int) -> Iterator[None]:
+        """Within it, orders pace their hosts' reports as if ``hosts`` more were fetching
+        already (each start counts one off): a rollout starting 10,000 hosts in slices
+        gives its first hosts the interval its last will have."""
+        self._starting = hosts
+        try:
+            yield
+        finally:
+            self._starting = 0
+
+    def progress_interval(self) -> float:
+        """How often a host that starts now reports its progress."""
+        fetching = self._fetching + self._starting
+        return max(PROGRESS_EVERY, fetching / self.progress_reports_per_second)
+
+    def order_for(self, task: Task) -> OrderPlan:
+        """A task's order's peers, whether its agent claims first pieces (where the server
+        hands out peers, it also hands out the first copies of the pieces, first_pieces.py;
+        a tracker's peers include the seed, which would send more), and its report pace."""
+        return OrderPlan(
+            self.peers_for(task),
+            self.peer_source is PeerSource.SERVER,
+            self.progress_interval(),
+        )
 
     def _send(self, session: Session, task: Task, *, send_order: bool = True) -> None:
         if self.sink is None:
             return
         if send_order:
-            peers, first_pieces = self.order_for(task)
-            self.sink.send_order(session, task, peers, first_pieces=first_pieces)
+            self.sink.send_order(session, task, self.order_for(task))
         # Tell the others fetching the same blobs about this host.
         me = self._agent_peer(task.agent)
         if me is None or self.peer_source is PeerSource.TRACKER:
@@ -459,6 +500,8 @@ class OrderBook:
         self._changed(task)
 
     def _finish(self, task: Task, state: TaskState, error: str) -> None:
+        if task.state is not TaskState.QUEUED:
+            self._fetching -= 1
         task.state = state
         task.error = error
         task.rate = 0

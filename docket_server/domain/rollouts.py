@@ -459,9 +459,14 @@ class Rollouts:
             def room() -> bool:
                 return not rollout.max_parallel or active < rollout.max_parallel
 
-            with self.orders.hints_batched():  # one PeerHint per host told, not per start
-                if all(t.state is TaskState.SUCCEEDED for t in canaries):
-                    queued = self._queued[rollout.id]
+            queued = self._queued[rollout.id]
+            past_canaries = all(t.state is TaskState.SUCCEEDED for t in canaries)
+            # What may start now, counted in when orders set their hosts' report pace.
+            starting = len(queued) if past_canaries else len(canaries)
+            if rollout.max_parallel:
+                starting = min(starting, max(rollout.max_parallel - active, 0))
+            with self.orders.hints_batched(), self.orders.starting(starting):
+                if past_canaries:
                     until = time.monotonic() + START_SLICE_SECONDS
                     while queued and room():
                         task = queued.popleft()

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from docket_agent.stream import interval_seconds
 from docket_common.pb import agent_pb2
 from docket_common.pb import agent_service_pb2 as pb
 from docket_common.pb import agent_service_pb2_grpc as pb_grpc
@@ -231,6 +232,7 @@ class SimulatedAgent:
         self.agent_id = agent_id or uuid.uuid4().hex
         self.welcome: agent_pb2.Welcome | None = None
         self.welcomed = asyncio.Event()
+        self.heartbeat_interval = 5.0  # from the welcome, then the server's heartbeats
         self.ended: grpc.aio.AioRpcError | None = None
         self.call: Any = None
         self.orders: asyncio.Queue[agent_pb2.PullOrder] = asyncio.Queue()
@@ -253,11 +255,9 @@ class SimulatedAgent:
         async def requests() -> AsyncIterator[pb.ConnectRequest]:
             yield self.hello()
             await interval.wait()
-            assert self.welcome is not None
-            period = self.welcome.heartbeat_interval.ToTimedelta().total_seconds()
             while True:
                 try:
-                    message = await asyncio.wait_for(self._outbox.get(), period)
+                    message = await asyncio.wait_for(self._outbox.get(), self.heartbeat_interval)
                 except TimeoutError:
                     message = pb.ConnectRequest(heartbeat=agent_pb2.Heartbeat(send_time=_now()))
                 if self.on_sent is not None:
@@ -270,8 +270,11 @@ class SimulatedAgent:
                 kind = message.WhichOneof("body")
                 if kind == "welcome":
                     self.welcome = message.welcome
+                    self.heartbeat_interval = interval_seconds(message.welcome.heartbeat_interval)
                     self.welcomed.set()
                     interval.set()
+                elif kind == "heartbeat" and message.heartbeat.HasField("interval"):
+                    self.heartbeat_interval = interval_seconds(message.heartbeat.interval)
                 elif kind == "pull_order":
                     self.orders.put_nowait(message.pull_order)
         except grpc.aio.AioRpcError as e:

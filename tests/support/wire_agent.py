@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from docket_agent.stream import interval_seconds
 from docket_common.pb import agent_pb2
 from docket_common.pb import agent_service_pb2 as pb
 from tests.support.agents import sim_hello
@@ -118,6 +119,7 @@ class WireAgent(asyncio.Protocol):
         self.context = context
         self.welcome: agent_pb2.Welcome | None = None
         self.welcomed = asyncio.Event()
+        self.heartbeat_interval = 5.0  # from the welcome, then the server's heartbeats
         self.ended: str | None = None
         self.orders: asyncio.Queue[agent_pb2.PullOrder] = asyncio.Queue()
         self.on_sent: Callable[[pb.ConnectRequest], None] | None = None
@@ -167,11 +169,11 @@ class WireAgent(asyncio.Protocol):
         self._write_data(message, data)
 
     def heartbeat_due(self, now: float) -> None:
-        """Sends a heartbeat if nothing went for the interval the server's welcome set."""
+        """Sends a heartbeat if nothing went for the interval the server set (in its
+        welcome, then in its heartbeats)."""
         if self.welcome is None or self.ended is not None:
             return
-        interval = self.welcome.heartbeat_interval.ToTimedelta().total_seconds()
-        if now - self.last_sent >= interval:
+        if now - self.last_sent >= self.heartbeat_interval:
             beat = agent_pb2.Heartbeat()
             beat.send_time.GetCurrentTime()
             self.send(pb.ConnectRequest(heartbeat=beat))
@@ -260,7 +262,10 @@ class WireAgent(asyncio.Protocol):
             kind = message.WhichOneof("body")
             if kind == "welcome":
                 self.welcome = message.welcome
+                self.heartbeat_interval = interval_seconds(message.welcome.heartbeat_interval)
                 self.welcomed.set()
+            elif kind == "heartbeat" and message.heartbeat.HasField("interval"):
+                self.heartbeat_interval = interval_seconds(message.heartbeat.interval)
             elif kind == "pull_order":
                 self.orders.put_nowait(message.pull_order)
 
