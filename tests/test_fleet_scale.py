@@ -309,16 +309,27 @@ async def test_the_heartbeat_interval_grows_with_the_fleet_and_shrinks_with_it(
         fleet._sweep()
         assert fleet.interval == 4.0  # 40 agents / 10 a second
         assert told == [4.0]  # in the heartbeat every agent is sent
+        sessions.append(fleet.connect(AgentInfo("h040", "id40"), "p"))
+        fleet._sweep()
+        assert fleet.interval == 5.0  # 4.1 s: in whole seconds
+        fleet.disconnect(sessions.pop(), "gone")
+        fleet._sweep()
+        assert fleet.interval == 5.0  # 4 s needed: not 1.5 s too long, kept
+        for session in sessions[30:]:
+            fleet.disconnect(session, "gone")
+        del sessions[30:]
+        fleet._sweep()
+        assert fleet.interval == 3.0  # 30 agents: 3 s needed
         for session in sessions[1:]:
             fleet.disconnect(session, "gone")
         lone = sessions[0]
-        lone.last_heard = time.monotonic() - 6.0  # told 4 s: a beat late, not silent
+        lone.last_heard = time.monotonic() - 6.0  # told 5 s: a beat late, not silent
         fleet._sweep()
         assert fleet.interval == 0.5  # one agent: the shortest
         assert told[-1] == 0.5
         assert not lone.closed.is_set()
         for _ in range(OFFLINE_AFTER_INTERVALS - 1):
-            fleet._sweep()  # the 4 s told leaves the last three
+            fleet._sweep()  # the longer ones told leave the last three
         assert lone.closed.is_set()  # 6 s silent, past 3 x 0.5 s
 
 
@@ -518,10 +529,11 @@ async def test_past_the_servers_message_budget_agents_beat_and_report_less_often
     tmp_path: Path, agents: StartAgent
 ) -> None:
     """A real agent among 20 simulated ones, on a server paced for 50 agent messages a
-    second: the heartbeat interval grows from 0.3 s to 2.1 s (21 agents, 10 heartbeats a
-    second) and every agent follows it (one that kept to 0.3 s would give the server up
-    after 0.9 s of quiet, and reconnect), and in a rollout to all 21 each host reports its
-    progress every 0.525 s (21 hosts, 40 reports a second), not every 0.25 s."""
+    second: the heartbeat interval grows from 0.3 s to 3 s (21 agents, 10 heartbeats a
+    second: 2.1 s, in whole seconds) and every agent follows it (one that kept to 0.3 s
+    would give the server up after 0.9 s of quiet, and reconnect), and in a rollout to all
+    21 each host reports its progress every 0.525 s (21 hosts, 40 reports a second), not
+    every 0.25 s."""
     args = ["--heartbeat-interval", "0.3", "--agent-messages-per-second", "50"]
     server = ServerProcess(data_dir=tmp_path / "server", extra_args=args).start()
     try:
@@ -543,7 +555,7 @@ async def test_past_the_servers_message_budget_agents_beat_and_report_less_often
             assert refused == 0
             deadline = time.monotonic() + 20
             while not any(
-                e.get("event") == "heartbeat interval changed" and e["heartbeat_s"] == 2.1
+                e.get("event") == "heartbeat interval changed" and e["heartbeat_s"] == 3.0
                 for e in _json_log(agent.log_path)
             ):
                 assert time.monotonic() < deadline, agent.log_tail()

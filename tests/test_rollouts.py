@@ -231,7 +231,7 @@ def test_ctrl_c_detaches_and_watch_follows_to_the_end(
 def test_a_server_restart_mid_rollout(
     server: ServerProcess, agents: StartAgent, tmp_path: Path
 ) -> None:
-    total = 40 * MiB
+    total = 24 * MiB
     push(server, tmp_path, "restart:1", total, 7)
     names = ["r1", "r2", "r3"]
     start_online(agents, server, names, "--max-download-rate", str(6 * MiB))

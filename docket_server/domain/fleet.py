@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections import deque
@@ -389,8 +390,15 @@ class Fleet:
 
     def interval_for_fleet(self) -> float:
         """The heartbeat interval for the agents connected now: --heartbeat-interval, or
-        longer once they would send more than heartbeats_per_second."""
-        return max(self.heartbeat_interval, len(self._sessions) / self.heartbeats_per_second)
+        longer once they would send more than heartbeats_per_second. In whole seconds past
+        the shortest, and down only once 1.5 s too long: a fleet that hovers around a size
+        does not change it (and write a line in every agent's log) at every sweep."""
+        needed = len(self._sessions) / self.heartbeats_per_second
+        if needed <= self.heartbeat_interval:
+            return self.heartbeat_interval
+        if self.interval - 1.5 < needed <= self.interval:
+            return self.interval
+        return float(math.ceil(needed))
 
     async def _sweep_forever(self) -> None:
         last_flush = time.monotonic()
