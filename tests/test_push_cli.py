@@ -31,11 +31,17 @@ def images_json(server: ServerProcess) -> list[dict[str, object]]:
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The push's one error line, last; before it at most the lines of blobs that went up
+    (uploads run side by side: a small one can finish before a bad one fails)."""
     assert result.returncode == 1, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("docketctl: error: ")
-    return lines[0]
+    assert lines, result.stderr
+    assert lines[-1].startswith("docketctl: error: "), result.stderr
+    for line in lines[:-1]:
+        assert re.fullmatch(r"[0-9a-f]{12}: (uploaded|already on the server) \(.+\)", line), (
+            result.stderr
+        )
+    return lines[-1]
 
 
 BASE = layer_tar({"base.bin": random_bytes(3_000_000, 1)})
