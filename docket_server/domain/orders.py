@@ -317,11 +317,11 @@ class OrderBook:
         """Within it, orders pace their hosts' reports as if ``hosts`` more were fetching
         already (each start counts one off): a rollout starting 10,000 hosts in slices
         gives its first hosts the interval its last will have."""
-        self._starting = hosts
+        before, self._starting = self._starting, hosts
         try:
             yield
         finally:
-            self._starting = 0
+            self._starting = before  # (0 but when nested)
 
     def progress_interval(self) -> float:
         """How often a host that starts now reports its progress."""
