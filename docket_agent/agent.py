@@ -338,4 +338,5 @@ class Agent:
             disk_free_bytes=await asyncio.to_thread(disk_free, cfg.data_dir),
             cached_digests=sorted(b.digest for b in blobs),
             platform=str(cfg.platform or docker.platform or this_platform()),
+            follows_heartbeat_interval=True,
         )

@@ -22,12 +22,13 @@ from docket_cli.rollout_view import FLOW
 from docket_common.pb import agent_pb2, rollout_pb2
 from docket_common.pb import rollout_service_pb2 as rpb
 from docket_common.pb import rollout_service_pb2_grpc as rpb_grpc
+from docket_common.pb.agent_service_pb2_grpc import AgentServiceStub
 from docket_server.api.rollout_service import MAX_WATCH_BATCH_BYTES, batches
 from docket_server.domain.fleet import AgentInfo, AgentRecord, AgentState, Fleet, Session
 from docket_server.domain.models import Blob, Image
 from docket_server.domain.orders import MAX_PEERS, OrderBook, OrderPlan, PeerRef, Task, TaskState
 from docket_server.domain.rollouts import RolloutEvent, Rollouts, RolloutState, WatchQueue
-from tests.support.agents import StartAgent
+from tests.support.agents import SimulatedAgent, StartAgent, sim_channel
 from tests.support.archives import layer_tar, random_bytes, write_legacy_archive
 from tests.support.server import ServerProcess, docketctl
 from tests.support.sim_fleet import SimFleet
@@ -295,41 +296,71 @@ async def test_orders_pace_their_hosts_reports_by_how_many_fetch_at_once(
 async def test_the_heartbeat_interval_grows_with_the_fleet_and_shrinks_with_it(
     tmp_path: Path,
 ) -> None:
-    """Past the server's budget of heartbeats the interval grows, each sweep telling every
-    agent the new one; when it shrinks again, an agent still sleeping out a longer interval
-    it was told is judged by the longest of the last three told, not taken for silent."""
-    from docket_server.domain.fleet import OFFLINE_AFTER_INTERVALS
-
-    told: list[float] = []
+    """Past the server's budget of heartbeats the interval grows, and the agents that follow
+    the server's heartbeats' interval are told at once; an agent older than that keeps the
+    interval of its welcome, and is heartbeaten and judged by it. When the interval shrinks,
+    an agent still sleeping out the longer one is judged by it for three of it, not taken
+    for silent."""
+    sent: dict[str, list[float]] = {}  # the interval each heartbeat said, by agent
     async with rollouts_on_sqlite(tmp_path) as (fleet, _, _):
         fleet.heartbeats_per_second = 10
         fleet.heartbeat_interval = fleet.interval = 0.5
-        fleet._make_heartbeat = lambda interval: told.append(interval)
-        sessions = [fleet.connect(AgentInfo(f"h{i:03d}", f"id{i}"), "p") for i in range(40)]
-        fleet._sweep()
+        fleet._make_heartbeat = lambda interval: interval
+
+        def connect(name: str, follows: bool = True) -> Session:
+            session = fleet.connect(AgentInfo(name, f"id-{name}"), "p")
+            fleet.welcome(session, follows_interval=follows)
+            return session
+
+        def sweep(ago: float = 0.0) -> None:
+            """A sweep ``ago`` seconds after the last heartbeat each agent was sent."""
+            for session in fleet.sessions.values():
+                session.beat_sent = time.monotonic() - ago
+                session.last_heard = max(session.last_heard, time.monotonic() - ago)
+            fleet._sweep()
+            for session in fleet.sessions.values():
+                while session.outbox:
+                    sent.setdefault(session.name, []).append(session.outbox.popleft())
+
+        old = connect("old", follows=False)
+        sessions = [connect(f"h{i:03d}") for i in range(39)]
+        sweep()
         assert fleet.interval == 4.0  # 40 agents / 10 a second
-        assert told == [4.0]  # in the heartbeat every agent is sent
-        sessions.append(fleet.connect(AgentInfo("h040", "id40"), "p"))
-        fleet._sweep()
-        assert fleet.interval == 5.0  # 4.1 s: in whole seconds
+        assert sent["h000"] == [4.0]  # told at once
+        assert "old" not in sent  # not due yet: 0.5 s, not 0
+        sweep(ago=1.0)
+        assert sent["h000"] == [4.0]  # not due again
+        assert sent["old"] == [0.5]  # its own interval, as often
+        sessions.append(connect("h039"))
+        sessions.append(connect("h040"))
+        sweep(ago=1.0)
+        assert fleet.interval == 5.0  # 4.2 s needed: in whole seconds
+        assert sent["h039"] == [5.0]
         fleet.disconnect(sessions.pop(), "gone")
-        fleet._sweep()
-        assert fleet.interval == 5.0  # 4 s needed: not 1.5 s too long, kept
-        for session in sessions[30:]:
+        sweep()
+        assert fleet.interval == 5.0  # 4.1 s needed: not 1.5 s too long, kept
+        for session in sessions[29:]:
             fleet.disconnect(session, "gone")
-        del sessions[30:]
-        fleet._sweep()
+        del sessions[29:]
+        sweep()
         assert fleet.interval == 3.0  # 30 agents: 3 s needed
         for session in sessions[1:]:
             fleet.disconnect(session, "gone")
         lone = sessions[0]
-        lone.last_heard = time.monotonic() - 6.0  # told 5 s: a beat late, not silent
-        fleet._sweep()
-        assert fleet.interval == 0.5  # one agent: the shortest
-        assert told[-1] == 0.5
+        lone.last_heard = time.monotonic() - 6.0  # told 5 s before: a beat late, not silent
+        old.last_heard = time.monotonic() - 1.0  # told 0.5 s: two beats late, not silent yet
+        sweep()
+        assert fleet.interval == 0.5  # two agents: the shortest
+        assert sent["h000"][-1] == 0.5
         assert not lone.closed.is_set()
-        for _ in range(OFFLINE_AFTER_INTERVALS - 1):
-            fleet._sweep()  # the longer ones told leave the last three
+        assert not old.closed.is_set()
+        old.last_heard = time.monotonic() - 2.0  # past 3 x its 0.5 s, whatever the others'
+        lone.last_heard = time.monotonic() - 6.0
+        fleet._sweep()
+        assert old.closed.is_set()
+        assert not lone.closed.is_set()  # judged by the 3 s before for 9 s
+        fleet._longer = (3.0, time.monotonic())  # ...and once those are over
+        fleet._sweep()
         assert lone.closed.is_set()  # 6 s silent, past 3 x 0.5 s
 
 
@@ -529,11 +560,12 @@ async def test_past_the_servers_message_budget_agents_beat_and_report_less_often
     tmp_path: Path, agents: StartAgent
 ) -> None:
     """A real agent among 20 simulated ones, on a server paced for 50 agent messages a
-    second: the heartbeat interval grows from 0.3 s to 3 s (21 agents, 10 heartbeats a
-    second: 2.1 s, in whole seconds) and every agent follows it (one that kept to 0.3 s
-    would give the server up after 0.9 s of quiet, and reconnect), and in a rollout to all
-    21 each host reports its progress every 0.525 s (21 hosts, 40 reports a second), not
-    every 0.25 s."""
+    second. The heartbeat interval grows from 0.3 s to 3 s (21 agents, 10 heartbeats a
+    second: 2.1 s, in whole seconds), and the agents that follow it do: one that kept to
+    0.3 s would give the server up after 0.9 s of quiet, and reconnect. One simulated agent
+    is as old as before Heartbeat.interval: it keeps its welcome's 0.3 s, and the server
+    heartbeats it that often. In a rollout to the other 20, each host reports its progress
+    every 0.5 s (20 hosts, 40 reports a second), not every 0.25 s."""
     args = ["--heartbeat-interval", "0.3", "--agent-messages-per-second", "50"]
     server = ServerProcess(data_dir=tmp_path / "server", extra_args=args).start()
     try:
@@ -547,9 +579,15 @@ async def test_past_the_servers_message_budget_agents_beat_and_report_less_often
         agent = agents(
             server, "real", groups=["pace"], extra_args=["--max-download-rate", str(1 << 20)]
         )
-        names = [f"p{i:02d}" for i in range(20)]
+        names = [f"p{i:02d}" for i in range(19)]
         fleet = SimFleet(server, names, 1, mode="rollout", groups=("pace",), download_seconds=4)
+        channel = await sim_channel(server, "old")
+        old = SimulatedAgent(
+            AgentServiceStub(channel), "old", groups=("old",), follows_heartbeat_interval=False
+        )
+        old_stream = asyncio.create_task(old.run())
         try:
+            await asyncio.wait_for(old.welcomed.wait(), 10)
             await fleet.start()
             _, refused = await fleet.connect()
             assert refused == 0
@@ -560,26 +598,32 @@ async def test_past_the_servers_message_budget_agents_beat_and_report_less_often
             ):
                 assert time.monotonic() < deadline, agent.log_tail()
                 await asyncio.sleep(0.2)
+            beats, started = old.heartbeats_received, time.monotonic()
             rolled = await asyncio.to_thread(
                 docketctl, "rollout", "pace/app:1", "--hosts", "pace", "--prefetch-only",
                 server=server, timeout=90,
             )  # fmt: skip
             assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+            old_beats = (old.heartbeats_received - beats) / (time.monotonic() - started)
             report = await fleet.report()
             log = _json_log(agent.log_path)  # (before the server stops, and the agent's stream)
         finally:
+            old_stream.cancel()
+            await channel.close()
             await fleet.stop()
     finally:
         server.stop()
     assert report.ended == 0  # no simulated stream was ended either
+    assert old.ended is None
+    assert old_beats > 1.5  # about 3 a second (0.3 s, sweeps included), not one in 3 s
     events = [e["event"] for e in log]
     assert events.count("connected to server") == 1, agent.log_tail()
     assert "disconnected from server" not in events
     order = next(e for e in log if e["event"] == "order received")
-    assert order["progress_s"] == pytest.approx(21 / 40)
+    assert order["progress_s"] == pytest.approx(20 / 40)
     fetched = next(e for e in log if e["event"] == "blobs in the cache")
     assert fetched["download_s"] > 2  # (else the count below says little)
-    assert 2 <= fetched["reports"] <= fetched["download_s"] / (21 / 40) + 3
+    assert 2 <= fetched["reports"] <= fetched["download_s"] / (20 / 40) + 3
 
 
 async def _watch(

@@ -268,6 +268,7 @@ class Hello(_message.Message):
     DISK_FREE_BYTES_FIELD_NUMBER: _builtins.int
     CACHED_DIGESTS_FIELD_NUMBER: _builtins.int
     PLATFORM_FIELD_NUMBER: _builtins.int
+    FOLLOWS_HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The agent's name, unique in the fleet."""
     agent_id: _builtins.str
@@ -289,6 +290,11 @@ class Hello(_message.Message):
     """The platform the agent runs images for, "os/architecture[/variant]" in OCI's names (for
     example "linux/amd64" or "linux/arm64/v8"): its Docker engine's, or its host's. Empty is
     taken as unknown: such an agent gets no image from a multi-platform index.
+    """
+    follows_heartbeat_interval: _builtins.bool
+    """True when the agent takes the heartbeat interval from the server's heartbeats
+    (Heartbeat.interval). The server keeps to the welcome's interval for an agent that does
+    not (an agent older than that field): it heartbeats it that often and judges it by it.
     """
     @_builtins.property
     def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -316,10 +322,11 @@ class Hello(_message.Message):
         disk_free_bytes: _builtins.int = ...,
         cached_digests: _abc.Iterable[_builtins.str] | None = ...,
         platform: _builtins.str = ...,
+        follows_heartbeat_interval: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "bt_endpoint", b"bt_endpoint", "cached_digests", b"cached_digests", "disk_free_bytes", b"disk_free_bytes", "docker_error", b"docker_error", "docker_version", b"docker_version", "groups", b"groups", "labels", b"labels", "name", b"name", "platform", b"platform", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "bt_endpoint", b"bt_endpoint", "cached_digests", b"cached_digests", "disk_free_bytes", b"disk_free_bytes", "docker_error", b"docker_error", "docker_version", b"docker_version", "follows_heartbeat_interval", b"follows_heartbeat_interval", "groups", b"groups", "labels", b"labels", "name", b"name", "platform", b"platform", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -377,11 +384,12 @@ class Heartbeat(_message.Message):
 
     @_builtins.property
     def interval(self) -> _duration_pb2.Duration:
-        """Set by the server: the heartbeat interval from now on, for both sides. The server
-        lengthens it as the fleet grows (its --heartbeat-interval until the heartbeats would
-        take more than a fifth of its --agent-messages-per-second: 2,500 agents by default) and
-        shortens it as the fleet shrinks, judging silence by the longest interval it told in its
-        last three heartbeats. Unset: unchanged.
+        """Set by the server: the heartbeat interval from now on, for both sides, for agents that
+        follow it (Hello.follows_heartbeat_interval). The server lengthens it as the fleet grows
+        (its --heartbeat-interval until the heartbeats would take more than a fifth of its
+        --agent-messages-per-second: 2,500 agents by default) and shortens it as the fleet
+        shrinks; after it shortens, it judges silence by the longer one for three of it. Unset:
+        unchanged.
         """
 
     def __init__(

@@ -240,19 +240,22 @@ class AgentService(pb_grpc.AgentServiceServicer):
         _as_agent(info.name, f"connect as agent {info.name!r}")
         self.identities.check_claims(info.name, info.groups, info.labels)
         session = self.fleet.connect(info, peer)
+        interval = self.fleet.welcome(
+            session, follows_interval=first.hello.follows_heartbeat_interval
+        )
         reader = asyncio.create_task(self._read(request_iterator, session))
         ended = "stream closed by the server"
         try:
             yield pb.ConnectResponse(
                 welcome=agent_pb2.Welcome(
                     session_id=session.id,
-                    heartbeat_interval=duration(self.fleet.interval),
+                    heartbeat_interval=duration(interval),
                     server_version=self.server_version,
                 )
             )
             # Its silence counts from when it could know the interval: a welcome that waited
             # in a busy server (10,000 agents connecting at once) is not the agent's delay.
-            session.last_heard = time.monotonic()
+            session.last_heard = session.beat_sent = time.monotonic()
             self.orders.agent_connected(session)
             while (message := await session.next_message()) is not None:
                 yield message

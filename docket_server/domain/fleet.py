@@ -2,7 +2,9 @@
 
 Each connected agent has a Session. Heartbeats flow both ways every interval: the fleet's
 sweeper sends the server's and watches the agents'. An agent silent for two intervals is
-STALE; for three, its stream is closed and it is OFFLINE.
+STALE; for three, its stream is closed and it is OFFLINE. The interval grows with the fleet
+(``interval_for_fleet``); agents that follow the server's heartbeats' interval are told,
+and an agent older than that keeps the interval its welcome gave it.
 
 The table lives in memory (one small record an agent) and is written behind: a connect, a
 state change or a disconnect never waits for the database. The changes of the last
@@ -128,6 +130,12 @@ class Session:
         # Blobs the agent finished fetching (an order that succeeded) on this connection:
         # with its hello's cached digests, what it holds and can serve.
         self.holds: set[str] = set()
+        # Heartbeats: the interval the agent was told, whether it follows the interval the
+        # server's heartbeats carry (Hello.follows_heartbeat_interval: an older agent keeps
+        # its welcome's), and when the server last sent it one.
+        self.interval = 0.0
+        self.follows_interval = False
+        self.beat_sent = time.monotonic()
 
     @property
     def name(self) -> str:
@@ -189,12 +197,12 @@ class Fleet:
         self.store = store
         self.heartbeats_per_second = heartbeats_per_second
         self.heartbeat_interval = heartbeat_interval  # the shortest: --heartbeat-interval
-        # The interval in force: what the last sweep told every agent, and what a welcome
-        # tells a new one (interval_for_fleet at each sweep).
+        # The interval in force: what the last sweep told every agent that follows it, and
+        # what a welcome tells a new one (interval_for_fleet at each sweep).
         self.interval = heartbeat_interval
-        # The intervals the last sweeps told: an agent told a shorter one may still be
-        # sleeping out the longer one before, and is judged by the longest of them.
-        self._told: deque[float] = deque([heartbeat_interval], maxlen=OFFLINE_AFTER_INTERVALS)
+        # After the interval shrinks, the one before and until when agents are judged by it:
+        # one told the shorter interval may still be sleeping out the longer one.
+        self._longer = (0.0, 0.0)
         self._make_heartbeat = make_heartbeat
         self._sessions: dict[str, Session] = {}
         self._records: dict[str, AgentRecord] = {}  # every known agent, as last changed
@@ -268,6 +276,7 @@ class Fleet:
             create_time=previous.create_time if previous else now,
         )
         session = Session(record)
+        session.interval = self.interval  # (welcome() says whether it follows a change)
         self._sessions[info.name] = session
         self._changed(record)
         log.info(
@@ -400,10 +409,19 @@ class Fleet:
             return self.interval
         return float(math.ceil(needed))
 
+    def welcome(self, session: Session, *, follows_interval: bool) -> float:
+        """The heartbeat interval to tell a new session, kept as what it was told."""
+        session.interval = self.interval
+        session.follows_interval = follows_interval
+        session.beat_sent = time.monotonic()
+        return session.interval
+
     async def _sweep_forever(self) -> None:
         last_flush = time.monotonic()
         while True:
-            await asyncio.sleep(self.interval)
+            # Every shortest interval, whatever the fleet's: agents older than
+            # Heartbeat.interval keep theirs, and each sweep sends only what is due.
+            await asyncio.sleep(self.heartbeat_interval)
             try:
                 self._sweep()
                 if time.monotonic() - last_flush >= LAST_SEEN_FLUSH_SECONDS:
@@ -417,11 +435,14 @@ class Fleet:
         interval = self.interval_for_fleet()
         if interval != self.interval:
             log.info("heartbeat interval", seconds=round(interval, 2), agents=len(self._sessions))
-        self.interval = interval
-        self._told.append(interval)
-        judged = max(self._told)
-        heartbeat = self._make_heartbeat(interval)
+            if interval < self.interval:
+                self._longer = (self.interval, now + OFFLINE_AFTER_INTERVALS * self.interval)
+            self.interval = interval
+        longer = self._longer[0] if now < self._longer[1] else 0.0
+        followers_judged = max(interval, longer)
+        beats: dict[float, Any] = {}  # one message for each interval told
         for session in list(self._sessions.values()):
+            judged = followers_judged if session.follows_interval else session.interval
             silent = now - session.last_heard
             if silent > OFFLINE_AFTER_INTERVALS * judged:
                 session.close(
@@ -442,7 +463,16 @@ class Fleet:
                 log.warning(
                     "agent missed heartbeats", agent=session.name, silent_s=round(silent, 1)
                 )
-            session.send(heartbeat)
+            due = now - session.beat_sent >= session.interval - self.heartbeat_interval / 2
+            if session.follows_interval and session.interval != interval:
+                session.interval = interval  # told at once
+                due = True
+            if due:
+                beat = beats.get(session.interval)
+                if beat is None:
+                    beat = beats[session.interval] = self._make_heartbeat(session.interval)
+                session.send(beat)
+                session.beat_sent = now
 
     async def _flush_last_seen(self) -> None:
         if self._dirty_seen:

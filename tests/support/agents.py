@@ -193,6 +193,7 @@ def sim_hello(
     groups: tuple[str, ...],
     bt_endpoint: str,
     cached_digests: tuple[str, ...] = (),
+    follows_heartbeat_interval: bool = True,
 ) -> pb.ConnectRequest:
     """A simulated agent's first message on its stream."""
     return pb.ConnectRequest(
@@ -203,6 +204,7 @@ def sim_hello(
             version="sim",
             bt_endpoint=bt_endpoint,
             cached_digests=list(cached_digests),
+            follows_heartbeat_interval=follows_heartbeat_interval,
         )
     )
 
@@ -220,6 +222,7 @@ class SimulatedAgent:
         cached_digests: tuple[str, ...] = (),
         groups: tuple[str, ...] = ("sim",),
         wait_for_ready: bool = False,
+        follows_heartbeat_interval: bool = True,
     ):
         self.stub = stub
         self.name = name
@@ -229,6 +232,9 @@ class SimulatedAgent:
         # True: the stream waits for the channel to connect (through retries, as an agent's
         # reconnect loop would) rather than failing at once when a handshake times out.
         self.wait_for_ready = wait_for_ready
+        # False: as an agent older than Heartbeat.interval, it keeps its welcome's interval.
+        self.follows_heartbeat_interval = follows_heartbeat_interval
+        self.heartbeats_received = 0
         self.agent_id = agent_id or uuid.uuid4().hex
         self.welcome: agent_pb2.Welcome | None = None
         self.welcomed = asyncio.Event()
@@ -242,7 +248,12 @@ class SimulatedAgent:
 
     def hello(self) -> pb.ConnectRequest:
         return sim_hello(
-            self.name, self.agent_id, self.groups, self.bt_endpoint, self.cached_digests
+            self.name,
+            self.agent_id,
+            self.groups,
+            self.bt_endpoint,
+            self.cached_digests,
+            self.follows_heartbeat_interval,
         )
 
     def send(self, message: pb.ConnectRequest) -> None:
@@ -273,8 +284,10 @@ class SimulatedAgent:
                     self.heartbeat_interval = interval_seconds(message.welcome.heartbeat_interval)
                     self.welcomed.set()
                     interval.set()
-                elif kind == "heartbeat" and message.heartbeat.HasField("interval"):
-                    self.heartbeat_interval = interval_seconds(message.heartbeat.interval)
+                elif kind == "heartbeat":
+                    self.heartbeats_received += 1
+                    if self.follows_heartbeat_interval and message.heartbeat.HasField("interval"):
+                        self.heartbeat_interval = interval_seconds(message.heartbeat.interval)
                 elif kind == "pull_order":
                     self.orders.put_nowait(message.pull_order)
         except grpc.aio.AioRpcError as e:
