@@ -358,8 +358,9 @@ async def test_the_heartbeat_interval_grows_with_the_fleet_and_shrinks_with_it(
         lone.last_heard = time.monotonic() - 6.0
         fleet._sweep()
         assert old.closed.is_set()
-        assert not lone.closed.is_set()  # judged by the 3 s before for 9 s
-        fleet._longer = (3.0, time.monotonic())  # ...and once those are over
+        assert not lone.closed.is_set()  # judged by the 5 s of two shrinks ago, for 15 s
+        assert fleet._longer[0] == 5.0
+        fleet._longer = (5.0, time.monotonic())  # ...and once those are over
         fleet._sweep()
         assert lone.closed.is_set()  # 6 s silent, past 3 x 0.5 s
 

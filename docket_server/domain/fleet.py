@@ -435,8 +435,9 @@ class Fleet:
         interval = self.interval_for_fleet()
         if interval != self.interval:
             log.info("heartbeat interval", seconds=round(interval, 2), agents=len(self._sessions))
-            if interval < self.interval:
-                self._longer = (self.interval, now + OFFLINE_AFTER_INTERVALS * self.interval)
+            if interval < self.interval:  # (the longest of two shrinks close together)
+                kept = max(self.interval, self._longer[0] if now < self._longer[1] else 0.0)
+                self._longer = (kept, now + OFFLINE_AFTER_INTERVALS * kept)
             self.interval = interval
         longer = self._longer[0] if now < self._longer[1] else 0.0
         followers_judged = max(interval, longer)
