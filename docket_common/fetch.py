@@ -142,8 +142,11 @@ class BlobDownload:
 
     def status(self) -> Any:
         """libtorrent's status; the last one seen once the torrent is removed."""
+        # (a handle valid when asked can be gone when used: its removal is libtorrent's, on
+        # its own thread, so both are asked, and "invalid torrent handle" taken as gone)
         if self.handle.is_valid():
-            self._status = self.handle.status()
+            with contextlib.suppress(RuntimeError):
+                self._status = self.handle.status()
         return self._status
 
     def notify(self) -> None:
@@ -168,7 +171,10 @@ class BlobDownload:
         """Updates peer_bytes from the connected peers; returns their endpoints."""
         if not self.handle.is_valid():
             return set()
-        peers = self.handle.get_peer_info()
+        try:
+            peers = self.handle.get_peer_info()
+        except RuntimeError:  # removed meanwhile (an order failing drops its downloads)
+            return set()
         connected: set[str] = set()
         for peer in peers:
             ip, port = peer.ip
