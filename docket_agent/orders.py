@@ -20,6 +20,7 @@ from google.protobuf import json_format
 
 from docket_agent.cache import BlobCache, CacheFullError
 from docket_common.fetch import (
+    TICK,
     BlobDownload,
     BlobFetcher,
     BlobSpec,
@@ -35,7 +36,6 @@ from docket_common.readblob import ClaimForOrder
 
 log = structlog.get_logger()
 
-PROGRESS_EVERY = 0.25
 SEED_NAME = "server"  # how orders name the server's seed among their peers
 # Where an order's bytes came from (metrics): other hosts, the server's first pieces, the
 # server's seed, the gRPC fallback, and the cache (already held).
@@ -85,13 +85,11 @@ class OrderRunner:
         self.claims = order.claim_first_pieces and manager.settings.claim_first_pieces
         self.counted = dict.fromkeys(SOURCES, 0)  # of the bytes reported, those counted
         self.peers, self.held = self.split_peers(order)
-        # Progress goes up every tick of follow() (PROGRESS_EVERY), or as seldom as the
-        # server asks when many hosts fetch at once.
-        self.progress_every = PROGRESS_EVERY
+        # Progress goes up every tick of follow() (TICK), or as seldom as the server asks
+        # when many hosts fetch at once.
+        self.progress_every = TICK
         if order.HasField("progress_interval"):
-            self.progress_every = max(
-                order.progress_interval.ToTimedelta().total_seconds(), PROGRESS_EVERY
-            )
+            self.progress_every = max(order.progress_interval.ToTimedelta().total_seconds(), TICK)
         self.progress_sent = 0.0  # monotonic time of the last report
         self.reports = 0  # progress reports sent
 
@@ -321,8 +319,8 @@ class OrderRunner:
         self.update(agent_pb2.TASK_STATE_SUCCEEDED, image_id=image_id)
 
     def _tick(self) -> None:
-        # (a tick comes every PROGRESS_EVERY, late or early by a little: not a tick short)
-        if time.monotonic() - self.progress_sent >= self.progress_every - PROGRESS_EVERY / 2:
+        # (a tick comes every TICK, late or early by a little: not a tick short)
+        if time.monotonic() - self.progress_sent >= self.progress_every - TICK / 2:
             self._send_progress(full=False)
         if self.m.cache.min_free_bytes:
             # What the partial files still lack, by the disk they take (written pieces, not

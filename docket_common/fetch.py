@@ -823,7 +823,7 @@ def _sha256_file(path: Path) -> str:
 
 
 ReadRange = Callable[[str, int, int], Awaitable[bytes]]
-TICK = 0.25
+TICK = 0.25  # how often follow() calls on_tick: an agent's reports come at most this often
 
 
 def _release_held(fetcher: BlobFetcher, downloads: list[BlobDownload]) -> None:

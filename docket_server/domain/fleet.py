@@ -410,10 +410,9 @@ class Fleet:
         return float(math.ceil(needed))
 
     def welcome(self, session: Session, *, follows_interval: bool) -> float:
-        """The heartbeat interval to tell a new session, kept as what it was told."""
-        session.interval = self.interval
+        """The heartbeat interval to tell a new session (connect() kept it as what it was
+        told), and whether the agent follows the interval's changes."""
         session.follows_interval = follows_interval
-        session.beat_sent = time.monotonic()
         return session.interval
 
     async def _sweep_forever(self) -> None:
@@ -433,13 +432,13 @@ class Fleet:
     def _sweep(self) -> None:
         now = time.monotonic()
         interval = self.interval_for_fleet()
+        longer = self._longer[0] if now < self._longer[1] else 0.0
         if interval != self.interval:
             log.info("heartbeat interval", seconds=round(interval, 2), agents=len(self._sessions))
             if interval < self.interval:  # (the longest of two shrinks close together)
-                kept = max(self.interval, self._longer[0] if now < self._longer[1] else 0.0)
-                self._longer = (kept, now + OFFLINE_AFTER_INTERVALS * kept)
+                longer = max(self.interval, longer)
+                self._longer = (longer, now + OFFLINE_AFTER_INTERVALS * longer)
             self.interval = interval
-        longer = self._longer[0] if now < self._longer[1] else 0.0
         followers_judged = max(interval, longer)
         beats: dict[float, Any] = {}  # one message for each interval told
         for session in list(self._sessions.values()):

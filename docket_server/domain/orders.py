@@ -20,6 +20,7 @@ from typing import Protocol, TypeVar
 
 import structlog
 
+from docket_common.fetch import TICK
 from docket_server.domain.fleet import Fleet, Session
 from docket_server.domain.models import Blob, Image
 
@@ -44,7 +45,7 @@ RETIRE_EVERY_SECONDS = 10.0
 # server reads about 2,500-3,000 agent messages a second on a core, and 10,000 hosts at four
 # reports a second each had their messages wait in its buffers until the fleet took them
 # for silent.
-PROGRESS_EVERY = 0.25
+PROGRESS_EVERY = TICK  # the most often an agent reports: every tick of its follow()
 PROGRESS_REPORTS_PER_SECOND = 2000
 
 
