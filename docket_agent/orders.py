@@ -45,6 +45,18 @@ TERMINAL = {
     agent_pb2.TASK_STATE_FAILED,
     agent_pb2.TASK_STATE_CANCELLED,
 }
+# States an order often passes through in milliseconds: accepted (it downloads at once),
+# verifying (the sha256 ends with the last piece) and loading (a small image). Each is sent
+# only once it has lasted SETTLE: one a later state replaces before then is not sent at all,
+# and the server's next update says where the order went. DOWNLOADING and the end go at once.
+# At 10,000 hosts this is about three messages an order fewer, in the two waves (the orders
+# arrive, the downloads end) where the server reads the most.
+PASSING = {
+    agent_pb2.TASK_STATE_ACCEPTED,
+    agent_pb2.TASK_STATE_VERIFYING,
+    agent_pb2.TASK_STATE_LOADING,
+}
+SETTLE = TICK
 
 Send = Callable[[pb.ConnectRequest], None]
 # (order, the path of each blob in the cache, blobs still arriving) -> the loaded image's id
@@ -92,6 +104,7 @@ class OrderRunner:
             self.progress_every = max(order.progress_interval.ToTimedelta().total_seconds(), TICK)
         self.progress_sent = 0.0  # monotonic time of the last report
         self.reports = 0  # progress reports sent
+        self.held_update: asyncio.TimerHandle | None = None  # a PASSING state not sent yet
 
     def split_peers(self, order: agent_pb2.PullOrder) -> tuple[list[str], list[str]]:
         """The peers to dial now, and those held back: with first pieces from the server, its
@@ -110,9 +123,18 @@ class OrderRunner:
         self._count_received(update)
         message = pb.ConnectRequest(task_update=update)
         self.last = message
+        self._drop_held_update()
+        if state in PASSING:
+            self.held_update = asyncio.get_running_loop().call_later(SETTLE, self.m.send, message)
+            return
         self.m.send(message)
         if state in TERMINAL:
             self.m.remember(self.id, message)
+
+    def _drop_held_update(self) -> None:
+        if self.held_update is not None:
+            self.held_update.cancel()
+            self.held_update = None
 
     def _byte_counts(self, bittorrent_bytes: int) -> agent_pb2.TaskUpdate:
         """This order's bytes by source, as its task updates report them."""
@@ -173,6 +195,7 @@ class OrderRunner:
             log.exception("order failed: internal error", order=self.id)
             self._fail(f"internal error in the agent: {e!r}")
         finally:
+            self._drop_held_update()  # a shutdown: the order is reported again when it resumes
             for blob in self.unique:
                 self.m.cache.unpin(blob.digest)
 

@@ -419,7 +419,9 @@ class BlobFetcher(TorrentSession):
             await self.wait_for_piece(download, download.hashed_pieces)
             end = self._held_prefix(download)
             if (end - download.hashed_pieces) * length < HASH_BATCH and end < download.piece_count:
-                await asyncio.sleep(HASH_WAIT)  # let a run gather: one flush for many pieces
+                # Let a run gather: one flush for many pieces. Not past the last piece: the
+                # blob's digest is what the order waits for then.
+                await _wait_event(download.finished, HASH_WAIT)
                 end = self._held_prefix(download)
             await self._wait_for(self._flushes, download.spec.digest, download.handle.flush_cache)
             first, last = download.hashed_pieces * length, min(end * length, size)
@@ -826,6 +828,14 @@ ReadRange = Callable[[str, int, int], Awaitable[bytes]]
 TICK = 0.25  # how often follow() calls on_tick: an agent's reports come at most this often
 
 
+async def _wait_event(event: asyncio.Event, seconds: float) -> bool:
+    """Waits until ``event`` is set, for at most ``seconds``; whether it is set."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    return event.is_set()
+
+
 def _release_held(fetcher: BlobFetcher, downloads: list[BlobDownload]) -> None:
     """Dials the held-back seed of each download the server has no first piece left for and
     whose peers have delivered nothing for SEED_AFTER seconds (or that claims none)."""
@@ -848,41 +858,48 @@ async def follow(
     fallback_after: float,
     on_tick: Callable[[], None],
 ) -> None:
-    """Waits for every download, calling ``on_tick`` every 250 ms. When no byte arrives for
-    ``fallback_after`` seconds, fetches the missing pieces with ``read_range(digest, offset,
-    length)`` (the server's ReadBlob); a failing fallback is logged and waiting goes on."""
+    """Waits for every download, calling ``on_tick`` every TICK; returns as soon as the last
+    one ends, not at the next tick. When no byte arrives for ``fallback_after`` seconds,
+    fetches the missing pieces with ``read_range(digest, offset, length)`` (the server's
+    ReadBlob); a failing fallback is logged and waiting goes on."""
     downloads = list(downloads)
+    ended = asyncio.ensure_future(asyncio.gather(*(d.finished.wait() for d in downloads)))
     last_done = -1
     last_change = asyncio.get_running_loop().time()
-    while not all(d.finished.is_set() for d in downloads):
-        await asyncio.sleep(TICK)
-        on_tick()
-        _release_held(fetcher, downloads)
-        now = asyncio.get_running_loop().time()
-        done = sum(d.status().total_wanted_done for d in downloads)
-        if done != last_done:
-            last_done, last_change = done, now
-            continue
-        if now - last_change < fallback_after:
-            continue
-        for download in downloads:
-            if download.finished.is_set():
-                continue
-            digest = download.spec.digest
-            log.warning(
-                "no peer delivers: fetching the missing pieces from the server over gRPC",
-                digest=digest,
-                missing_pieces=len(download.missing_pieces()),
-            )
-
-            async def read(offset: int, length: int, digest: str = digest) -> bytes:
-                return await read_range(digest, offset, length)
-
-            try:
-                await fetcher.fill_missing(download, read)
-            except BlobGoneError:
-                raise
-            except FetchError as e:
-                log.warning("fallback failed: waiting for peers", digest=digest, error=str(e))
+    try:
+        while True:
+            await asyncio.wait({ended}, timeout=TICK)
+            if ended.done():
+                return
             on_tick()
-        last_change = asyncio.get_running_loop().time()
+            _release_held(fetcher, downloads)
+            now = asyncio.get_running_loop().time()
+            done = sum(d.status().total_wanted_done for d in downloads)
+            if done != last_done:
+                last_done, last_change = done, now
+                continue
+            if now - last_change < fallback_after:
+                continue
+            for download in downloads:
+                if download.finished.is_set():
+                    continue
+                digest = download.spec.digest
+                log.warning(
+                    "no peer delivers: fetching the missing pieces from the server over gRPC",
+                    digest=digest,
+                    missing_pieces=len(download.missing_pieces()),
+                )
+
+                async def read(offset: int, length: int, digest: str = digest) -> bytes:
+                    return await read_range(digest, offset, length)
+
+                try:
+                    await fetcher.fill_missing(download, read)
+                except BlobGoneError:
+                    raise
+                except FetchError as e:
+                    log.warning("fallback failed: waiting for peers", digest=digest, error=str(e))
+                on_tick()
+            last_change = asyncio.get_running_loop().time()
+    finally:
+        ended.cancel()

@@ -14,12 +14,16 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 
+from docket_agent.orders import SETTLE, SOURCES, OrderManager, OrderRunner, OrderSettings
 from docket_cli.rollout_view import FLOW
+from docket_common.fetch import BlobDownload, BlobFetcher, ReadRange, follow
 from docket_common.pb import agent_pb2, rollout_pb2
+from docket_common.pb import agent_service_pb2 as pb
 from docket_common.pb import rollout_service_pb2 as rpb
 from docket_common.pb import rollout_service_pb2_grpc as rpb_grpc
 from docket_common.pb.agent_service_pb2_grpc import AgentServiceStub
@@ -91,6 +95,23 @@ async def test_a_watch_queue_wakes_its_reader_and_closes() -> None:
     events, end = await asyncio.wait_for(queue.get(), 5)
     assert events == []
     assert end
+
+
+async def test_a_watch_queue_pause_ends_when_the_rollout_does() -> None:
+    """Between rounds the watch pauses; the rollout's end cuts the pause short, so the
+    watcher hears of it at once, not a round later."""
+    queue = WatchQueue()
+    paused = asyncio.create_task(queue.pause(60))
+    await asyncio.sleep(0.05)
+    assert not paused.done()  # nothing ended: a pause is a pause
+    queue.put_task(task(1, TaskState.SUCCEEDED), NOW)  # a host's change waits out the pause
+    await asyncio.sleep(0.05)
+    assert not paused.done()
+    queue.put_end(RolloutEvent(NOW, state=RolloutState.SUCCEEDED))
+    await asyncio.wait_for(paused, 5)
+    events, end = queue.take()
+    assert end
+    assert [e.state for e in events if e.task is None] == [RolloutState.SUCCEEDED]
 
 
 # Batches of watch events
@@ -404,6 +425,76 @@ async def test_a_server_up_for_long_forgets_ended_work_and_still_knows_who_holds
         assert {t.agent for t in first.tasks.values()} == {"h0", "h1"}
 
 
+# What an agent sends, and when
+
+
+def _order_runner(sent: list[pb.ConnectRequest]) -> OrderRunner:
+    manager = SimpleNamespace(
+        send=sent.append,
+        remember=lambda *_: None,
+        received=dict.fromkeys(SOURCES, 0),
+        settings=OrderSettings(),
+    )
+    return OrderRunner(cast(OrderManager, manager), agent_pb2.PullOrder(order_id="o1"))
+
+
+async def test_an_agent_sends_a_passing_state_only_once_it_lasts() -> None:
+    """Accepted, verifying and loading often pass in milliseconds: one that a later state
+    replaces within SETTLE is never sent; one that lasts is; the rest go at once."""
+    sent: list[pb.ConnectRequest] = []
+    runner = _order_runner(sent)
+
+    def states() -> list[str]:
+        return [agent_pb2.TaskState.Name(m.task_update.state)[11:] for m in sent]
+
+    runner.update(agent_pb2.TASK_STATE_ACCEPTED)
+    assert states() == []
+    runner.update(agent_pb2.TASK_STATE_DOWNLOADING)
+    assert states() == ["DOWNLOADING"]
+    runner.update(agent_pb2.TASK_STATE_VERIFYING)
+    runner.update(agent_pb2.TASK_STATE_LOADING)  # a load that takes a while
+    await asyncio.sleep(SETTLE * 2)
+    assert states() == ["DOWNLOADING", "LOADING"]  # verifying passed, loading lasted
+    runner.update(agent_pb2.TASK_STATE_SUCCEEDED)
+    assert states() == ["DOWNLOADING", "LOADING", "SUCCEEDED"]
+    assert runner.last is sent[-1]
+
+    sent.clear()
+    failing = _order_runner(sent)
+    failing.update(agent_pb2.TASK_STATE_ACCEPTED)
+    assert failing.last is not None  # a reconnect reports it, sent or not
+    failing.update(agent_pb2.TASK_STATE_FAILED, "no room")
+    await asyncio.sleep(SETTLE * 2)
+    assert states() == ["FAILED"]  # the accepted never follows it
+    assert sent[0].task_update.error == "no room"
+
+
+async def test_following_downloads_ends_with_the_last_not_at_the_next_tick() -> None:
+    """follow() returns when the last download ends: the order's next state does not wait
+    out the rest of a progress tick (up to 250 ms added to every order)."""
+    downloads = [
+        SimpleNamespace(finished=asyncio.Event(), status=lambda: SimpleNamespace())
+        for _ in range(2)
+    ]
+    ticks: list[float] = []
+    following = asyncio.create_task(
+        follow(
+            cast(BlobFetcher, None),
+            cast(list[BlobDownload], downloads),
+            read_range=cast(ReadRange, None),
+            fallback_after=60,
+            on_tick=lambda: ticks.append(time.monotonic()),
+        )
+    )
+    await asyncio.sleep(0.01)
+    downloads[0].finished.set()
+    await asyncio.sleep(0.01)
+    assert not following.done()  # one of two ended
+    downloads[1].finished.set()
+    await asyncio.wait_for(following, 5)
+    assert ticks == []  # both ended inside the first tick, and nothing waited for it
+
+
 # Peers and peer hints
 
 
@@ -712,16 +803,11 @@ async def test_a_rollout_to_many_hosts_with_a_fast_and_a_stalled_watcher(
     for record in history.records:
         if record.agent_name:
             per_host.setdefault(record.agent_name, []).append(record.task_state)
-    states = [
-        agent_pb2.TASK_STATE_PENDING,
-        agent_pb2.TASK_STATE_ACCEPTED,
-        agent_pb2.TASK_STATE_DOWNLOADING,
-        agent_pb2.TASK_STATE_VERIFYING,
-        agent_pb2.TASK_STATE_LOADING,
-        succeeded,
-    ]
+    # The simulated hosts send what docket-agent sends when verifying and loading pass
+    # within SETTLE: neither, nor the accepted before its download.
+    states = [agent_pb2.TASK_STATE_PENDING, agent_pb2.TASK_STATE_DOWNLOADING, succeeded]
     assert per_host == {name: states for name in names}
-    assert len(history.records) == 6 * count + 2  # and the rollout's start and end
+    assert len(history.records) == 3 * count + 2  # and the rollout's start and end
 
 
 @dataclass

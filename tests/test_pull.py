@@ -84,11 +84,13 @@ def test_rollout_loads_the_image_on_every_host_and_a_sibling_moves_only_new_laye
         history = json.loads(shown.stdout)["history"]
         for name in names:
             states = [h["state"] for h in history if h["host"] == name]
-            # "verifying" may pass too fast to be seen: the sha256 is done with the last piece.
-            assert {"accepted", "downloading", "loading", "succeeded"} <= set(states), states
-            assert (
-                states.index("downloading") < states.index("loading") < states.index("succeeded")
-            ), states
+            # The agent sends accepted, verifying and loading only once they last 250 ms
+            # (SETTLE): each may be there or not, in its place.
+            assert states[0] == "pending", states
+            assert states[-1] == "succeeded", states
+            assert "downloading" in states, states
+            flow = ["pending", "accepted", "downloading", "verifying", "loading", "succeeded"]
+            assert states == sorted(states, key=flow.index), states
         for name in names:  # the engine was fed the layers while they arrived
             loaded_lines = [
                 x for x in agents_by_name[name].log_tail(400).splitlines() if "image loaded" in x

@@ -124,6 +124,7 @@ class WatchQueue:
         self._end: RolloutEvent | None = None
         self._closed = False
         self._ready = asyncio.Event()
+        self._ending = asyncio.Event()  # the end (or a close) is pending: it goes out at once
         self.peak = 0  # the most host events ever pending at once
 
     def __len__(self) -> int:
@@ -138,11 +139,21 @@ class WatchQueue:
     def put_end(self, event: RolloutEvent) -> None:
         self._end = event
         self._ready.set()
+        self._ending.set()
 
     def close(self) -> None:
         """Ends the watch (the server stops) after what is pending."""
         self._closed = True
         self._ready.set()
+        self._ending.set()
+
+    async def pause(self, seconds: float) -> None:
+        """Sleeps between rounds, for ``seconds`` or until the end is pending: a watcher
+        learns the rollout ended (and the host changes that ended it) without waiting out
+        the round."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(seconds, 0.0)):
+                await self._ending.wait()
 
     def take(self) -> tuple[list[RolloutEvent], bool]:
         """Everything pending, without waiting; and whether the watch is over."""
@@ -414,7 +425,7 @@ class Rollouts:
                 if end:
                     return
                 # What changes meanwhile waits, coalesced, for the next round.
-                await asyncio.sleep(self.watch_interval - (time.monotonic() - began))
+                await queue.pause(self.watch_interval - (time.monotonic() - began))
         finally:
             watchers.remove(queue)
             if not watchers:

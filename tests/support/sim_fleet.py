@@ -263,9 +263,9 @@ class Reporter:
             every = max(every, order.progress_interval.ToTimedelta().total_seconds())
         ticks = max(1, round(self.config.download_seconds / every))
         per_tick = max(1, math.ceil(total_pieces / ticks))
-        self._update(order.order_id, agent_pb2.TASK_STATE_ACCEPTED, 0)
         # As docket-agent does: every blob it fetches, none held yet, before DOWNLOADING (the
-        # server counts a downloading host's unreported blobs as cached).
+        # server counts a downloading host's unreported blobs as cached). Accepted, verifying
+        # and loading pass in less than docket-agent's SETTLE here, and it sends none of them.
         start = agent_pb2.PieceProgress(order_id=order.order_id)
         for blob, _, count in pieces:
             start.blobs.append(agent_pb2.BlobProgress(digest=blob.digest, total_pieces=count))
@@ -300,10 +300,6 @@ class Reporter:
             peer.received_bytes = held
             progress.peers.append(peer)
             self._queue(pb.ConnectRequest(piece_progress=progress), "", held)
-        await asyncio.sleep(every)
-        self._update(order.order_id, agent_pb2.TASK_STATE_VERIFYING, total_bytes)
-        if order.load:
-            self._update(order.order_id, agent_pb2.TASK_STATE_LOADING, total_bytes)
         self._update(
             order.order_id,
             agent_pb2.TASK_STATE_SUCCEEDED,
