@@ -81,7 +81,7 @@ from dockerhosts import (  # noqa: E402
     pull_everywhere_timed,
     remove_everywhere,
 )
-from procstat import cpu_seconds  # noqa: E402
+from procstat import cpu_seconds, machine_busy, machine_jiffies  # noqa: E402
 
 from tests.support.registry import ReferenceRegistry  # noqa: E402
 
@@ -210,6 +210,9 @@ class DocketRun:
     cached_seconds: float | None = None
     loaded_seconds: float | None = None
     dockerd_cpu: float | None = None  # the hosts' dockerds (and children), when loading
+    # The share of the machine's cores busy during the rollout (every process, the kernel's
+    # network shaping too): near 1, the run is bound by this machine's CPU, not its links.
+    machine_busy: float | None = None
     # The rollout's create_time (server clock, the same machine's) less the command's start:
     # docketctl's start-up and the CreateRollout call, before any order goes out.
     created_seconds: float | None = None
@@ -322,6 +325,9 @@ class Row:
             "dockerd_cpu_s_per_gb": num(self.per_gb([x.dockerd_cpu for x in self.docket])),
             "central_cpu_s_per_gb": num(self.per_gb([x.cpu for x in self.central])),
             "server_sent_over_size": num(self.server_sent_ratio),
+            "machine_busy": num(
+                self.med([x.machine_busy for x in self.docket if x.machine_busy is not None])
+            ),
         }
         for name, side in (("plaintext", self.plaintext), ("compare", self.compare)):
             if side:
@@ -364,6 +370,12 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def percent(value: float | None) -> str:
+    if value is None or value != value:
+        return "-"
+    return f"{value * 100:.0f} %"
+
+
 def markdown(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
@@ -404,6 +416,7 @@ TTR_COLUMNS = (
     "agents CPU s/GB",
     "dockerd CPU s/GB",
     "central CPU s/GB",
+    "machine CPU busy",
     "runs Docket/central",
 )
 
@@ -431,6 +444,7 @@ def ttr_table(rows: Sequence[Row]) -> str:
                 fmt(r.per_gb([x.agents_cpu for x in r.docket]), 1),
                 fmt(r.per_gb([x.dockerd_cpu for x in r.docket]), 1),
                 fmt(r.per_gb([x.cpu for x in r.central]), 1),
+                percent(r.med([x.machine_busy for x in r.docket if x.machine_busy is not None])),
                 f"{len(r.docket)}/{len(r.central)}",
             ]
         )
@@ -790,6 +804,7 @@ class DocketSide:
         server_pid, agent_pids = self.procs[0].pid, [p.pid for p in self.procs[1:]]
         engines = [self.engines[h.index] for h in agents if h.index in self.engines]
         cpu0 = cpu_seconds(server_pid), sum(cpu_seconds(p) for p in agent_pids)
+        machine0 = machine_jiffies()
         dockerd = EngineCPU(engines) if load and engines else None
         name = name or f"run{run}"
         out_path = self.logs / f"{self.tag}-{name}-rollout.jsonl"
@@ -800,6 +815,7 @@ class DocketSide:
             proc = h0.popen(args, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=self.env())
             code = proc.wait(timeout=20 * 60)
             seconds = time.monotonic() - started
+        busy = machine_busy(machine0, machine_jiffies())
         server_cpu = cpu_seconds(server_pid) - cpu0[0]
         agents_cpu = sum(cpu_seconds(p) for p in agent_pids) - cpu0[1]
         dockerd_cpu = dockerd.stop() if dockerd is not None else None
@@ -836,6 +852,7 @@ class DocketSide:
             cached_seconds=_last([e.get("cached_s") for e in events]),
             loaded_seconds=_last([e.get("loaded_s") for e in events]) if load else None,
             dockerd_cpu=dockerd_cpu,
+            machine_busy=busy,
             created_seconds=_since(summary.get("create_time"), wall_start),
             side=self.label,
             loaded=load,
@@ -1532,7 +1549,10 @@ TTR_NOTES = (
     "`skopeo copy` to dir: (prefetch) or `docker pull` into the hosts' dockerds of the same "
     "uncompressed layers (loaded), start to the last exit. CPU s/GB: CPU seconds during the "
     "rollout over N x F in GB (medians of the runs): the agents summed; the hosts' dockerds "
-    "and their children (loaded rows); the central side's skopeos or dockerds."
+    "and their children (loaded rows); the central side's skopeos or dockerds. machine CPU "
+    "busy: the share of all the machine's cores busy during Docket's rollouts (every host, "
+    "server and engine share them; near 100 %, the row is bound by this machine's CPU, not by "
+    "its links)."
 )
 
 

@@ -34,7 +34,7 @@ LAYERS = "1,0.5,0.25,0.1,0.05,0.02,0.01,0.005"
 TTR_HEAD = (
     "| N | image | rate Mbit/s | mode | T_min s | Docket s | Docket/T_min | last piece s "
     "| tail s | central | central s | central/Docket | agents CPU s/GB | dockerd CPU s/GB "
-    "| central CPU s/GB | runs Docket/central |"
+    "| central CPU s/GB | machine CPU busy | runs Docket/central |"
 )
 
 
@@ -127,7 +127,9 @@ def test_time_to_runnable_loaded_layered_compare(prefix: str, tmp_path: Path) ->
     assert agents_cpu > 0, cells
     assert dockerd_cpu > 0, cells
     assert central_cpu > 0, cells
-    assert cells[15] == "1/1", cells
+    busy = cells[15]
+    assert busy.endswith(" %") and 0 < int(busy[:-2]) <= 100, cells
+    assert cells[16] == "1/1", cells
 
     compare_head = next(
         line for line in bench.stdout.splitlines() if line.startswith("| N | image | mode | A s")
