@@ -128,7 +128,8 @@ def test_time_to_runnable_loaded_layered_compare(prefix: str, tmp_path: Path) ->
     assert dockerd_cpu > 0, cells
     assert central_cpu > 0, cells
     busy = cells[15]
-    assert busy.endswith(" %") and 0 < int(busy[:-2]) <= 100, cells
+    assert busy.endswith(" %"), cells
+    assert 0 < int(busy[:-2]) <= 100, cells
     assert cells[16] == "1/1", cells
 
     compare_head = next(
