@@ -301,6 +301,11 @@ class Row:
     def tail_s(self, runs: Sequence[DocketRun]) -> float:
         return self.med([x.tail_seconds for x in runs if x.tail_seconds is not None])
 
+    @property
+    def machine_busy(self) -> float:
+        """The median share of the machine's cores busy during Docket's runs."""
+        return self.med([x.machine_busy for x in self.docket if x.machine_busy is not None])
+
     def per_gb(self, values: Sequence[float | None]) -> float:
         """The median of CPU seconds over runs, per GB delivered (N x F)."""
         known = [v for v in values if v is not None]
@@ -325,9 +330,7 @@ class Row:
             "dockerd_cpu_s_per_gb": num(self.per_gb([x.dockerd_cpu for x in self.docket])),
             "central_cpu_s_per_gb": num(self.per_gb([x.cpu for x in self.central])),
             "server_sent_over_size": num(self.server_sent_ratio),
-            "machine_busy": num(
-                self.med([x.machine_busy for x in self.docket if x.machine_busy is not None])
-            ),
+            "machine_busy": num(self.machine_busy),
         }
         for name, side in (("plaintext", self.plaintext), ("compare", self.compare)):
             if side:
@@ -444,7 +447,7 @@ def ttr_table(rows: Sequence[Row]) -> str:
                 fmt(r.per_gb([x.agents_cpu for x in r.docket]), 1),
                 fmt(r.per_gb([x.dockerd_cpu for x in r.docket]), 1),
                 fmt(r.per_gb([x.cpu for x in r.central]), 1),
-                percent(r.med([x.machine_busy for x in r.docket if x.machine_busy is not None])),
+                percent(r.machine_busy),
                 f"{len(r.docket)}/{len(r.central)}",
             ]
         )

@@ -40,6 +40,7 @@ from typing import Any, BinaryIO
 import libtorrent as lt
 import structlog
 
+from docket_common.aio import wait_event
 from docket_common.bt import TorrentSession, split_host_port
 from docket_common.digest import hex_part
 from docket_common.resumable_sha256 import ResumableSha256
@@ -421,7 +422,7 @@ class BlobFetcher(TorrentSession):
             if (end - download.hashed_pieces) * length < HASH_BATCH and end < download.piece_count:
                 # Let a run gather: one flush for many pieces. Not past the last piece: the
                 # blob's digest is what the order waits for then.
-                await _wait_event(download.finished, HASH_WAIT)
+                await wait_event(download.finished, HASH_WAIT)
                 end = self._held_prefix(download)
             await self._wait_for(self._flushes, download.spec.digest, download.handle.flush_cache)
             first, last = download.hashed_pieces * length, min(end * length, size)
@@ -826,14 +827,6 @@ def _sha256_file(path: Path) -> str:
 
 ReadRange = Callable[[str, int, int], Awaitable[bytes]]
 TICK = 0.25  # how often follow() calls on_tick: an agent's reports come at most this often
-
-
-async def _wait_event(event: asyncio.Event, seconds: float) -> bool:
-    """Waits until ``event`` is set, for at most ``seconds``; whether it is set."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await event.wait()
-    return event.is_set()
 
 
 def _release_held(fetcher: BlobFetcher, downloads: list[BlobDownload]) -> None:

@@ -26,6 +26,7 @@ from typing import Protocol
 
 import structlog
 
+from docket_common.aio import wait_event
 from docket_common.errors import Reason
 from docket_common.manifest import Descriptor, Platform, select_platform
 from docket_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -151,9 +152,7 @@ class WatchQueue:
         """Sleeps between rounds, for ``seconds`` or until the end is pending: a watcher
         learns the rollout ended (and the host changes that ended it) without waiting out
         the round."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(seconds, 0.0)):
-                await self._ending.wait()
+        await wait_event(self._ending, seconds)
 
     def take(self) -> tuple[list[RolloutEvent], bool]:
         """Everything pending, without waiting; and whether the watch is over."""
