@@ -134,4 +134,24 @@ def test_a_claim_takes_at_most_a_fair_share_of_the_blob() -> None:
     assert w.claim("b", 100 * PIECE) == [3, 4, 5]
     w.tasks["order-c"].state = TaskState.FAILED  # c and d no longer fetch: 2 hosts, 5 each
     w.tasks["order-d"].state = TaskState.CANCELLED
-    assert w.claim("a", 100 * PIECE) == [6, 7, 8, 9]
+    assert w.claim("a", 100 * PIECE) == [6, 7, 8]  # 6 in all: 115 % of 5
+    assert w.claim("b", 100 * PIECE) == [9]
+
+
+def test_no_host_is_handed_much_more_than_its_share_however_fast_it_claims() -> None:
+    """Each host sends its first pieces to all the others: the one handed the most sets the
+    rollout's time, so a host that claims faster than the rest stops at 115 % of its share
+    and the others get theirs."""
+    w = World("a", "b", "c", "d")
+    pieces = 100
+    got = []
+    while claimed := w.first.claim(DIGEST, pieces, PIECE, "a", 10 * PIECE):
+        got += claimed
+    assert len(got) == 29  # 25 a host, and 15 % over
+    assert w.first.claim(DIGEST, pieces, PIECE, "a", PIECE) == []
+    rest = [w.first.claim(DIGEST, pieces, PIECE, x, 100 * PIECE) for x in ("b", "c", "d")]
+    assert [len(r) for r in rest] == [25, 25, 21]  # each at most a share per claim
+    assert sorted(got + [i for r in rest for i in r]) == list(range(pieces))  # each piece once
+    del w.sessions["d"]  # d went away with its 21: 3 hosts now, 39 each at most
+    assert w.first.claim(DIGEST, pieces, PIECE, "a", 100 * PIECE) == list(range(79, 89))
+    assert w.first.claim(DIGEST, pieces, PIECE, "b", 100 * PIECE) == list(range(89, 100))

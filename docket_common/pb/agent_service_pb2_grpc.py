@@ -85,7 +85,9 @@ class AgentServiceServicer:
         """Hands an agent the next first copies of a blob's pieces, for an order with
         claim_first_pieces set. Each piece goes to the first agent that asks while no online
         agent holds it or was handed it in the last 15 s, so the server sends every piece about
-        once and the agents trade the rest over BitTorrent. The agent calls again (a few calls
+        once and the agents trade the rest over BitTorrent. No agent is handed more than 115 %
+        of its share (the blob's pieces over the agents fetching it): once it has, the answer
+        has no pieces. The agent calls again (a few calls
         at a time) until the answer has no pieces: from then on peers, and then the server's
         seed, deliver what is missing. The agent hands each piece to libtorrent, which checks
         its hash.

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from docket_server.domain.orders import OrderBook, TaskState
 
 CLAIM_SECONDS = 15.0
+SHARE_OVER_PERCENT = 115  # the most one host is handed, in percent of its fair share
 MAX_CLAIM_BYTES = 2 << 20  # keeps answers under gRPC's default 4 MiB message limit
 FORGET_SECONDS = 600.0  # a blob nobody claimed pieces of for this long is forgotten
 _GONE = (TaskState.QUEUED, TaskState.FAILED, TaskState.CANCELLED)
@@ -54,7 +55,8 @@ class FirstPieces:
     ) -> list[int]:
         """Picks the next pieces of a blob for ``agent`` (whose order fetches it): at most
         ``max_bytes`` of them (capped at 2 MiB), at least one; none when every piece is held
-        by an online host or was handed to one in the last CLAIM_SECONDS."""
+        by an online host or was handed to one in the last CLAIM_SECONDS, or when ``agent``
+        has had SHARE_OVER_PERCENT of its fair share (the blob over the hosts fetching it)."""
         now = self.clock()
         self._forget(now)
         handed = self._blobs.get(digest)
@@ -73,6 +75,13 @@ class FirstPieces:
         # one claim, and the first host to ask took it all; the others then waited for that
         # host's uplink instead of each getting an eighth from the server and trading.
         want = min(want, -(-piece_count // max(fetching, 1)))
+        # And a little over a fair share in all: each host passes its first pieces on to all
+        # the others, so the host handed the most sets the time. Without a cap the hosts that
+        # claimed fastest took up to 1.4 times their share (8 hosts, 64 MiB), and their
+        # uplinks then had 7 copies of that to send. With 15 % over, 7 of 8 hosts still cover
+        # a blob; a host that stops claiming leaves its share to the others' caps or the seed.
+        most = -(-piece_count * SHARE_OVER_PERCENT // (100 * max(fetching, 1)))
+        want = min(want, most - handed.to.count(agent))
         picked: list[int] = []
         for index in range(piece_count):
             if held is None or len(picked) >= want:
