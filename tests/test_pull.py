@@ -149,6 +149,9 @@ def test_pieces_flow_between_agents_not_only_from_the_server(
         sent = sum(h["server_bytes"] for h in hosts.values())
         print(f"server sent {sent / size:.2f}x the image, {first / size:.2f}x as first pieces")
         assert 0.9 * size <= first <= sent <= 1.3 * size
+        # And none was handed much more than its share: each passes its pieces on to all.
+        most = max(h["first_piece_bytes"] for h in hosts.values())
+        assert most <= 1.15 * size / len(names) + 2 * MiB, (most, size)
     finally:
         server.stop()
 
