@@ -137,15 +137,7 @@ class Tracker:
         # Retry if opentracker cannot start on the port (its UDP side is not reserved).
         for attempt in range(3):
             self._reservation, self.port = reserve_port()
-            log = self._log_path.open("wb")
-            self._proc = subprocess.Popen(
-                [binary, *self._args()],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self._dir,
-            )
-            log.close()
+            self._launch(binary, "wb")
             try:
                 self._wait_ready()
                 return
@@ -161,7 +153,11 @@ class Tracker:
         stop_process(self._proc)
         binary = find_opentracker()
         assert binary is not None
-        log = self._log_path.open("ab")
+        self._launch(binary, "ab")
+        self._wait_ready()
+
+    def _launch(self, binary: str, log_mode: str) -> None:
+        log = self._log_path.open(log_mode)
         self._proc = subprocess.Popen(
             [binary, *self._args()],
             stdin=subprocess.DEVNULL,
@@ -170,7 +166,6 @@ class Tracker:
             cwd=self._dir,
         )
         log.close()
-        self._wait_ready()
 
     def _args(self) -> list[str]:
         """Bind 127.0.0.1 only, TCP and UDP on our port (UDP would take 6969 otherwise);
