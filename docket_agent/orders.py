@@ -249,12 +249,13 @@ class OrderRunner:
                 self.m.fetcher.drop(digest)
             for blob in missing:
                 download = self.m.fetcher.download(_spec(blob), self.peers, hold=self.held)
-                if self.claims:
-                    self.m.fetcher.claim_first_pieces(
-                        download,
-                        lambda digest, max_bytes: self.m.claim(digest, self.id, max_bytes),
-                    )
                 self.downloads[blob.digest] = download
+                if not self.claims:
+                    continue
+                self.m.fetcher.claim_first_pieces(
+                    download,
+                    lambda digest, max_bytes: self.m.claim(digest, self.id, max_bytes),
+                )
                 # This blob's claims go out now, before the next blob's torrent is added and
                 # before the questions to libtorrent below: each is a round trip to its
                 # network thread, busy at a rollout's start with the TLS handshakes of every

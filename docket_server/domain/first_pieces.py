@@ -74,13 +74,14 @@ class FirstPieces:
         # At most a fair share of the blob per claim: a small blob (1 MiB to 8 hosts) fits in
         # one claim, and the first host to ask took it all; the others then waited for that
         # host's uplink instead of each getting an eighth from the server and trading.
-        want = min(want, -(-piece_count // max(fetching, 1)))
+        hosts = max(fetching, 1)
+        want = min(want, -(-piece_count // hosts))
         # And a little over a fair share in all: each host passes its first pieces on to all
         # the others, so the host handed the most sets the time. Without a cap the hosts that
         # claimed fastest took up to 1.4 times their share (8 hosts, 64 MiB), and their
         # uplinks then had 7 copies of that to send. With 15 % over, 7 of 8 hosts still cover
         # a blob; a host that stops claiming leaves its share to the others' caps or the seed.
-        most = -(-piece_count * SHARE_OVER_PERCENT // (100 * max(fetching, 1)))
+        most = -(-piece_count * SHARE_OVER_PERCENT // (100 * hosts))
         want = min(want, most - handed.to.count(agent))
         picked: list[int] = []
         for index in range(piece_count):

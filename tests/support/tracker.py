@@ -99,6 +99,7 @@ class Tracker:
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
         self._reservation: socket.socket | None = None
+        self._binary = ""  # the opentracker started (_start), for a restart
 
     @property
     def announce_url(self) -> str:
@@ -130,6 +131,7 @@ class Tracker:
         self.stop()
 
     def _start(self, binary: str) -> None:
+        self._binary = binary
         # Not pytest's tmp_path: that is 0700, and a root opentracker reads as nobody.
         self._dir = Path(tempfile.mkdtemp(prefix="docket-tracker-"))
         self._dir.chmod(0o755)
@@ -137,7 +139,7 @@ class Tracker:
         # Retry if opentracker cannot start on the port (its UDP side is not reserved).
         for attempt in range(3):
             self._reservation, self.port = reserve_port()
-            self._launch(binary, "wb")
+            self._launch("wb")
             try:
                 self._wait_ready()
                 return
@@ -151,15 +153,13 @@ class Tracker:
         """A new opentracker on the same port, reading the whitelist as it is now."""
         assert self._proc is not None
         stop_process(self._proc)
-        binary = find_opentracker()
-        assert binary is not None
-        self._launch(binary, "ab")
+        self._launch("ab")
         self._wait_ready()
 
-    def _launch(self, binary: str, log_mode: str) -> None:
+    def _launch(self, log_mode: str) -> None:
         log = self._log_path.open(log_mode)
         self._proc = subprocess.Popen(
-            [binary, *self._args()],
+            [self._binary, *self._args()],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
