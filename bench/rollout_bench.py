@@ -98,6 +98,7 @@ AGENT_BT_PORT = 6881
 AGENT_REGISTRY_PORT = 5001  # the agents' registry face, inside each host, when on
 REGISTRY_PORT = 5000
 GROUP = "bench"
+DUPLICATE = "duplicate peer-id"  # libtorrent's reason for a connection it closed as a duplicate
 
 TABLE_COLUMNS = (
     "N",
@@ -233,6 +234,12 @@ class DocketRun:
         return sum(int(h["peer_bytes"]) for h in self.hosts)
 
     @property
+    def duplicates(self) -> int:
+        """Peer connections the hosts closed as duplicates while fetching (two hosts that
+        dialled each other at once), from their logs."""
+        return sum(int((e.get("disconnects") or {}).get(DUPLICATE, 0)) for e in self.agent_events)
+
+    @property
     def tail_seconds(self) -> float | None:
         """What comes after the bytes: the rollout's time less the last piece's."""
         if self.last_piece_seconds is None:
@@ -331,6 +338,7 @@ class Row:
             "central_cpu_s_per_gb": num(self.per_gb([x.cpu for x in self.central])),
             "server_sent_over_size": num(self.server_sent_ratio),
             "machine_busy": num(self.machine_busy),
+            "duplicate_disconnects": sum(x.duplicates for x in self.docket),
         }
         for name, side in (("plaintext", self.plaintext), ("compare", self.compare)):
             if side:
@@ -906,6 +914,12 @@ class DocketSide:
                         for key in ("download_s", "verify_s", "blobs"):
                             if key in event:
                                 found[key] = event[key]
+                        # Peer connections that ended while blobs were in flight, by why.
+                        ended: dict[str, int] = {}
+                        for timeline in event.get("timelines") or []:
+                            for reason, count in (timeline.get("disconnects") or {}).items():
+                                ended[reason] = ended.get(reason, 0) + int(count)
+                        found["disconnects"] = ended
                     elif event.get("event") == "image loaded":
                         found["loaded_s"] = round(at - wall_start, 3)
                         for key in ("load_s", "order_s", "overlapped"):
@@ -1559,6 +1573,16 @@ TTR_NOTES = (
 )
 
 
+def duplicates_line(rows: Sequence[Row]) -> str:
+    """How many Docket rollouts lost peer connections as duplicates, and how many."""
+    runs = [x for r in rows for x in r.docket]
+    hit = [x.duplicates for x in runs if x.duplicates]
+    return (
+        f"Peer connections closed as duplicates while fetching (two hosts that dialled each "
+        f"other at once): {sum(hit)}, in {len(hit)} of {len(runs)} Docket rollouts."
+    )
+
+
 def print_single(rows: Sequence[Row], args: argparse.Namespace) -> None:
     case = rows[0].case if rows else None
     mode = "load into Docker" if args.with_load else "--prefetch-only"
@@ -1605,6 +1629,7 @@ def print_single(rows: Sequence[Row], args: argparse.Namespace) -> None:
     print(ttr_table(rows))
     print("\n" + TTR_NOTES + "\n")
     print(details_table(rows))
+    print("\n" + duplicates_line(rows))
     print("\nPer host, last run of each N:\n")
     print(hosts_table(rows))
 
@@ -1631,6 +1656,7 @@ def print_matrix(rows: Sequence[Row], args: argparse.Namespace, took: float) -> 
         print(tls_table(rows))
     print("\nWho sent what:\n")
     print(details_table(rows, cases=True))
+    print("\n" + duplicates_line(rows))
 
 
 if __name__ == "__main__":

@@ -80,6 +80,16 @@ class AgentCollector(Collector):
             "Pieces received from peers that failed their hash (and were fetched again).",
             value=a.fetcher.hash_failed_pieces,
         )
+        disconnects = CounterMetricFamily(
+            "docket_agent_peer_disconnects",
+            "BitTorrent connections to peers that ended, by libtorrent's reason (torrent "
+            "finished, upload to upload connection, duplicate peer-id, end of file, "
+            "connection reset by peer, ...).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(a.fetcher.peer_disconnects.items()):
+            disconnects.add_metric([reason], count)
+        yield disconnects
         yield GaugeMetricFamily(
             "docket_agent_downloads_in_flight",
             "Blobs being fetched now.",

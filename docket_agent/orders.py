@@ -97,6 +97,9 @@ class OrderRunner:
         self.claims = order.claim_first_pieces and manager.settings.claim_first_pieces
         self.counted = dict.fromkeys(SOURCES, 0)  # of the bytes reported, those counted
         self.peers, self.held = self.split_peers(order)
+        # Peers the server told this host about after its order (PeerHint): hosts that
+        # started later, whose own orders name this one, so they dial it.
+        self.hinted: list[str] = []
         # Progress goes up every tick of follow() (TICK), or as seldom as the server asks
         # when many hosts fetch at once.
         self.progress_every = TICK
@@ -248,7 +251,9 @@ class OrderRunner:
             for digest in self.m.cache.make_disk_room(blobs):
                 self.m.fetcher.drop(digest)
             for blob in missing:
-                download = self.m.fetcher.download(_spec(blob), self.peers, hold=self.held)
+                download = self.m.fetcher.download(
+                    _spec(blob), self.peers, hold=self.held, answer=self.hinted
+                )
                 self.downloads[blob.digest] = download
                 if not self.claims:
                     continue
@@ -475,9 +480,9 @@ class OrderManager:
             runner = self.runners.get(message.peer_hint.order_id)
             if runner is not None:
                 endpoints = [p.endpoint for p in message.peer_hint.peers]
-                runner.peers += endpoints
+                runner.hinted += endpoints
                 for download in runner.downloads.values():
-                    self.fetcher.add_peers(download, endpoints)
+                    self.fetcher.answer(download, endpoints)
         elif kind == "cancel_order":
             runner = self.runners.get(message.cancel_order.order_id)
             if runner is not None and runner.task is not None:

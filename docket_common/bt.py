@@ -28,7 +28,9 @@ ALERT_MASK = (
 )
 
 
-def session_settings(listen: str, *, user_agent: str) -> dict[str, Any]:
+def session_settings(
+    listen: str, *, user_agent: str, alert_mask: int = ALERT_MASK
+) -> dict[str, Any]:
     """Settings for a Docket libtorrent session listening on ``listen`` ("host:port")."""
     return {
         "listen_interfaces": listen,
@@ -57,7 +59,7 @@ def session_settings(listen: str, *, user_agent: str) -> dict[str, Any]:
         # Dial a peer that went away (the server's seed during a restart) again after a few
         # seconds, not a minute: a fleet has few peers and they come back.
         "min_reconnect_time": 2,
-        "alert_mask": ALERT_MASK,
+        "alert_mask": alert_mask,
     } | _overrides()
 
 
@@ -87,6 +89,7 @@ class TorrentSession:
     """
 
     POLL_SECONDS = 0.1  # how long shutdown may wait for the alert thread
+    ALERTS = ALERT_MASK  # the alert categories the session posts
 
     def __init__(
         self,
@@ -125,7 +128,7 @@ class TorrentSession:
         if self._peer_cert is not None:
             # The one listener is TLS: SSL torrents are dialled, and accepted, there only.
             listen = ",".join(f"{part.strip()}s" for part in listen.split(","))
-        settings = session_settings(listen, user_agent=self.user_agent)
+        settings = session_settings(listen, user_agent=self.user_agent, alert_mask=self.ALERTS)
         settings["download_rate_limit"] = self.download_rate_limit
         settings["upload_rate_limit"] = self.upload_rate_limit
         self._session = lt.session(settings)  # type: ignore[call-overload]  # a dict works

@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ import libtorrent as lt
 import structlog
 
 from docket_common.aio import wait_event
-from docket_common.bt import TorrentSession, split_host_port
+from docket_common.bt import ALERT_MASK, TorrentSession, split_host_port
 from docket_common.digest import hex_part
 from docket_common.resumable_sha256 import ResumableSha256
 from docket_common.resumable_sha256 import available as resumable_available
@@ -62,6 +63,8 @@ MAX_CLAIM_BYTES = 2 << 20
 # still has every host holding pieces the others lack, while each host's pieces arrive near
 # enough in order for the in-order sha256 and a `docker load` fed from it to keep up.
 PIECE_ORDERS = ("sequential", "rarest-first")
+# A new torrent is resumed when libtorrent says it is set up, or after this long at most.
+RESUME_WAIT = 0.2
 HASH_BATCH = 4 << 20  # the in-order hash reads the file in runs of at least this many bytes,
 HASH_WAIT = 0.1  # or of what came in this many seconds
 CHECKPOINT_BYTES = 16 << 20  # the in-order hash's state is saved this often
@@ -119,6 +122,12 @@ class BlobDownload:
     first_claim: tuple[float, float] | None = None  # the first claim's call and answer
     # Peers dialled only once first pieces ran out and peers stopped delivering: the seed.
     held_peers: list[str] = field(default_factory=list)
+    # Peers expected to dial this host, dialled only after the resume (BlobFetcher.answer).
+    answer_peers: list[str] = field(default_factory=list)
+    resumed: bool = False  # the torrent was added paused; resumed once libtorrent set it up
+    # Connections to peers that ended while it was in flight, by why (for the log).
+    disconnects: dict[str, int] = field(default_factory=dict)
+    resume_timer: asyncio.TimerHandle | None = None
     # Set (and replaced) whenever a piece arrives or the download ends: what readers of its
     # pieces wait on (wait_for_piece).
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -217,11 +226,15 @@ class BlobDownload:
             if self.first_claim is None
             else [since(self.first_claim[0]), since(self.first_claim[1])],
             "bittorrent_bytes": self.bittorrent_bytes,
+            "disconnects": dict(self.disconnects),
         }
 
 
 class BlobFetcher(TorrentSession):
     """A libtorrent session that fetches blobs into a cache directory and seeds them."""
+
+    # Its peers' connections too: why they end is counted (peer_disconnects).
+    ALERTS = ALERT_MASK | lt.alert.category_t.connect_notification
 
     def __init__(
         self,
@@ -250,6 +263,8 @@ class BlobFetcher(TorrentSession):
         self._flushes: dict[str, asyncio.Future[None]] = {}
         self._reads: dict[tuple[str, int], list[asyncio.Future[bytes]]] = {}
         self.hash_failed_pieces = 0  # pieces peers sent that failed their hash (metrics)
+        # Connections to peers that ended, by why (the error libtorrent gives), for metrics.
+        self.peer_disconnects: Counter[str] = Counter()
 
     @property
     def downloads_in_flight(self) -> int:
@@ -330,14 +345,21 @@ class BlobFetcher(TorrentSession):
         return self.partial_dir / hexd[:2] / hexd
 
     def download(
-        self, spec: BlobSpec, peers: Iterable[str], hold: Iterable[str] = ()
+        self,
+        spec: BlobSpec,
+        peers: Iterable[str],
+        hold: Iterable[str] = (),
+        answer: Iterable[str] = (),
     ) -> BlobDownload:
         """Starts fetching a blob (or returns its fetch in flight) and dials the peers; the
         ``hold`` peers are dialled by ``follow`` once first pieces ran out (or at once, when
-        none are claimed)."""
+        none are claimed). The ``answer`` peers are expected to dial this host: they are
+        dialled only in libtorrent's next connect round, by when their own dial has merged
+        with them (two hosts that dial each other at once both lose both connections)."""
         current = self._downloads.get(spec.digest)
         if current is not None:
             self.add_peers(current, peers)
+            self.answer(current, answer)
             self.hold(current, hold)
             return current
         info = lt.torrent_info(spec.metainfo)
@@ -349,15 +371,25 @@ class BlobFetcher(TorrentSession):
         # Added paused and resumed once the peers are in: resuming connects to them at once.
         # Peers added to a running torrent wait for libtorrent's once-a-second connect round
         # (measured: 0.4-1 s before the first byte from a peer, at every rollout's start).
+        # A resume dials at once only once libtorrent has set the torrent up: a new torrent
+        # is set up within a millisecond or two, paused (torrent_checked_alert), and resumed
+        # then; one with a partial file is checked only once resumed, so it is resumed at once.
         params.flags = (params.flags | lt.torrent_flags.paused) & ~lt.torrent_flags.auto_managed
         if self.piece_order == "sequential":
             params.flags |= lt.torrent_flags.sequential_download
         handle = self.add_torrent(params)
         download = BlobDownload(spec, handle, info.num_pieces(), info.piece_length())
         self._downloads[spec.digest] = download
+        partial = self.partial_path(spec.digest).exists()
         self.add_peers(download, peers)
         self.hold(download, hold)
-        handle.resume()
+        self.answer(download, answer)
+        if partial:
+            self._resume(download)
+        else:
+            download.resume_timer = asyncio.get_running_loop().call_later(
+                RESUME_WAIT, self._resume, download
+            )
         download.sha256 = asyncio.ensure_future(self._hash_in_order(download))
         download.sha256.add_done_callback(lambda _task: download.notify_hashed())
         return download
@@ -483,6 +515,29 @@ class BlobFetcher(TorrentSession):
             raise DigestMismatchError(
                 f"blob {download.spec.digest} hashes to {actual} after download: discarded"
             )
+
+    def answer(self, download: BlobDownload, peers: Iterable[str]) -> None:
+        """Dials ``peers``, which are expected to dial this host, in libtorrent's next connect
+        round after the torrent's resume: by then their own dial is in, and libtorrent merges
+        the two. Two hosts that dial each other at once can both lose both connections
+        (libtorrent 2.0's update_peer_port: each closes its incoming one as a duplicate of its
+        outgoing one, and each incoming one is the other's outgoing one)."""
+        if download.resumed:
+            self.add_peers(download, peers)
+        else:
+            download.answer_peers += [p for p in peers if p not in download.answer_peers]
+
+    def _resume(self, download: BlobDownload) -> None:
+        """Resumes a download's torrent (once): dials its peers at once, then the answers."""
+        if download.resumed:
+            return
+        download.resumed = True
+        if download.resume_timer is not None:
+            download.resume_timer.cancel()
+        if not download.handle.is_valid():
+            return
+        download.handle.resume()
+        self.add_peers(download, download.answer_peers)  # posted after the resume's dials
 
     def hold(self, download: BlobDownload, peers: Iterable[str]) -> None:
         """Dials ``peers`` once the download's first pieces ran out (see ``follow``)."""
@@ -651,6 +706,9 @@ class BlobFetcher(TorrentSession):
         if handle is None:
             return
         if isinstance(handle, BlobDownload):
+            handle.resumed = True  # never: it is removed
+            if handle.resume_timer is not None:
+                handle.resume_timer.cancel()
             handle.error = handle.error or "dropped"
             handle.finished.set()
             handle.notify()
@@ -699,6 +757,7 @@ class BlobFetcher(TorrentSession):
                 download.notify()
         elif isinstance(alert, lt.torrent_checked_alert):
             if download is not None:
+                self._resume(download)  # set up: a resume now dials the peers at once
                 download.held_pieces()
                 download.notify()
         elif isinstance(alert, lt.read_piece_alert):
@@ -707,6 +766,12 @@ class BlobFetcher(TorrentSession):
             if download is not None:
                 download.finished.set()
                 download.notify()
+        elif isinstance(alert, lt.peer_disconnected_alert):
+            # The error's message: the bindings report close reason 0 for every disconnect.
+            reason = alert.error.message().lower() or "unknown"
+            self.peer_disconnects[reason] += 1
+            if download is not None:
+                download.disconnects[reason] = download.disconnects.get(reason, 0) + 1
         elif isinstance(alert, lt.hash_failed_alert):
             self.hash_failed_pieces += 1
             if download is not None:

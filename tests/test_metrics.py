@@ -314,6 +314,13 @@ def test_prometheus_sees_a_rollout_as_it_was_reported(fleet: Fleet, tmp_path: Pa
             agents, 0
         )
         assert prometheus.values("docket_agent_engine_up", "name") == dict.fromkeys(agents, 0)
+        # Connections ended once the hosts had it all; none lost as a duplicate (two hosts
+        # that dial each other at once).
+        ended = prometheus.values("sum by (name) (docket_agent_peer_disconnects_total)", "name")
+        assert set(ended) == set(agents), ended
+        assert min(ended.values()) >= 1, ended
+        duplicate = 'docket_agent_peer_disconnects_total{reason="duplicate peer-id"}'
+        assert not any(prometheus.values(duplicate, "name").values())
 
         # The server: two agents online, one rollout succeeded, the calls that made it.
         assert prometheus.values("docket_server_agents", "state") == {
