@@ -554,7 +554,7 @@ class BlobFetcher(TorrentSession):
 
     async def _first_pieces(self, download: BlobDownload, claim: ClaimPieces) -> None:
         workers: set[asyncio.Task[None]] = set()
-        most = CLAIM_WORKERS
+        download.claim_workers = CLAIM_WORKERS
 
         async def worker() -> None:
             want = MIN_CLAIM_BYTES  # one piece first: it can be passed on soonest
@@ -576,8 +576,9 @@ class BlobFetcher(TorrentSession):
                 # than calls one after another can fill (a 1 Gbit/s host alone): one more.
                 if rate * CLAIM_SECONDS > MAX_CLAIM_BYTES and len(workers) < MAX_CLAIM_WORKERS:
                     workers.add(asyncio.ensure_future(worker()))
-                    nonlocal most
-                    most = max(most, len(workers))
+                    # Kept as it grows: the blob can be in, and its timeline logged, while
+                    # the last claims (which come back empty) are still out.
+                    download.claim_workers = max(download.claim_workers, len(workers))
 
         try:
             workers.update(asyncio.ensure_future(worker()) for _ in range(CLAIM_WORKERS))
@@ -600,7 +601,6 @@ class BlobFetcher(TorrentSession):
             for task in workers:
                 task.cancel()
             download.first_pieces_ended = time.monotonic()
-            download.claim_workers = most
 
     def release_held(self, download: BlobDownload) -> None:
         """Dials the held-back peers now."""
