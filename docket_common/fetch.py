@@ -65,6 +65,12 @@ MAX_CLAIM_BYTES = 2 << 20
 PIECE_ORDERS = ("sequential", "rarest-first")
 # A new torrent is resumed when libtorrent says it is set up, or after this long at most.
 RESUME_WAIT = 0.2
+# A peer expected to dial this host (a hint) is dialled back only this long after the
+# resume, or after the hint if that came later: by then its own dial is through the TLS and
+# BitTorrent handshakes, and libtorrent skips a peer it is connected to. libtorrent's own
+# next connect round came 10-130 ms after the resume at 8 hosts, while a handshake took up
+# to 130 ms on this busy 2-core machine, and two crossing dials can leave no connection.
+ANSWER_DELAY = 0.5
 HASH_BATCH = 4 << 20  # the in-order hash reads the file in runs of at least this many bytes,
 HASH_WAIT = 0.1  # or of what came in this many seconds
 CHECKPOINT_BYTES = 16 << 20  # the in-order hash's state is saved this often
@@ -128,6 +134,7 @@ class BlobDownload:
     # Connections to peers that ended while it was in flight, by why (for the log).
     disconnects: dict[str, int] = field(default_factory=dict)
     resume_timer: asyncio.TimerHandle | None = None
+    answer_timers: list[asyncio.TimerHandle] = field(default_factory=list)
     # Set (and replaced) whenever a piece arrives or the download ends: what readers of its
     # pieces wait on (wait_for_piece).
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -517,15 +524,29 @@ class BlobFetcher(TorrentSession):
             )
 
     def answer(self, download: BlobDownload, peers: Iterable[str]) -> None:
-        """Dials ``peers``, which are expected to dial this host, in libtorrent's next connect
-        round after the torrent's resume: by then their own dial is in, and libtorrent merges
-        the two. Two hosts that dial each other at once can both lose both connections
-        (libtorrent 2.0's update_peer_port: each closes its incoming one as a duplicate of its
-        outgoing one, and each incoming one is the other's outgoing one)."""
+        """Dials ``peers``, which are expected to dial this host, ANSWER_DELAY after the
+        torrent's resume (or after now, if it is resumed): by then their own dial is in, and
+        the dial back finds them connected; it still connects one whose dial failed (this
+        host had not added the torrent yet). Two hosts that dial each other at once can both
+        lose both connections (libtorrent 2.0's update_peer_port: each closes its incoming
+        one as a duplicate of its outgoing one, and each incoming one is the other's
+        outgoing one)."""
         if download.resumed:
-            self.add_peers(download, peers)
+            self._answer_later(download, list(peers))
         else:
             download.answer_peers += [p for p in peers if p not in download.answer_peers]
+
+    def _answer_later(self, download: BlobDownload, peers: list[str]) -> None:
+        if not peers or not download.handle.is_valid():
+            return
+        timer = asyncio.get_running_loop().call_later(
+            ANSWER_DELAY, self._dial_answers, download, peers
+        )
+        download.answer_timers.append(timer)
+
+    def _dial_answers(self, download: BlobDownload, peers: list[str]) -> None:
+        if download.handle.is_valid():
+            self.add_peers(download, peers)
 
     def _resume(self, download: BlobDownload) -> None:
         """Resumes a download's torrent (once): dials its peers at once, then the answers."""
@@ -537,7 +558,7 @@ class BlobFetcher(TorrentSession):
         if not download.handle.is_valid():
             return
         download.handle.resume()
-        self.add_peers(download, download.answer_peers)  # posted after the resume's dials
+        self._answer_later(download, download.answer_peers)
 
     def hold(self, download: BlobDownload, peers: Iterable[str]) -> None:
         """Dials ``peers`` once the download's first pieces ran out (see ``follow``)."""
@@ -709,6 +730,8 @@ class BlobFetcher(TorrentSession):
             handle.resumed = True  # never: it is removed
             if handle.resume_timer is not None:
                 handle.resume_timer.cancel()
+            for timer in handle.answer_timers:
+                timer.cancel()
             handle.error = handle.error or "dropped"
             handle.finished.set()
             handle.notify()

@@ -13,7 +13,7 @@ from typing import Any
 import libtorrent as lt
 import pytest
 
-from docket_common.fetch import BlobFetcher, BlobSpec
+from docket_common.fetch import ANSWER_DELAY, RESUME_WAIT, BlobFetcher, BlobSpec
 from tests.support.archives import random_bytes
 from tests.test_bt_support import Client, clients, seed_files, torrent_of
 
@@ -90,22 +90,40 @@ def test_a_peer_added_after_the_resume_is_not_dialled_before_the_other_hosts_dia
 
 
 class RecordingHandle:
-    """A real torrent handle that notes the dials and the resume, in order."""
+    """A real torrent handle that notes the dials and the resume, in order, and when."""
 
-    def __init__(self, handle: Any, calls: list[str]) -> None:
+    def __init__(self, handle: Any, calls: list[str], times: dict[str, float]) -> None:
         self._handle = handle
         self._calls = calls
+        self._times = times
+
+    def _note(self, call: str) -> None:
+        self._calls.append(call)
+        self._times[call] = time.monotonic()
 
     def connect_peer(self, endpoint: tuple[str, int]) -> None:
-        self._calls.append(f"dial {endpoint[0]}:{endpoint[1]}")
+        self._note(f"dial {endpoint[0]}:{endpoint[1]}")
         self._handle.connect_peer(endpoint)
 
     def resume(self) -> None:
-        self._calls.append("resume")
+        self._note("resume")
         self._handle.resume()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._handle, name)
+
+
+class UnwrappingSession:
+    """A real session that takes RecordingHandles where libtorrent wants its own handle."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def remove_torrent(self, handle: Any, *args: Any) -> None:
+        self._session.remove_torrent(getattr(handle, "_handle", handle), *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
 
 
 async def test_an_orders_peers_are_dialled_at_the_resume_and_hinted_ones_after_it(
@@ -119,8 +137,11 @@ async def test_an_orders_peers_are_dialled_at_the_resume_and_hinted_ones_after_i
     away = clients("docket-test-away")  # an order's peer without the torrent
     host = BlobFetcher("127.0.0.1:0", tmp_path / "host", user_agent="docket-test-host")
     calls: list[str] = []
+    times: dict[str, float] = {}
     add = host.add_torrent
-    monkeypatch.setattr(host, "add_torrent", lambda params: RecordingHandle(add(params), calls))
+    monkeypatch.setattr(
+        host, "add_torrent", lambda params: RecordingHandle(add(params), calls, times)
+    )
     await host.start()
     try:
         spec = BlobSpec(torrent.digest, len(data), torrent.metainfo)
@@ -129,5 +150,45 @@ async def test_an_orders_peers_are_dialled_at_the_resume_and_hinted_ones_after_i
         path = await asyncio.wait_for(host.complete(download), 30)
         assert path.read_bytes() == data
         assert calls == [f"dial {away.endpoint}", "resume", f"dial {holder.endpoint}"]
+        # Not in the handshake window of the hinted host's own dial (crossing dials).
+        assert times[f"dial {holder.endpoint}"] - times["resume"] >= ANSWER_DELAY
+    finally:
+        host.close()
+
+
+async def test_a_hint_after_the_resume_is_dialled_back_later_and_not_once_dropped(
+    clients: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hint for a running torrent is dialled ANSWER_DELAY after it came, not at once; a
+    download dropped meanwhile dials nobody."""
+    data = random_bytes(SIZE, 31)
+    torrent = torrent_of(data)
+    holder = clients("docket-test-late-holder")
+    holder.add(torrent.metainfo, seed_files(tmp_path, data, torrent, "holder"), seed_mode=True)
+    other = torrent_of(random_bytes(SIZE, 32))  # a blob nobody has: dropped before its dial
+    host = BlobFetcher("127.0.0.1:0", tmp_path / "host", user_agent="docket-test-host")
+    calls: list[str] = []
+    times: dict[str, float] = {}
+    add = host.add_torrent
+    monkeypatch.setattr(
+        host, "add_torrent", lambda params: RecordingHandle(add(params), calls, times)
+    )
+    await host.start()
+    monkeypatch.setattr(host, "_session", UnwrappingSession(host.session))
+    try:
+        download = host.download(BlobSpec(torrent.digest, len(data), torrent.metainfo), [])
+        dropped = host.download(BlobSpec(other.digest, SIZE, other.metainfo), [])
+        await asyncio.sleep(RESUME_WAIT + 0.05)  # resumed by then at the latest (a timer)
+        assert download.resumed
+        assert dropped.resumed
+        hinted = time.monotonic()
+        host.answer(download, [holder.endpoint])
+        host.answer(dropped, [holder.endpoint])
+        host.drop(other.digest, delete_files=True)
+        assert f"dial {holder.endpoint}" not in calls
+        path = await asyncio.wait_for(host.complete(download), 30)
+        assert path.read_bytes() == data
+        assert calls.count(f"dial {holder.endpoint}") == 1  # the dropped download's never
+        assert times[f"dial {holder.endpoint}"] - hinted >= ANSWER_DELAY
     finally:
         host.close()
