@@ -204,6 +204,20 @@ def test_tracker_answers_announces_and_stops(
     assert not accepts_connections(port)
 
 
+def test_the_trackers_whitelist_takes_hashes_whose_bytes_need_escaping() -> None:
+    """A space, a slash and an ampersand in an info hash: sent as %20, %2F and %26, as
+    clients send them (a "+" for the space is not read as one). Hashes passed at start are
+    taken before the tracker is handed out: it reads its list in a thread of its own."""
+    awkward = "20" + "2f" + "26" + "2b" + "ab" * 16
+    with Tracker(allowed=[awkward]) as tracker:
+        assert b"failure reason" not in decode_reply(tracker.announce(awkward, port=6881))
+        later = "ab" * 16 + "20262f20"
+        refused = decode_reply(tracker.announce(later, port=6881))
+        assert b"not authorized" in refused[b"failure reason"]
+        tracker.allow(later)
+        assert b"failure reason" not in decode_reply(tracker.announce(later, port=6881))
+
+
 def test_peers_find_each_other_through_the_tracker(
     clients: Callable[[str], Client], tmp_path: Path
 ) -> None:
