@@ -235,8 +235,9 @@ class DocketRun:
 
     @property
     def duplicates(self) -> int:
-        """Peer connections the hosts closed as duplicates while fetching (two hosts that
-        dialled each other at once), from their logs."""
+        """Peer connections the hosts closed as duplicates while fetching, from their logs:
+        a second connection to a peer already connected (two hosts whose dials crossed;
+        when both close their incoming one, neither connection is left)."""
         return sum(int((e.get("disconnects") or {}).get(DUPLICATE, 0)) for e in self.agent_events)
 
     @property
@@ -1578,8 +1579,9 @@ def duplicates_line(rows: Sequence[Row]) -> str:
     runs = [x for r in rows for x in r.docket]
     hit = [x.duplicates for x in runs if x.duplicates]
     return (
-        f"Peer connections closed as duplicates while fetching (two hosts that dialled each "
-        f"other at once): {sum(hit)}, in {len(hit)} of {len(runs)} Docket rollouts."
+        f"Peer connections closed as duplicates while fetching (a second connection to a "
+        f"peer: two hosts' dials crossed): {sum(hit)}, in {len(hit)} of {len(runs)} Docket "
+        f"rollouts."
     )
 
 
