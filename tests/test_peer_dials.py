@@ -126,6 +126,23 @@ class UnwrappingSession:
         return getattr(self._session, name)
 
 
+async def recording_fetcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[BlobFetcher, list[str], dict[str, float]]:
+    """A started BlobFetcher whose torrents note their dials and resumes (RecordingHandle):
+    the fetcher, the calls in order, and when each was last made."""
+    host = BlobFetcher("127.0.0.1:0", tmp_path / "host", user_agent="docket-test-host")
+    calls: list[str] = []
+    times: dict[str, float] = {}
+    add = host.add_torrent
+    monkeypatch.setattr(
+        host, "add_torrent", lambda params: RecordingHandle(add(params), calls, times)
+    )
+    await host.start()
+    monkeypatch.setattr(host, "_session", UnwrappingSession(host.session))
+    return host, calls, times
+
+
 async def test_an_orders_peers_are_dialled_at_the_resume_and_hinted_ones_after_it(
     clients: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -135,14 +152,7 @@ async def test_an_orders_peers_are_dialled_at_the_resume_and_hinted_ones_after_i
     holder = clients("docket-test-holder")
     holder.add(torrent.metainfo, seed_files(tmp_path, data, torrent, "holder"), seed_mode=True)
     away = clients("docket-test-away")  # an order's peer without the torrent
-    host = BlobFetcher("127.0.0.1:0", tmp_path / "host", user_agent="docket-test-host")
-    calls: list[str] = []
-    times: dict[str, float] = {}
-    add = host.add_torrent
-    monkeypatch.setattr(
-        host, "add_torrent", lambda params: RecordingHandle(add(params), calls, times)
-    )
-    await host.start()
+    host, calls, times = await recording_fetcher(tmp_path, monkeypatch)
     try:
         spec = BlobSpec(torrent.digest, len(data), torrent.metainfo)
         download = host.download(spec, [away.endpoint], answer=[holder.endpoint])
@@ -166,15 +176,7 @@ async def test_a_hint_after_the_resume_is_dialled_back_later_and_not_once_droppe
     holder = clients("docket-test-late-holder")
     holder.add(torrent.metainfo, seed_files(tmp_path, data, torrent, "holder"), seed_mode=True)
     other = torrent_of(random_bytes(SIZE, 32))  # a blob nobody has: dropped before its dial
-    host = BlobFetcher("127.0.0.1:0", tmp_path / "host", user_agent="docket-test-host")
-    calls: list[str] = []
-    times: dict[str, float] = {}
-    add = host.add_torrent
-    monkeypatch.setattr(
-        host, "add_torrent", lambda params: RecordingHandle(add(params), calls, times)
-    )
-    await host.start()
-    monkeypatch.setattr(host, "_session", UnwrappingSession(host.session))
+    host, calls, times = await recording_fetcher(tmp_path, monkeypatch)
     try:
         download = host.download(BlobSpec(torrent.digest, len(data), torrent.metainfo), [])
         dropped = host.download(BlobSpec(other.digest, SIZE, other.metainfo), [])
