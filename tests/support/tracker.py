@@ -267,7 +267,7 @@ class Tracker:
             query["event"] = event
         # %XX for every byte, as BitTorrent clients send it: opentracker does not read "+"
         # (urlencode's default for a 0x20 byte) as a space, so it refused every info hash
-        # holding one, whitelisted or not (1 in 8 random hashes).
+        # holding one, whitelisted or not (1 in 13 random hashes; 5 of 40 in a try).
         encoded = urllib.parse.urlencode(query, safe="", quote_via=urllib.parse.quote)
         url = f"{self.announce_url}?{encoded}"
         with urllib.request.urlopen(url, timeout=timeout) as response:
