@@ -361,8 +361,8 @@ class BlobFetcher(TorrentSession):
         """Starts fetching a blob (or returns its fetch in flight) and dials the peers; the
         ``hold`` peers are dialled by ``follow`` once first pieces ran out (or at once, when
         none are claimed). The ``answer`` peers are expected to dial this host: they are
-        dialled only in libtorrent's next connect round, by when their own dial has merged
-        with them (two hosts that dial each other at once both lose both connections)."""
+        dialled back only ANSWER_DELAY after the resume, by when their own dial is in (two
+        hosts that dial each other at once can both lose both connections)."""
         current = self._downloads.get(spec.digest)
         if current is not None:
             self.add_peers(current, peers)
@@ -549,7 +549,8 @@ class BlobFetcher(TorrentSession):
             self.add_peers(download, peers)
 
     def _resume(self, download: BlobDownload) -> None:
-        """Resumes a download's torrent (once): dials its peers at once, then the answers."""
+        """Resumes a download's torrent (once): dials its peers at once, and the answers
+        ANSWER_DELAY later."""
         if download.resumed:
             return
         download.resumed = True

@@ -1,7 +1,7 @@
 """Which host dials which: two hosts that dial each other at once lose both connections, so
 a host dials at once only the peers its order names, and the peers the server told it of
-later (hints: hosts that started after it, whose orders name it) in libtorrent's next connect
-round. Real libtorrent sessions on 127.0.0.1."""
+later (hints: hosts that started after it, whose orders name it) only ANSWER_DELAY after the
+resume, by when their own dial is in. Real libtorrent sessions on 127.0.0.1."""
 
 from __future__ import annotations
 
