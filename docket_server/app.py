@@ -335,8 +335,7 @@ class DocketServer:
 
     async def _database_problem(self) -> str | None:
         try:
-            async with self.metadata.engine.connect() as conn:
-                await conn.execute(sa.text("SELECT 1"))
+            await self.metadata.ping()
         except (sa.exc.SQLAlchemyError, OSError) as e:
             return f"the database does not answer: {e.__class__.__name__}: {e}"
         return None

@@ -6,6 +6,7 @@ writers lose nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -489,6 +490,50 @@ async def test_times_come_back_as_the_same_instant_in_utc(database_url: str) -> 
             AuditEntry(datetime(2026, 3, 1, 6, 0, tzinfo=UTC), "a", "y", "", "", "")
         )
         assert [e.action for e in await store.list_audit(since, 0, 10)] == ["x"]
+    finally:
+        await store.close()
+
+
+async def test_a_write_whose_caller_is_cancelled_ends_and_leaves_no_lock(tmp_path: Path) -> None:
+    """A store call cancelled while its statement waits for SQLite's write lock still ends:
+    it commits, the caller hears CancelledError, and the next write gets the lock. (Cut short,
+    the transaction stayed open on a connection nobody held, and the next write waited out
+    busy_timeout and failed with 'database is locked': a server stopping mid-write did.)"""
+    db = tmp_path / "docket.db"
+    store = SqlMetadataStore(f"sqlite+aiosqlite:///{db}")
+    await store.open()
+    try:
+        agents = [_agent(f"h{i:03d}") for i in range(50)]
+        await store.save_agents(agents)
+        seen = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, held outside the store
+        touch = asyncio.create_task(store.touch_agents({a.name: seen for a in agents}))
+        await asyncio.sleep(0.3)  # its UPDATE is in aiosqlite's thread, waiting for the lock
+        assert not touch.done()
+        touch.cancel()
+        await asyncio.sleep(0)
+        holder.execute("COMMIT")
+        holder.close()
+        with pytest.raises(asyncio.CancelledError):
+            await touch
+        gone = dataclasses.replace(agents[0], state=AgentState.OFFLINE, last_seen_time=seen)
+        await store.save_agents([gone])
+        stored = {a.name: a for a in await store.list_agents()}
+        assert stored["h000"].state is AgentState.OFFLINE
+        assert {a.last_seen_time for a in stored.values()} == {seen}  # the touch committed
+        # Cancels at points through a statement running, not waiting: one of them cut the
+        # old store's transaction short, and the write after it failed.
+        many = [_agent(f"m{i:03d}") for i in range(300)]
+        await store.save_agents(many)
+        for step in range(40):
+            touch = asyncio.create_task(store.touch_agents({a.name: seen for a in many}))
+            await asyncio.sleep(step * 0.00025)
+            touch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await touch
+            await store.save_agents(many[:1])
+        assert store.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     finally:
         await store.close()
 

@@ -234,8 +234,12 @@ class Fleet:
         for session in list(self._sessions.values()):
             session.close()
             self.disconnect(session, "server shutting down")
-        await self.flush()
-        await self._flush_last_seen()
+        try:
+            await self.flush()
+            await self._flush_last_seen()
+        except Exception:
+            # The shutdown goes on: the next start marks every agent offline anyway.
+            log.exception("cannot write the agents table at shutdown: the last changes are lost")
 
     def connect(self, info: AgentInfo, peer: str) -> Session:
         """The agent's new session, at once: its row is written behind."""

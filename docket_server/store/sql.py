@@ -10,12 +10,15 @@ writer's row (the same blob, tag, agent or rollout) are upserts in the database'
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -477,6 +480,40 @@ def _upgrade_schema(sync: sa.Connection) -> None:
         command.upgrade(config, "head")
 
 
+_T = TypeVar("_T")
+
+
+def _run_to_end(method: Callable[..., Awaitable[_T]]) -> Callable[..., Awaitable[_T]]:
+    """The store call, which a cancel of its caller does not cut short: it runs to its end in
+    a task of its own (its transaction commits or rolls back), and the caller, cancelled,
+    hears of it once that end is reached. Cut short mid-statement, SQLAlchemy's asyncio
+    adapter leaves the transaction open on a connection nobody holds until the garbage
+    collector finds it, and with it SQLite's write lock: every other write waited out
+    busy_timeout and failed (a server stopping while its fleet writer was mid-write)."""
+
+    @functools.wraps(method)
+    async def call(*args: Any, **kwargs: Any) -> _T:
+        task = asyncio.ensure_future(method(*args, **kwargs))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                await asyncio.wait({task})  # a second cancel stops this wait, not the call
+            if not task.cancelled():
+                task.exception()  # the caller was cancelled: that, not this, is what it hears
+            raise
+
+    return call
+
+
+def _calls_run_to_end(cls: type[_T]) -> type[_T]:
+    """Every public coroutine method of ``cls`` made _run_to_end."""
+    for name, value in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.iscoroutinefunction(value):
+            setattr(cls, name, _run_to_end(value))
+    return cls
+
+
 def _insert_for(dialect: sa.Dialect, table: sa.Table) -> sqlite.Insert | postgresql.Insert:
     """An INSERT that can say ON CONFLICT, in the database's dialect."""
     if dialect.name == "postgresql":
@@ -484,6 +521,7 @@ def _insert_for(dialect: sa.Dialect, table: sa.Table) -> sqlite.Insert | postgre
     return sqlite.insert(table)
 
 
+@_calls_run_to_end
 class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, SecurityStore):
     def __init__(self, url: str) -> None:
         self.url = url
@@ -523,6 +561,11 @@ class SqlMetadataStore(MetadataStore, FleetStore, RolloutStore, PullStore, Secur
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None
+
+    async def ping(self) -> None:
+        """Raises unless the database answers a query."""
+        async with self.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
 
     async def _migrate(self) -> None:
         async with self.engine.begin() as conn:
