@@ -423,33 +423,39 @@ class DocketServer:
             self._refresher.cancel()
             self._refresher = None
         self._stopping = True
-        await self.checks.stop()
-        if self._gc is not None:
-            self._gc.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._gc
-            self._gc = None
-        if self._server is not None:
-            await self.health.enter_graceful_shutdown()
-            # Stop taking calls, then end the agents' streams (which never end by themselves)
-            # so that they reconnect elsewhere or later instead of holding the grace period.
-            stopping = asyncio.create_task(self._server.stop(self.config.shutdown_grace_seconds))
-            await asyncio.sleep(0)
-            await self.fleet.stop()
-            await self.rollouts.stop()
-            await self.pulls.stop()
-            if self._http is not None:
-                await self._http.stop(self.config.shutdown_grace_seconds)
-                self._http = None
-            await stopping
-            self._server = None
-        if self._metrics_face is not None:
-            await self._metrics_face.stop()
-            self._metrics_face = None
-        await self.uploads.close()
-        await self.audit.stop()
-        self.seeder.close()
-        await self.metadata.close()
+        try:
+            await self.checks.stop()
+            if self._gc is not None:
+                self._gc.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._gc
+                self._gc = None
+            if self._server is not None:
+                await self.health.enter_graceful_shutdown()
+                # Stop taking calls, then end the agents' streams (which never end by
+                # themselves) so that they reconnect elsewhere or later instead of holding the
+                # grace period.
+                grace = self.config.shutdown_grace_seconds
+                stopping = asyncio.create_task(self._server.stop(grace))
+                await asyncio.sleep(0)
+                await self.fleet.stop()
+                await self.rollouts.stop()
+                await self.pulls.stop()
+                if self._http is not None:
+                    await self._http.stop(self.config.shutdown_grace_seconds)
+                    self._http = None
+                await stopping
+                self._server = None
+            if self._metrics_face is not None:
+                await self._metrics_face.stop()
+                self._metrics_face = None
+            await self.uploads.close()
+            await self.audit.stop()
+        finally:
+            # Whatever failed above, libtorrent's session ends here: left to the interpreter's
+            # exit, its threads abort the process (SIGABRT) instead of a clear error.
+            self.seeder.close()
+            await self.metadata.close()
         log.info("docket-server stopped")
 
     async def reload(self) -> None:

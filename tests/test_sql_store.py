@@ -18,6 +18,8 @@ from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
+import structlog
+import structlog.testing
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -534,6 +536,30 @@ async def test_a_write_whose_caller_is_cancelled_ends_and_leaves_no_lock(tmp_pat
                 await touch
             await store.save_agents(many[:1])
         assert store.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await store.close()
+
+
+class _RefusingAgentsStore(SqlMetadataStore):
+    async def save_agents(self, records: Any) -> None:
+        raise sqlite3.OperationalError("database is locked (injected)")
+
+
+async def test_the_fleets_last_write_failing_does_not_stop_the_shutdown(tmp_path: Path) -> None:
+    """A server stopping writes its agents' last states; a database that refuses that write
+    is logged, and the shutdown goes on (it raised, and the server aborted)."""
+    store = _RefusingAgentsStore(f"sqlite+aiosqlite:///{tmp_path / 'docket.db'}")
+    await store.open()
+    try:
+        fleet = Fleet(store, 60.0, lambda _interval: None)
+        await fleet.start()
+        fleet.connect(AgentInfo("h1", "id1"), "peer")
+        with structlog.testing.capture_logs() as logs:
+            await fleet.stop()
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == [
+            "cannot write the agents table at shutdown: the last changes are lost"
+        ]
+        assert await store.list_agents() == []  # nothing half-written
     finally:
         await store.close()
 
