@@ -63,9 +63,10 @@ class AgentConfig:
     max_download_rate: int = 0
     max_upload_rate: int = 0
     load_while_downloading: bool = True
-    # "archive": `docker load` of an archive made from the blobs; "registry": the engine
-    # pulls from this agent's registry face (which must be on).
-    load_via: str = "archive"
+    # "import": `docker load` of an archive made from the blobs, its base layer by `docker
+    # import` beside it (loadable.load_importing_base); "archive": the archive alone;
+    # "registry": the engine pulls from this agent's registry face (which must be on).
+    load_via: str = "import"
     piece_order: str = "sequential"  # which pieces libtorrent asks peers for first
     platform: Platform | None = None  # None: the engine's, or this machine's
     metrics_listen: str | None = None  # /metrics and /healthz over HTTP, HOST:PORT; None: off
@@ -315,7 +316,9 @@ class Agent:
             return await asyncio.to_thread(
                 pull_from_env, source, order.image_name, order.config.digest
             )
-        return await asyncio.to_thread(load_from_env, image)
+        return await asyncio.to_thread(
+            load_from_env, image, import_base=self.config.load_via == "import"
+        )
 
     async def _hello(self) -> agent_pb2.Hello:
         """Made afresh for every connection: the engine or the cache may have changed."""

@@ -178,12 +178,15 @@ def _platform(_ctx: click.Context, _param: click.Parameter, value: str | None) -
 )
 @click.option(
     "--load-via",
-    type=click.Choice(["archive", "registry"]),
-    default="archive",
+    type=click.Choice(["import", "archive", "registry"]),
+    default="import",
     show_default=True,
     help="How images go into the engine: `docker load` of an archive streamed from the "
-    "blobs, or a pull by the engine from this agent's registry face (--registry-listen), "
-    "which streams each blob as its pieces pass the sha256.",
+    "blobs, with the base layer streamed in by `docker import` beside it, which the engine "
+    "unpacks as it arrives rather than once it has the whole archive (the import's untagged "
+    "image is removed once the image is loaded); the archive alone; or a pull by the engine "
+    "from this agent's registry face (--registry-listen), which streams each blob as its "
+    "pieces pass the sha256.",
 )
 @click.option(
     "--piece-order",

@@ -31,13 +31,18 @@ import secrets
 import socket
 import stat
 import tarfile
+import threading
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 if TYPE_CHECKING:
     import docker
+
+_log = structlog.get_logger()
 
 __all__ = [
     "LoadError",
@@ -45,6 +50,8 @@ __all__ = [
     "PendingBlob",
     "archive_chunks",
     "archive_size",
+    "import_layer",
+    "load_importing_base",
     "load_into_docker",
     "write_archive",
 ]
@@ -70,6 +77,13 @@ class LoadableImage:
     # verified (``pending[d].body(chunk_size)``), read while the archive is sent instead of
     # from the path. Such a blob is taken as it is (not expanded from zstd).
     pending: Mapping[str, PendingBlob] = field(default_factory=dict, compare=False, hash=False)
+    # Layers the engine holds by the time it reads manifest.json (imported while the archive
+    # is sent: see load_importing_base): their layer.tar is left out, the manifest still names
+    # it, and the engine, which finds the layer, never opens it.
+    registered: frozenset[str] = frozenset()
+    # Called (in the sending thread) before manifest.json goes out; raises OSError, which
+    # ends the archive unfinished, when the ``registered`` layers are not in the engine.
+    before_manifest: Callable[[], None] | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if not self.name or any(c.isspace() for c in self.name):
@@ -98,6 +112,20 @@ class LoadError(Exception):
     """The engine refused the image or could not be reached; str() is one line a user can act on."""
 
 
+class _LayerFailed(LoadError):
+    """A layer's bytes could not come, or failed their digest, while they were sent."""
+
+
+class _ImportFailed(OSError):
+    """The base layer did not go in by import: the archive that left it out stops."""
+
+
+# Engines (by socket) that did not take a base layer by import, or loaded no archive without
+# it (an engine with containerd's image store needs every layer's file): they get the whole
+# archive from then on.
+_NO_IMPORT: set[str] = set()
+
+
 @dataclass(frozen=True)
 class _Member:
     """One tar member: its header, and its body from a file (``path``) or from ``data``."""
@@ -108,6 +136,7 @@ class _Member:
     data: bytes = b""
     zstd: bool = False  # the body is the file, decompressed
     pending: PendingBlob | None = None  # the body comes from here, as it arrives
+    before: Callable[[], None] | None = None  # called before the member goes out
 
     @property
     def length(self) -> int:
@@ -158,6 +187,8 @@ def _plan(image: LoadableImage) -> list[_Member]:
         name = f"{directory}/layer.tar"
         layer_names.append(name)
         pending = image.pending.get(digest)
+        if digest in image.registered:
+            continue
         if digest in written:
             if pending is None:
                 _file_size(path)  # still a blob the image names: it must be there
@@ -176,7 +207,14 @@ def _plan(image: LoadableImage) -> list[_Member]:
     tags = [] if "@" in image.name else [image.name]  # engines tag no digest references
     manifest = [{"Config": config_name, "RepoTags": tags, "Layers": layer_names}]
     data = json.dumps(manifest, separators=(",", ":")).encode()
-    members.append(_Member(_header("manifest.json", len(data)), len(data), data=data))
+    members.append(
+        _Member(
+            _header("manifest.json", len(data)),
+            len(data),
+            data=data,
+            before=image.before_manifest,
+        )
+    )
     return members
 
 
@@ -205,6 +243,8 @@ def _chunks(image: LoadableImage, chunk_size: int) -> Generator[bytes, None, Non
 
 def _generate(members: list[_Member], chunk_size: int) -> Generator[bytes, None, None]:
     for member in members:
+        if member.before is not None:
+            member.before()
         yield member.header
         if member.pending is not None:
             yield from _pending_body(member.pending, member.size, chunk_size)
@@ -407,8 +447,12 @@ def load_into_docker(client: docker.DockerClient, image: LoadableImage) -> str:
         docker.errors.DockerException,
     ) as e:
         _close_leaked_sockets(e)
+        if isinstance(body.error, _ImportFailed):
+            raise LoadError(f"cannot load {image.name}: {body.error}") from body.error
         if body.error is not None:
-            raise LoadError(f"cannot load {image.name}: {_os_reason(body.error)}") from body.error
+            raise _LayerFailed(
+                f"cannot load {image.name}: {_os_reason(body.error)}"
+            ) from body.error
         timeouts = (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
         if isinstance(e, timeouts):
             raise LoadError(
@@ -483,6 +527,142 @@ def _check_loaded(client: docker.DockerClient, image: LoadableImage, engine: str
             f"not {image.config_digest}; was it re-tagged meanwhile?"
         )
     return image_id
+
+
+def import_layer(client: docker.DockerClient, name: str, layer: PendingBlob) -> str:
+    """Streams a base layer's bytes into the engine as they arrive (``docker import``): the
+    engine unpacks and registers the layer while it reads them, so it holds the layer as
+    soon as the last byte is in. Returns the id of the untagged image the import makes (its
+    config is the engine's, not the image's: only the layer is of use). LoadError otherwise.
+    ``name`` is the image the layer is for, for messages."""
+    import docker.errors
+    import requests.exceptions
+    import urllib3.exceptions
+
+    engine = _engine_label(client)
+    body = _Body(chunk for chunk in _pending_body(layer, layer.size, 1 << 20))
+    try:
+        reply = client.api.import_image_from_stream(body)
+    except docker.errors.APIError as e:
+        raise LoadError(
+            f"the Docker engine at {engine} refused the base layer of {name}: "
+            f"{_one_line(e.explanation or e)}"
+        ) from e
+    except (
+        OSError,
+        urllib3.exceptions.HTTPError,
+        requests.exceptions.RequestException,
+        docker.errors.DockerException,
+    ) as e:
+        _close_leaked_sockets(e)
+        if body.error is not None:
+            raise _LayerFailed(f"cannot load {name}: {_os_reason(body.error)}") from body.error
+        raise LoadError(
+            f"the connection to the Docker engine at {engine} broke while importing the base "
+            f"layer of {name} ({_reason(e)})"
+        ) from e
+    finally:
+        body.close()
+    image_id = None
+    for line in str(reply).splitlines():
+        with contextlib.suppress(ValueError):
+            message = json.loads(line)
+            refusal = _error_of(message)
+            if refusal is not None:
+                raise LoadError(
+                    f"the Docker engine at {engine} refused the base layer of {name}: {refusal}"
+                )
+            status = message.get("status") if isinstance(message, dict) else None
+            if isinstance(status, str) and _DIGEST_RE.fullmatch(status):
+                image_id = status
+    if image_id is None:
+        raise LoadError(
+            f"the Docker engine at {engine} imported the base layer of {name} but named no "
+            f"image for it: {_one_line(reply)}"
+        )
+    return image_id
+
+
+def load_importing_base(client: docker.DockerClient, image: LoadableImage) -> str:
+    """load_into_docker, with the base layer imported while it arrives rather than sent in
+    the archive, when it is still arriving (``image.pending``).
+
+    ``docker load`` registers a layer only once it has the whole archive: for a large layer
+    that is most of the time past the last piece. ``docker import`` registers one while it
+    reads it, but only a base layer (it makes an image of that layer alone). So the base
+    layer goes in by import, the rest of the image by the archive, at the same time; the
+    archive's manifest.json, which the engine reads only at the end, waits for the import.
+    The engine then finds the base layer (by its chain id, which for a base layer is its
+    diff id) and does not look for its file. The import's own image is removed afterwards,
+    whatever happened: the layer stays as the loaded image's. When the import fails, the
+    whole archive is sent again, as load_into_docker does."""
+    base = image.layer_digests[0] if image.layer_digests else None
+    layer = image.pending.get(base) if base is not None else None
+    engine = _engine_label(client)
+    if base is None or layer is None or base in image.registered or engine in _NO_IMPORT:
+        return load_into_docker(client, image)
+    imported: list[str] = []
+    failed: list[LoadError] = []
+    done = threading.Event()
+
+    def run_import() -> None:
+        try:
+            imported.append(import_layer(client, image.name, layer))
+        except LoadError as e:
+            failed.append(e)
+        except Exception as e:  # a bug: the load says so, not this thread
+            failed.append(LoadError(f"cannot import the base layer of {image.name}: {e!r}"))
+        finally:
+            done.set()
+
+    def base_in() -> None:
+        done.wait()
+        if failed:
+            raise _ImportFailed(str(failed[0]))
+
+    thread = threading.Thread(target=run_import, name="docker-import", daemon=True)
+    thread.start()
+    try:
+        try:
+            return load_into_docker(
+                client,
+                dataclasses.replace(image, registered=frozenset({base}), before_manifest=base_in),
+            )
+        except _LayerFailed:
+            raise  # a layer's bytes failed: so would a second try
+        except LoadError as e:
+            thread.join()
+            if failed and isinstance(failed[0], _LayerFailed):
+                raise failed[0] from None
+            why = failed[0] if failed else e
+        # The engine did not take the base layer by import, or not the archive without it.
+        _NO_IMPORT.add(engine)
+        _log.warning(
+            "the base layer did not go in by import: loading the whole archive, and from now "
+            "on for this engine",
+            image=image.name,
+            engine=engine,
+            error=str(why),
+        )
+        return load_into_docker(client, image)
+    finally:
+        thread.join()
+        for image_id in imported:
+            _remove_imported(client, image_id)
+
+
+def _remove_imported(client: docker.DockerClient, image_id: str) -> None:
+    """Removes the untagged image a base layer's import made (its layer stays while a loaded
+    image holds it); a failure only leaves that image behind, and is logged."""
+    import docker.errors
+    import requests.exceptions
+
+    try:
+        client.api.remove_image(image_id)
+    except docker.errors.ImageNotFound:
+        pass
+    except (requests.exceptions.RequestException, docker.errors.DockerException, OSError) as e:
+        _log.warning("cannot remove the image of an imported layer", image=image_id, error=str(e))
 
 
 def _close_leaked_sockets(error: BaseException) -> None:
@@ -566,8 +746,11 @@ def _from_env(action: Callable[[docker.DockerClient], str]) -> str:
         client.close()
 
 
-def load_from_env(image: LoadableImage) -> str:
-    """load_into_docker into the engine at DOCKER_HOST (blocking: run it in a thread)."""
+def load_from_env(image: LoadableImage, *, import_base: bool = False) -> str:
+    """load_into_docker (or load_importing_base) into the engine at DOCKER_HOST (blocking:
+    run it in a thread)."""
+    if import_base:
+        return _from_env(lambda client: load_importing_base(client, image))
     return _from_env(lambda client: load_into_docker(client, image))
 
 

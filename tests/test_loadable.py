@@ -34,6 +34,7 @@ from docket_common.loadable import (
     archive_chunks,
     archive_size,
     engine_reads_zstd,
+    load_importing_base,
     load_into_docker,
     write_archive,
 )
@@ -233,6 +234,93 @@ def test_load_creates_the_image_in_an_engine_that_lacks_it(
     run = client.containers.run
     assert run("loaded/app1:1", ["cat", "/etc/passwd"], remove=True) == PASSWD
     assert run("loaded/app1:1", ["ls", "/layers"], remove=True) == APP1_LAYERS
+
+
+def _arriving(image: LoadableImage, fail_after: dict[str, int] | None = None) -> LoadableImage:
+    """``image`` with every blob still arriving (PendingBlob), in 64 KiB pieces; a blob in
+    ``fail_after`` raises OSError once that many bytes of it went out."""
+    from docket_common.loadable import PendingBlob
+
+    def body_of(path: Path, digest: str) -> PendingBlob:
+        stop = (fail_after or {}).get(digest)
+
+        def body(_chunk: int) -> Iterator[bytes]:
+            with path.open("rb") as file:
+                sent = 0
+                while piece := file.read(64 * 1024):
+                    if stop is not None and sent + len(piece) > stop:
+                        raise OSError(f"{digest} hashes to something else")
+                    sent += len(piece)
+                    yield piece
+
+        return PendingBlob(path.stat().st_size, body)
+
+    blobs = zip(
+        (image.config_path, *image.layer_paths),
+        (image.config_digest, *image.layer_digests),
+        strict=True,
+    )
+    return replace(image, pending={d: body_of(p, d) for p, d in blobs})
+
+
+def _layer_ids(engine: DockerEngine) -> list[str]:
+    return sorted(p.name for p in (engine.dir / "data" / "image").glob("*/layerdb/sha256/*"))
+
+
+@pytest.mark.docker
+def test_the_base_layer_by_import_and_the_rest_by_archive_make_the_image(
+    app1: Extracted, target: DockerEngine
+) -> None:
+    """load_importing_base: the same image as load_into_docker (its id, tag and layers), runs,
+    and the engine keeps no image of the import."""
+    client = target.client
+    image_id = load_importing_base(client, _arriving(app1.image))
+    assert image_id == app1.image.config_digest
+    assert [i.id for i in client.images.list(all=True)] == [image_id]
+    assert client.images.get("loaded/app1:1").tags == ["loaded/app1:1"]
+    assert rootfs_layers(client, "loaded/app1:1") == list(app1.diff_ids)
+    run = client.containers.run
+    assert run("loaded/app1:1", ["cat", "/etc/passwd"], remove=True) == PASSWD
+    assert run("loaded/app1:1", ["ls", "/layers"], remove=True) == APP1_LAYERS
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("failing", ["base", "top"])
+def test_a_layer_failing_while_the_base_is_imported_leaves_no_image_and_no_layer(
+    app1: Extracted, target: DockerEngine, failing: str
+) -> None:
+    """The base layer's bytes failing mid-import, or another layer's while the base is in:
+    LoadError, and the engine holds no image (not the import's) and no layer."""
+    layers = app1.image.layer_digests
+    digest = layers[0] if failing == "base" else layers[-1]
+    size = (app1.image.layer_paths[0] if failing == "base" else app1.image.layer_paths[-1]).stat()
+    with pytest.raises(LoadError, match="hashes to something else"):
+        load_importing_base(target.client, _arriving(app1.image, {digest: size.st_size // 2}))
+    assert target.client.images.list(all=True) == []
+    assert _layer_ids(target) == []
+
+
+@pytest.mark.docker
+def test_an_import_the_engine_refuses_falls_back_to_the_whole_archive(
+    app1: Extracted, target: DockerEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the engine does not take the base layer by import, the image still loads: the
+    whole archive is sent again, base layer and all; and later loads into that engine send
+    it whole at once."""
+    from docket_common import loadable
+
+    def refuse(_client: Any, name: str, _layer: Any) -> str:
+        raise LoadError(f"the Docker engine refused the base layer of {name}: injected")
+
+    monkeypatch.setattr(loadable, "import_layer", refuse)
+    monkeypatch.setattr(loadable, "_NO_IMPORT", set())
+    image_id = load_importing_base(target.client, _arriving(app1.image))
+    assert image_id == app1.image.config_digest
+    assert rootfs_layers(target.client, "loaded/app1:1") == list(app1.diff_ids)
+    # That engine gets the whole archive from then on, without asking it to import.
+    monkeypatch.setattr(loadable, "import_layer", None)
+    again = replace(_arriving(app1.image), name="loaded/again:2")
+    assert load_importing_base(target.client, again) == image_id
 
 
 @pytest.mark.docker

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import signal
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -496,24 +498,36 @@ def test_two_rollouts_at_once_share_their_common_layer(tmp_path: Path, agents: S
 
 
 @pytest.mark.docker
+@pytest.mark.parametrize(
+    ("load_via", "corrupt"), [("archive", 1), ("import", 0), ("import", 1)], ids=str
+)
 def test_a_blob_that_fails_its_sha256_is_never_loaded_and_leaves_nothing_half_loaded(
-    tmp_path: Path, agents: StartAgent, agent_engines: list[DockerEngine]
+    tmp_path: Path,
+    agents: StartAgent,
+    agent_engines: list[DockerEngine],
+    load_via: str,
+    corrupt: int,
 ) -> None:
-    """The server's copy of the second layer is corrupted and its torrent made for the
-    corrupt bytes: every piece passes its SHA-1, only the blob's sha256 can tell. The agent
-    feeds `docker load` while the layers arrive; the load must fail, and the engine must hold
-    neither the image nor any of its layers."""
+    """The server's copy of a layer is corrupted and its torrent made for the corrupt bytes:
+    every piece passes its SHA-1, only the blob's sha256 can tell. The agent feeds the engine
+    while the layers arrive (`docker load`; with --load-via import the base layer by `docker
+    import`, which registers it as it reads it: corrupt, or whole while the other layer
+    fails); the load must fail, and the engine must hold neither the image nor any of its
+    layers, nor an imported image."""
     import sqlite3
 
     from docket_common.torrent import make_torrent, torrent_ssl_cert
 
     server = make_server(tmp_path)
-    good, bad = random_bytes(2 * MiB, 21), random_bytes(3 * MiB, 22)
+    layers = [random_bytes(3 * MiB, 21), random_bytes(3 * MiB, 22)]
     archive = push_archive(
-        server, tmp_path, "corrupt/late:1", [layer_tar({"a": good}), layer_tar({"b": bad})]
+        server,
+        tmp_path,
+        "corrupt/late:1",
+        [layer_tar({"a": layers[0]}), layer_tar({"b": layers[1]})],
     )
     server.stop()
-    digest = archive.layer_digests[1]
+    digest = archive.layer_digests[corrupt]
     blob = server.data_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF  # a piece in the middle: the load is well under way
@@ -540,14 +554,29 @@ def test_a_blob_that_fails_its_sha256_is_never_loaded_and_leaves_nothing_half_lo
     before_layers = sorted(p.name for p in layers_dir.glob("*/layerdb/sha256/*"))
     server.start()
     try:
-        agent = agents(server, "strict", groups=["c"], docker_host=engine.host)
+        agent = agents(
+            server,
+            "strict",
+            groups=["c"],
+            docker_host=engine.host,
+            extra_args=["--load-via", load_via],
+        )
         wait_for_states(server, {"strict": "online"})
+        since = int(time.time())
         code, _, hosts = rollout(server, "corrupt/late:1", "--hosts", "c")
         assert code != 0
         assert hosts["strict"]["state"] == "failed"
         assert "hashes to" in hosts["strict"]["error"], hosts
         log = agent.log_tail(400)
         assert "loading while the layers arrive" in log
+        if load_via == "import" and corrupt == 1:  # the base layer did go in, by import
+            imports = engine.client.api.events(
+                since=since,
+                until=int(time.time()) + 1,
+                filters={"type": "image", "event": "import"},
+                decode=True,
+            )
+            assert list(imports)
         assert {i.id for i in engine.client.images.list(all=True)} == before_images
         assert sorted(p.name for p in layers_dir.glob("*/layerdb/sha256/*")) == before_layers
         cached = agent.data_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]
@@ -595,6 +624,58 @@ def test_load_via_the_registry_face_pulls_while_the_layers_arrive(
         assert image.tags == ["via/face:2"]
         assert not any(str(port) in d for d in image.attrs.get("RepoDigests", []))
         assert "overlapped" in agent.log_tail(200)
+    finally:
+        server.stop()
+
+
+@pytest.mark.docker
+def test_load_via_import_registers_the_base_layer_as_it_arrives_and_leaves_no_import(
+    tmp_path: Path, agents: StartAgent, agent_engines: list[DockerEngine]
+) -> None:
+    """--load-via import: the engine takes the base layer by `docker import` during the
+    download and the rest by `docker load`; it ends with the image under its name, whose
+    layers hold the pushed bytes, and without the import's own image."""
+    server = make_server(tmp_path)
+    try:
+        base, top = random_bytes(4 * MiB, 33), random_bytes(MiB, 34)
+        archive = push_archive(
+            server, tmp_path, "via/import:1", [layer_tar({"a": base}), layer_tar({"b": top})]
+        )
+        engine = agent_engines[1]
+        before = {i.id for i in engine.client.images.list(all=True)}
+        agents(
+            server,
+            "importer",
+            groups=["imp"],
+            docker_host=engine.host,
+            extra_args=["--load-via", "import"],
+        )
+        wait_for_states(server, {"importer": "online"})
+        since = int(time.time())
+        code, _, hosts = rollout(server, "via/import:1", "--hosts", "imp")
+        assert code == 0, hosts
+        assert hosts["importer"]["image_id"] == archive.config_digest
+        imports = engine.client.api.events(
+            since=since,
+            until=int(time.time()) + 1,
+            filters={"type": "image", "event": "import"},
+            decode=True,
+        )
+        assert len(list(imports)) == 1
+        image = engine.client.images.get("via/import:1")
+        assert image.id == archive.config_digest
+        assert image.tags == ["via/import:1"]
+        assert {i.id for i in engine.client.images.list(all=True)} - before == {image.id}
+        container = engine.client.containers.create(image.id, command=["none"])
+        try:
+            for name, data in (("a", base), ("b", top)):
+                stream, _ = container.get_archive(f"/{name}")
+                with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+                    member = tar.extractfile(name)
+                    assert member is not None
+                    assert member.read() == data
+        finally:
+            container.remove()
     finally:
         server.stop()
 
