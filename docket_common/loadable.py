@@ -120,9 +120,9 @@ class _ImportFailed(OSError):
     """The base layer did not go in by import: the archive that left it out stops."""
 
 
-# Engines (by socket) that did not take a base layer by import, or loaded no archive without
-# it (an engine with containerd's image store needs every layer's file): they get the whole
-# archive from then on.
+# Engines (by socket) that loaded the whole archive where the base layer by import failed
+# (an engine with containerd's image store, say, needs every layer's file): they get the
+# whole archive from then on.
 _NO_IMPORT: set[str] = set()
 
 
@@ -594,12 +594,21 @@ def load_importing_base(client: docker.DockerClient, image: LoadableImage) -> st
     archive's manifest.json, which the engine reads only at the end, waits for the import.
     The engine then finds the base layer (by its chain id, which for a base layer is its
     diff id) and does not look for its file. The import's own image is removed afterwards,
-    whatever happened: the layer stays as the loaded image's. When the import fails, the
-    whole archive is sent again, as load_into_docker does."""
+    whatever happened: the layer stays as the loaded image's. When the import fails, or the
+    engine does not load the archive without the layer (unless a layer's bytes failed),
+    the whole archive is sent again, as load_into_docker does; if that loads, this engine
+    gets the whole archive from then on. A base layer the image uses again higher up is
+    sent in the archive (there it needs its file)."""
     base = image.layer_digests[0] if image.layer_digests else None
     layer = image.pending.get(base) if base is not None else None
     engine = _engine_label(client)
-    if base is None or layer is None or base in image.registered or engine in _NO_IMPORT:
+    if (
+        base is None
+        or layer is None
+        or base in image.registered
+        or base in image.layer_digests[1:]  # there, on other layers, it needs its file
+        or engine in _NO_IMPORT
+    ):
         return load_into_docker(client, image)
     imported: list[str] = []
     failed: list[LoadError] = []
@@ -636,15 +645,15 @@ def load_importing_base(client: docker.DockerClient, image: LoadableImage) -> st
                 raise failed[0] from None
             why = failed[0] if failed else e
         # The engine did not take the base layer by import, or not the archive without it.
-        _NO_IMPORT.add(engine)
         _log.warning(
-            "the base layer did not go in by import: loading the whole archive, and from now "
-            "on for this engine",
+            "the base layer did not go in by import: loading the whole archive",
             image=image.name,
             engine=engine,
             error=str(why),
         )
-        return load_into_docker(client, image)
+        image_id = load_into_docker(client, image)
+        _NO_IMPORT.add(engine)  # the whole archive does, where the import did not
+        return image_id
     finally:
         thread.join()
         for image_id in imported:

@@ -442,6 +442,44 @@ def test_a_layer_used_twice_loads(target: DockerEngine, tmp_path: Path) -> None:
 
 
 @pytest.mark.docker
+def test_a_base_layer_used_again_higher_up_goes_in_the_archive(
+    target: DockerEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Base, a, base: the third layer's chain needs the base layer's file, so the base is
+    not imported (which would leave the file out) but sent in the archive."""
+    from docket_common import loadable
+
+    image, diff_ids = synthetic_image(
+        tmp_path, "loaded/base-again:1", [{"a.bin": b"a\n"}], seed="base-again"
+    )
+    image = replace(
+        image,
+        layer_paths=(*image.layer_paths, image.layer_paths[0]),
+        layer_digests=(*image.layer_digests, image.layer_digests[0]),
+    )
+    config = json.loads(image.config_path.read_bytes())
+    config["rootfs"]["diff_ids"] = [*diff_ids, diff_ids[0]]
+    config["history"].append({"created_by": "the base again"})
+    data = json.dumps(config).encode()
+    config_digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    blob_path(tmp_path, config_digest).write_bytes(data)
+    image = replace(
+        image, config_path=blob_path(tmp_path, config_digest), config_digest=config_digest
+    )
+
+    imports: list[str] = []
+
+    def no_import(_client: Any, name: str, _layer: Any) -> str:
+        imports.append(name)
+        raise LoadError("the base layer was imported")
+
+    monkeypatch.setattr(loadable, "import_layer", no_import)
+    assert load_importing_base(target.client, _arriving(image)) == config_digest
+    assert rootfs_layers(target.client, "loaded/base-again:1") == [*diff_ids, diff_ids[0]]
+    assert imports == []
+
+
+@pytest.mark.docker
 def test_load_streams_a_big_layer_with_flat_memory(target: DockerEngine, tmp_path: Path) -> None:
     image, diff_ids = synthetic_image(tmp_path, "loaded/big:1", [{"big.bin": 64 * MiB}], seed="big")
     assert image.layer_paths[1].stat().st_size > 64 * MiB
