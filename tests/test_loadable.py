@@ -414,26 +414,33 @@ def test_an_image_named_by_digest_loads_untagged(app1: Extracted, target: Docker
     assert target.client.images.get(app1.image.config_digest).tags == []
 
 
+def _with_layer_again(
+    image: LoadableImage, diff_ids: tuple[str, ...], index: int, work: Path
+) -> LoadableImage:
+    """``image`` with its layer ``index`` again on top: the layer, its diff id in a new
+    config (written to work/<hex>) and a history entry."""
+    image = replace(
+        image,
+        layer_paths=(*image.layer_paths, image.layer_paths[index]),
+        layer_digests=(*image.layer_digests, image.layer_digests[index]),
+    )
+    config = json.loads(image.config_path.read_bytes())
+    config["rootfs"]["diff_ids"] = [*diff_ids, diff_ids[index]]
+    config["history"].append({"created_by": f"layer {index} again"})
+    data = json.dumps(config).encode()
+    config_digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    blob_path(work, config_digest).write_bytes(data)
+    return replace(image, config_path=blob_path(work, config_digest), config_digest=config_digest)
+
+
 @pytest.mark.docker
 def test_a_layer_used_twice_loads(target: DockerEngine, tmp_path: Path) -> None:
     image, diff_ids = synthetic_image(
         tmp_path, "loaded/twice:1", [{"a.bin": b"a\n"}, {"b.bin": b"b\n"}], seed="twice"
     )
     # base, a, b, a: layer "a" appears twice but is stored once.
-    image = replace(
-        image,
-        layer_paths=(*image.layer_paths, image.layer_paths[1]),
-        layer_digests=(*image.layer_digests, image.layer_digests[1]),
-    )
-    config = json.loads(image.config_path.read_bytes())
-    config["rootfs"]["diff_ids"] = [*diff_ids, diff_ids[1]]
-    config["history"].append({"created_by": "layer a again"})
-    data = json.dumps(config).encode()
-    config_digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    blob_path(tmp_path, config_digest).write_bytes(data)
-    image = replace(
-        image, config_path=blob_path(tmp_path, config_digest), config_digest=config_digest
-    )
+    image = _with_layer_again(image, diff_ids, 1, tmp_path)
+    config_digest = image.config_digest
 
     assert load_into_docker(target.client, image) == config_digest
     assert rootfs_layers(target.client, "loaded/twice:1") == [*diff_ids, diff_ids[1]]
@@ -452,20 +459,8 @@ def test_a_base_layer_used_again_higher_up_goes_in_the_archive(
     image, diff_ids = synthetic_image(
         tmp_path, "loaded/base-again:1", [{"a.bin": b"a\n"}], seed="base-again"
     )
-    image = replace(
-        image,
-        layer_paths=(*image.layer_paths, image.layer_paths[0]),
-        layer_digests=(*image.layer_digests, image.layer_digests[0]),
-    )
-    config = json.loads(image.config_path.read_bytes())
-    config["rootfs"]["diff_ids"] = [*diff_ids, diff_ids[0]]
-    config["history"].append({"created_by": "the base again"})
-    data = json.dumps(config).encode()
-    config_digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    blob_path(tmp_path, config_digest).write_bytes(data)
-    image = replace(
-        image, config_path=blob_path(tmp_path, config_digest), config_digest=config_digest
-    )
+    image = _with_layer_again(image, diff_ids, 0, tmp_path)
+    config_digest = image.config_digest
 
     imports: list[str] = []
 
