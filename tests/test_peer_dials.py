@@ -13,9 +13,10 @@ from typing import Any
 import libtorrent as lt
 import pytest
 
-from docket_common.fetch import ANSWER_DELAY, RESUME_WAIT, BlobFetcher, BlobSpec
+from docket_common import fetch
+from docket_common.fetch import ANSWER_DELAY, RESUME_WAIT, BlobFetcher, BlobSpec, follow
 from tests.support.archives import random_bytes
-from tests.test_bt_support import Client, clients, seed_files, torrent_of
+from tests.test_bt_support import PIECE, Client, clients, seed_files, torrent_of
 
 pytestmark = pytest.mark.timeout(90)
 __all__ = ["clients"]  # the fixture
@@ -192,5 +193,75 @@ async def test_a_hint_after_the_resume_is_dialled_back_later_and_not_once_droppe
         assert path.read_bytes() == data
         assert calls.count(f"dial {holder.endpoint}") == 1  # the dropped download's never
         assert times[f"dial {holder.endpoint}"] - hinted >= ANSWER_DELAY
+    finally:
+        host.close()
+
+
+async def test_pieces_of_a_peer_closed_as_it_becomes_a_seed_come_from_the_server_at_once(
+    clients: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host and a peer (which dialled in, as in a rollout) both hold piece 0 of 2, so
+    the host is not interested in the peer. The peer then gets piece 1 and is a seed:
+    libtorrent (incoming_have) checks it for redundancy before it updates the host's interest
+    for that piece, and closes the only peer that has it (LOST_SEED). `follow` then fetches
+    the piece no connected peer holds from the server (read_range) at its next tick; before,
+    the host waited for the server's seed (SEED_AFTER, made long here) or for the peer to dial
+    again. If the lost_seeds assertion fails, libtorrent no longer closes such a peer."""
+    monkeypatch.setattr(fetch, "SEED_AFTER", 600.0)
+    data = random_bytes(2 * PIECE, 33)
+    torrent = torrent_of(data)
+    seed = clients("docket-test-held-seed")
+    seed.add(torrent.metainfo, seed_files(tmp_path, data, torrent, "seed"), seed_mode=True)
+    peer = clients("docket-test-finishing-peer")
+    (tmp_path / "peer").mkdir()
+    peer_handle = peer.add(torrent.metainfo, tmp_path / "peer")
+    peer.wait_for("the torrent set up", lambda: bool(peer.of_type(lt.torrent_checked_alert)), 5)
+    peer_handle.add_piece(0, data[:PIECE], 0)
+    peer.wait_for("piece 0", lambda: bool(peer.of_type(lt.piece_finished_alert)), 5)
+
+    async def claim(_digest: str, _max_bytes: int) -> list[tuple[int, bytes]]:
+        if download.first_piece_bytes:
+            return []  # the server has no piece left to hand out
+        return [(0, data[:PIECE])]
+
+    reads: list[tuple[str, int, int]] = []
+
+    async def read_range(digest: str, offset: int, length: int) -> bytes:
+        reads.append((digest, offset, length))
+        return data[offset : offset + length]
+
+    host = BlobFetcher("127.0.0.1:0", tmp_path / "host", user_agent="docket-test-host")
+    await host.start()
+    try:
+        spec = BlobSpec(torrent.digest, len(data), torrent.metainfo)
+        download = host.download(spec, [], hold=[seed.endpoint])
+        host.claim_first_pieces(download, claim)
+        peer_handle.connect_peer(("127.0.0.1", host.port))  # it dials in, as in a rollout
+
+        def uninterested_in_the_peer() -> bool:
+            infos = download.handle.get_peer_info()
+            return bool(infos) and not any(i.flags & lt.peer_info.interesting for i in infos)
+
+        deadline = time.monotonic() + 10
+        while not (
+            download.first_pieces_ended is not None
+            and 0 in download.held
+            and uninterested_in_the_peer()
+        ):
+            assert time.monotonic() < deadline, "the host never held piece 0 beside the peer"
+            await asyncio.sleep(0.02)
+        following = asyncio.ensure_future(
+            follow(
+                host, [download], read_range=read_range, fallback_after=600.0, on_tick=lambda: None
+            )
+        )
+        peer_handle.add_piece(1, data[PIECE:], 0)  # the peer is a seed now
+        await asyncio.wait_for(following, 30)
+        path = await asyncio.wait_for(host.complete(download), 30)
+        assert path.read_bytes() == data
+        assert download.lost_seeds >= 1, download.disconnects
+        assert reads == [(torrent.digest, PIECE, PIECE)]  # piece 1 only, once
+        assert download.orphan_bytes == PIECE
+        assert download.seed_released is None
     finally:
         host.close()
