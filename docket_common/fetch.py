@@ -985,9 +985,14 @@ async def _fetch_orphans(
             continue
         if download.first_pieces is not None and download.first_pieces_ended is None:
             continue
+        lost = download.lost_seeds - download.lost_seeds_seen
         download.lost_seeds_seen = download.lost_seeds
         pieces = fetcher.orphan_pieces(download)
-        if not pieces:
+        # A seed closed so lacked, before its last HAVE, nothing this host lacks: this host
+        # lacks at most that last piece. More orphans than closed seeds say something else
+        # (a peer that is upload-only without being a seed, say, in libtorrent's upload mode
+        # after a disk error): the pieces are elsewhere in the swarm, not the server's to send.
+        if not pieces or len(pieces) > lost:
             continue
         digest = download.spec.digest
         log.info(

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import libtorrent as lt
 import pytest
@@ -265,3 +266,44 @@ async def test_pieces_of_a_peer_closed_as_it_becomes_a_seed_come_from_the_server
         assert download.seed_released is None
     finally:
         host.close()
+
+
+async def test_orphans_are_fetched_only_as_many_as_the_seeds_closed() -> None:
+    """A seed closed as uninteresting left this host short of its last piece at most: more
+    pieces that no connected peer holds are elsewhere in the swarm, not the server's to send
+    (the logic alone, with a fake fetcher)."""
+    fetched: list[list[int]] = []
+
+    class Fetcher:
+        orphans: list[int] = []
+
+        def orphan_pieces(self, _download: Any) -> list[int]:
+            return self.orphans
+
+        async def fill_missing(self, _download: Any, _read: Any, pieces: list[int]) -> int:
+            fetched.append(pieces)
+            return len(pieces) * PIECE
+
+    async def read_range(_digest: str, _offset: int, _length: int) -> bytes:
+        raise AssertionError("the fake fetcher reads nothing")
+
+    fetcher = Fetcher()
+    download = SimpleNamespace(
+        spec=SimpleNamespace(digest="sha256:" + "ab" * 32),
+        lost_seeds=1,
+        lost_seeds_seen=0,
+        finished=asyncio.Event(),
+        first_pieces=None,
+        first_pieces_ended=None,
+        orphan_bytes=0,
+    )
+    fetcher.orphans = [5, 9]
+    await fetch._fetch_orphans(cast(Any, fetcher), [download], read_range)
+    assert fetched == []  # two orphans, one seed closed
+    assert download.lost_seeds_seen == 1  # looked at once
+    download.lost_seeds = 3  # two more closed
+    await fetch._fetch_orphans(cast(Any, fetcher), [download], read_range)
+    assert fetched == [[5, 9]]
+    assert download.orphan_bytes == 2 * PIECE
+    await fetch._fetch_orphans(cast(Any, fetcher), [download], read_range)
+    assert fetched == [[5, 9]]  # no new close: nothing more
