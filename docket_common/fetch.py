@@ -83,7 +83,7 @@ ANSWER_DELAY = 0.5
 # after min_reconnect_time, in its connect round, which comes once a second. Seen with 8 hosts
 # and a 1 MiB blob in 5 of 15 rollouts: up to 6 hosts that lacked one piece each closed every
 # peer that got it and waited for the server's seed (SEED_AFTER): the last piece came at
-# 2.4-3.3 s, against 0.7-1.2 s. After such a close, ``follow`` fetches the pieces no connected
+# 2.4-3.3 s, against 0.7-1.8 s. After such a close, ``follow`` fetches the pieces no connected
 # peer holds from the server over gRPC (``orphan_pieces``) at its next tick.
 LOST_SEED = "uninteresting upload-only peer"
 HASH_BATCH = 4 << 20  # the in-order hash reads the file in runs of at least this many bytes,
