@@ -791,22 +791,19 @@ class BlobFetcher(TorrentSession):
         return fetched
 
     def orphan_pieces(self, download: BlobDownload) -> list[int]:
-        """The pieces the download lacks that no connected peer holds (one question to
-        libtorrent for the peers, and one a piece not known held)."""
+        """The pieces the download lacks that no connected peer holds (two questions to
+        libtorrent: its peers, and the pieces it holds)."""
         if not download.handle.is_valid():
             return []
         try:
             peers = download.handle.get_peer_info()
+            held = set(download.held_pieces())
         except RuntimeError:  # removed meanwhile
             return []
         offered: set[int] = set()
         for peer in peers:
             offered.update(i for i, has in enumerate(peer.pieces) if has)
-        return [
-            i
-            for i in range(download.piece_count)
-            if i not in download.held and i not in offered and not download.handle.have_piece(i)
-        ]
+        return [i for i in range(download.piece_count) if i not in held and i not in offered]
 
     def on_alert(self, alert: Any) -> None:
         name = getattr(alert, "torrent_name", "")
