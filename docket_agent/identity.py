@@ -32,6 +32,7 @@ import structlog
 from cryptography import x509
 
 from docket_common.bt import split_host_port
+from docket_common.channel import open_channel
 from docket_common.errors import error_info
 from docket_common.pb import agent_service_pb2 as pb
 from docket_common.pb import agent_service_pb2_grpc as pb_grpc
@@ -51,7 +52,7 @@ from docket_common.pki import (
     write_private,
     write_public,
 )
-from docket_common.tls_client import diagnose, fetch_chain, open_channel, pick_ca
+from docket_common.tls_client import diagnose, fetch_chain, pick_ca
 
 log = structlog.get_logger()
 

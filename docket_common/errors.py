@@ -10,8 +10,6 @@ from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any
 
-from google.rpc import error_details_pb2, status_pb2
-
 DOMAIN = "docket.dev"
 
 
@@ -62,6 +60,10 @@ class Reason(StrEnum):
 
 def error_info(trailing_metadata: Iterable[tuple[str, Any]] | None) -> tuple[str, dict[str, str]]:
     """The ErrorInfo reason and metadata of a failed call's trailers; ("", {}) when absent."""
+    # Imported on the first failed call: every docketctl command imports this module, and
+    # these about 16 ms of its start only matter once a call failed.
+    from google.rpc import error_details_pb2, status_pb2
+
     for key, value in trailing_metadata or ():
         if key == "grpc-status-details-bin" and isinstance(value, bytes):
             for detail in status_pb2.Status.FromString(value).details:

@@ -1,6 +1,7 @@
 """The client half of the fleet's TLS, shared by docketctl and the agent: channels that trust
 the fleet CA (and present an agent's certificate), pinning a CA by its hash, and one-line
-explanations of handshakes that fail.
+explanations of handshakes that fail. The channels themselves are in ``channel``, which
+does not import ``cryptography``.
 
 A server's TLS port sends its chain: the serving certificate, then the fleet CA. A client
 that has no CA yet (``--ca-hash``, as ``kubeadm join --discovery-token-ca-cert-hash`` does)
@@ -14,7 +15,6 @@ import socket
 import ssl
 from collections.abc import Sequence
 
-import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
@@ -114,30 +114,3 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
-
-
-def channel_credentials(
-    ca_pem: bytes | None, cert_pem: bytes | None = None, key_pem: bytes | None = None
-) -> grpc.ChannelCredentials:
-    """TLS credentials trusting ``ca_pem`` (None: the system's roots), presenting
-    ``cert_pem`` when given."""
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
-    )
-
-
-def open_channel(
-    server: str,
-    options: Sequence[tuple[str, object]],
-    *,
-    insecure: bool,
-    ca_pem: bytes | None,
-    cert_pem: bytes | None = None,
-    key_pem: bytes | None = None,
-) -> grpc.aio.Channel:
-    """An aio channel to ``server``: plaintext only when ``insecure``."""
-    if insecure:
-        return grpc.aio.insecure_channel(server, options=list(options))
-    return grpc.aio.secure_channel(
-        server, channel_credentials(ca_pem, cert_pem, key_pem), options=list(options)
-    )

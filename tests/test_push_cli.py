@@ -8,6 +8,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -282,3 +283,38 @@ def test_push_on_a_terminal_shows_progress_bars(server: ServerProcess, tmp_path:
     # Off a terminal the same push draws no bars.
     piped = docketctl("push", "a:1", "--archive", str(archive.path), server=server)
     assert "━" not in piped.stderr + piped.stdout
+
+
+def test_a_command_imports_only_what_it_uses(server: ServerProcess) -> None:
+    """docketctl starts on every command: the certificate code (cryptography), the error
+    details and the other services' stubs are imported only when a call needs them."""
+    full_env = server.env() | {"XDG_CONFIG_HOME": str(server.data_dir / "config")}
+    prefix = ["--insecure"] if server.insecure else []
+    ran = subprocess.run(
+        [sys.executable, "-X", "importtime", str(BIN / "docketctl"), *prefix, "images"],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in ran.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "docket_common.pb.image_service_pb2_grpc" in imported  # the one it called
+    assert "docket_cli.main" in imported
+    for unused in (
+        "cryptography",
+        "docket_common.tls_client",
+        "google.rpc.error_details_pb2",
+        "docket_common.pb.rollout_service_pb2_grpc",
+        "docket_common.pb.token_service_pb2_grpc",
+    ):
+        assert unused not in imported, unused
+    # A failed call still names its reason: the error details load when needed.
+    missing = docketctl("inspect", "no/such:1", server=server)
+    assert missing.returncode == 1
+    assert "[IMAGE_NOT_FOUND]" in missing.stderr
