@@ -1,7 +1,7 @@
-"""The client half of the fleet's TLS, shared by docketctl and the agent: channels that trust
-the fleet CA (and present an agent's certificate), pinning a CA by its hash, and one-line
-explanations of handshakes that fail. The channels themselves are in ``channel``, which
-does not import ``cryptography``.
+"""The client half of the fleet's TLS, shared by docketctl and the agent: pinning a CA by its
+hash, and one-line explanations of handshakes that fail. The channels that trust the fleet CA
+(and present an agent's certificate) are in ``channel``, which does not import
+``cryptography``: docketctl needs this module only when a handshake failed.
 
 A server's TLS port sends its chain: the serving certificate, then the fleet CA. A client
 that has no CA yet (``--ca-hash``, as ``kubeadm join --discovery-token-ca-cert-hash`` does)
