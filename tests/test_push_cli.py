@@ -8,7 +8,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -288,16 +287,7 @@ def test_push_on_a_terminal_shows_progress_bars(server: ServerProcess, tmp_path:
 def test_a_command_imports_only_what_it_uses(server: ServerProcess) -> None:
     """docketctl starts on every command: the certificate code (cryptography), the error
     details and the other services' stubs are imported only when a call needs them."""
-    full_env = server.env() | {"XDG_CONFIG_HOME": str(server.data_dir / "config")}
-    prefix = ["--insecure"] if server.insecure else []
-    ran = subprocess.run(
-        [sys.executable, "-X", "importtime", str(BIN / "docketctl"), *prefix, "images"],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=60,
-        check=False,
-    )
+    ran = docketctl("images", server=server, env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert ran.returncode == 0, ran.stderr
     imported = {
         line.rsplit("|", 1)[-1].strip()
