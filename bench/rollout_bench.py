@@ -764,19 +764,15 @@ class DocketSide:
         wait_for(f"{self.n} {self.label} agents online", self._all_online, 90, interval=0.5)
 
     def _agent_registry_args(self) -> list[str]:
-        """The agents' registry face: on with ``registry``; on, at a port of this side's, for
-        agents told to load through it (--load-via registry) without saying where; else off."""
+        """The agents' registry face: on with ``registry``, and otherwise on at a port of this
+        side's unless the agent arguments say where: the default --load-via auto has the
+        engine pull small images from it."""
         if self.registry:
             return []
         args = " ".join(self.agent_args).replace("=", " ").split()
-        via = (
-            args[args.index("--load-via") + 1 : args.index("--load-via") + 2]
-            if ("--load-via" in args)
-            else []
-        )
-        if via == ["registry"] and "--registry-listen" not in args:
-            return ["--registry-listen", f"127.0.0.1:{AGENT_REGISTRY_PORT + self.port_offset}"]
-        return ["--registry-listen", "off"]
+        if "--registry-listen" in args:
+            return []
+        return ["--registry-listen", f"127.0.0.1:{AGENT_REGISTRY_PORT + self.port_offset}"]
 
     def _alive(self) -> bool:
         for proc in self.procs:

@@ -178,15 +178,26 @@ def _platform(_ctx: click.Context, _param: click.Parameter, value: str | None) -
 )
 @click.option(
     "--load-via",
-    type=click.Choice(["import", "archive", "registry"]),
-    default="import",
+    type=click.Choice(["auto", "import", "archive", "registry"]),
+    default="auto",
     show_default=True,
-    help="How images go into the engine: `docker load` of an archive streamed from the "
-    "blobs, with the base layer streamed in by `docker import` beside it, which the engine "
-    "unpacks as it arrives rather than once it has the whole archive (the import's untagged "
-    "image is removed once the image is loaded); the archive alone; or a pull by the engine "
-    "from this agent's registry face (--registry-listen), which streams each blob as its "
-    "pieces pass the sha256.",
+    help="How images go into the engine: `import`, a `docker load` of an archive streamed "
+    "from the blobs, with the base layer streamed in by `docker import` beside it, which the "
+    "engine unpacks as it arrives rather than once it has the whole archive (the import's "
+    "untagged image is removed once the image is loaded); `archive`, the archive alone; "
+    "`registry`, a pull by the engine from this agent's registry face (--registry-listen), "
+    "which streams each blob as its pieces pass the sha256; `auto`, `registry` for images "
+    "smaller than --pull-below (the engine spends less CPU on them: one helper process "
+    "instead of two) when the face listens on loopback or all addresses and no layer is "
+    "zstd, else `import`.",
+)
+@click.option(
+    "--pull-below",
+    default="8Mi",
+    show_default=True,
+    callback=size,
+    help="With --load-via auto: images whose blobs add up to fewer bytes than this are "
+    "pulled by the engine from the registry face, larger ones loaded by import. 0: never.",
 )
 @click.option(
     "--piece-order",
@@ -266,6 +277,7 @@ def main(
     max_download_rate: int,
     load_while_downloading: bool,
     load_via: str,
+    pull_below: int,
     piece_order: str,
     max_upload_rate: int,
     platform: Platform | None,
@@ -328,6 +340,7 @@ def main(
         max_upload_rate=max_upload_rate,
         load_while_downloading=load_while_downloading,
         load_via=load_via,
+        pull_below=pull_below,
         piece_order=piece_order,
         platform=platform,
         metrics_listen=metrics_listen,

@@ -130,6 +130,26 @@ class AgentRegistry:
         self._pulls: dict[str, OrderRunner] = {}  # blob digest -> the order pulling it
         # Blob digest -> the StartPull in flight that will pull it.
         self._starting: dict[str, asyncio.Future[OrderRunner | None]] = {}
+        # Blob digest -> this agent's own order whose load is the engine's pull from here
+        # (serve_order): asked for by the engine, its blobs come from that order's downloads,
+        # never from a pull of the face's own.
+        self._serving: dict[str, OrderRunner] = {}
+
+    def serve_order(self, runner: OrderRunner, blobs: list[str]) -> Callable[[], None]:
+        """Serves the engine's pull of ``runner``'s image from that order's downloads, until
+        the returned function is called (once the engine's pull has ended, which may be
+        after the order: the engine retries a blob broken off). No StartPull is made for
+        these blobs meanwhile, so the server records the rollout, not a pull besides it, and
+        a blob of a failed order is answered BLOB_UNKNOWN, which the engine does not retry."""
+        for digest in blobs:
+            self._serving[digest] = runner
+
+        def release() -> None:
+            for digest in blobs:
+                if self._serving.get(digest) is runner:
+                    del self._serving[digest]
+
+        return release
 
     def application(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
@@ -328,7 +348,7 @@ class AgentRegistry:
         if parsed.config is None or parsed.config.media_type not in IMAGE_CONFIG_TYPES:
             return
         blobs = [parsed.config.digest, *(layer.digest for layer in parsed.layers)]
-        if all(d in self._pulls for d in blobs):  # on their way already
+        if all(d in self._pulls or d in self._serving for d in blobs):  # on their way already
             return
         # Pulled (and recorded) even when every blob is cached: the server's record of the
         # pull then says it came from the cache.
@@ -392,11 +412,14 @@ class AgentRegistry:
                 return download
             if self.cache.has(digest):
                 return None
+            serving = self._serving.get(digest)
+            if serving is not None and (_over(serving) or _failed(serving)):
+                raise _order_ended(digest, serving)
             if runner is not None and _over(runner):
                 if _failed(runner):
                     raise _pull_failed(digest, runner)
                 runner = None  # it ended without this blob: pull it alone
-            if runner is None:
+            if runner is None and serving is None:
                 if started:
                     raise HttpError(
                         503, Code.UNAVAILABLE, f"the pull of blob {digest} ended without it"
@@ -558,6 +581,15 @@ def _over(runner: OrderRunner) -> bool:
 def _failed(runner: OrderRunner) -> bool:
     last = runner.last
     return last is not None and last.task_update.state in (FAILED, CANCELLED)
+
+
+def _order_ended(digest: str, runner: OrderRunner) -> HttpError:
+    """The answer for a blob of an order this face served (serve_order) that ended without
+    it: BLOB_UNKNOWN, which ends the engine's pull rather than have it retry."""
+    why = f": {runner.last.task_update.error}" if runner.last is not None else ""
+    return HttpError(
+        404, Code.BLOB_UNKNOWN, f"blob {digest}: order {runner.id} ended without it{why}"
+    )
 
 
 def _pull_failed(digest: str, runner: OrderRunner) -> HttpError:

@@ -499,7 +499,9 @@ def test_two_rollouts_at_once_share_their_common_layer(tmp_path: Path, agents: S
 
 @pytest.mark.docker
 @pytest.mark.parametrize(
-    ("load_via", "corrupt"), [("archive", 1), ("import", 0), ("import", 1)], ids=str
+    ("load_via", "corrupt"),
+    [("archive", 1), ("import", 0), ("import", 1), ("registry", 1)],
+    ids=str,
 )
 def test_a_blob_that_fails_its_sha256_is_never_loaded_and_leaves_nothing_half_loaded(
     tmp_path: Path,
@@ -513,7 +515,10 @@ def test_a_blob_that_fails_its_sha256_is_never_loaded_and_leaves_nothing_half_lo
     while the layers arrive (`docker load`; with --load-via import the base layer by `docker
     import`, which registers it as it reads it: corrupt, or whole while the other layer
     fails); the load must fail, and the engine must hold neither the image nor any of its
-    layers, nor an imported image."""
+    layers, nor an imported image. With --load-via registry the engine pulls from the
+    agent's face, which breaks the blob off; the engine's pull may outlive the order (dockerd
+    retries a broken blob once, 5 s on, and is then told BLOB_UNKNOWN), and must then have
+    left nothing either."""
     import sqlite3
 
     from docket_common.torrent import make_torrent, torrent_ssl_cert
@@ -577,6 +582,11 @@ def test_a_blob_that_fails_its_sha256_is_never_loaded_and_leaves_nothing_half_lo
                 decode=True,
             )
             assert list(imports)
+        if load_via == "registry":
+            deadline = time.monotonic() + 60
+            while "the engine's pull from the registry face ended" not in agent.log_tail(400):
+                assert time.monotonic() < deadline, "the engine's pull did not end in 60 s"
+                time.sleep(0.2)
         assert {i.id for i in engine.client.images.list(all=True)} == before_images
         assert sorted(p.name for p in layers_dir.glob("*/layerdb/sha256/*")) == before_layers
         cached = agent.data_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]
@@ -593,11 +603,15 @@ def lt_info(metainfo: bytes) -> Any:
 
 
 @pytest.mark.docker
+@pytest.mark.parametrize("load_via", ["auto", "registry"])
 def test_load_via_the_registry_face_pulls_while_the_layers_arrive(
-    tmp_path: Path, agents: StartAgent, agent_engines: list[DockerEngine]
+    tmp_path: Path, agents: StartAgent, agent_engines: list[DockerEngine], load_via: str
 ) -> None:
-    """--load-via registry: the engine pulls the image from the agent's own registry face
-    during the rollout, and ends up with the image under its name only."""
+    """--load-via registry, and auto (the default) for an image under --pull-below: the
+    engine pulls the image from the agent's own registry face during the rollout, from the
+    order's downloads, and ends up with the image under its name only. The server records
+    the rollout and no pull besides it. An image of --pull-below bytes or more is loaded by
+    import under auto."""
     server = make_server(tmp_path)
     try:
         archive = push_archive(
@@ -613,9 +627,10 @@ def test_load_via_the_registry_face_pulls_while_the_layers_arrive(
             "puller",
             groups=["v"],
             docker_host=engine.host,
-            extra_args=["--registry-listen", f"127.0.0.1:{port}", "--load-via", "registry"],
+            extra_args=["--registry-listen", f"127.0.0.1:{port}", "--load-via", load_via],
         )
         wait_for_states(server, {"puller": "online"})
+        since = int(time.time())
         code, _, hosts = rollout(server, "via/face:2", "--hosts", "v")
         assert code == 0, hosts
         assert hosts["puller"]["image_id"] == archive.config_digest
@@ -623,7 +638,48 @@ def test_load_via_the_registry_face_pulls_while_the_layers_arrive(
         assert image.id == archive.config_digest
         assert image.tags == ["via/face:2"]
         assert not any(str(port) in d for d in image.attrs.get("RepoDigests", []))
-        assert "overlapped" in agent.log_tail(200)
+        log = agent.log_tail(200)
+        assert "loading by the engine's pull from the registry face" in log
+        assert "overlapped" in log
+        pulls = docketctl("pulls", "-o", "json", server=server)
+        assert pulls.returncode == 0, pulls.stderr
+        assert json.loads(pulls.stdout) == []
+        engine_pulls = engine.client.api.events(
+            since=since,
+            until=int(time.time()) + 1,
+            filters={"type": "image", "event": "pull"},
+            decode=True,
+        )
+        assert len(list(engine_pulls)) == 1
+        if load_via == "registry":
+            return
+        # Past --pull-below (4 MiB of files, their tar headers and the config): by import.
+        big = push_archive(
+            server,
+            tmp_path,
+            "via/face:big",
+            [layer_tar({"c": random_bytes(3 * MiB, 35)}), layer_tar({"d": random_bytes(MiB, 36)})],
+        )
+        assert agent.stop() == 0
+        agent = agents(
+            server,
+            "puller",
+            groups=["v"],
+            docker_host=engine.host,
+            extra_args=["--registry-listen", f"127.0.0.1:{port}", "--pull-below", "4Mi"],
+        )
+        wait_for_states(server, {"puller": "online"})
+        since = int(time.time())
+        code, _, hosts = rollout(server, "via/face:big", "--hosts", "v")
+        assert code == 0, hosts
+        assert engine.client.images.get("via/face:big").id == big.config_digest
+        imports = engine.client.api.events(
+            since=since,
+            until=int(time.time()) + 1,
+            filters={"type": "image", "event": "import"},
+            decode=True,
+        )
+        assert len(list(imports)) == 1
     finally:
         server.stop()
 
