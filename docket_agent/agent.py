@@ -84,6 +84,37 @@ class AgentConfig:
     metrics_listen: str | None = None  # /metrics and /healthz over HTTP, HOST:PORT; None: off
 
 
+def pull_source(
+    order: agent_pb2.PullOrder,
+    load_via: str,
+    pull_below: int,
+    registry_listen: str | None,
+    registry_port: int,
+) -> str | None:
+    """What the engine pulls ``order``'s image from ("127.0.0.1:5001/repo@sha256:…"), or
+    None to load it by an archive instead (see AgentConfig.load_via). ``registry_port``: the
+    face's port once it listens (0: off)."""
+    if load_via not in ("registry", "auto") or not registry_port or not registry_listen:
+        return None
+    host, _ = split_host_port(registry_listen)
+    if host in ("", "0.0.0.0", "localhost") or host.startswith("127."):
+        host = "127.0.0.1"
+    elif host in ("::", "::1"):
+        host = "[::1]"
+    elif load_via == "auto":  # plain HTTP past loopback: the engine would refuse it
+        return None
+    elif ":" in host:
+        host = f"[{host}]"
+    if load_via == "auto":
+        size = order.config.size_bytes + sum(b.size_bytes for b in order.layers)
+        if size >= pull_below or any("zstd" in b.media_type for b in order.layers):
+            return None  # large; or zstd, which engines before Docker 23 cannot pull
+    repository = order.image_name.rsplit("@", 1)[0]
+    if ":" in repository.rsplit("/", 1)[-1]:
+        repository = repository.rsplit(":", 1)[0]
+    return f"{host}:{registry_port}/{repository}@{order.image_digest}"
+
+
 def outbound_address(server: str) -> str:
     """The local address this host uses to reach the server: what its peers can reach too."""
     host, port = split_host_port(server)
@@ -319,7 +350,10 @@ class Agent:
             pending=pending,
         )
 
-        source = self._pull_source(order)
+        cfg = self.config
+        source = pull_source(
+            order, cfg.load_via, cfg.pull_below, cfg.registry_listen, self.registry_port
+        )
         if source is None:
             return await asyncio.to_thread(
                 load_from_env, image, import_base=self.config.load_via != "archive"
@@ -346,33 +380,6 @@ class Agent:
 
         log.info("loading by the engine's pull from the registry face", source=source)
         return await asyncio.to_thread(pull)
-
-    def _pull_source(self, order: agent_pb2.PullOrder) -> str | None:
-        """What the engine pulls ``order``'s image from ("127.0.0.1:5001/repo@sha256:…"), or
-        None to load it by an archive instead (see AgentConfig.load_via)."""
-        cfg = self.config
-        if cfg.load_via not in ("registry", "auto") or not self.registry_port:
-            return None
-        assert cfg.registry_listen is not None
-        host, _ = split_host_port(cfg.registry_listen)
-        if host in ("", "0.0.0.0", "localhost") or host.startswith("127."):
-            host = "127.0.0.1"
-        elif host in ("::", "::1"):
-            host = "[::1]"
-        elif cfg.load_via == "auto":  # plain HTTP past loopback: the engine would refuse it
-            return None
-        elif ":" in host:
-            host = f"[{host}]"
-        if cfg.load_via == "auto":
-            blobs = [order.config, *order.layers]
-            if sum(b.size_bytes for b in blobs) >= cfg.pull_below or any(
-                "zstd" in b.media_type for b in order.layers
-            ):  # large; or zstd, which engines before Docker 23 cannot pull (a load expands it)
-                return None
-        repository = order.image_name.rsplit("@", 1)[0]
-        if ":" in repository.rsplit("/", 1)[-1]:
-            repository = repository.rsplit(":", 1)[0]
-        return f"{host}:{self.registry_port}/{repository}@{order.image_digest}"
 
     async def _hello(self) -> agent_pb2.Hello:
         """Made afresh for every connection: the engine or the cache may have changed."""

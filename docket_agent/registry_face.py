@@ -586,7 +586,8 @@ def _failed(runner: OrderRunner) -> bool:
 def _order_ended(digest: str, runner: OrderRunner) -> HttpError:
     """The answer for a blob of an order this face served (serve_order) that ended without
     it: BLOB_UNKNOWN, which ends the engine's pull rather than have it retry."""
-    why = f": {runner.last.task_update.error}" if runner.last is not None else ""
+    error = runner.last.task_update.error if runner.last is not None else ""
+    why = f": {error}" if error else ""
     return HttpError(
         404, Code.BLOB_UNKNOWN, f"blob {digest}: order {runner.id} ended without it{why}"
     )
