@@ -30,7 +30,13 @@ from docket_agent.stream import CHANNEL_OPTIONS, StreamClient, agent_channel
 from docket_common.bt import split_host_port
 from docket_common.fetch import BlobFetcher
 from docket_common.health import Health
-from docket_common.loadable import LoadableImage, PendingBlob, load_from_env, pull_from_env
+from docket_common.loadable import (
+    LoadableImage,
+    PendingBlob,
+    PullCancel,
+    load_from_env,
+    pull_from_env,
+)
 from docket_common.logs import set_log_level
 from docket_common.manifest import Platform, this_platform
 from docket_common.metrics import MetricsFace
@@ -369,17 +375,22 @@ class Agent:
             else lambda: None
         )
         loop = asyncio.get_running_loop()
+        cancel = PullCancel()
 
         def pull() -> str:
             try:
-                return pull_from_env(source, order.image_name, order.config.digest)
+                return pull_from_env(source, order.image_name, order.config.digest, cancel)
             finally:  # the engine's pull is over (the order may have ended before it)
                 log.info("the engine's pull from the registry face ended", source=source)
                 with contextlib.suppress(RuntimeError):  # the loop closed: nothing to free
                     loop.call_soon_threadsafe(release)
 
         log.info("loading by the engine's pull from the registry face", source=source)
-        return await asyncio.to_thread(pull)
+        try:
+            return await asyncio.to_thread(pull)
+        except asyncio.CancelledError:  # the order failed or was cancelled: so is the pull
+            cancel.cancel()
+            raise
 
     async def _hello(self) -> agent_pb2.Hello:
         """Made afresh for every connection: the engine or the cache may have changed."""

@@ -139,8 +139,8 @@ class AgentRegistry:
         """Serves the engine's pull of ``runner``'s image from that order's downloads, until
         the returned function is called (once the engine's pull has ended, which may be
         after the order: the engine retries a blob broken off). No StartPull is made for
-        these blobs meanwhile, so the server records the rollout, not a pull besides it, and
-        a blob of a failed order is answered BLOB_UNKNOWN, which the engine does not retry."""
+        these blobs meanwhile, so the server records the rollout, not a pull besides it; a
+        blob of an order that ended without it is BLOB_UNKNOWN."""
         for digest in blobs:
             self._serving[digest] = runner
 
@@ -585,7 +585,8 @@ def _failed(runner: OrderRunner) -> bool:
 
 def _order_ended(digest: str, runner: OrderRunner) -> HttpError:
     """The answer for a blob of an order this face served (serve_order) that ended without
-    it: BLOB_UNKNOWN, which ends the engine's pull rather than have it retry."""
+    it. dockerd (20.10) retries a blob broken off whatever the answer (5 s, then 10 s on;
+    DENIED as well as BLOB_UNKNOWN): the agent ends its pull with the order (PullCancel)."""
     error = runner.last.task_update.error if runner.last is not None else ""
     why = f": {error}" if error else ""
     return HttpError(

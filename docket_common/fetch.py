@@ -257,6 +257,16 @@ class BlobDownload:
         }
 
 
+def _ask_for_piece(download: BlobDownload, index: int) -> None:
+    """Asks libtorrent to read a piece (answered by a read_piece_alert); FetchError when the
+    download was dropped meanwhile (its handle is no longer valid: a failed or cancelled
+    order, while the registry face still streams it)."""
+    try:
+        download.handle.read_piece(index)
+    except RuntimeError as e:  # libtorrent: "invalid torrent handle used"
+        raise FetchError(f"the download of {download.spec.digest} was dropped") from e
+
+
 class BlobFetcher(TorrentSession):
     """A libtorrent session that fetches blobs into a cache directory and seeds them."""
 
@@ -347,14 +357,13 @@ class BlobFetcher(TorrentSession):
         waiting.append(future)
         try:
             if len(waiting) == 1:
-                download.handle.read_piece(index)
+                _ask_for_piece(download, index)
             for _attempt in range(READ_ATTEMPTS):
                 try:
                     async with asyncio.timeout(READ_RETRY):
                         return await asyncio.shield(future)
                 except TimeoutError:
-                    if download.handle.is_valid():
-                        download.handle.read_piece(index)
+                    _ask_for_piece(download, index)
             raise FetchError(f"libtorrent did not read piece {index} of {download.spec.digest}")
         finally:
             if future in waiting:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,19 +32,35 @@ REGISTRY_AUTH_ENV = "REGISTRY_AUTH_FILE"
 
 
 _handed_out: set[int] = set()
+_random = random.SystemRandom()  # not the seeded module-level one: no repeats across runs
 
 
 def free_port() -> int:
-    """A port nothing listens on now, and never one handed out before in this process: the
-    kernel may give the same free port to two binds in a row, and a server's ports are all
-    picked before it binds any (seen: the registry face and BitTorrent on one port)."""
+    """A port nothing listens on now, never one handed out before in this process, and below
+    the kernel's ephemeral range: a process told port 0 (libtorrent's --bt-listen
+    127.0.0.1:0) takes its port from that range, and once took the one handed out here for
+    the same agent's registry face, before the face bound it (a CI run). The kernel may also
+    give the same free port to two binds in a row, and a server's ports are all picked
+    before it binds any (seen: the registry face and BitTorrent on one port)."""
+    low = max(_ephemeral_low(), 11000)
     while True:
+        port = _random.randrange(10000, low)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @dataclass
