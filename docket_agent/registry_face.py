@@ -137,8 +137,8 @@ class AgentRegistry:
 
     def serve_order(self, runner: OrderRunner, blobs: list[str]) -> Callable[[], None]:
         """Serves the engine's pull of ``runner``'s image from that order's downloads, until
-        the returned function is called (once the engine's pull has ended, which may be
-        after the order: the engine retries a blob broken off). No StartPull is made for
+        the returned function is called (once the engine's pull has ended: the agent ends it
+        with the order, PullCancel, and dockerd may still ask meanwhile). No StartPull is made for
         these blobs meanwhile, so the server records the rollout, not a pull besides it; a
         blob of an order that ended without it is BLOB_UNKNOWN."""
         for digest in blobs:
