@@ -32,6 +32,7 @@ from docket_common.fetch import BlobFetcher
 from docket_common.health import Health
 from docket_common.loadable import (
     LoadableImage,
+    LoadError,
     PendingBlob,
     PullCancel,
     load_from_env,
@@ -135,6 +136,9 @@ def outbound_address(server: str) -> str:
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        # Set once an engine's pull from the registry face failed without the engine asking
+        # the face for anything: --load-via auto imports from then on.
+        self.engine_misses_face = False
         self.cache = BlobCache(
             config.data_dir, config.cache_max_bytes, config.min_free_bytes, config.name
         )
@@ -360,6 +364,8 @@ class Agent:
         source = pull_source(
             order, cfg.load_via, cfg.pull_below, cfg.registry_listen, self.registry_port
         )
+        if source is not None and cfg.load_via == "auto" and self.engine_misses_face:
+            source = None
         if source is None:
             return await asyncio.to_thread(
                 load_from_env, image, import_base=self.config.load_via != "archive"
@@ -369,11 +375,14 @@ class Agent:
         assert self.registry is not None
         assert self.orders is not None
         runner = self.orders.runners.get(order.order_id)
-        release = (
-            self.registry.serve_order(runner, [order.config.digest, *image.layer_digests])
+        served = (
+            self.registry.serve_order(
+                runner, order.image_digest, [order.config.digest, *image.layer_digests]
+            )
             if runner is not None
-            else lambda: None
+            else None
         )
+        release = served.release if served is not None else lambda: None
         loop = asyncio.get_running_loop()
         cancel = PullCancel()
 
@@ -391,6 +400,20 @@ class Agent:
         except asyncio.CancelledError:  # the order failed or was cancelled: so is the pull
             cancel.cancel()
             raise
+        except LoadError as e:
+            if cfg.load_via != "auto" or served is None or served.asked:
+                raise
+            # The engine asked the face for nothing: it cannot reach this host's loopback
+            # (it runs in a network namespace of its own, or on another host). Under auto
+            # this order and the ones after it are loaded by import instead.
+            self.engine_misses_face = True
+            log.warning(
+                "the Docker engine cannot reach the registry face: loading by import, "
+                "now and from now on",
+                source=source,
+                error=str(e),
+            )
+            return await asyncio.to_thread(load_from_env, image, import_base=True)
 
     async def _hello(self) -> agent_pb2.Hello:
         """Made afresh for every connection: the engine or the cache may have changed."""

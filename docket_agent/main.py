@@ -189,7 +189,8 @@ def _platform(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     "which streams each blob as its pieces pass the sha256; `auto`, `registry` for images "
     "smaller than --pull-below (the engine spends less CPU on them: one helper process "
     "instead of two) when the face listens on loopback or all addresses and no layer is "
-    "zstd, else `import`.",
+    "zstd, else `import`; an engine that cannot reach the face on 127.0.0.1 (its pull "
+    "failed without asking the face for anything) is loaded by `import` from then on.",
 )
 @click.option(
     "--pull-below",

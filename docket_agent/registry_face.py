@@ -105,6 +105,16 @@ class ManifestCache:
         tmp.replace(path)
 
 
+@dataclass(eq=False)
+class ServedOrder:
+    """An order whose image the engine pulls from the face (AgentRegistry.serve_order).
+    ``asked`` turns true when the engine asks for its manifest or one of its blobs; call
+    ``release()`` once the engine's pull has ended."""
+
+    release: Callable[[], None]
+    asked: bool = False
+
+
 class AgentRegistry:
     """The aiohttp application of the agent's registry face."""
 
@@ -134,22 +144,34 @@ class AgentRegistry:
         # (serve_order): asked for by the engine, its blobs come from that order's downloads,
         # never from a pull of the face's own.
         self._serving: dict[str, OrderRunner] = {}
+        self._watched: dict[str, ServedOrder] = {}  # manifest or blob digest -> its order
 
-    def serve_order(self, runner: OrderRunner, blobs: list[str]) -> Callable[[], None]:
+    def serve_order(
+        self, runner: OrderRunner, manifest_digest: str, blobs: list[str]
+    ) -> ServedOrder:
         """Serves the engine's pull of ``runner``'s image from that order's downloads, until
-        the returned function is called (once the engine's pull has ended: the agent ends it
-        with the order, PullCancel, and dockerd may still ask meanwhile). No StartPull is made for
-        these blobs meanwhile, so the server records the rollout, not a pull besides it; a
-        blob of an order that ended without it is BLOB_UNKNOWN."""
+        the returned ServedOrder is released (once the engine's pull has ended: the agent
+        ends it with the order, PullCancel, and dockerd may still ask meanwhile). No
+        StartPull is made for these blobs meanwhile, so the server records the rollout, not
+        a pull besides it; a blob of an order that ended without it is BLOB_UNKNOWN. The
+        ServedOrder says whether the engine asked for the manifest or a blob at all: if it
+        did not, the engine cannot reach this face."""
         for digest in blobs:
             self._serving[digest] = runner
+        watched = [manifest_digest, *blobs]
 
         def release() -> None:
             for digest in blobs:
                 if self._serving.get(digest) is runner:
                     del self._serving[digest]
+            for digest in watched:
+                if self._watched.get(digest) is served:
+                    del self._watched[digest]
 
-        return release
+        served = ServedOrder(release)
+        for digest in watched:
+            self._watched[digest] = served
+        return served
 
     def application(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
@@ -176,6 +198,9 @@ class AgentRegistry:
                     raise _push_refused(request)
                 if not is_repository(name):
                     raise HttpError(400, Code.NAME_INVALID, f"invalid repository name {name!r}")
+                served = self._watched.get(reference)
+                if served is not None:
+                    served.asked = True
                 return await handler(request, name, reference)
         if request.method not in ("GET", "HEAD"):
             raise _push_refused(request)

@@ -9,11 +9,13 @@ import hashlib
 import io
 import json
 import signal
+import subprocess
 import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import pytest
 
 from docket_common.archive import ImageArchive
@@ -25,6 +27,7 @@ from tests.support.archives import layer_tar, random_bytes, sha256, write_legacy
 from tests.support.corrupt_peer import CorruptPeer
 from tests.support.dockerd import DockerEngine
 from tests.support.images import ImagePair
+from tests.support.netns import cluster_prefix, ip
 from tests.support.server import (
     ServerProcess,
     background_rollout,
@@ -36,6 +39,8 @@ from tests.support.tracker import Tracker
 
 FAST = ["--heartbeat-interval", "0.5", "--hello-timeout", "2"]
 MiB = 1024 * 1024
+
+prefix = pytest.fixture(cluster_prefix)
 
 
 def make_server(tmp_path: Path, *args: str) -> ServerProcess:
@@ -500,7 +505,7 @@ def test_two_rollouts_at_once_share_their_common_layer(tmp_path: Path, agents: S
 @pytest.mark.docker
 @pytest.mark.parametrize(
     ("load_via", "corrupt"),
-    [("archive", 1), ("import", 0), ("import", 1), ("registry", 1)],
+    [("archive", 1), ("import", 0), ("import", 1), ("auto", 1)],
     ids=str,
 )
 def test_a_blob_that_fails_its_sha256_is_never_loaded_and_leaves_nothing_half_loaded(
@@ -515,10 +520,11 @@ def test_a_blob_that_fails_its_sha256_is_never_loaded_and_leaves_nothing_half_lo
     while the layers arrive (`docker load`; with --load-via import the base layer by `docker
     import`, which registers it as it reads it: corrupt, or whole while the other layer
     fails); the load must fail, and the engine must hold neither the image nor any of its
-    layers, nor an imported image. With --load-via registry the engine pulls from the
-    agent's face, which breaks the blob off, and the agent ends the engine's pull with the
-    order (else dockerd would retry the blob 5 s and 15 s on); the engine must then be left
-    with nothing either."""
+    layers, nor an imported image. With --load-via auto (the default; the image is under
+    --pull-below) the engine pulls from the agent's face, which breaks the blob off, and the
+    agent ends the engine's pull with the order (else dockerd would retry the blob 5 s and
+    15 s on); the engine must then be left with nothing either, and the agent must not take
+    the failed pull for an engine that cannot reach its face."""
     import sqlite3
 
     from docket_common.torrent import make_torrent, torrent_ssl_cert
@@ -577,7 +583,9 @@ def test_a_blob_that_fails_its_sha256_is_never_loaded_and_leaves_nothing_half_lo
         if load_via == "import" and corrupt == 1:  # the base layer did go in, by import
             imports = image_events(engine, since, "import")
             assert imports
-        if load_via == "registry":
+        if load_via == "auto":
+            assert "loading by the engine's pull from the registry face" in log
+            assert "cannot reach the registry face" not in log
             # The agent ends the engine's pull with the order; dockerd, its client gone,
             # cancels the pull and releases what it had, on its own time.
             deadline = time.monotonic() + 30
@@ -682,6 +690,57 @@ def test_load_via_the_registry_face_pulls_while_the_layers_arrive(
         assert engine.client.images.get("via/face:big").id == big.config_digest
         imports = image_events(engine, since, "import")
         assert len(imports) == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.docker
+def test_auto_imports_when_the_engine_cannot_reach_the_face_and_from_then_on(
+    tmp_path: Path, agents: StartAgent, prefix: str
+) -> None:
+    """An engine in a network namespace of its own (as for an agent in a container without
+    host networking): its 127.0.0.1 is not the agent's, so its pull of a small image from
+    the face fails before it asks for anything. --load-via auto loads that image by import,
+    and the next one straight away; --load-via registry fails the order instead."""
+    ns = f"{prefix}-h1"
+    subprocess.run([ip(), "netns", "add", ns], check=True)
+    subprocess.run([ip(), "-n", ns, "link", "set", "lo", "up"], check=True)
+    server = make_server(tmp_path)
+    try:
+        with DockerEngine(netns=ns) as engine:
+            port = free_port()
+            face = ["--registry-listen", f"127.0.0.1:{port}"]
+            push_archive(server, tmp_path, "apart/a:1", [layer_tar({"a": random_bytes(MiB, 41)})])
+            push_archive(server, tmp_path, "apart/b:1", [layer_tar({"b": random_bytes(MiB, 42)})])
+            agent = agents(server, "apart", groups=["ns"], docker_host=engine.host, extra_args=face)
+            wait_for_states(server, {"apart": "online"})
+            since = int(time.time())
+            for name in ("apart/a:1", "apart/b:1"):
+                code, _, hosts = rollout(server, name, "--hosts", "ns")
+                assert code == 0, hosts
+                assert engine.client.images.get(name).tags == [name]
+            log = agent.log_tail(400)
+            assert log.count("loading by the engine's pull from the registry face") == 1
+            assert log.count("the Docker engine cannot reach the registry face") == 1
+            assert len(image_events(engine, since, "import")) == 2
+            assert image_events(engine, since, "pull") == []
+
+            assert agent.stop() == 0
+            push_archive(server, tmp_path, "apart/c:1", [layer_tar({"c": random_bytes(MiB, 43)})])
+            agents(
+                server,
+                "apart",
+                groups=["ns"],
+                docker_host=engine.host,
+                extra_args=[*face, "--load-via", "registry"],
+            )
+            wait_for_states(server, {"apart": "online"})
+            code, _, hosts = rollout(server, "apart/c:1", "--hosts", "ns")
+            assert code != 0
+            assert hosts["apart"]["state"] == "failed"
+            assert f"127.0.0.1:{port}" in hosts["apart"]["error"], hosts
+            with pytest.raises(docker.errors.ImageNotFound):
+                engine.client.images.get("apart/c:1")
     finally:
         server.stop()
 

@@ -35,6 +35,11 @@ def _tool(name: str) -> str | None:
     )
 
 
+def ip() -> str:
+    """The ``ip`` command (iproute2), also when /usr/sbin is not on PATH."""
+    return _tool("ip") or "ip"
+
+
 def unavailable_reason() -> str | None:
     if os.geteuid() != 0:
         return "network namespaces need root"
@@ -70,7 +75,7 @@ def down(prefix: str) -> subprocess.CompletedProcess[str]:
 def remove_stale() -> None:
     """Namespaces left by an earlier session of this test that was killed."""
     out = subprocess.run(
-        [_tool("ip") or "ip", "netns", "list"], capture_output=True, text=True, check=False
+        [ip(), "netns", "list"], capture_output=True, text=True, check=False
     ).stdout
     for pid in {m.group(1) for m in re.finditer(rf"^{PREFIX_BASE}(\d+)-", out, re.M)}:
         if not Path(f"/proc/{pid}").exists():
@@ -79,7 +84,7 @@ def remove_stale() -> None:
 
 def namespaces(prefix: str) -> list[str]:
     out = subprocess.run(
-        [_tool("ip") or "ip", "netns", "list"], capture_output=True, text=True, check=False
+        [ip(), "netns", "list"], capture_output=True, text=True, check=False
     ).stdout
     return [line.split()[0] for line in out.splitlines() if line.startswith(f"{prefix}-")]
 
