@@ -144,7 +144,9 @@ class AgentRegistry:
         # (serve_order): asked for by the engine, its blobs come from that order's downloads,
         # never from a pull of the face's own.
         self._serving: dict[str, OrderRunner] = {}
-        self._watched: dict[str, ServedOrder] = {}  # manifest or blob digest -> its order
+        # Manifest or blob digest -> the served orders that hold it (two orders of one
+        # image may be pulled at once: the engine's asking counts for both).
+        self._watched: dict[str, list[ServedOrder]] = {}
 
     def serve_order(
         self, runner: OrderRunner, manifest_digest: str, blobs: list[str]
@@ -165,12 +167,15 @@ class AgentRegistry:
                 if self._serving.get(digest) is runner:
                     del self._serving[digest]
             for digest in watched:
-                if self._watched.get(digest) is served:
-                    del self._watched[digest]
+                orders = self._watched.get(digest, [])
+                if served in orders:
+                    orders.remove(served)
+                if not orders:
+                    self._watched.pop(digest, None)
 
         served = ServedOrder(release)
         for digest in watched:
-            self._watched[digest] = served
+            self._watched.setdefault(digest, []).append(served)
         return served
 
     def application(self) -> web.Application:
@@ -198,8 +203,7 @@ class AgentRegistry:
                     raise _push_refused(request)
                 if not is_repository(name):
                     raise HttpError(400, Code.NAME_INVALID, f"invalid repository name {name!r}")
-                served = self._watched.get(reference)
-                if served is not None:
+                for served in self._watched.get(reference, ()):
                     served.asked = True
                 return await handler(request, name, reference)
         if request.method not in ("GET", "HEAD"):
