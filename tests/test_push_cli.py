@@ -308,3 +308,22 @@ def test_a_command_imports_only_what_it_uses(server: ServerProcess) -> None:
     missing = docketctl("inspect", "no/such:1", server=server)
     assert missing.returncode == 1
     assert "[IMAGE_NOT_FOUND]" in missing.stderr
+
+
+def test_a_rollout_is_sent_before_its_views_are_imported(server: ServerProcess) -> None:
+    """`docketctl rollout` sends CreateRollout before it imports the live view and the tables
+    (rich): the hosts start on their orders while it does. A rollout the server refuses ends
+    before they are needed, so they are never imported."""
+    ran = docketctl(
+        "rollout", "no/such:1", "--hosts", "g", server=server, env={"PYTHONPROFILEIMPORTTIME": "1"}
+    )
+    assert ran.returncode == 1
+    assert "[IMAGE_NOT_FOUND]" in ran.stderr
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in ran.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "docket_common.pb.rollout_service_pb2_grpc" in imported  # the call was made
+    for later in ("rich", "docket_cli.render", "docket_cli.rollout_view"):
+        assert later not in imported, later
