@@ -318,8 +318,11 @@ def test_an_image_deleted_mid_rollout_keeps_its_blobs_until_the_rollout_is_done(
         wait_for_states(server, {"d1": "online"})
         with background_rollout(server, "doomed:1", "d") as proc:
             assert proc.stdout is not None
-            for line in proc.stdout:  # the host has its order
-                if json.loads(line).get("type") == "host":
+            for line in proc.stdout:  # until the host has its order: in the snapshot, or after
+                event = json.loads(line)
+                hosts = event["rollout"]["hosts"] if event.get("type") == "snapshot" else []
+                hosts += [event["host"]] if event.get("type") == "host" else []
+                if any(h["state"] in ("accepted", "downloading") for h in hosts):
                     break
             removed = docketctl("rm", "doomed:1", "-o", "json", server=server)
             assert removed.returncode == 0, removed.stderr
