@@ -107,10 +107,12 @@ class ManifestCache:
 
 @dataclass(eq=False)
 class ServedOrder:
-    """An order whose image the engine pulls from the face (AgentRegistry.serve_order).
-    ``asked`` turns true when the engine asks for its manifest or one of its blobs; call
-    ``release()`` once the engine's pull has ended."""
+    """An order whose image the engine pulls from the face (AgentRegistry.serve_order):
+    ``blobs`` come from ``runner``'s downloads. ``asked`` turns true when the engine asks for
+    its manifest or one of its blobs; call ``release()`` once the engine's pull has ended."""
 
+    runner: OrderRunner
+    blobs: frozenset[str]
     release: Callable[[], None]
     asked: bool = False
 
@@ -140,12 +142,10 @@ class AgentRegistry:
         self._pulls: dict[str, OrderRunner] = {}  # blob digest -> the order pulling it
         # Blob digest -> the StartPull in flight that will pull it.
         self._starting: dict[str, asyncio.Future[OrderRunner | None]] = {}
-        # Blob digest -> this agent's own order whose load is the engine's pull from here
-        # (serve_order): asked for by the engine, its blobs come from that order's downloads,
-        # never from a pull of the face's own.
-        self._serving: dict[str, OrderRunner] = {}
-        # Manifest or blob digest -> the served orders that hold it (two orders of one
-        # image may be pulled at once: the engine's asking counts for both).
+        # Manifest or blob digest -> this agent's own orders whose load is the engine's pull
+        # from here (serve_order), oldest first: asked for by the engine, a blob comes from
+        # the newest such order's downloads, never from a pull of the face's own. Two orders
+        # of one image may be pulled at once: the engine's asking counts for both.
         self._watched: dict[str, list[ServedOrder]] = {}
 
     def serve_order(
@@ -158,14 +158,9 @@ class AgentRegistry:
         a pull besides it; a blob of an order that ended without it is BLOB_UNKNOWN. The
         ServedOrder says whether the engine asked for the manifest or a blob at all: if it
         did not, the engine cannot reach this face."""
-        for digest in blobs:
-            self._serving[digest] = runner
-        watched = [manifest_digest, *blobs]
+        watched = {manifest_digest, *blobs}
 
         def release() -> None:
-            for digest in blobs:
-                if self._serving.get(digest) is runner:
-                    del self._serving[digest]
             for digest in watched:
                 orders = self._watched.get(digest, [])
                 if served in orders:
@@ -173,10 +168,18 @@ class AgentRegistry:
                 if not orders:
                     self._watched.pop(digest, None)
 
-        served = ServedOrder(release)
+        served = ServedOrder(runner, frozenset(blobs), release)
         for digest in watched:
             self._watched.setdefault(digest, []).append(served)
         return served
+
+    def _serving(self, digest: str) -> OrderRunner | None:
+        """The order whose downloads serve blob ``digest`` to the engine (serve_order): the
+        newest one still served, if any."""
+        for served in reversed(self._watched.get(digest, ())):
+            if digest in served.blobs:
+                return served.runner
+        return None
 
     def application(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
@@ -377,7 +380,8 @@ class AgentRegistry:
         if parsed.config is None or parsed.config.media_type not in IMAGE_CONFIG_TYPES:
             return
         blobs = [parsed.config.digest, *(layer.digest for layer in parsed.layers)]
-        if all(d in self._pulls or d in self._serving for d in blobs):  # on their way already
+        # On their way already: pulled by the face, or an order's downloads serve them.
+        if all(d in self._pulls or self._serving(d) is not None for d in blobs):
             return
         # Pulled (and recorded) even when every blob is cached: the server's record of the
         # pull then says it came from the cache.
@@ -441,7 +445,7 @@ class AgentRegistry:
                 return download
             if self.cache.has(digest):
                 return None
-            serving = self._serving.get(digest)
+            serving = self._serving(digest)
             if serving is not None and (_over(serving) or _failed(serving)):
                 raise _order_ended(digest, serving)
             if runner is not None and _over(runner):
